@@ -1,0 +1,1 @@
+"""fisherlab: how well cheap Kronecker approximations match the exact Fisher."""

@@ -1,0 +1,307 @@
+"""Kronecker approximations of one exact Fisher block: KFAC, KPSVD, deflation, Lanczos,
+KFAC-corrected (K §2.2, §3.1-3.3).
+
+Each is a stateless function of an :class:`~fisherlab.fisher.ExactBlock` that returns an
+:class:`Approximation`: the :class:`~fisherlab.kron.KronSum` plus the solver's iteration
+count and convergence flag, and the vectors to warm-start the next snapshot with (K §4).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+from fisherlab._errors import ConvergenceWarning, FisherlabError
+from fisherlab.fisher import ExactBlock
+from fisherlab.kron import KronSum
+from fisherlab.krylov import SingularTriplets, lanczos_svd, power_svd
+
+__all__ = [
+    "Approximation",
+    "Method",
+    "approximate_all",
+    "deflation",
+    "kfac",
+    "kfac_corrected",
+    "kpsvd",
+    "lanczos",
+]
+
+
+class Method(str, Enum):
+    """Approximation methods; the values are the ``method`` coordinate of the dataset."""
+
+    KFAC = "kfac"
+    KPSVD = "kpsvd"
+    DEFLATION = "deflation"
+    LANCZOS = "lanczos"
+    KFAC_CORRECTED = "kfac_corrected"
+
+
+@dataclass(frozen=True)
+class Approximation:
+    """A Kronecker approximation with its solver diagnostics.
+
+    Args:
+        method: Which method produced it.
+        kron: The approximation ``sum_k out_k ⊗ in_k``.
+        iterations: Products with ``R(F)`` (pairs ``mv``/``rmv``) used; 0 for KFAC.
+        converged: Whether every iterative stage met its tolerance.
+        residual: Largest relative residual of the iterative stages (0 for KFAC).
+        warm_start: Input-side vectors to start the next snapshot from.
+    """
+
+    method: Method
+    kron: KronSum
+    iterations: int
+    converged: bool
+    residual: float
+    warm_start: tuple[Tensor, ...] = ()
+
+
+def _symmetric(m: Tensor) -> Tensor:
+    return (m + m.T) / 2
+
+
+def _terms(triplets: SingularTriplets) -> KronSum:
+    """Kronecker terms ``√σ mat(x) ⊗ √σ mat(y)``, symmetrised, signed so ``tr(in_) >= 0``."""
+    outs, ins = [], []
+    for sigma, x, y in zip(triplets.sigmas, triplets.lefts, triplets.rights, strict=True):
+        root = torch.sqrt(sigma)
+        out, in_ = root * _symmetric(x), root * _symmetric(y)
+        if torch.trace(in_) < 0:
+            out, in_ = -out, -in_
+        outs.append(out)
+        ins.append(in_)
+    return KronSum(tuple(outs), tuple(ins))
+
+
+def _start(block: ExactBlock, warm: tuple[Tensor, ...], index: int = 0) -> Tensor:
+    """Warm start ``warm[index]`` if usable, else a fixed start for a cold run.
+
+    The cold start of the first term is the KFAC input factor (PSD, close to the solution);
+    later terms start from a fixed random symmetric matrix, which cannot be orthogonal to
+    the wanted vector the way a deflated direction can.
+    """
+    d_in = block.factors.d_in
+    if len(warm) > index and warm[index].shape == (d_in, d_in):
+        return warm[index]
+    ref = block.factors.a
+    if index == 0:
+        a = ref.reshape(-1, d_in)
+        return a.T @ a / a.shape[0]
+    gen = torch.Generator().manual_seed(index)
+    m = torch.randn(d_in, d_in, generator=gen, dtype=torch.float64).to(dtype=ref.dtype, device=ref.device)
+    return m + m.T
+
+
+def _report(method: Method, triplets: SingularTriplets, layer: str) -> None:
+    if not triplets.converged:
+        warnings.warn(
+            f"{method.value} did not converge on layer {layer!r} in {triplets.iterations} "
+            f"iterations (relative residual {triplets.residual:.2e}); stored as not converged",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+
+
+def _deflated(block: ExactBlock, term: KronSum) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+    """Products with ``R(F - sum_k out_k ⊗ in_k)``: subtract ``<vec in_, y> vec out`` (K §3.2.1)."""
+
+    def mv(y: Tensor) -> Tensor:
+        r = block.rearranged_matvec(y)
+        for o, i in zip(term.outs, term.ins, strict=True):
+            r = r - torch.sum(i * y) * o
+        return r
+
+    def rmv(x: Tensor) -> Tensor:
+        r = block.rearranged_rmatvec(x)
+        for o, i in zip(term.outs, term.ins, strict=True):
+            r = r - torch.sum(o * x) * i
+        return r
+
+    return mv, rmv
+
+
+def kfac(block: ExactBlock) -> Approximation:
+    """KFAC: ``G ⊗ A`` with ``A = E[ā ā^T]``, ``G = E[g g^T]`` (K eq. 1; KFC for conv).
+
+    References:
+        Martens & Grosse (2015); Grosse & Martens (2016); Koroko et al. (2022), Sec. 2.2.
+    """
+    return Approximation(Method.KFAC, block.kfac(), 0, True, 0.0)
+
+
+def kpsvd(
+    block: ExactBlock, *, tol: float = 1e-6, max_iter: int = 200, warm_start: tuple[Tensor, ...] = (), layer: str = ""
+) -> Approximation:
+    """Best single Kronecker product: ``argmin ||F - G ⊗ A||_F`` (K eq. 3).
+
+    Power SVD (K Alg. 1) on the rearranged block ``R(F)`` with the matrix-free products of
+    K Prop. 3.1; ``F`` is never formed. The factors are symmetric and, with the sign chosen
+    so that ``tr(A) >= 0``, positive semidefinite (K Prop. 3.2).
+
+    Args:
+        block: The exact Fisher block.
+        tol: Relative residual tolerance of the power SVD (K: ``ε = 1e-6``).
+        max_iter: Iteration cap; reaching it warns with :class:`ConvergenceWarning`.
+        warm_start: ``Approximation.warm_start`` of the previous snapshot.
+        layer: Layer name used in warnings.
+
+    References:
+        Koroko et al. (2022), Sec. 3.1, Thm. 3.1, Prop. 3.1-3.2, App. B.1.
+    """
+    trip = power_svd(block.rearranged_matvec, block.rearranged_rmatvec, _start(block, warm_start), tol=tol, max_iter=max_iter)
+    _report(Method.KPSVD, trip, layer)
+    return Approximation(Method.KPSVD, _terms(trip), trip.iterations, trip.converged, trip.residual, trip.rights)
+
+
+def _corrected(
+    method: Method, block: ExactBlock, first: Approximation, *, tol: float, max_iter: int, warm_start: tuple[Tensor, ...], layer: str
+) -> Approximation:
+    mv, rmv = _deflated(block, first.kron)
+    trip = power_svd(mv, rmv, _start(block, warm_start, 1), tol=tol, max_iter=max_iter)
+    _report(method, trip, layer)
+    first_start = first.warm_start[:1] or (_start(block, ()),)
+    return Approximation(
+        method,
+        first.kron + _terms(trip),
+        first.iterations + trip.iterations,
+        first.converged and trip.converged,
+        max(first.residual, trip.residual),
+        first_start + trip.rights,
+    )
+
+
+def deflation(
+    block: ExactBlock,
+    *,
+    tol: float = 1e-6,
+    max_iter: int = 200,
+    warm_start: tuple[Tensor, ...] = (),
+    first: Approximation | None = None,
+    layer: str = "",
+) -> Approximation:
+    """Kronecker rank 2 by deflation: KPSVD, then KPSVD of ``F - R ⊗ S`` (K §3.2.1).
+
+    Args:
+        block: The exact Fisher block.
+        tol: Relative residual tolerance of both power SVDs.
+        max_iter: Iteration cap of each power SVD.
+        warm_start: ``Approximation.warm_start`` of the previous snapshot's deflation.
+        first: An already computed :func:`kpsvd` of the same block, reused as first term.
+        layer: Layer name used in warnings.
+
+    References:
+        Koroko et al. (2022), Sec. 3.2.1.
+    """
+    if first is None:
+        first = kpsvd(block, tol=tol, max_iter=max_iter, warm_start=warm_start[:1], layer=layer)
+    return _corrected(Method.DEFLATION, block, first, tol=tol, max_iter=max_iter, warm_start=warm_start, layer=layer)
+
+
+def kfac_corrected(
+    block: ExactBlock,
+    *,
+    tol: float = 1e-6,
+    max_iter: int = 200,
+    warm_start: tuple[Tensor, ...] = (),
+    first: Approximation | None = None,
+    layer: str = "",
+) -> Approximation:
+    """KFAC plus the best Kronecker corrector: ``argmin ||F - G⊗A - Q⊗P||_F`` (K eq. 6).
+
+    References:
+        Koroko et al. (2022), Sec. 3.3.
+    """
+    first = kfac(block) if first is None else first
+    return _corrected(Method.KFAC_CORRECTED, block, first, tol=tol, max_iter=max_iter, warm_start=warm_start, layer=layer)
+
+
+def lanczos(
+    block: ExactBlock,
+    *,
+    rank: int = 2,
+    krylov_dim: int = 20,
+    tol: float = 1e-6,
+    max_restarts: int = 50,
+    warm_start: tuple[Tensor, ...] = (),
+    layer: str = "",
+) -> Approximation:
+    """Kronecker rank ``k`` by restarted Lanczos bidiagonalization of ``R(F)`` (K §3.2.2).
+
+    The top ``rank`` singular triplets ``(σ_k, u_k, v_k)`` give the terms
+    ``√σ_k MAT(u_k) ⊗ √σ_k MAT(v_k)``: the best Kronecker-rank-``k`` approximation.
+
+    Args:
+        block: The exact Fisher block.
+        rank: Kronecker rank ``k >= 1``.
+        krylov_dim: Krylov dimension per restart cycle (at least ``rank + 2``).
+        tol: Relative residual tolerance.
+        max_restarts: Cap on restart cycles; reaching it warns.
+        warm_start: ``Approximation.warm_start`` of the previous snapshot.
+        layer: Layer name used in warnings.
+
+    References:
+        Koroko et al. (2022), Sec. 3.2.2, App. B.2 (Algorithm 2).
+    """
+    if rank < 1:
+        raise FisherlabError(f"Lanczos rank must be at least 1, got {rank}")
+    start = _start(block, warm_start)
+    if len(warm_start) > 1:  # restart direction of K §3.2.2: a combination of singular vectors
+        start = sum(warm_start[1:], start)
+    trip = lanczos_svd(
+        block.rearranged_matvec,
+        block.rearranged_rmatvec,
+        start,
+        rank=rank,
+        krylov_dim=max(krylov_dim, rank + 2),
+        tol=tol,
+        max_restarts=max_restarts,
+    )
+    _report(Method.LANCZOS, trip, layer)
+    return Approximation(Method.LANCZOS, _terms(trip), trip.iterations, trip.converged, trip.residual, trip.rights)
+
+
+def approximate_all(
+    block: ExactBlock,
+    methods: list[Method],
+    *,
+    tol: float = 1e-6,
+    max_iter: int = 200,
+    lanczos_rank: int = 2,
+    krylov_dim: int = 20,
+    previous: dict[Method, Approximation] | None = None,
+    layer: str = "",
+) -> dict[Method, Approximation]:
+    """Every requested approximation of one block, sharing work: deflation reuses KPSVD,
+    KFAC-corrected reuses KFAC, and each warm-starts from ``previous`` (K §4).
+    """
+    prev = previous or {}
+    out: dict[Method, Approximation] = {}
+
+    def warm(m: Method) -> tuple[Tensor, ...]:
+        return prev[m].warm_start if m in prev else ()
+
+    if Method.KFAC in methods or Method.KFAC_CORRECTED in methods:
+        out[Method.KFAC] = kfac(block)
+    if Method.KPSVD in methods or Method.DEFLATION in methods:
+        out[Method.KPSVD] = kpsvd(block, tol=tol, max_iter=max_iter, warm_start=warm(Method.KPSVD), layer=layer)
+    if Method.DEFLATION in methods:
+        out[Method.DEFLATION] = deflation(
+            block, tol=tol, max_iter=max_iter, warm_start=warm(Method.DEFLATION), first=out[Method.KPSVD], layer=layer
+        )
+    if Method.LANCZOS in methods:
+        out[Method.LANCZOS] = lanczos(
+            block, rank=lanczos_rank, krylov_dim=krylov_dim, tol=tol, warm_start=warm(Method.LANCZOS), layer=layer
+        )
+    if Method.KFAC_CORRECTED in methods:
+        out[Method.KFAC_CORRECTED] = kfac_corrected(
+            block, tol=tol, max_iter=max_iter, warm_start=warm(Method.KFAC_CORRECTED), first=out[Method.KFAC], layer=layer
+        )
+    return {m: out[m] for m in methods}

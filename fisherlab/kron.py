@@ -1,0 +1,184 @@
+"""Sums of Kronecker products ``sum_k out_k ⊗ in_k`` acting on ``W.flatten()``.
+
+``(X ⊗ Y) vec(W) = vec(X W Y^T)`` for row-major ``vec`` and ``W`` of shape ``[d_out, d_in]``,
+so nothing here forms a ``d_out*d_in``-sized matrix except :meth:`KronSum.as_dense`, and
+:meth:`KronSum.eigenvalues` for sums of two or more terms of moderate size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.sparse import linalg as sparse_linalg
+from torch import Tensor
+
+from fisherlab._errors import FisherlabError
+
+__all__ = ["KronSum", "pi_damping", "symmetric_eig_dense_limit"]
+
+#: Above this side length, eigenvalues of a multi-term ``KronSum`` use ARPACK when few are asked.
+symmetric_eig_dense_limit = 12_000
+
+
+def pi_damping(out: Tensor, in_: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    """Factored Tikhonov damping ``(out + √λ/π I) ⊗ (in_ + π√λ I)`` (K §2.2).
+
+    ``π = sqrt((tr(in_)/d_in) / (tr(out)/d_out))`` balances the two factors
+    (Martens & Grosse 2015, §6.3); ``π = 1`` when a trace is not positive.
+
+    Returns:
+        The damped ``(out, in_)`` factors.
+
+    References:
+        Koroko et al. (2022), Sec. 2.2; Tselepidis et al., T eq. (2.30).
+    """
+    t_out = torch.trace(out) / out.shape[0]
+    t_in = torch.trace(in_) / in_.shape[0]
+    pi = torch.sqrt(t_in / t_out) if (t_out > 0 and t_in > 0) else torch.ones((), dtype=out.dtype)
+    root = damping**0.5
+    eye_o = torch.eye(out.shape[0], dtype=out.dtype, device=out.device)
+    eye_i = torch.eye(in_.shape[0], dtype=in_.dtype, device=in_.device)
+    return out + (root / pi) * eye_o, in_ + (root * pi) * eye_i
+
+
+def _sym_inv_sqrt(m: Tensor) -> Tensor:
+    w, q = torch.linalg.eigh(m)
+    if bool((w <= 0).any()):
+        raise FisherlabError("damped Kronecker factor is not positive definite; increase damping")
+    return (q * w.rsqrt()) @ q.T
+
+
+@dataclass(frozen=True)
+class KronSum:
+    """``sum_k out_k ⊗ in_k``, ``out_k`` of shape ``[d_out, d_out]``, ``in_k`` ``[d_in, d_in]``.
+
+    Acts on ``W.flatten()`` for ``W`` of shape ``[d_out, d_in]`` (the torch weight layout,
+    bias column last). The paper writes the same matrix ``in_k ⊗ out_k`` (column-major vec).
+
+    Args:
+        outs: Output-side factors (the paper's ``G``, ``S``, ``Q``).
+        ins: Input-side factors (the paper's ``Ā``, ``R``, ``P``).
+    """
+
+    outs: tuple[Tensor, ...]
+    ins: tuple[Tensor, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.outs) != len(self.ins) or not self.outs:
+            raise FisherlabError("KronSum needs as many out factors as in factors, at least one")
+
+    @property
+    def rank(self) -> int:
+        """The Kronecker rank (number of terms)."""
+        return len(self.outs)
+
+    @property
+    def d_out(self) -> int:
+        """Side of the output factors."""
+        return self.outs[0].shape[0]
+
+    @property
+    def d_in(self) -> int:
+        """Side of the input factors."""
+        return self.ins[0].shape[0]
+
+    @property
+    def dim(self) -> int:
+        """Side of the represented matrix."""
+        return self.d_out * self.d_in
+
+    def __add__(self, other: KronSum) -> KronSum:
+        """Concatenate the terms of two sums."""
+        return KronSum(self.outs + other.outs, self.ins + other.ins)
+
+    def matvec(self, w: Tensor) -> Tensor:
+        """``(sum_k out_k ⊗ in_k) vec(W)`` returned as a ``[d_out, d_in]`` matrix."""
+        return sum((o @ w @ i.T for o, i in zip(self.outs, self.ins, strict=True)), torch.zeros_like(w))
+
+    def as_dense(self) -> Tensor:
+        """The ``[d_out*d_in, d_out*d_in]`` matrix; small layers, tests and notebooks only."""
+        return sum(torch.kron(o, i) for o, i in zip(self.outs, self.ins, strict=True))  # type: ignore[return-value]
+
+    def rearranged(self) -> Tensor:
+        """Dense van Loan rearrangement ``R = sum_k vec(out_k) vec(in_k)^T`` (K Thm. 3.1)."""
+        return sum(torch.outer(o.flatten(), i.flatten()) for o, i in zip(self.outs, self.ins, strict=True))  # type: ignore[return-value]
+
+    def frobenius_norm_squared(self) -> Tensor:
+        """``||sum_k out_k ⊗ in_k||_F^2 = sum_kl <out_k, out_l><in_k, in_l>``."""
+        o = torch.stack([x.flatten() for x in self.outs])
+        i = torch.stack([x.flatten() for x in self.ins])
+        return ((o @ o.T) * (i @ i.T)).sum()
+
+    def trace(self) -> Tensor:
+        """``sum_k tr(out_k) tr(in_k)``."""
+        return sum((torch.trace(o) * torch.trace(i) for o, i in zip(self.outs, self.ins, strict=True)), torch.zeros((), dtype=self.outs[0].dtype))
+
+    def eigenvalues(self, *, top: int | None = None, by_magnitude: bool = False) -> Tensor:
+        """Eigenvalues (factors must be symmetric), sorted descending.
+
+        One term: all products ``λ_i(out) λ_j(in)``, exactly, in ``O(d_out^3 + d_in^3)``.
+        More terms: dense ``eigvalsh`` up to :data:`symmetric_eig_dense_limit`; beyond, ARPACK
+        on the Kronecker matvec when ``top`` is at most a quarter of the dimension.
+
+        Args:
+            top: Return only the ``top`` largest (all when ``None``).
+            by_magnitude: Sort by absolute value and return absolute values, i.e. the
+                singular values of the symmetric matrix.
+
+        Returns:
+            A 1-d tensor of length ``top`` (or ``dim``).
+        """
+        top = self.dim if top is None else min(top, self.dim)
+        if self.rank == 1:
+            ev = torch.outer(torch.linalg.eigvalsh(self.outs[0]), torch.linalg.eigvalsh(self.ins[0])).flatten()
+        elif self.dim <= symmetric_eig_dense_limit or 4 * top > self.dim:
+            ev = torch.linalg.eigvalsh(self.as_dense())
+        else:
+            ev = self._arpack_eigenvalues(top, by_magnitude)
+        if by_magnitude:
+            ev = ev.abs()
+        return torch.sort(ev, descending=True).values[:top]
+
+    def _arpack_eigenvalues(self, top: int, by_magnitude: bool) -> Tensor:
+        ref = self.outs[0]
+        shape = (self.d_out, self.d_in)
+
+        def mv(v: np.ndarray) -> np.ndarray:
+            w = torch.as_tensor(np.asarray(v).reshape(shape), dtype=ref.dtype, device=ref.device)
+            return self.matvec(w).flatten().cpu().numpy()
+
+        op = sparse_linalg.LinearOperator((self.dim, self.dim), matvec=mv, dtype=np.float64)
+        ev = sparse_linalg.eigsh(op, k=top, which="LM" if by_magnitude else "LA", return_eigenvectors=False)
+        return torch.as_tensor(ev, dtype=ref.dtype)
+
+    def solve(self, v: Tensor, *, damping: float = 0.0) -> Tensor:
+        """Solve ``(K + damping) vec(U) = vec(V)`` for ``U`` of shape ``[d_out, d_in]``.
+
+        The damping is the factored π-damping of the first term (:func:`pi_damping`), not
+        ``+λI``. One term: ``U = out^{-1} V in_^{-1}``. Two terms ``A ⊗ B + C ⊗ D``: the
+        simultaneous diagonalisation of K §3.4 (Martens & Grosse 2015, App. B):
+        ``K1 = A^{-1/2} E1``, ``K2 = B^{-1/2} E2`` with ``A^{-1/2} C A^{-1/2} = E1 S1 E1^T``,
+        ``B^{-1/2} D B^{-1/2} = E2 S2 E2^T``, then ``U = K1 [(K1^T V K2) ⊘ (1 + s1 s2^T)] K2^T``.
+        The second term may be indefinite; the first, damped, must be positive definite.
+
+        Raises:
+            FisherlabError: For more than two terms or a singular system.
+
+        References:
+            Koroko et al. (2022), Sec. 3.4.
+        """
+        if self.rank > 2:
+            raise FisherlabError("solve supports Kronecker rank 1 and 2 only")
+        out, in_ = pi_damping(self.outs[0], self.ins[0], damping) if damping > 0 else (self.outs[0], self.ins[0])
+        if self.rank == 1:
+            return torch.linalg.solve(out, torch.linalg.solve(in_, v.T).T)
+        a_is, b_is = _sym_inv_sqrt(out), _sym_inv_sqrt(in_)
+        s1, e1 = torch.linalg.eigh(a_is @ self.outs[1] @ a_is)
+        s2, e2 = torch.linalg.eigh(b_is @ self.ins[1] @ b_is)
+        k1, k2 = a_is @ e1, b_is @ e2
+        denom = 1.0 + torch.outer(s1, s2)
+        if bool((denom.abs() < 1e-12).any()):
+            raise FisherlabError("Kronecker sum is singular; increase damping")
+        return k1 @ ((k1.T @ v @ k2) / denom) @ k2.T
