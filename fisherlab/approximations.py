@@ -8,6 +8,7 @@ count and convergence flag, and the vectors to warm-start the next snapshot with
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ class Approximation:
         converged: Whether every iterative stage met its tolerance.
         residual: Largest relative residual of the iterative stages (0 for KFAC).
         warm_start: Input-side vectors to start the next snapshot from.
+        seconds: Wall time to build it, shared stages included (deflation counts its KPSVD).
     """
 
     method: Method
@@ -62,6 +64,7 @@ class Approximation:
     converged: bool
     residual: float
     warm_start: tuple[Tensor, ...] = ()
+    seconds: float = 0.0
 
 
 def _symmetric(m: Tensor) -> Tensor:
@@ -134,7 +137,9 @@ def kfac(block: ExactBlock) -> Approximation:
     References:
         Martens & Grosse (2015); Grosse & Martens (2016); Koroko et al. (2022), Sec. 2.2.
     """
-    return Approximation(Method.KFAC, block.kfac(), 0, True, 0.0)
+    start = time.perf_counter()
+    kron = block.kfac()
+    return Approximation(Method.KFAC, kron, 0, True, 0.0, seconds=time.perf_counter() - start)
 
 
 def kpsvd(
@@ -156,25 +161,30 @@ def kpsvd(
     References:
         Koroko et al. (2022), Sec. 3.1, Thm. 3.1, Prop. 3.1-3.2, App. B.1.
     """
+    start = time.perf_counter()
     trip = power_svd(block.rearranged_matvec, block.rearranged_rmatvec, _start(block, warm_start), tol=tol, max_iter=max_iter)
     _report(Method.KPSVD, trip, layer)
-    return Approximation(Method.KPSVD, _terms(trip), trip.iterations, trip.converged, trip.residual, trip.rights)
+    kron = _terms(trip)
+    return Approximation(Method.KPSVD, kron, trip.iterations, trip.converged, trip.residual, trip.rights, time.perf_counter() - start)
 
 
 def _corrected(
     method: Method, block: ExactBlock, first: Approximation, *, tol: float, max_iter: int, warm_start: tuple[Tensor, ...], layer: str
 ) -> Approximation:
+    start = time.perf_counter()
     mv, rmv = _deflated(block, first.kron)
     trip = power_svd(mv, rmv, _start(block, warm_start, 1), tol=tol, max_iter=max_iter)
     _report(method, trip, layer)
     first_start = first.warm_start[:1] or (_start(block, ()),)
+    kron = first.kron + _terms(trip)
     return Approximation(
         method,
-        first.kron + _terms(trip),
+        kron,
         first.iterations + trip.iterations,
         first.converged and trip.converged,
         max(first.residual, trip.residual),
         first_start + trip.rights,
+        first.seconds + time.perf_counter() - start,
     )
 
 
@@ -252,6 +262,7 @@ def lanczos(
     """
     if rank < 1:
         raise FisherlabError(f"Lanczos rank must be at least 1, got {rank}")
+    clock = time.perf_counter()
     start = _start(block, warm_start)
     if len(warm_start) > 1:  # restart direction of K §3.2.2: a combination of singular vectors
         start = sum(warm_start[1:], start)
@@ -265,7 +276,8 @@ def lanczos(
         max_restarts=max_restarts,
     )
     _report(Method.LANCZOS, trip, layer)
-    return Approximation(Method.LANCZOS, _terms(trip), trip.iterations, trip.converged, trip.residual, trip.rights)
+    kron = _terms(trip)
+    return Approximation(Method.LANCZOS, kron, trip.iterations, trip.converged, trip.residual, trip.rights, time.perf_counter() - clock)
 
 
 def approximate_all(
@@ -291,7 +303,9 @@ def approximate_all(
     if Method.KFAC in methods or Method.KFAC_CORRECTED in methods:
         out[Method.KFAC] = kfac(block)
     if Method.KPSVD in methods or Method.DEFLATION in methods:
-        out[Method.KPSVD] = kpsvd(block, tol=tol, max_iter=max_iter, warm_start=warm(Method.KPSVD), layer=layer)
+        out[Method.KPSVD] = kpsvd(
+            block, tol=tol, max_iter=max_iter, warm_start=warm(Method.KPSVD) or warm(Method.DEFLATION)[:1], layer=layer
+        )
     if Method.DEFLATION in methods:
         out[Method.DEFLATION] = deflation(
             block, tol=tol, max_iter=max_iter, warm_start=warm(Method.DEFLATION), first=out[Method.KPSVD], layer=layer

@@ -229,7 +229,7 @@ class Probe:
             factors[name] = LayerFactors(a, g)
             g_true = layer_output_factors(module, true_g[i].detach()).to(dt)
             gradients[name] = torch.einsum("nto,nti->oi", g_true, a) / n
-        return ProbeSnapshot(factors, float(losses.mean()), gradients, self.fisher)
+        return ProbeSnapshot(factors, float(losses.detach().mean()), gradients, self.fisher)
 
     def _directions(self, z: Tensor, y: Tensor) -> list[Tensor]:
         """Output-space vectors to backpropagate, ``[N, *out]`` each (see ``FisherKind``)."""

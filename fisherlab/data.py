@@ -1,0 +1,158 @@
+"""Image data for the papers' auto-encoder problems: embedded defaults and real-file loaders.
+
+Nothing is downloaded. Without ``data_dir`` each problem uses data that ships with an
+installed package or is generated:
+
+* ``curves`` — a seeded generator faithful to the original CURVES (Hinton & Salakhutdinov
+  2006): each 28×28 image shows a smooth curve through three random points, inked by the
+  distance to the curve. The original is synthetic too.
+* ``mnist`` — **stand-in**: scikit-learn's UCI hand-written digits (1 797 real 8×8 images)
+  resized to 20×20 and centred on a 28×28 canvas as MNIST is.
+* ``faces`` — **stand-in**: the 100 real 25×25 face crops of LFW carried by scikit-image
+  (``skimage.data.lfw_subset``), mirrored and shifted by at most one pixel (1 800 images).
+
+With ``data_dir`` the real files are read: MNIST IDX (``train-images-idx3-ubyte[.gz]``),
+FACES ``newfaces_rot_single.mat`` and CURVES ``digs3pts_1.mat`` as distributed with
+Hinton & Salakhutdinov (2006).
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as nnf
+
+from fisherlab._errors import FisherlabError
+
+__all__ = ["ImageData", "curves_images", "load_images"]
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """Flattened images in ``[0, 1]`` split into training and validation sets.
+
+    Args:
+        train: ``[n_train, pixels]`` float32.
+        valid: ``[n_valid, pixels]`` float32.
+        source: Where the images come from (stored in the dataset attributes).
+    """
+
+    train: Tensor
+    valid: Tensor
+    source: str
+
+
+def curves_images(n: int, *, seed: int = 0, size: int = 28, width: float = 0.8) -> Tensor:
+    """Generate ``n`` CURVES-style images ``[n, size*size]`` in ``[0, 1]``.
+
+    Three points are drawn uniformly in the image (1.5 px margin); the curve is the quadratic
+    through them at parameters 0, ½, 1 (the smoothest interpolant through three points),
+    sampled at 128 points; a pixel's ink is ``exp(-d² / (2 width²))`` with ``d`` its distance
+    to the curve.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    pts = 1.5 + (size - 4.0) * torch.rand(n, 3, 2, generator=gen)
+    t = torch.linspace(0, 1, 128)
+    basis = torch.stack([2 * (t - 0.5) * (t - 1), -4 * t * (t - 1), 2 * t * (t - 0.5)], dim=1)  # Lagrange at 0, ½, 1
+    grid = torch.stack(torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij"), -1).reshape(-1, 2).float()
+    out = []
+    for start in range(0, n, 512):
+        curve = torch.einsum("tk,nkd->ntd", basis, pts[start : start + 512])
+        d2 = torch.cdist(grid[None].expand(curve.shape[0], -1, -1), curve).amin(dim=2) ** 2
+        out.append(torch.exp(-d2 / (2 * width**2)))
+    return torch.cat(out) if out else torch.zeros(0, size * size)
+
+
+@lru_cache(maxsize=4)
+def _embedded(problem: str, seed: int) -> ImageData:
+    if problem == "curves":
+        imgs = curves_images(20_000, seed=seed)
+        return ImageData(imgs[:16_000], imgs[16_000:], "generated CURVES (seeded, faithful to Hinton & Salakhutdinov 2006)")
+    if problem == "mnist":
+        from sklearn.datasets import load_digits
+
+        digits = torch.as_tensor(load_digits().images, dtype=torch.float32)[:, None] / 16.0
+        big = nnf.interpolate(digits, size=(20, 20), mode="bilinear", align_corners=False).clamp(0, 1)
+        imgs = nnf.pad(big, (4, 4, 4, 4)).flatten(1)
+        perm = torch.randperm(imgs.shape[0], generator=torch.Generator().manual_seed(seed))
+        imgs = imgs[perm]
+        return ImageData(imgs[:1_500], imgs[1_500:], "STAND-IN for MNIST: scikit-learn UCI digits resized to 28x28")
+    if problem == "faces":
+        import skimage.data
+
+        faces = torch.as_tensor(skimage.data.lfw_subset()[:100], dtype=torch.float32)
+        faces = torch.cat([faces, faces.flip(-1)])
+        padded = nnf.pad(faces[:, None], (1, 1, 1, 1), mode="replicate")[:, 0]
+        shifted = [padded[:, 1 + dy : 26 + dy, 1 + dx : 26 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        imgs = torch.cat(shifted).flatten(1)
+        perm = torch.randperm(imgs.shape[0], generator=torch.Generator().manual_seed(seed))
+        imgs = imgs[perm]
+        return ImageData(imgs[:1_440], imgs[1_440:], "STAND-IN for FACES: scikit-image LFW subset faces, mirrored and shifted")
+    raise FisherlabError(f"no embedded data for problem {problem!r}")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:  # type: ignore[operator]
+        raw = fh.read()
+    if len(raw) < 16 or int.from_bytes(raw[:4], "big") != 2051:
+        raise FisherlabError(f"{path} is not an MNIST IDX image file (magic number 2051 expected)")
+    n, rows, cols = (int.from_bytes(raw[4 * i : 4 * i + 4], "big") for i in (1, 2, 3))
+    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, rows * cols)
+
+
+def _find(data_dir: Path, names: list[str], problem: str) -> Path:
+    for name in names:
+        if (data_dir / name).is_file():
+            return data_dir / name
+    raise FisherlabError(f"no {problem} data in {data_dir}: expected one of {', '.join(names)}")
+
+
+def _mat_array(path: Path, keys: list[str], pixels: int) -> np.ndarray:
+    from scipy.io import loadmat
+
+    try:
+        mat = loadmat(path)
+    except (ValueError, NotImplementedError, OSError) as exc:
+        raise FisherlabError(f"cannot read {path}: {exc}") from None
+    for key in keys:
+        if key in mat:
+            arr = np.asarray(mat[key], dtype=np.float32)
+            return arr.T if arr.shape[0] == pixels and arr.shape[1] != pixels else arr
+    raise FisherlabError(f"{path} has none of the variables {keys}; found {sorted(k for k in mat if not k.startswith('__'))}")
+
+
+def _real(problem: str, data_dir: Path) -> ImageData:
+    if not data_dir.is_dir():
+        raise FisherlabError(f"data directory {data_dir} does not exist")
+    if problem == "mnist":
+        path = _find(data_dir, ["train-images-idx3-ubyte", "train-images-idx3-ubyte.gz", "train-images.idx3-ubyte"], problem)
+        imgs = torch.as_tensor(_read_idx(path), dtype=torch.float32) / 255.0
+        return ImageData(imgs[:50_000], imgs[50_000:60_000], f"MNIST from {path}")
+    if problem == "faces":
+        path = _find(data_dir, ["newfaces_rot_single.mat"], problem)
+        imgs = torch.as_tensor(_mat_array(path, ["newfaces_single", "newfaces"], 625))
+        return ImageData(imgs[:82_800], imgs[82_800:103_500], f"FACES from {path}")
+    if problem == "curves":
+        path = _find(data_dir, ["digs3pts_1.mat"], problem)
+        imgs = torch.as_tensor(_mat_array(path, ["bdata"], 784))
+        return ImageData(imgs[:16_000], imgs[16_000:20_000], f"CURVES from {path}")
+    raise FisherlabError(f"no loader for problem {problem!r}")
+
+
+def load_images(problem: str, data_dir: str | Path | None = None, *, seed: int = 0) -> ImageData:
+    """Images of an auto-encoder problem: real files from ``data_dir``, else embedded.
+
+    Raises:
+        FisherlabError: Unknown problem, missing directory or files (the message names the
+            expected files), unreadable files.
+    """
+    if data_dir is None:
+        return _embedded(problem, seed)
+    return _real(problem, Path(data_dir).expanduser())

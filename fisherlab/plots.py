@@ -1,0 +1,92 @@
+"""Figures drawn from a results dataset (they never train or probe).
+
+:func:`error_figure` is K Figure 1: error 1 and error 2 against the training iteration,
+one column per layer, one line per method.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import seaborn as sns
+import xarray as xr
+from matplotlib.figure import Figure
+
+from fisherlab._errors import FisherlabError
+
+__all__ = ["METHOD_STYLE", "error_figure", "save_figure"]
+
+#: Fixed order, colour and marker per method, so "kfac" looks the same in every figure.
+METHOD_STYLE: dict[str, tuple[str, str]] = {
+    "kfac": ("#d62728", "o"),
+    "kpsvd": ("#1f77b4", "s"),
+    "deflation": ("#2ca02c", "^"),
+    "lanczos": ("#9467bd", "v"),
+    "kfac_corrected": ("#ff7f0e", "D"),
+}
+
+
+def _spans_decades(values: np.ndarray) -> bool:
+    v = values[np.isfinite(values) & (values > 0)]
+    return v.size > 0 and v.max() / v.min() > 10
+
+
+def error_figure(ds: xr.Dataset, *, metrics: tuple[str, ...] = ("frobenius_error", "spectral_error")) -> Figure:
+    """Error 1 and error 2 vs iteration per layer (rows: metrics, columns: layers), K Fig. 1.
+
+    A metric's axis is logarithmic when its values span more than a decade.
+
+    Raises:
+        FisherlabError: When the dataset lacks the metrics.
+    """
+    missing = [m for m in metrics if m not in ds]
+    if missing:
+        raise FisherlabError(f"dataset has no {', '.join(missing)}: not a fisherlab probe file?")
+    layers = [str(x) for x in ds["layer"].values]
+    methods = [str(m) for m in ds["method"].values]
+    palette = {m: METHOD_STYLE.get(m, ("#7f7f7f", "x"))[0] for m in methods}
+    markers = {m: METHOD_STYLE.get(m, ("#7f7f7f", "x"))[1] for m in methods}
+    fig, axes = plt.subplots(len(metrics), len(layers), figsize=(4.2 * len(layers) + 1.5, 3.2 * len(metrics)), squeeze=False, sharex=True)
+    for row, metric in enumerate(metrics):
+        df = ds[metric].to_dataframe().reset_index()
+        log = _spans_decades(ds[metric].values)
+        for col, layer in enumerate(layers):
+            ax = axes[row, col]
+            sub = df[df["layer"] == layer]
+            sns.lineplot(data=sub, x="iteration", y=metric, hue="method", style="method", hue_order=methods, style_order=methods,
+                         palette=palette, markers=markers, dashes=False, markersize=4, ax=ax, legend=(row == 0 and col == len(layers) - 1))
+            if log:
+                ax.set_yscale("log")
+            ax.set_ylabel(ds[metric].attrs.get("long_name", metric))
+            ax.set_xlabel("training iteration")
+            ax.set_title(f"layer {layer}" if row == 0 else "")
+            ax.grid(True, alpha=0.3)
+    leg = axes[0, -1].get_legend()
+    if leg is not None:
+        leg.set_title("method")
+        sns.move_legend(axes[0, -1], "upper left", bbox_to_anchor=(1.02, 1.0))
+    source = ds.attrs.get("problem", "")
+    fig.suptitle(f"Fisher approximation errors ({source}, Fisher: {ds.attrs.get('fisher', '?')}, spectrum: {ds.attrs.get('spectrum', '?')})")
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Save as PNG or PDF (by suffix) and close the figure.
+
+    Raises:
+        FisherlabError: For other suffixes or an unwritable path.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".pdf"):
+        raise FisherlabError(f"figure path must end in .png or .pdf, got {path.name}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=130, bbox_inches="tight")
+    except OSError as exc:
+        raise FisherlabError(f"cannot write figure {path}: {exc.strerror}") from None
+    finally:
+        plt.close(fig)
+    return path

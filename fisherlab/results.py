@@ -1,0 +1,139 @@
+"""The results dataset: schema, appending snapshot by snapshot, reading.
+
+One ``xarray.Dataset`` per run with dims ``iteration``, ``layer``, ``method``. After every
+snapshot the whole dataset is rewritten to a temporary file that then replaces the output
+(``os.replace`` is atomic), so an interrupted run keeps every finished snapshot and a
+reader never sees a half-written file. Files are netCDF3 written by scipy (no extra
+dependency); open them with ``xarray.open_dataset(path)`` or :func:`load`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from fisherlab._errors import FisherlabError
+
+__all__ = ["VARIABLES", "ResultsWriter", "load", "validate"]
+
+#: name -> (dims, long_name, units, definition)
+VARIABLES: dict[str, tuple[tuple[str, ...], str, str, str]] = {
+    "frobenius_error": (
+        ("iteration", "layer", "method"),
+        "error 1 (relative Frobenius)",
+        "1",
+        "||F - F_hat||_F / ||F||_F (K Sec. 4.1)",
+    ),
+    "spectral_error": (
+        ("iteration", "layer", "method"),
+        "error 2 (relative spectral)",
+        "1",
+        "||spec(F) - spec(F_hat)||_2 / ||spec(F)||_2, spectra sorted descending (K Sec. 4.1); see attr spectrum",
+    ),
+    "solver_iterations": (("iteration", "layer", "method"), "solver iterations", "1", "products with R(F) (mv+rmv pairs); 0 for kfac"),
+    "converged": (("iteration", "layer", "method"), "solver converged", "1", "1 if every iterative stage met tol, else 0"),
+    "solver_residual": (("iteration", "layer", "method"), "relative solver residual", "1", "max_k ||R(F)^T x_k - s_k y_k|| / s_1"),
+    "approximation_time": (("iteration", "layer", "method"), "time to build the approximation", "s", "wall clock"),
+    "fisher_frobenius_norm": (("iteration", "layer"), "||F||_F of the exact block", "1", "||K||_F / N, K the Gram matrix"),
+    "train_loss": (("iteration",), "training loss", "1", "mean over the batch of the per-sample loss (summed over outputs)"),
+    "wall_time": (("iteration",), "wall time since start", "s", "wall clock at the end of the snapshot"),
+    "probe_time": (("iteration",), "probe pass time", "s", "forward + backward passes of the probe"),
+}
+
+
+def validate(ds: xr.Dataset) -> None:
+    """Check a probe dataset against the schema.
+
+    Raises:
+        FisherlabError: Missing variables or wrong dims.
+    """
+    for name, (dims, *_rest) in VARIABLES.items():
+        if name not in ds:
+            raise FisherlabError(f"dataset lacks variable {name!r}; is it a fisherlab probe file?")
+        if ds[name].dims != dims:
+            raise FisherlabError(f"variable {name!r} has dims {ds[name].dims}, expected {dims}")
+
+
+def load(path: str | Path) -> xr.Dataset:
+    """Read a results file fully into memory (the file is closed afterwards).
+
+    Raises:
+        FisherlabError: Missing or unreadable file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FisherlabError(f"no such results file: {path}")
+    try:
+        with xr.open_dataset(path, engine="scipy") as ds:
+            return ds.load()
+    except (ValueError, OSError, TypeError) as exc:
+        raise FisherlabError(f"cannot read {path} as a netCDF dataset: {exc}") from None
+
+
+class ResultsWriter:
+    """Accumulates snapshot datasets and keeps the file on disk up to date.
+
+    Args:
+        path: Output file (``.nc``).
+        attrs: Run attributes (str/int/float only).
+        overwrite: Replace an existing file; otherwise an existing path is an error.
+
+    Raises:
+        FisherlabError: Existing path without ``overwrite``, unwritable directory.
+    """
+
+    def __init__(self, path: str | Path, attrs: dict[str, str | int | float], *, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not overwrite:
+            raise FisherlabError(f"output {self.path} already exists; choose another --out or pass --overwrite")
+        if self.path.is_dir():
+            raise FisherlabError(f"output {self.path} is a directory")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FisherlabError(f"cannot create directory {self.path.parent}: {exc.strerror}") from None
+        if not os.access(self.path.parent, os.W_OK):
+            raise FisherlabError(f"output directory {self.path.parent} is not writable")
+        self.attrs = attrs
+        self.snapshots: list[xr.Dataset] = []
+
+    def append(self, snapshot: xr.Dataset) -> xr.Dataset:
+        """Add one snapshot (``iteration`` of length 1) and rewrite the file atomically."""
+        self.snapshots.append(snapshot)
+        ds = xr.concat(self.snapshots, dim="iteration") if len(self.snapshots) > 1 else snapshot
+        ds.attrs = dict(self.attrs)
+        for name, (_dims, long_name, units, definition) in VARIABLES.items():
+            if name in ds:
+                ds[name].attrs.update(long_name=long_name, units=units, definition=definition)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            ds.to_netcdf(tmp, engine="scipy")
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            raise FisherlabError(f"cannot write {self.path}: {exc.strerror}") from None
+        return ds
+
+
+def snapshot_dataset(
+    iteration: int,
+    layers: list[str],
+    methods: list[str],
+    per_method: dict[str, np.ndarray],
+    per_layer: dict[str, np.ndarray],
+    scalars: dict[str, float],
+) -> xr.Dataset:
+    """Build a one-iteration dataset from arrays shaped ``[layer, method]`` / ``[layer]``."""
+    data_vars: dict[str, tuple[tuple[str, ...], np.ndarray]] = {}
+    for name, arr in per_method.items():
+        data_vars[name] = (("iteration", "layer", "method"), arr[None])
+    for name, arr in per_layer.items():
+        data_vars[name] = (("iteration", "layer"), arr[None])
+    for name, value in scalars.items():
+        data_vars[name] = (("iteration",), np.array([value], dtype=np.float64))
+    return xr.Dataset(
+        data_vars,
+        coords={"iteration": np.array([iteration], dtype=np.int32), "layer": np.array(layers, dtype=object), "method": np.array(methods, dtype=object)},
+    )

@@ -1,0 +1,341 @@
+"""A probe run: train a network and, every ``every`` iterations, probe the exact Fisher,
+build every approximation, compute every metric and append it to the results file.
+
+One probe pass feeds every method and metric of a snapshot; the pass happens on the batch
+the next training step uses, before that step, and does not disturb it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from fisherlab._errors import FisherlabError
+from fisherlab.approximations import Approximation, Method, approximate_all
+from fisherlab.fisher import ExactBlock
+from fisherlab.metrics import BlockReference, Spectrum, frobenius_error, spectral_error
+from fisherlab.probe import FisherKind, LossKind, Probe, per_sample_loss
+from fisherlab.problems import get_problem, training_batches
+from fisherlab.results import ResultsWriter, snapshot_dataset
+
+__all__ = ["BlockEvaluation", "ProbeConfig", "evaluate_block", "probe_training", "run_probe", "select_device"]
+
+ALL_METHODS = tuple(m.value for m in Method)
+
+
+@dataclass
+class ProbeConfig:
+    """Everything a probe run needs; stored as JSON in the dataset attribute ``config_json``.
+
+    Defaults give the embedded CURVES problem, layer 5, on a 2-core CPU in about a minute.
+    """
+
+    problem: str = "curves"
+    data_dir: str | None = None
+    layers: tuple[str, ...] = ("5",)
+    iterations: int = 300
+    every: int = 10
+    optimizer: str = "adam"
+    lr: float | None = None
+    batch_size: int | None = None
+    fisher: str = "mc"
+    mc_samples: int = 1
+    methods: tuple[str, ...] = ALL_METHODS
+    spectrum: str = "eigenvalues"
+    tol: float = 1e-6
+    max_iter: int = 500
+    lanczos_rank: int = 2
+    krylov_dim: int = 20
+    device: str = "auto"
+    dtype: str = "float32"
+    seed: int = 0
+    store_factors: tuple[str, ...] = field(default=())
+
+    def check(self) -> None:
+        """Validate values that do not depend on the model.
+
+        Raises:
+            FisherlabError: The first nonsensical value, with what was expected.
+        """
+        if self.iterations < 1:
+            raise FisherlabError(f"--iterations must be a positive integer, got {self.iterations}")
+        if self.every < 1:
+            raise FisherlabError(f"--every must be a positive integer, got {self.every}")
+        if self.every > self.iterations:
+            raise FisherlabError(f"--every ({self.every}) is larger than --iterations ({self.iterations}): only iteration 0 would be probed")
+        if self.mc_samples < 1:
+            raise FisherlabError(f"--mc-samples must be at least 1, got {self.mc_samples}")
+        if not 0 < self.tol < 1:
+            raise FisherlabError(f"--tol must lie in (0, 1), got {self.tol}")
+        if self.max_iter < 1 or self.lanczos_rank < 1 or self.krylov_dim < 2:
+            raise FisherlabError("--max-iter and --lanczos-rank must be at least 1, --krylov-dim at least 2")
+        if self.lr is not None and not self.lr > 0:
+            raise FisherlabError(f"--lr must be positive, got {self.lr}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise FisherlabError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise FisherlabError(f"unknown optimizer {self.optimizer!r}; choose sgd or adam")
+        if self.dtype not in ("float32", "float64"):
+            raise FisherlabError(f"unknown dtype {self.dtype!r}; choose float32 or float64")
+        for value, kind in ((self.fisher, FisherKind), (self.spectrum, Spectrum)):
+            if value not in {e.value for e in kind}:
+                raise FisherlabError(f"unknown {kind.__name__} {value!r}; choose one of: {', '.join(e.value for e in kind)}")
+        unknown = [m for m in self.methods if m not in ALL_METHODS]
+        if unknown or not self.methods:
+            raise FisherlabError(f"unknown methods {unknown}; choose from: {', '.join(ALL_METHODS)}")
+        missing = [name for name in self.store_factors if name not in self.layers]
+        if missing:
+            raise FisherlabError(f"--store-factors names layers {missing} that are not probed ({', '.join(self.layers)})")
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; otherwise the named device.
+
+    Raises:
+        FisherlabError: A CUDA device requested where none is available, or a bad name.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FisherlabError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FisherlabError("--device cuda was requested but no CUDA GPU is available; use --device auto or cpu")
+    return device
+
+
+@dataclass(frozen=True)
+class BlockEvaluation:
+    """Approximations of one exact block and their errors (K §4.1)."""
+
+    approximations: dict[Method, Approximation]
+    frobenius_errors: dict[Method, float]
+    spectral_errors: dict[Method, float]
+    times: dict[Method, float]
+    fisher_norm: float
+
+
+def evaluate_block(
+    block: ExactBlock,
+    methods: list[Method] | None = None,
+    *,
+    spectrum: Spectrum | str = Spectrum.EIGENVALUES,
+    tol: float = 1e-6,
+    max_iter: int = 500,
+    lanczos_rank: int = 2,
+    krylov_dim: int = 20,
+    previous: dict[Method, Approximation] | None = None,
+    layer: str = "",
+) -> BlockEvaluation:
+    """Build every approximation of ``block`` and compute error 1 and error 2 of each.
+
+    The Gram matrix (hence ``||F||_F`` and the spectrum) is computed once and shared.
+    """
+    methods = list(Method) if methods is None else methods
+    ref = BlockReference.of(block)
+    approx = approximate_all(
+        block,
+        methods,
+        tol=tol,
+        max_iter=max_iter,
+        lanczos_rank=lanczos_rank,
+        krylov_dim=krylov_dim,
+        previous=previous,
+        layer=layer,
+    )
+    times = {m: a.seconds for m, a in approx.items()}
+    spec = Spectrum(spectrum)
+    fro = {m: float(frobenius_error(ref, a.kron)) for m, a in approx.items()}
+    spe = {m: float(spectral_error(ref, a.kron, spectrum=spec)) for m, a in approx.items()}
+    return BlockEvaluation(approx, fro, spe, times, float(ref.norm_squared.sqrt()))
+
+
+def _step(model: nn.Module, loss: LossKind, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, iteration: int) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    value = per_sample_loss(loss, model(x), y).mean()
+    if not torch.isfinite(value):
+        raise FisherlabError(f"training loss became {float(value)} at iteration {iteration}; lower --lr (snapshots so far are saved)")
+    value.backward()
+    optimizer.step()
+    return float(value)
+
+
+def probe_training(
+    model: nn.Module,
+    loss: LossKind | str,
+    batches: Iterator[tuple[Tensor, Tensor]],
+    optimizer: torch.optim.Optimizer,
+    config: ProbeConfig,
+    *,
+    layers: dict[str, nn.Module] | list[str] | None = None,
+    writer: ResultsWriter | None = None,
+    progress: bool = True,
+) -> xr.Dataset:
+    """Train ``model`` for ``config.iterations`` steps, probing every ``config.every``.
+
+    Works for any model built from Linear/Conv2d layers and any batch iterator; the CLI
+    calls it through :func:`run_probe`. Uses ``config`` for the probe and analysis
+    settings (problem fields are ignored).
+
+    Returns:
+        The dataset of all snapshots (also on disk when ``writer`` is given).
+    """
+    config.check()
+    loss = LossKind(loss)
+    probe = Probe(model, loss, layers=layers, fisher=config.fisher, mc_samples=config.mc_samples, seed=config.seed + 1)
+    names = list(probe.layers)
+    methods = [Method(m) for m in config.methods]
+    previous: dict[str, dict[Method, Approximation]] = {}
+    snapshots: list[xr.Dataset] = []  # without a writer; with one, the writer keeps them
+    t0 = time.perf_counter()
+    bar = tqdm(total=config.iterations, desc="probe", unit="it", disable=not progress, dynamic_ncols=True)
+    ds: xr.Dataset | None = None
+    try:
+        for it in range(config.iterations + 1):
+            x, y = next(batches)
+            if it % config.every == 0:
+                ds = _snapshot(it, probe, x, y, names, methods, config, previous, t0, writer)
+                if writer is None:
+                    snapshots.append(ds)
+                latest = ds.isel(iteration=-1, layer=0)
+                summary = {m.value: f"{float(latest['frobenius_error'][i]):.3f}" for i, m in enumerate(methods)}
+                bar.set_postfix(loss=f"{float(latest['train_loss']):.4g}", **summary)
+            if it < config.iterations:
+                _step(model, loss, optimizer, x, y, it)
+                bar.update(1)
+    finally:
+        bar.close()
+    if writer is not None:
+        assert ds is not None
+        return ds  # writer.append returned the whole dataset, attributes included
+    return xr.concat(snapshots, dim="iteration")
+
+
+def _snapshot(
+    it: int,
+    probe: Probe,
+    x: Tensor,
+    y: Tensor,
+    names: list[str],
+    methods: list[Method],
+    config: ProbeConfig,
+    previous: dict[str, dict[Method, Approximation]],
+    t0: float,
+    writer: ResultsWriter | None,
+) -> xr.Dataset:
+    start = time.perf_counter()
+    snap = probe(x, y)
+    probe_time = time.perf_counter() - start
+    shape = (len(names), len(methods))
+    arrays = {k: np.zeros(shape) for k in ("frobenius_error", "spectral_error", "solver_residual", "approximation_time")}
+    iters = np.zeros(shape, dtype=np.int32)
+    conv = np.zeros(shape, dtype=np.int8)
+    norms = np.zeros(len(names))
+    for li, name in enumerate(names):
+        block = ExactBlock(snap.factors[name])
+        ev = evaluate_block(
+            block,
+            methods,
+            spectrum=config.spectrum,
+            tol=config.tol,
+            max_iter=config.max_iter,
+            lanczos_rank=config.lanczos_rank,
+            krylov_dim=config.krylov_dim,
+            previous=previous.get(name),
+            layer=name,
+        )
+        previous[name] = ev.approximations
+        norms[li] = ev.fisher_norm
+        for mi, m in enumerate(methods):
+            a = ev.approximations[m]
+            arrays["frobenius_error"][li, mi] = ev.frobenius_errors[m]
+            arrays["spectral_error"][li, mi] = ev.spectral_errors[m]
+            arrays["solver_residual"][li, mi] = a.residual
+            arrays["approximation_time"][li, mi] = ev.times[m]
+            iters[li, mi] = a.iterations
+            conv[li, mi] = int(a.converged)
+        if writer is not None and name in config.store_factors:
+            _store_factors(writer.path, it, name, snap.factors[name].a, snap.factors[name].g)
+    ds = snapshot_dataset(
+        it,
+        names,
+        [m.value for m in methods],
+        {**arrays, "solver_iterations": iters, "converged": conv},
+        {"fisher_frobenius_norm": norms},
+        {"train_loss": snap.loss, "wall_time": time.perf_counter() - t0, "probe_time": probe_time},
+    )
+    return writer.append(ds) if writer is not None else ds
+
+
+def factors_dir(out: Path) -> Path:
+    """Where ``--store-factors`` puts per-snapshot factors: ``<out>.factors/``."""
+    return out.with_name(out.name + ".factors")
+
+
+def _store_factors(out: Path, iteration: int, layer: str, a: Tensor, g: Tensor) -> None:
+    folder = factors_dir(out)
+    folder.mkdir(exist_ok=True)
+    torch.save({"a": a.cpu(), "g": g.cpu(), "iteration": iteration, "layer": layer}, folder / f"iter{iteration:06d}_layer{layer}.pt")
+
+
+def run_attrs(config: ProbeConfig, device: torch.device, data_source: str, loss: LossKind) -> dict[str, str | int | float]:
+    """Dataset attributes: the whole configuration, versions, device, conventions."""
+    from fisherlab import __version__
+
+    return {
+        "title": f"fisherlab probe: {config.problem}",
+        "problem": config.problem,
+        "data_source": data_source,
+        "loss": loss.value,
+        "seed": config.seed,
+        "fisher": config.fisher,
+        "mc_samples": config.mc_samples,
+        "spectrum": config.spectrum,
+        "tol": config.tol,
+        "optimizer": config.optimizer,
+        "config_json": json.dumps(asdict(config)),
+        "fisherlab_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "kronecker_order": "out (d_out x d_out) kron in (d_in x d_in), acting on W.flatten() of W [d_out, d_in] with the bias as last column",
+        "fisher_scaling": "F = (1/N) sum_n sum_v vec(DW_nv) vec(DW_nv)^T; per-sample loss summed over outputs; mc directions scaled by 1/sqrt(V)",
+    }
+
+
+def run_probe(config: ProbeConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> xr.Dataset:
+    """Run ``fisherlab probe`` on one of the papers' problems and write ``out``.
+
+    Raises:
+        FisherlabError: Bad configuration, missing data, existing output, divergence.
+    """
+    config.check()
+    problem = get_problem(config.problem)
+    bad = [name for name in config.layers if not (name.isdigit() and 1 <= int(name) <= problem.n_layers)]
+    if bad or not config.layers:
+        raise FisherlabError(f"unknown layers {bad} for {problem.name}: it has layers 1 to {problem.n_layers}")
+    device = select_device(config.device)
+    dtype = torch.float64 if config.dtype == "float64" else torch.float32
+    data = problem.data(config.data_dir, seed=config.seed)
+    writer = ResultsWriter(out, run_attrs(config, device, data.source, problem.loss), overwrite=overwrite)
+    model = problem.model(seed=config.seed, dtype=dtype, device=device)
+    if config.optimizer == "adam":
+        optimizer: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=config.lr or 1e-3)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr or 1e-2, momentum=0.9)
+    images = data.train.to(device=device, dtype=dtype)
+    batches = ((b, b) for b in training_batches(images, config.batch_size or problem.batch_size, seed=config.seed))
+    return probe_training(model, problem.loss, batches, optimizer, config, layers=list(config.layers), writer=writer, progress=progress)
