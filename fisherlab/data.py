@@ -104,7 +104,7 @@ def _read_idx(path: Path) -> np.ndarray:
     if len(raw) < 16 or int.from_bytes(raw[:4], "big") != 2051:
         raise FisherlabError(f"{path} is not an MNIST IDX image file (magic number 2051 expected)")
     n, rows, cols = (int.from_bytes(raw[4 * i : 4 * i + 4], "big") for i in (1, 2, 3))
-    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, rows * cols)
+    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, rows * cols).copy()
 
 
 def _find(data_dir: Path, names: list[str], problem: str) -> Path:

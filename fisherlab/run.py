@@ -169,7 +169,7 @@ def _step(model: nn.Module, loss: LossKind, optimizer: torch.optim.Optimizer, x:
         raise FisherlabError(f"training loss became {float(value)} at iteration {iteration}; lower --lr (snapshots so far are saved)")
     value.backward()
     optimizer.step()
-    return float(value)
+    return float(value.detach())
 
 
 def probe_training(

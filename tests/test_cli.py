@@ -1,0 +1,140 @@
+"""The CLI end to end on the default problem (few iterations), the Python API on a user's conv
+model, interrupted runs, and one clear message per bad input (exit status 2, no traceback)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from fisherlab import cli
+from fisherlab import run as run_module
+from fisherlab._errors import FisherlabError
+from fisherlab.probe import LossKind
+from fisherlab.results import load, validate
+from fisherlab.run import ProbeConfig, probe_training
+from tests.cases import SmallConvNet, small_mlp
+
+
+def test_probe_end_to_end(tmp_path, capsys) -> None:
+    """`fisherlab probe` on the default problem writes a valid dataset, a figure and stored factors."""
+    out = tmp_path / "r.nc"
+    status = cli.main(["probe", "--iterations", "4", "--every", "2", "--layers", "5,6", "--store-factors", "5",
+                       "--out", str(out), "--no-progress"])
+    assert status == 0
+    ds = load(out)
+    validate(ds)
+    assert list(ds["iteration"].values) == [0, 2, 4]
+    assert list(ds["layer"].values) == ["5", "6"]
+    assert list(ds["method"].values) == ["kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected"]
+    assert bool(ds["converged"].all())
+    err = ds["frobenius_error"]
+    assert bool((err.sel({"method": "kpsvd"}) <= err.sel({"method": "kfac"}) * (1 + 1e-8)).all())
+    assert ds.attrs["fisher"] == "mc" and ds.attrs["spectrum"] == "eigenvalues" and "torch_version" in ds.attrs
+    assert (tmp_path / "r.png").stat().st_size > 10_000
+    assert len(list((tmp_path / "r.nc.factors").glob("*.pt"))) == 3
+    assert "wrote" in capsys.readouterr().out
+    assert cli.main(["plot", str(out), "--out", str(tmp_path / "f.pdf")]) == 0
+    assert (tmp_path / "f.pdf").exists()
+    assert cli.main(["info", str(out)]) == 0
+
+
+def test_config_file_and_flags(tmp_path) -> None:
+    """--config supplies fields; explicit flags win; the resolved config is stored."""
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"iterations": 2, "every": 1, "methods": ["kfac", "kpsvd"], "fisher": "empirical"}')
+    out = tmp_path / "r.nc"
+    assert cli.main(["probe", "--config", str(cfg), "--every", "2", "--out", str(out), "--no-progress", "--figure", "none"]) == 0
+    ds = load(out)
+    assert list(ds["iteration"].values) == [0, 2] and ds.attrs["fisher"] == "empirical"
+    assert list(ds["method"].values) == ["kfac", "kpsvd"]
+
+
+BAD_INPUTS = [
+    (["--problem", "cifar"], "unknown problem 'cifar'"),
+    (["--methods", "kfac,shampoo"], "unknown methods"),
+    (["--layers", "99"], "unknown layers"),
+    (["--iterations", "-3"], "--iterations must be a positive integer"),
+    (["--iterations", "5", "--every", "10"], "larger than --iterations"),
+    (["--fisher", "true"], "unknown FisherKind"),
+    (["--spectrum", "both"], "unknown Spectrum"),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
+    (["--data-dir", "/nonexistent/mnist", "--problem", "mnist"], "does not exist"),
+    (["--figure", "fig.svg"], "must end in .png or .pdf"),
+    (["--store-factors", "3"], "not probed"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_gives_one_clear_message(tmp_path, capsys, args: list[str], message: str) -> None:
+    """Each bad input: exit status 2, one 'fisherlab: error:' line naming the problem, no file written."""
+    out = tmp_path / "r.nc"
+    status = cli.main(["probe", "--iterations", "2", "--every", "1", "--out", str(out), "--no-progress", *args])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.startswith("fisherlab: error:") and message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_existing_and_unwritable_outputs(tmp_path, capsys) -> None:
+    """An existing --out is kept untouched; an unwritable directory is reported."""
+    out = tmp_path / "r.nc"
+    out.write_text("earlier results")
+    assert cli.main(["probe", "--iterations", "2", "--every", "1", "--out", str(out), "--no-progress"]) == 2
+    assert "already exists" in capsys.readouterr().err and out.read_text() == "earlier results"
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        status = cli.main(["probe", "--iterations", "2", "--every", "1", "--out", str(locked / "r.nc"), "--no-progress"])
+        err = capsys.readouterr().err
+        import os
+
+        if os.geteuid() != 0:  # root can write anywhere
+            assert status == 2 and "not writable" in err
+    finally:
+        locked.chmod(0o700)
+
+
+def test_interrupted_run_keeps_finished_snapshots(tmp_path, monkeypatch, capsys) -> None:
+    """Ctrl-C after the snapshot at iteration 4: the file holds iterations 0, 2, 4 and is valid."""
+    real_step = run_module._step
+
+    def step(model, loss, optimizer, x, y, iteration):  # type: ignore[no-untyped-def]
+        if iteration == 5:
+            raise KeyboardInterrupt
+        return real_step(model, loss, optimizer, x, y, iteration)
+
+    monkeypatch.setattr(run_module, "_step", step)
+    out = tmp_path / "r.nc"
+    assert cli.main(["probe", "--iterations", "10", "--every", "2", "--out", str(out), "--no-progress"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    ds = load(out)
+    validate(ds)
+    assert list(ds["iteration"].values) == [0, 2, 4]
+
+
+def test_diverging_training_is_reported() -> None:
+    """A non-finite training loss stops the run with a message, not a silent NaN."""
+    model = small_mlp()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(FisherlabError, match="training loss became nan"):
+        run_module._step(model, LossKind.MSE, opt, torch.randn(3, 4, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64), 7)
+
+
+def test_probe_training_on_user_conv_model() -> None:
+    """The Python API probes a user's Conv2d/Linear model with its own loss and data, in memory."""
+    torch.manual_seed(0)
+    model = SmallConvNet(4).double()
+    data = itertools.cycle([(torch.randn(8, 2, 5, 5, dtype=torch.float64), torch.randint(0, 4, (8,))) for _ in range(3)])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    config = ProbeConfig(iterations=4, every=2, fisher="exact", tol=1e-10)
+    ds = probe_training(model, "ce", data, opt, config, progress=False)
+    validate(ds)
+    assert list(ds["layer"].values) == ["conv1", "conv2", "fc"]
+    err = ds["frobenius_error"]
+    for rank2 in ("deflation", "lanczos"):
+        assert bool((err.sel({"method": rank2}) <= err.sel({"method": "kpsvd"}) * (1 + 1e-8)).all())

@@ -1,0 +1,88 @@
+"""Embedded data (no download) and real-file loaders, with clear errors for missing files."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+import torch
+from scipy.io import savemat
+
+from fisherlab._errors import FisherlabError
+from fisherlab.data import curves_images, load_images
+from fisherlab.problems import PROBLEMS, get_problem, training_batches
+
+
+def test_curves_generator_is_seeded_and_in_range() -> None:
+    """Same seed, same images; values in [0, 1]; each image has ink along a curve."""
+    a, b = curves_images(20, seed=3), curves_images(20, seed=3)
+    assert torch.equal(a, b) and a.shape == (20, 784)
+    assert float(a.min()) >= 0 and float(a.max()) <= 1
+    ink = (a > 0.5).sum(1)
+    assert bool((ink >= 5).all()) and bool((ink < 300).all())
+    assert not torch.equal(a, curves_images(20, seed=4))
+
+
+@pytest.mark.parametrize("name", ["mnist", "faces"])
+def test_embedded_standins(name: str) -> None:
+    """Stand-ins have the problem's input size, lie in [0, 1], and say they are stand-ins."""
+    data = load_images(name)
+    problem = get_problem(name)
+    assert data.train.shape[1] == problem.sizes[0] == problem.sizes[-1]
+    assert data.train.shape[0] >= problem.batch_size
+    assert float(data.train.min()) >= 0 and float(data.train.max()) <= 1
+    assert "STAND-IN" in data.source
+
+
+def test_problem_architectures_match_paper() -> None:
+    """Layer sizes, losses and batch sizes of K App. D."""
+    assert PROBLEMS["mnist"].sizes == (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
+    assert PROBLEMS["faces"].sizes == (625, 2000, 1000, 500, 30, 500, 1000, 2000, 625)
+    assert PROBLEMS["curves"].sizes == (784, 400, 200, 100, 50, 25, 6, 25, 50, 100, 200, 400, 784)
+    assert [PROBLEMS[p].batch_size for p in ("curves", "mnist", "faces")] == [256, 512, 1024]
+    assert [PROBLEMS[p].loss.value for p in ("curves", "mnist", "faces")] == ["bce", "bce", "mse"]
+
+
+def test_missing_real_files_name_the_expected_files(tmp_path) -> None:
+    """An empty data directory gives an error naming the files that were looked for."""
+    with pytest.raises(FisherlabError, match="train-images-idx3-ubyte"):
+        load_images("mnist", tmp_path)
+    with pytest.raises(FisherlabError, match="newfaces_rot_single.mat"):
+        load_images("faces", tmp_path)
+    with pytest.raises(FisherlabError, match="digs3pts_1.mat"):
+        load_images("curves", tmp_path)
+    with pytest.raises(FisherlabError, match="does not exist"):
+        load_images("mnist", tmp_path / "nowhere")
+    with pytest.raises(FisherlabError, match="unknown problem 'cifar'"):
+        get_problem("cifar")
+
+
+def test_mnist_idx_loader(tmp_path) -> None:
+    """A gzipped IDX file is read and scaled to [0, 1]."""
+    images = np.arange(3 * 784, dtype=np.uint8).reshape(3, 784)
+    header = (2051).to_bytes(4, "big") + (3).to_bytes(4, "big") + (28).to_bytes(4, "big") + (28).to_bytes(4, "big")
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as fh:
+        fh.write(header + images.tobytes())
+    data = load_images("mnist", tmp_path)
+    torch.testing.assert_close(data.train, torch.as_tensor(images, dtype=torch.float32) / 255)
+
+
+def test_mat_loaders(tmp_path) -> None:
+    """CURVES and FACES .mat files are read (FACES stored pixels × images, as distributed)."""
+    savemat(tmp_path / "digs3pts_1.mat", {"bdata": np.random.rand(20, 784)})
+    assert load_images("curves", tmp_path).train.shape == (20, 784)  # all 20 fall in the first 16 000
+    savemat(tmp_path / "newfaces_rot_single.mat", {"newfaces_single": np.random.rand(625, 30)})
+    assert load_images("faces", tmp_path).train.shape == (30, 625)
+    savemat(tmp_path / "newfaces_rot_single.mat", {"other": np.zeros(3)})
+    with pytest.raises(FisherlabError, match="none of the variables"):
+        load_images("faces", tmp_path)
+
+
+def test_training_batches_order_is_its_own() -> None:
+    """Batch order depends only on the loader seed, not on the global RNG."""
+    images = torch.arange(10.0)[:, None]
+    first = next(training_batches(images, 4, seed=1))
+    torch.manual_seed(123)
+    torch.rand(5)
+    assert torch.equal(first, next(training_batches(images, 4, seed=1)))

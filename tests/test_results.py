@@ -1,0 +1,56 @@
+"""Results files: schema, round trip, atomic rewrite after every snapshot, existing-path guard."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from fisherlab._errors import FisherlabError
+from fisherlab.results import ResultsWriter, load, snapshot_dataset, validate
+
+
+def _snap(it: int) -> xr.Dataset:
+    shape = (2, 3)
+    per_method = {name: np.full(shape, it + 0.5) for name in ("frobenius_error", "spectral_error", "solver_residual", "approximation_time")}
+    per_method["solver_iterations"] = np.full(shape, it, dtype=np.int32)
+    per_method["converged"] = np.ones(shape, dtype=np.int8)
+    return snapshot_dataset(it, ["1", "5"], ["kfac", "kpsvd", "lanczos"], per_method, {"fisher_frobenius_norm": np.ones(2)},
+                            {"train_loss": 1.0, "wall_time": 2.0, "probe_time": 0.1})
+
+
+def test_round_trip_and_schema(tmp_path) -> None:
+    """Every snapshot is on disk right after append; the file round-trips identically and validates."""
+    writer = ResultsWriter(tmp_path / "r.nc", {"seed": 3, "fisher": "mc", "tol": 1e-6})
+    for it in (0, 10):
+        ds = writer.append(_snap(it))
+        on_disk = load(tmp_path / "r.nc")
+        xr.testing.assert_identical(on_disk, ds)
+    validate(on_disk)
+    assert on_disk.sizes == {"iteration": 2, "layer": 2, "method": 3}
+    assert float(on_disk["frobenius_error"].sel({"method": "kpsvd", "layer": "5", "iteration": 10})) == 10.5
+    assert on_disk.attrs["seed"] == 3 and on_disk["frobenius_error"].attrs["units"] == "1"
+    assert not (tmp_path / "r.nc.tmp").exists()
+
+
+def test_existing_output_is_refused(tmp_path) -> None:
+    """An existing output path is an error unless overwrite is asked; nothing is touched."""
+    path = tmp_path / "r.nc"
+    path.write_text("keep me")
+    with pytest.raises(FisherlabError, match="already exists"):
+        ResultsWriter(path, {})
+    assert path.read_text() == "keep me"
+    ResultsWriter(path, {}, overwrite=True).append(_snap(0))
+    validate(load(path))
+
+
+def test_validate_and_load_reject_other_files(tmp_path) -> None:
+    """A dataset without the variables, or a non-netCDF file, gives a clear error."""
+    with pytest.raises(FisherlabError, match="lacks variable"):
+        validate(xr.Dataset())
+    bad = tmp_path / "bad.nc"
+    bad.write_text("not netcdf")
+    with pytest.raises(FisherlabError, match="cannot read"):
+        load(bad)
+    with pytest.raises(FisherlabError, match="no such results file"):
+        load(tmp_path / "missing.nc")
