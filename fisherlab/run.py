@@ -166,7 +166,7 @@ def _step(model: nn.Module, loss: LossKind, optimizer: torch.optim.Optimizer, x:
     optimizer.zero_grad(set_to_none=True)
     value = per_sample_loss(loss, model(x), y).mean()
     if not torch.isfinite(value):
-        raise FisherlabError(f"training loss became {float(value)} at iteration {iteration}; lower --lr (snapshots so far are saved)")
+        raise FisherlabError(f"training loss became {float(value.detach())} at iteration {iteration}; lower --lr (snapshots so far are saved)")
     value.backward()
     optimizer.step()
     return float(value.detach())
