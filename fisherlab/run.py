@@ -44,7 +44,7 @@ class ProbeConfig:
     problem: str = "curves"
     data_dir: str | None = None
     layers: tuple[str, ...] = ("5",)
-    iterations: int = 300
+    iterations: int = 500
     every: int = 10
     optimizer: str = "adam"
     lr: float | None = None
