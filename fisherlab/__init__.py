@@ -27,7 +27,7 @@ from fisherlab.run import BlockEvaluation, ProbeConfig, evaluate_block, probe_tr
 
 __version__ = "0.1.0"
 
-__all__ = [
+__all__ = [  # noqa: RUF022 (grouped by pipeline stage, not sorted)
     # probe
     "FisherKind",
     "LossKind",

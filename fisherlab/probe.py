@@ -244,7 +244,7 @@ class Probe:
         return [root[:, :, c].reshape(zd.shape) for c in range(root.shape[2])]
 
 
-def _enum(kind: type[Enum], value: object, what: str) -> Enum:  # noqa: ANN401
+def _enum(kind: type[Enum], value: object, what: str) -> Enum:
     try:
         return kind(value)
     except ValueError:

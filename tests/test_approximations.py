@@ -13,9 +13,9 @@ from fisherlab._errors import ConvergenceWarning
 from fisherlab.approximations import Method, approximate_all, kpsvd, lanczos
 from fisherlab.dense import dense_kronecker_approximation, rearrange
 from fisherlab.fisher import ExactBlock
+from fisherlab.krylov import lanczos_svd, power_svd
 from fisherlab.layers import LayerFactors
 from fisherlab.metrics import BlockReference, frobenius_error
-from fisherlab.krylov import lanczos_svd, power_svd
 from tests.cases import FACTOR_CASES, ids, make_factors
 from tests.tolerances import ITERATIVE, ITERATIVE_TOL, SLACK
 

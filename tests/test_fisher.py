@@ -18,7 +18,7 @@ from tests.tolerances import EXACT64
 
 def _dense_from_definition(f: LayerFactors) -> torch.Tensor:
     """F = (1/N) sum_{n,v} vec(DW) vec(DW)^T with DW built by explicit loops over positions."""
-    n, v, t, do = f.g.shape
+    n, v, t, _ = f.g.shape
     dense = torch.zeros(f.dim, f.dim, dtype=f.a.dtype)
     for i in range(n):
         for j in range(v):
