@@ -120,16 +120,16 @@ class ExactBlock:
         )
 
     def kfac(self) -> KronSum:
-        """KFAC ``G ⊗ A``, ``A = (1/(N T)) sum a a^T``, ``G = (1/N) sum_{n,v,t} g g^T``.
+        """KFAC ``G ⊗ A`` with ``A = (1/N) sum_{n,t} a a^T``, ``G = (1/(N T)) sum_{n,v,t} g g^T``.
 
         For ``T = 1`` this is ``E[g g^T] ⊗ E[ā ā^T]`` (K eq. 1); for conv layers the KFC
-        factors of Grosse & Martens (2016) (T eq. 2.27).
+        factors of Grosse & Martens (2016) as written in T eq. (2.27).
         """
         a, g = self.factors.a, self.factors.g
         n, t = a.shape[0], a.shape[1]
         a2 = a.reshape(-1, a.shape[-1])
         g2 = g.reshape(-1, g.shape[-1])
-        return KronSum((g2.T @ g2 / n,), (a2.T @ a2 / (n * t),))
+        return KronSum((g2.T @ g2 / (n * t),), (a2.T @ a2 / n,))
 
     def jacobian(self) -> Tensor:
         """Per-sample gradients as rows, ``[N V, d_out d_in]`` (``F = J^T J / N``); dense."""

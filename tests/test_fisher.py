@@ -120,3 +120,15 @@ def test_cross_blocks_assemble_full_fisher() -> None:
         for v in range(2)
     ) / 6
     torch.testing.assert_close(cross_block_dense(b1, b2), manual, **EXACT64)
+
+
+@pytest.mark.parametrize("case", FACTOR_CASES, ids=ids(FACTOR_CASES))
+def test_kfac_factors_follow_t_eq_2_27(case: dict) -> None:
+    """A = (1/N) Σ_{n,t} a aᵀ and G = (1/(N T)) Σ_{n,v,t} g gᵀ (K eq. 1; T eq. 2.27 for conv), by loops."""
+    f = make_factors(case)
+    n, v, t, _ = f.g.shape
+    a_loop = sum(torch.outer(f.a[i, s], f.a[i, s]) for i in range(n) for s in range(t)) / n
+    g_loop = sum(torch.outer(f.g[i, j, s], f.g[i, j, s]) for i in range(n) for j in range(v) for s in range(t)) / (n * t)
+    kfac = ExactBlock(f).kfac()
+    torch.testing.assert_close(kfac.ins[0], a_loop, **EXACT64)
+    torch.testing.assert_close(kfac.outs[0], g_loop, **EXACT64)
