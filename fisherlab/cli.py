@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mc-samples", type=int, default=d.mc_samples, help="target draws per input for --fisher mc (default: %(default)s)")
     p.add_argument("--methods", type=_csv, default=d.methods, help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: all)")
     p.add_argument("--spectrum", default=d.spectrum, help="eigenvalues (paper text) | singular_values (authors' code) for error 2")
+    p.add_argument("--metrics", type=_csv, default=d.metrics,
+                   help="frobenius_error[,spectral_error] (default: both; error 2 of rank-2 methods costs a dense eigvalsh of the block)")
     p.add_argument("--tol", type=float, default=d.tol, help="relative tolerance of power SVD and Lanczos (default: %(default)s)")
     p.add_argument("--max-iter", type=int, default=d.max_iter, help="power SVD iteration cap (default: %(default)s)")
     p.add_argument("--lanczos-rank", type=int, default=d.lanczos_rank, help="Kronecker rank of the Lanczos method (default: %(default)s)")

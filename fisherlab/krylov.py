@@ -94,8 +94,9 @@ def lanczos_svd(
     Each cycle builds ``A Q = P B`` (``B`` upper bidiagonal, ``krylov_dim`` columns, full
     reorthogonalisation), takes the SVD ``B = X Σ Y^T`` and the Ritz vectors ``P X``, ``Q Y``.
     Since ``A^T P = Q B^T + β q_{m+1} e_m^T``, the residual of triplet ``k`` is
-    ``β |X[m, k]|``; the run stops when it is at most ``tol * σ_1`` for all ``k < rank``.
-    Otherwise it restarts from the sum of the ``rank`` right Ritz vectors (K §3.2.2, step 3).
+    ``β |X[m, k]|``; the run stops when it is at most ``tol * σ_1`` for all ``k < rank``
+    (checked after every step, so a cycle ends early once converged; the ``k × k`` SVD is
+    negligible next to a product with ``A``). Otherwise it restarts from the sum of the ``rank`` right Ritz vectors (K §3.2.2, step 3).
 
     Args:
         mv: ``Y ↦ mat(A vec(Y))``.
@@ -127,8 +128,8 @@ def lanczos_svd(
         w = w_mat.flatten()
         iterations += 1
         beta = torch.zeros((), dtype=dtype, device=device)
-        m = min(krylov_dim, n_in)
-        for j in range(m):
+        exhausted = False
+        for j in range(min(krylov_dim, n_in)):
             if ps:
                 w = w - betas[-1] * ps[-1]
                 pmat = torch.stack(ps)
@@ -136,35 +137,30 @@ def lanczos_svd(
             alpha = torch.linalg.norm(w)
             if alpha <= 1e-14 * (alphas[0] if alphas else 1.0):
                 break
-            p = w / alpha
-            ps.append(p)
+            ps.append(w / alpha)
             alphas.append(alpha)
-            z = rmv(p.reshape(out_shape)).flatten() - alpha * qs[-1]
+            z = rmv(ps[-1].reshape(out_shape)).flatten() - alpha * qs[-1]
             qmat = torch.stack(qs)
             z = z - qmat.T @ (qmat @ z)
             z = z - qmat.T @ (qmat @ z)
             beta = torch.linalg.norm(z)
-            if beta <= 1e-14 * alphas[0] or j == m - 1 or len(qs) == n_in:
+            exhausted = bool(beta <= 1e-14 * alphas[0]) or len(qs) == n_in
+            if exhausted or j == krylov_dim - 1 or (len(alphas) >= rank and _residual(alphas, betas, beta, rank) <= tol):
                 break
             betas.append(beta)
-            q_next = z / beta
-            qs.append(q_next)
-            w = mv(q_next.reshape(in_shape)).flatten()
+            qs.append(z / beta)
+            w = mv(qs[-1].reshape(in_shape)).flatten()
             iterations += 1
         k = len(alphas)
         if k == 0:
             zero = torch.zeros(in_shape, dtype=dtype, device=device)
             return SingularTriplets(torch.zeros(1, dtype=dtype, device=device), (zero,), (zero,), iterations, True, 0.0)
-        bmat = torch.diag(torch.stack(alphas))
-        if k > 1:
-            bmat = bmat + torch.diag(torch.stack(betas[: k - 1]), 1)
-        xb, sb, ybt = torch.linalg.svd(bmat)
+        xb, sb, ybt = torch.linalg.svd(_bidiagonal(alphas, betas))
         r = min(rank, k)
         pmat, qmat = torch.stack(ps), torch.stack(qs[:k])
         lefts = tuple((pmat.T @ xb[:, i]).reshape(out_shape) for i in range(r))
         rights = tuple((qmat.T @ ybt[i]).reshape(in_shape) for i in range(r))
         resid = float((beta * xb[k - 1, :r].abs()).max() / sb[0]) if sb[0] > 0 else 0.0
-        exhausted = bool(beta <= 1e-14 * alphas[0]) or k == n_in
         best = SingularTriplets(sb[:r], lefts, rights, iterations, resid <= tol or exhausted, resid)
         if best.converged:
             return best
@@ -172,3 +168,18 @@ def lanczos_svd(
         q = q / torch.linalg.norm(q)
     assert best is not None
     return best
+
+
+def _bidiagonal(alphas: list[Tensor], betas: list[Tensor]) -> Tensor:
+    """Upper bidiagonal ``B`` with ``alphas`` on the diagonal and ``betas`` above it."""
+    k = len(alphas)
+    bmat = torch.diag(torch.stack(alphas))
+    if k > 1:
+        bmat = bmat + torch.diag(torch.stack(betas[: k - 1]), 1)
+    return bmat
+
+
+def _residual(alphas: list[Tensor], betas: list[Tensor], beta: Tensor, rank: int) -> float:
+    """Largest relative residual ``β |X[m, i]| / σ_1`` of the top ``rank`` Ritz triplets so far."""
+    xb, sb, _ = torch.linalg.svd(_bidiagonal(alphas, betas))
+    return float((beta * xb[-1, :rank].abs()).max() / sb[0]) if sb[0] > 0 else 0.0

@@ -44,6 +44,9 @@ def error_figure(ds: xr.Dataset, *, metrics: tuple[str, ...] = ("frobenius_error
     missing = [m for m in metrics if m not in ds]
     if missing:
         raise FisherlabError(f"dataset has no {', '.join(missing)}: not a fisherlab probe file?")
+    metrics = tuple(m for m in metrics if bool(ds[m].notnull().any()))  # skip metrics not computed (--metrics)
+    if not metrics:
+        raise FisherlabError("the dataset holds no computed error values to plot")
     layers = [str(x) for x in ds["layer"].values]
     methods = [str(m) for m in ds["method"].values]
     palette = {m: METHOD_STYLE.get(m, ("#7f7f7f", "x"))[0] for m in methods}

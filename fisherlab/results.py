@@ -31,7 +31,7 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str, str, str]] = {
         ("iteration", "layer", "method"),
         "error 2 (relative spectral)",
         "1",
-        "||spec(F) - spec(F_hat)||_2 / ||spec(F)||_2, spectra sorted descending (K Sec. 4.1); see attr spectrum",
+        "||spec(F) - spec(F_hat)||_2 / ||spec(F)||_2, spectra sorted descending (K Sec. 4.1); see attr spectrum; NaN when not in attr metrics",
     ),
     "solver_iterations": (("iteration", "layer", "method"), "solver iterations", "1", "products with R(F) (mv+rmv pairs); 0 for kfac"),
     "converged": (("iteration", "layer", "method"), "solver converged", "1", "1 if every iterative stage met tol, else 0"),

@@ -53,6 +53,7 @@ class ProbeConfig:
     mc_samples: int = 1
     methods: tuple[str, ...] = ALL_METHODS
     spectrum: str = "eigenvalues"
+    metrics: tuple[str, ...] = ("frobenius_error", "spectral_error")
     tol: float = 1e-6
     max_iter: int = 500
     lanczos_rank: int = 2
@@ -94,6 +95,9 @@ class ProbeConfig:
         unknown = [m for m in self.methods if m not in ALL_METHODS]
         if unknown or not self.methods:
             raise FisherlabError(f"unknown methods {unknown}; choose from: {', '.join(ALL_METHODS)}")
+        bad_metrics = [m for m in self.metrics if m not in ("frobenius_error", "spectral_error")]
+        if bad_metrics or "frobenius_error" not in self.metrics:
+            raise FisherlabError(f"--metrics must include frobenius_error and may add spectral_error; got {list(self.metrics)}")
         missing = [name for name in self.store_factors if name not in self.layers]
         if missing:
             raise FisherlabError(f"--store-factors names layers {missing} that are not probed ({', '.join(self.layers)})")
@@ -138,10 +142,14 @@ def evaluate_block(
     krylov_dim: int = 20,
     previous: dict[Method, Approximation] | None = None,
     layer: str = "",
+    spectral: bool = True,
 ) -> BlockEvaluation:
     """Build every approximation of ``block`` and compute error 1 and error 2 of each.
 
-    The Gram matrix (hence ``||F||_F`` and the spectrum) is computed once and shared.
+    The Gram matrix (hence ``||F||_F`` and the spectrum) is computed once and shared. With
+    ``spectral=False`` error 2 is skipped (stored as NaN): for Kronecker-rank-2 methods it
+    needs the top eigenvalues of a ``d_out d_in``-sided matrix, the one cost that grows
+    like ``(d_out d_in)^3``.
     """
     methods = list(Method) if methods is None else methods
     ref = BlockReference.of(block)
@@ -158,7 +166,7 @@ def evaluate_block(
     times = {m: a.seconds for m, a in approx.items()}
     spec = Spectrum(spectrum)
     fro = {m: float(frobenius_error(ref, a.kron)) for m, a in approx.items()}
-    spe = {m: float(spectral_error(ref, a.kron, spectrum=spec)) for m, a in approx.items()}
+    spe = {m: float(spectral_error(ref, a.kron, spectrum=spec)) if spectral else float("nan") for m, a in approx.items()}
     return BlockEvaluation(approx, fro, spe, times, float(ref.norm_squared.sqrt()))
 
 
@@ -255,6 +263,7 @@ def _snapshot(
             krylov_dim=config.krylov_dim,
             previous=previous.get(name),
             layer=name,
+            spectral="spectral_error" in config.metrics,
         )
         previous[name] = ev.approximations
         norms[li] = ev.fisher_norm
@@ -303,6 +312,7 @@ def run_attrs(config: ProbeConfig, device: torch.device, data_source: str, loss:
         "fisher": config.fisher,
         "mc_samples": config.mc_samples,
         "spectrum": config.spectrum,
+        "metrics": ",".join(config.metrics),
         "tol": config.tol,
         "optimizer": config.optimizer,
         "config_json": json.dumps(asdict(config)),

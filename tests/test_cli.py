@@ -59,6 +59,7 @@ BAD_INPUTS = [
     (["--iterations", "5", "--every", "10"], "larger than --iterations"),
     (["--fisher", "true"], "unknown FisherKind"),
     (["--spectrum", "both"], "unknown Spectrum"),
+    (["--metrics", "spectral_error"], "--metrics must include frobenius_error"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
     (["--data-dir", "/nonexistent/mnist", "--problem", "mnist"], "does not exist"),
     (["--figure", "fig.svg"], "must end in .png or .pdf"),
@@ -138,3 +139,13 @@ def test_probe_training_on_user_conv_model() -> None:
     err = ds["frobenius_error"]
     for rank2 in ("deflation", "lanczos"):
         assert bool((err.sel({"method": rank2}) <= err.sel({"method": "kpsvd"}) * (1 + 1e-8)).all())
+
+
+def test_frobenius_only_run(tmp_path) -> None:
+    """--metrics frobenius_error skips error 2 (NaN, recorded in attrs) and still plots error 1."""
+    out = tmp_path / "r.nc"
+    assert cli.main(["probe", "--iterations", "2", "--every", "1", "--metrics", "frobenius_error", "--out", str(out), "--no-progress"]) == 0
+    ds = load(out)
+    assert ds.attrs["metrics"] == "frobenius_error"
+    assert bool(ds["spectral_error"].isnull().all()) and bool(ds["frobenius_error"].notnull().all())
+    assert (tmp_path / "r.png").exists()
