@@ -19,6 +19,7 @@ PROBE_EXAMPLES = """examples:
   fisherlab probe --problem mnist --data-dir ~/mnist --layers 5 --iterations 2000 --every 10 \\
                   --optimizer adam --fisher mc --device cuda --out data/mnist.nc
   fisherlab probe --problem faces --layers 2,5 --methods kfac,kpsvd --fisher exact --out data/faces.nc
+  fisherlab probe --problem mnist --two-level --damping 1e-3 --out data/gap.nc
 """
 
 PLOT_EXAMPLES = """examples:
@@ -55,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iter", type=int, default=d.max_iter, help="power SVD iteration cap (default: %(default)s)")
     p.add_argument("--lanczos-rank", type=int, default=d.lanczos_rank, help="Kronecker rank of the Lanczos method (default: %(default)s)")
     p.add_argument("--krylov-dim", type=int, default=d.krylov_dim, help="Krylov dimension per Lanczos restart (default: %(default)s)")
+    p.add_argument("--two-level", action="store_true",
+                   help="also probe every layer and measure two-level KFAC (T): gaps E(beta*)-E(0), energy errors vs the exact natural gradient")
+    p.add_argument("--damping", type=float, default=d.damping, help="lambda of F + lambda I and of the pi-damped KFAC (default: %(default)s)")
+    p.add_argument("--coarse-spaces", type=_csv, default=d.coarse_spaces, help=f"subset of {','.join(d.coarse_spaces)} (tko is always added)")
+    p.add_argument("--taylor-order", type=int, default=d.taylor_order, help="q of the Taylor coarse space (default: %(default)s)")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N (default: auto = CUDA when available)")
     p.add_argument("--dtype", default=d.dtype, help="training dtype float32 | float64; the probe always accumulates in float64")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of initialisation, data order and MC targets (default: %(default)s)")
@@ -92,7 +98,7 @@ def _config(args: argparse.Namespace, argv: list[str]) -> ProbeConfig:
 
 
 def _probe(args: argparse.Namespace, argv: list[str]) -> int:
-    from fisherlab.plots import error_figure, save_figure
+    from fisherlab.plots import error_figure, save_figure, two_level_figure
     from fisherlab.run import run_probe
 
     config = _config(args, argv)
@@ -111,6 +117,8 @@ def _probe(args: argparse.Namespace, argv: list[str]) -> int:
             return 130
     if figure is not None:
         save_figure(error_figure(ds), figure)
+        if config.two_level:
+            save_figure(two_level_figure(ds), _two_level_path(figure))
     last = ds.isel(iteration=-1)
     parts = [f"{m}={float(last['frobenius_error'].sel({'method': m}).mean()):.3g}" for m in ds["method"].values]
     print(f"wrote {out} ({ds.sizes['iteration']} snapshots){'' if figure is None else f' and {figure}'}; "
@@ -118,14 +126,21 @@ def _probe(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _two_level_path(figure: Path) -> Path:
+    """Where the two-level figure goes: ``<figure stem>-twolevel<suffix>``."""
+    return figure.with_name(f"{figure.stem}-twolevel{figure.suffix}")
+
+
 def _plot(args: argparse.Namespace) -> int:
-    from fisherlab.plots import error_figure, save_figure
+    from fisherlab.plots import error_figure, save_figure, two_level_figure
     from fisherlab.results import load
 
     ds = load(args.path)
     out = Path(args.out) if args.out else Path(args.path).with_suffix(".png")
-    save_figure(error_figure(ds), out)
-    print(f"wrote {out}")
+    written = [save_figure(error_figure(ds), out)]
+    if "gap" in ds:
+        written.append(save_figure(two_level_figure(ds), _two_level_path(out)))
+    print("wrote " + " and ".join(str(w) for w in written))
     return 0
 
 

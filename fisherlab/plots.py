@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from fisherlab._errors import FisherlabError
 
-__all__ = ["METHOD_STYLE", "error_figure", "save_figure"]
+__all__ = ["METHOD_STYLE", "error_figure", "save_figure", "two_level_figure"]
 
 #: Fixed order, colour and marker per method, so "kfac" looks the same in every figure.
 METHOD_STYLE: dict[str, tuple[str, str]] = {
@@ -72,6 +72,44 @@ def error_figure(ds: xr.Dataset, *, metrics: tuple[str, ...] = ("frobenius_error
         sns.move_legend(axes[0, -1], "upper left", bbox_to_anchor=(1.02, 1.0))
     source = ds.attrs.get("problem", "")
     fig.suptitle(f"Fisher approximation errors ({source}, Fisher: {ds.attrs.get('fisher', '?')}, spectrum: {ds.attrs.get('spectrum', '?')})")
+    fig.tight_layout()
+    return fig
+
+
+def _lines(ax: plt.Axes, da: xr.DataArray, dim: str, *, log: bool) -> None:
+    df = da.to_dataframe().reset_index()
+    order = [str(v) for v in da[dim].values]
+    palette = {m: METHOD_STYLE[m][0] for m in order} if set(order) <= set(METHOD_STYLE) else None
+    sns.lineplot(data=df, x="iteration", y=da.name, hue=dim, style=dim, hue_order=order, style_order=order,
+                 palette=palette, markers=True, dashes=False, markersize=4, ax=ax)
+    if log and _spans_decades(np.abs(da.values)):
+        ax.set_yscale("log")
+    ax.set_xlabel("training iteration")
+    ax.set_ylabel(da.attrs.get("long_name", str(da.name)))
+    ax.grid(True, alpha=0.3)
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1.0), title=dim.replace("_", " "))
+
+
+def two_level_figure(ds: xr.Dataset) -> Figure:
+    """T Figure 5 (gap ``E(β*) - E(0)`` vs iteration per coarse space, ``symlog`` axis) and the
+    relative energy-norm errors of the two-level and block-diagonal increments.
+
+    Raises:
+        FisherlabError: When the dataset has no two-level variables (run with ``--two-level``).
+    """
+    if "gap" not in ds:
+        raise FisherlabError("dataset has no two-level results; run fisherlab probe with --two-level")
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4))
+    _lines(axes[0], ds["gap"], "coarse_space", log=False)
+    scale = float(np.nanmax(np.abs(ds["gap"].values))) if ds["gap"].size else 1.0
+    axes[0].set_yscale("symlog", linthresh=max(scale * 1e-6, 1e-300))
+    axes[0].axhline(0, color="black", lw=0.8)
+    axes[0].set_title("T Fig. 5: gap (negative = closer to the natural gradient)")
+    _lines(axes[1], ds["energy_error"], "coarse_space", log=True)
+    axes[1].set_title("two-level increments vs exact ζ")
+    _lines(axes[2], ds["block_energy_error"], "method", log=True)
+    axes[2].set_title("block-diagonal increments vs exact ζ")
+    fig.suptitle(f"Two-level KFAC ({ds.attrs.get('problem', '')}, damping {ds.attrs.get('damping', '?')}, Fisher: {ds.attrs.get('fisher', '?')})")
     fig.tight_layout()
     return fig
 

@@ -17,7 +17,7 @@ import xarray as xr
 
 from fisherlab._errors import FisherlabError
 
-__all__ = ["VARIABLES", "ResultsWriter", "load", "validate"]
+__all__ = ["TWO_LEVEL_VARIABLES", "VARIABLES", "ResultsWriter", "load", "snapshot_dataset", "validate"]
 
 #: name -> (dims, long_name, units, definition)
 VARIABLES: dict[str, tuple[tuple[str, ...], str, str, str]] = {
@@ -43,6 +43,21 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str, str, str]] = {
     "probe_time": (("iteration",), "probe pass time", "s", "forward + backward passes of the probe"),
 }
 
+#: Variables of two-level runs (``--two-level``), T §4.4; ``coarse_space`` includes ``tko``.
+TWO_LEVEL_VARIABLES: dict[str, tuple[tuple[str, ...], str, str, str]] = {
+    "gap": (("iteration", "coarse_space"), "E(beta*) - E(0)", "1",
+            "<F_coarse beta, beta> - 2 <R0^T beta, r_KFAC> (T eq. 4.6); beta_TKO for coarse_space tko"),
+    "energy_error": (("iteration", "coarse_space"), "relative energy-norm error of the two-level increment", "1",
+                     "||zeta_2L - zeta||_F* / ||zeta||_F*, zeta = (F + lambda I)^-1 grad h exact (Woodbury)"),
+    "cosine": (("iteration", "coarse_space"), "cosine(zeta_2L, zeta)", "1", "Euclidean cosine with the exact damped natural gradient"),
+    "energy_two_level": (("iteration", "coarse_space"), "E(beta*)", "1", "||zeta_2L - zeta||^2_F* computed directly"),
+    "block_energy_error": (("iteration", "method"), "relative energy-norm error, block-diagonal method", "1",
+                           "||zeta_m - zeta||_F* / ||zeta||_F*, zeta_m[i] = (approximation_i + pi-damping)^-1 grad_i h"),
+    "block_cosine": (("iteration", "method"), "cosine(zeta_m, zeta), block-diagonal method", "1", "Euclidean cosine"),
+    "energy_kfac": (("iteration",), "E(0)", "1", "||zeta_KFAC - zeta||^2_F* (T eq. 4.2)"),
+    "energy_natural_gradient": (("iteration",), "||zeta||^2_F*", "1", "squared energy norm of the exact damped natural gradient"),
+}
+
 
 def validate(ds: xr.Dataset) -> None:
     """Check a probe dataset against the schema.
@@ -55,6 +70,10 @@ def validate(ds: xr.Dataset) -> None:
             raise FisherlabError(f"dataset lacks variable {name!r}; is it a fisherlab probe file?")
         if ds[name].dims != dims:
             raise FisherlabError(f"variable {name!r} has dims {ds[name].dims}, expected {dims}")
+    if int(ds.attrs.get("two_level", 0)):
+        for name, (dims, *_rest) in TWO_LEVEL_VARIABLES.items():
+            if name not in ds or ds[name].dims != dims:
+                raise FisherlabError(f"two-level dataset lacks variable {name!r} with dims {dims}")
 
 
 def load(path: str | Path) -> xr.Dataset:
@@ -105,7 +124,7 @@ class ResultsWriter:
         self.snapshots.append(snapshot)
         ds = xr.concat(self.snapshots, dim="iteration") if len(self.snapshots) > 1 else snapshot
         ds.attrs = dict(self.attrs)
-        for name, (_dims, long_name, units, definition) in VARIABLES.items():
+        for name, (_dims, long_name, units, definition) in (VARIABLES | TWO_LEVEL_VARIABLES).items():
             if name in ds:
                 ds[name].attrs.update(long_name=long_name, units=units, definition=definition)
         tmp = self.path.with_name(self.path.name + ".tmp")
@@ -124,8 +143,13 @@ def snapshot_dataset(
     per_method: dict[str, np.ndarray],
     per_layer: dict[str, np.ndarray],
     scalars: dict[str, float],
+    extra: dict[str, tuple[tuple[str, ...], np.ndarray]] | None = None,
+    coords: dict[str, list[str]] | None = None,
 ) -> xr.Dataset:
-    """Build a one-iteration dataset from arrays shaped ``[layer, method]`` / ``[layer]``."""
+    """Build a one-iteration dataset from arrays shaped ``[layer, method]`` / ``[layer]``.
+
+    ``extra`` adds variables with other dims (without ``iteration``), ``coords`` their labels.
+    """
     data_vars: dict[str, tuple[tuple[str, ...], np.ndarray]] = {}
     for name, arr in per_method.items():
         data_vars[name] = (("iteration", "layer", "method"), arr[None])
@@ -133,7 +157,12 @@ def snapshot_dataset(
         data_vars[name] = (("iteration", "layer"), arr[None])
     for name, value in scalars.items():
         data_vars[name] = (("iteration",), np.array([value], dtype=np.float64))
-    return xr.Dataset(
-        data_vars,
-        coords={"iteration": np.array([iteration], dtype=np.int32), "layer": np.array(layers, dtype=object), "method": np.array(methods, dtype=object)},
-    )
+    for name, (dims, arr) in (extra or {}).items():
+        data_vars[name] = (("iteration", *dims), arr[None])
+    all_coords: dict[str, np.ndarray] = {
+        "iteration": np.array([iteration], dtype=np.int32),
+        "layer": np.array(layers, dtype=object),
+        "method": np.array(methods, dtype=object),
+    }
+    all_coords |= {k: np.array(v, dtype=object) for k, v in (coords or {}).items()}
+    return xr.Dataset(data_vars, coords=all_coords)

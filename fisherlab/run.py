@@ -25,9 +25,10 @@ from fisherlab._errors import FisherlabError
 from fisherlab.approximations import Approximation, Method, approximate_all
 from fisherlab.fisher import ExactBlock
 from fisherlab.metrics import BlockReference, Spectrum, frobenius_error, spectral_error
-from fisherlab.probe import FisherKind, LossKind, Probe, per_sample_loss
+from fisherlab.probe import FisherKind, LossKind, Probe, ProbeSnapshot, per_sample_loss
 from fisherlab.problems import get_problem, training_batches
 from fisherlab.results import ResultsWriter, snapshot_dataset
+from fisherlab.twolevel import CoarseSpace, WholeFisher, cosine, energy_error, two_level
 
 __all__ = ["BlockEvaluation", "ProbeConfig", "evaluate_block", "probe_training", "run_probe", "select_device"]
 
@@ -62,6 +63,10 @@ class ProbeConfig:
     dtype: str = "float32"
     seed: int = 0
     store_factors: tuple[str, ...] = field(default=())
+    two_level: bool = False
+    damping: float = 1e-3
+    coarse_spaces: tuple[str, ...] = tuple(c.value for c in CoarseSpace)
+    taylor_order: int = 2
 
     def check(self) -> None:
         """Validate values that do not depend on the model.
@@ -98,6 +103,13 @@ class ProbeConfig:
         bad_metrics = [m for m in self.metrics if m not in ("frobenius_error", "spectral_error")]
         if bad_metrics or "frobenius_error" not in self.metrics:
             raise FisherlabError(f"--metrics must include frobenius_error and may add spectral_error; got {list(self.metrics)}")
+        if not self.damping > 0:
+            raise FisherlabError(f"--damping must be positive, got {self.damping}")
+        if self.taylor_order < 1:
+            raise FisherlabError(f"--taylor-order must be at least 1, got {self.taylor_order}")
+        bad_spaces = [c for c in self.coarse_spaces if c not in {e.value for e in CoarseSpace}]
+        if bad_spaces:
+            raise FisherlabError(f"unknown coarse spaces {bad_spaces}; choose from: {', '.join(e.value for e in CoarseSpace)}")
         missing = [name for name in self.store_factors if name not in self.layers]
         if missing:
             raise FisherlabError(f"--store-factors names layers {missing} that are not probed ({', '.join(self.layers)})")
@@ -202,8 +214,14 @@ def probe_training(
     """
     config.check()
     loss = LossKind(loss)
-    probe = Probe(model, loss, layers=layers, fisher=config.fisher, mc_samples=config.mc_samples, seed=config.seed + 1)
-    names = list(probe.layers)
+    kwargs = {"fisher": config.fisher, "mc_samples": config.mc_samples, "seed": config.seed + 1}
+    names = list(Probe(model, loss, layers=layers, **kwargs).layers)  # type: ignore[arg-type]
+    probe = Probe(model, loss, layers=None if config.two_level else layers, **kwargs)  # type: ignore[arg-type]
+    if writer is not None:
+        probed = {f"{n}.{p}" if n else p for n, m in probe.layers.items() for p, _ in m.named_parameters(recurse=False)}
+        skipped = [n for n, _ in model.named_parameters() if n not in probed]
+        writer.attrs["probed_layers"] = ",".join(probe.layers)
+        writer.attrs["skipped_parameters"] = ",".join(skipped) or "none"
     methods = [Method(m) for m in config.methods]
     previous: dict[str, dict[Method, Approximation]] = {}
     snapshots: list[xr.Dataset] = []  # without a writer; with one, the writer keeps them
@@ -251,6 +269,12 @@ def _snapshot(
     iters = np.zeros(shape, dtype=np.int32)
     conv = np.zeros(shape, dtype=np.int8)
     norms = np.zeros(len(names))
+    for name in snap.factors:
+        if name not in names and config.two_level:  # block-diagonal increments need every layer
+            previous[name] = approximate_all(
+                ExactBlock(snap.factors[name]), methods, tol=config.tol, max_iter=config.max_iter,
+                lanczos_rank=config.lanczos_rank, krylov_dim=config.krylov_dim, previous=previous.get(name), layer=name,
+            )
     for li, name in enumerate(names):
         block = ExactBlock(snap.factors[name])
         ev = evaluate_block(
@@ -277,15 +301,50 @@ def _snapshot(
             conv[li, mi] = int(a.converged)
         if writer is not None and name in config.store_factors:
             _store_factors(writer.path, it, name, snap.factors[name].a, snap.factors[name].g)
+    extra, coords, scalars = _two_level_variables(snap, methods, previous, config) if config.two_level else ({}, {}, {})
     ds = snapshot_dataset(
         it,
         names,
         [m.value for m in methods],
         {**arrays, "solver_iterations": iters, "converged": conv},
         {"fisher_frobenius_norm": norms},
-        {"train_loss": snap.loss, "wall_time": time.perf_counter() - t0, "probe_time": probe_time},
+        {"train_loss": snap.loss, "wall_time": time.perf_counter() - t0, "probe_time": probe_time, **scalars},
+        extra,
+        coords,
     )
     return writer.append(ds) if writer is not None else ds
+
+
+def _two_level_variables(
+    snap: ProbeSnapshot, methods: list[Method], approximations: dict[str, dict[Method, Approximation]], config: ProbeConfig
+) -> tuple[dict[str, tuple[tuple[str, ...], np.ndarray]], dict[str, list[str]], dict[str, float]]:
+    """T §4.4 quantities of one snapshot over all probed layers (see ``TWO_LEVEL_VARIABLES``)."""
+    order = list(snap.factors)
+    fisher = WholeFisher(tuple(ExactBlock(snap.factors[n]) for n in order))
+    grads = [snap.gradients[n] for n in order]
+    res = two_level(fisher, grads, damping=config.damping, spaces=config.coarse_spaces, taylor_order=config.taylor_order)
+    spaces = [*config.coarse_spaces, "tko"]
+    gap = np.array([res.gaps[c] for c in spaces])
+    e2l = np.array([energy_error(fisher, res.increments[c], res.zeta, damping=config.damping) for c in spaces])
+    cos2l = np.array([cosine(res.increments[c], res.zeta) for c in spaces])
+    block_e = np.full(len(methods), np.nan)
+    block_c = np.full(len(methods), np.nan)
+    for mi, m in enumerate(methods):
+        krons = [approximations[n][m].kron for n in order]
+        if max(k.rank for k in krons) > 2:
+            continue  # K §3.4 solves Kronecker rank <= 2 only (e.g. --lanczos-rank 3): left NaN
+        zeta_m = [k.solve(g, damping=config.damping) for k, g in zip(krons, grads, strict=True)]
+        block_e[mi] = energy_error(fisher, zeta_m, res.zeta, damping=config.damping)
+        block_c[mi] = cosine(zeta_m, res.zeta)
+    extra = {
+        "gap": (("coarse_space",), gap),
+        "energy_error": (("coarse_space",), e2l),
+        "cosine": (("coarse_space",), cos2l),
+        "energy_two_level": (("coarse_space",), np.array([res.energies[c] for c in spaces])),
+        "block_energy_error": (("method",), block_e),
+        "block_cosine": (("method",), block_c),
+    }
+    return extra, {"coarse_space": spaces}, {"energy_kfac": res.energy_kfac, "energy_natural_gradient": res.energy_zeta}
 
 
 def factors_dir(out: Path) -> Path:
@@ -313,6 +372,10 @@ def run_attrs(config: ProbeConfig, device: torch.device, data_source: str, loss:
         "mc_samples": config.mc_samples,
         "spectrum": config.spectrum,
         "metrics": ",".join(config.metrics),
+        "two_level": int(config.two_level),
+        "damping": config.damping,
+        "coarse_spaces": ",".join([*config.coarse_spaces, "tko"]) if config.two_level else "",
+        "taylor_order": config.taylor_order,
         "tol": config.tol,
         "optimizer": config.optimizer,
         "config_json": json.dumps(asdict(config)),

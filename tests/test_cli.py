@@ -60,6 +60,8 @@ BAD_INPUTS = [
     (["--fisher", "true"], "unknown FisherKind"),
     (["--spectrum", "both"], "unknown Spectrum"),
     (["--metrics", "spectral_error"], "--metrics must include frobenius_error"),
+    (["--two-level", "--damping", "0"], "--damping must be positive"),
+    (["--two-level", "--coarse-spaces", "coarsest"], "unknown coarse spaces"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
     (["--data-dir", "/nonexistent/mnist", "--problem", "mnist"], "does not exist"),
     (["--figure", "fig.svg"], "must end in .png or .pdf"),
@@ -149,3 +151,26 @@ def test_frobenius_only_run(tmp_path) -> None:
     assert ds.attrs["metrics"] == "frobenius_error"
     assert bool(ds["spectral_error"].isnull().all()) and bool(ds["frobenius_error"].notnull().all())
     assert (tmp_path / "r.png").exists()
+
+
+def test_two_level_end_to_end(tmp_path) -> None:
+    """--two-level probes every layer, stores gaps / energy errors per coarse space and draws T Fig. 5."""
+    out = tmp_path / "gap.nc"
+    status = cli.main(["probe", "--two-level", "--damping", "1e-2", "--iterations", "2", "--every", "1",
+                       "--coarse-spaces", "nicolaides,residuals,taylor", "--out", str(out), "--no-progress"])
+    assert status == 0
+    ds = load(out)
+    validate(ds)
+    assert list(ds["coarse_space"].values) == ["nicolaides", "residuals", "taylor", "tko"]
+    assert ds.attrs["two_level"] == 1 and ds.attrs["damping"] == 1e-2
+    assert ds.attrs["probed_layers"] == ",".join(str(i) for i in range(1, 13))
+    gaps = ds["gap"].sel({"coarse_space": ["nicolaides", "residuals", "taylor"]})
+    assert bool((gaps <= 1e-9 * ds["energy_kfac"]).all())  # β* never increases the F•-error (T eq. 3.19)
+    torch.testing.assert_close(
+        torch.as_tensor(ds["energy_two_level"].values - ds["energy_kfac"].values[:, None]),
+        torch.as_tensor(ds["gap"].values), rtol=1e-6, atol=1e-9 * float(ds["energy_kfac"].max()),
+    )
+    assert bool(ds["block_energy_error"].notnull().all())
+    assert (tmp_path / "gap-twolevel.png").exists()
+    assert cli.main(["plot", str(out), "--out", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again-twolevel.png").exists()
