@@ -38,9 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     d = ProbeConfig()
     p = sub.add_parser("probe", help="train a problem and probe the exact Fisher every k iterations",
                        epilog=PROBE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--problem", default=d.problem, help="curves | mnist | faces (default: %(default)s; embedded data, no download)")
+    p.add_argument("--problem", default=d.problem,
+                   help="curves | mnist | faces | cnn | deeplinear64 | deeplinear14 (default: %(default)s; embedded data, no download)")
     p.add_argument("--data-dir", default=None, help="directory with the real data files (MNIST IDX, FACES/CURVES .mat); default: embedded data")
-    p.add_argument("--layers", type=_csv, default=d.layers, help="comma-separated layer numbers, 1 = first layer (default: 5)")
+    p.add_argument("--layers", type=_csv, default=None, help="comma-separated layer numbers, 1 = first layer (default: 5 for the auto-encoders)")
     p.add_argument("--iterations", type=int, default=d.iterations, help="training iterations (default: %(default)s)")
     p.add_argument("--every", type=int, default=d.every, help="probe every k iterations (default: %(default)s)")
     p.add_argument("--optimizer", default=d.optimizer, help="sgd | adam, the independent optimizer that trains the network (default: %(default)s)")
@@ -94,6 +95,10 @@ def _config(args: argparse.Namespace, argv: list[str]) -> ProbeConfig:
         for key, value in loaded.items():
             if key not in given:
                 values[key] = tuple(value) if isinstance(value, list) else value
+    if values["layers"] is None:
+        from fisherlab.problems import get_problem
+
+        values["layers"] = get_problem(values["problem"]).default_layers
     return ProbeConfig(**values)
 
 

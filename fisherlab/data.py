@@ -11,7 +11,10 @@ installed package or is generated:
 * ``faces`` — **stand-in**: the 100 real 25×25 face crops of LFW carried by scikit-image
   (``skimage.data.lfw_subset``), mirrored and shifted by at most one pixel (1 800 images).
 
-With ``data_dir`` the real files are read: MNIST IDX (``train-images-idx3-ubyte[.gz]``),
+* ``cifar10`` — **stand-in** for the CNN problem: the same digits as 3×32×32 images, 10 classes.
+
+With ``data_dir`` the real files are read: MNIST IDX (``train-images-idx3-ubyte[.gz]``, and
+``train-labels-idx1-ubyte[.gz]`` for the classifier), CIFAR-10 python batches,
 FACES ``newfaces_rot_single.mat`` and CURVES ``digs3pts_1.mat`` as distributed with
 Hinton & Salakhutdinov (2006).
 """
@@ -41,11 +44,15 @@ class ImageData:
         train: ``[n_train, pixels]`` float32.
         valid: ``[n_valid, pixels]`` float32.
         source: Where the images come from (stored in the dataset attributes).
+        train_labels: Class labels ``[n_train]`` when the data have them.
+        valid_labels: Class labels ``[n_valid]`` when the data have them.
     """
 
     train: Tensor
     valid: Tensor
     source: str
+    train_labels: Tensor | None = None
+    valid_labels: Tensor | None = None
 
 
 def curves_images(n: int, *, seed: int = 0, size: int = 28, width: float = 0.8) -> Tensor:
@@ -77,12 +84,23 @@ def _embedded(problem: str, seed: int) -> ImageData:
     if problem == "mnist":
         from sklearn.datasets import load_digits
 
-        digits = torch.as_tensor(load_digits().images, dtype=torch.float32)[:, None] / 16.0
+        raw = load_digits()
+        digits = torch.as_tensor(raw.images, dtype=torch.float32)[:, None] / 16.0
         big = nnf.interpolate(digits, size=(20, 20), mode="bilinear", align_corners=False).clamp(0, 1)
         imgs = nnf.pad(big, (4, 4, 4, 4)).flatten(1)
         perm = torch.randperm(imgs.shape[0], generator=torch.Generator().manual_seed(seed))
-        imgs = imgs[perm]
-        return ImageData(imgs[:1_500], imgs[1_500:], "STAND-IN for MNIST: scikit-learn UCI digits resized to 28x28")
+        imgs, labels = imgs[perm], torch.as_tensor(raw.target)[perm]
+        return ImageData(imgs[:1_500], imgs[1_500:], "STAND-IN for MNIST: scikit-learn UCI digits resized to 28x28", labels[:1_500], labels[1_500:])
+    if problem == "cifar10":
+        from sklearn.datasets import load_digits
+
+        raw = load_digits()
+        digits = torch.as_tensor(raw.images, dtype=torch.float32)[:, None] / 16.0
+        rgb = nnf.interpolate(digits, size=(32, 32), mode="bilinear", align_corners=False).clamp(0, 1).expand(-1, 3, -1, -1)
+        perm = torch.randperm(rgb.shape[0], generator=torch.Generator().manual_seed(seed))
+        imgs, labels = rgb[perm].reshape(rgb.shape[0], -1), torch.as_tensor(raw.target)[perm]
+        return ImageData(imgs[:1_500], imgs[1_500:], "STAND-IN for CIFAR-10: scikit-learn UCI digits as 3x32x32 images, 10 classes",
+                         labels[:1_500], labels[1_500:])
     if problem == "faces":
         import skimage.data
 
@@ -105,6 +123,17 @@ def _read_idx(path: Path) -> np.ndarray:
         raise FisherlabError(f"{path} is not an MNIST IDX image file (magic number 2051 expected)")
     n, rows, cols = (int.from_bytes(raw[4 * i : 4 * i + 4], "big") for i in (1, 2, 3))
     return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, rows * cols).copy()
+
+
+def _mnist_labels(data_dir: Path) -> Tensor | None:
+    for name in ("train-labels-idx1-ubyte", "train-labels-idx1-ubyte.gz"):
+        path = data_dir / name
+        if path.is_file():
+            opener = gzip.open if path.suffix == ".gz" else open
+            with opener(path, "rb") as fh:  # type: ignore[operator]
+                raw = fh.read()
+            return torch.as_tensor(np.frombuffer(raw, dtype=np.uint8, offset=8).astype(np.int64))
+    return None
 
 
 def _find(data_dir: Path, names: list[str], problem: str) -> Path:
@@ -134,7 +163,23 @@ def _real(problem: str, data_dir: Path) -> ImageData:
     if problem == "mnist":
         path = _find(data_dir, ["train-images-idx3-ubyte", "train-images-idx3-ubyte.gz", "train-images.idx3-ubyte"], problem)
         imgs = torch.as_tensor(_read_idx(path), dtype=torch.float32) / 255.0
-        return ImageData(imgs[:50_000], imgs[50_000:60_000], f"MNIST from {path}")
+        labels = _mnist_labels(data_dir)
+        return ImageData(imgs[:50_000], imgs[50_000:60_000], f"MNIST from {path}",
+                         None if labels is None else labels[:50_000], None if labels is None else labels[50_000:60_000])
+    if problem == "cifar10":
+        import pickle
+
+        batches = [data_dir / f"data_batch_{i}" for i in range(1, 6)]
+        if not all(b.is_file() for b in batches):
+            raise FisherlabError(f"no cifar10 data in {data_dir}: expected data_batch_1 … data_batch_5 (CIFAR-10 python version)")
+        xs, ys = [], []
+        for b in batches:
+            with open(b, "rb") as fh:
+                d = pickle.load(fh, encoding="bytes")
+            xs.append(torch.as_tensor(np.asarray(d[b"data"]), dtype=torch.float32) / 255.0)
+            ys.append(torch.as_tensor(np.asarray(d[b"labels"])))
+        imgs, labels = torch.cat(xs), torch.cat(ys)
+        return ImageData(imgs[:45_000], imgs[45_000:], f"CIFAR-10 from {data_dir}", labels[:45_000], labels[45_000:])
     if problem == "faces":
         path = _find(data_dir, ["newfaces_rot_single.mat"], problem)
         imgs = torch.as_tensor(_mat_array(path, ["newfaces_single", "newfaces"], 625))

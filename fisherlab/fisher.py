@@ -16,6 +16,7 @@ contraction of ``(a, g)``:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -26,6 +27,10 @@ from fisherlab.layers import LayerFactors
 __all__ = ["ExactBlock", "cross_block_dense", "full_fisher_dense"]
 
 _GRAM_CHUNK_ELEMENTS = 2**25
+#: Conv layers keep their per-sample gradients when ``N V d_out d_in`` is at most this
+#: (float64: 256 MiB); products then cost ``O(N V d_out d_in (d_out + d_in))`` instead of
+#: ``O(N V T² (d_out + d_in))`` for the position-pair formulas.
+PER_SAMPLE_GRADIENT_LIMIT = 2**25
 
 
 @dataclass(frozen=True)
@@ -52,13 +57,24 @@ class ExactBlock:
         f = self.factors
         return min(f.n_samples * f.n_directions, f.dim)
 
+    @cached_property
+    def _dw(self) -> Tensor | None:
+        """Per-sample gradients ``[N V, d_out, d_in]`` of a conv layer when small enough, else None."""
+        f = self.factors
+        if f.n_positions == 1 or f.n_samples * f.n_directions * f.dim > PER_SAMPLE_GRADIENT_LIMIT:
+            return None
+        return f.per_sample_gradients().reshape(-1, f.d_out, f.d_in)
+
     def rearranged_matvec(self, y: Tensor) -> Tensor:
         """``R(F) vec(Y) = (1/N) sum_{n,v} DW_nv Y DW_nv^T``, a ``[d_out, d_out]`` matrix.
 
-        For ``T = 1`` this is ``(1/N) sum (a^T Y a) g g^T`` (K Prop. 3.1).
+        For ``T = 1`` this is ``(1/N) sum (a^T Y a) g g^T`` (K Prop. 3.1); for conv layers it
+        sums over all position pairs, through the per-sample gradients when they are small.
         """
         a, g = self.factors.a, self.factors.g
         n = a.shape[0]
+        if self._dw is not None:
+            return torch.einsum("moi,ij,mpj->op", self._dw, y, self._dw) / n
         if a.shape[1] == 1:
             c = torch.einsum("ni,ij,nj->n", a[:, 0], y, a[:, 0])
             return torch.einsum("nvo,n,nvp->op", g[:, :, 0], c, g[:, :, 0]) / n
@@ -69,6 +85,8 @@ class ExactBlock:
         """``R(F)^T vec(X) = (1/N) sum_{n,v} DW_nv^T X DW_nv``, a ``[d_in, d_in]`` matrix."""
         a, g = self.factors.a, self.factors.g
         n = a.shape[0]
+        if self._dw is not None:
+            return torch.einsum("moi,op,mpj->ij", self._dw, x, self._dw) / n
         if a.shape[1] == 1:
             c = torch.einsum("nvo,op,nvp->n", g[:, :, 0], x, g[:, :, 0])
             return torch.einsum("ni,n,nj->ij", a[:, 0], c, a[:, 0]) / n
@@ -89,6 +107,9 @@ class ExactBlock:
         """
         a, g = self.factors.a, self.factors.g
         n, v, t, _ = g.shape
+        if self._dw is not None:
+            flat = self._dw.flatten(1)
+            return flat @ flat.T
         if t == 1:
             aa = a[:, 0] @ a[:, 0].T
             gf = g[:, :, 0].reshape(n * v, -1)

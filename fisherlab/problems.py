@@ -5,6 +5,12 @@
 | ``mnist``  | 784-1000-500-250-30-250-500-1000-784 | ReLU …, sigmoid out | BCE | 512 |
 | ``faces``  | 625-2000-1000-500-30-500-1000-2000-625 | ReLU …, linear out | MSE | 1024 |
 | ``curves`` | 784-400-200-100-50-25-6-25-50-100-200-400-784 | ReLU …, sigmoid out | BCE | 256 |
+| ``cnn`` | cuda-convnet: 3 conv (5×5; 32, 32, 64) + 1 linear | ReLU, pooling | CE | 256 |
+| ``deeplinear64`` | 64 × Linear(10, 10), batch norm between | none | MSE (teacher) | 512 |
+| ``deeplinear14`` | 784-1000-900-…-50-20-10, batch norm between | none | CE | 512 |
+
+The first three are K App. D; the last three are T §4.2-4.3. Batch-norm parameters are not
+probed (the dataset attribute ``skipped_parameters`` lists them).
 
 The sigmoid of the output layer is part of the loss (:class:`~fisherlab.probe.LossKind`
 ``bce`` on logits), so every model returns the last pre-activation. Layers are named
@@ -23,7 +29,7 @@ from fisherlab._errors import FisherlabError
 from fisherlab.data import ImageData, load_images
 from fisherlab.probe import LossKind
 
-__all__ = ["PROBLEMS", "AutoEncoder", "Problem", "get_problem", "training_batches"]
+__all__ = ["PROBLEMS", "AutoEncoder", "ConvNet", "DeepLinear", "Problem", "batch_indices", "get_problem", "training_batches"]
 
 
 class AutoEncoder(nn.Module):
@@ -49,31 +55,128 @@ class AutoEncoder(nn.Module):
         return x
 
 
+class ConvNet(nn.Module):
+    """cuda-convnet as used by Grosse & Martens (2016) and T §4.2: three 5×5 conv layers
+    (32, 32, 64 channels, padding 2) with ReLU and 3×3 stride-2 pooling (max, avg, avg), then one
+    linear layer; Conv2d/Linear layers are named ``"1"`` to ``"4"``."""
+
+    def __init__(self, in_channels: int = 3, size: int = 32, n_classes: int = 10) -> None:
+        super().__init__()
+        self.add_module("1", nn.Conv2d(in_channels, 32, 5, padding=2))
+        self.add_module("2", nn.Conv2d(32, 32, 5, padding=2))
+        self.add_module("3", nn.Conv2d(32, 64, 5, padding=2))
+        side = size
+        for _ in range(3):
+            side = (side + 2 - 3) // 2 + 1
+        self.add_module("4", nn.Linear(64 * side * side, n_classes))
+        self.max_pool = nn.MaxPool2d(3, 2, padding=1)
+        self.avg_pool = nn.AvgPool2d(3, 2, padding=1)
+        self.act = nn.ReLU()
+        self.size, self.in_channels = size, in_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits for flattened or image-shaped input."""
+        x = x.reshape(x.shape[0], self.in_channels, self.size, self.size)
+        x = self.max_pool(self.act(getattr(self, "1")(x)))
+        x = self.avg_pool(self.act(getattr(self, "2")(x)))
+        x = self.avg_pool(self.act(getattr(self, "3")(x)))
+        return getattr(self, "4")(x.flatten(1))
+
+
+class DeepLinear(nn.Module):
+    """Deep linear network with batch norm after every hidden Linear layer (T §4.3).
+
+    Linear layers are ``"1"``, ``"2"``, …; batch-norm layers ``"bn1"``, … (not probed).
+    """
+
+    def __init__(self, sizes: list[int]) -> None:
+        super().__init__()
+        self.n_layers = len(sizes) - 1
+        for i in range(self.n_layers):
+            self.add_module(str(i + 1), nn.Linear(sizes[i], sizes[i + 1]))
+            if i < self.n_layers - 1:
+                self.add_module(f"bn{i + 1}", nn.BatchNorm1d(sizes[i + 1]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Output of the last Linear layer."""
+        for i in range(1, self.n_layers + 1):
+            x = getattr(self, str(i))(x)
+            if i < self.n_layers:
+                x = getattr(self, f"bn{i}")(x)
+        return x
+
+
 @dataclass(frozen=True)
 class Problem:
-    """One of the papers' benchmark problems."""
+    """One of the papers' benchmark problems.
+
+    Args:
+        name: CLI name.
+        sizes: Layer widths of the MLPs (input first); for ``cnn`` the input ``(C, H, W)``.
+        loss: Negative log-likelihood of the output.
+        batch_size: The paper's batch size.
+        description: One line for help texts.
+        kind: ``autoencoder`` (targets are the inputs), ``classifier`` (data labels) or
+            ``teacher`` (targets from a fixed random linear map of Gaussian inputs).
+        default_layers: Layers probed when ``--layers`` is not given.
+    """
 
     name: str
     sizes: tuple[int, ...]
     loss: LossKind
     batch_size: int
     description: str
+    kind: str = "autoencoder"
+    default_layers: tuple[str, ...] = ("5",)
 
     @property
     def n_layers(self) -> int:
-        """Number of Linear layers."""
-        return len(self.sizes) - 1
+        """Number of Linear/Conv2d layers."""
+        return 4 if self.name == "cnn" else len(self.sizes) - 1
 
-    def model(self, *, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> AutoEncoder:
+    def model(self, *, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
         """A freshly initialised network (PyTorch default init, seeded)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            net = AutoEncoder(list(self.sizes))
+            if self.name == "cnn":
+                net: nn.Module = ConvNet(*self.sizes[:2])
+            elif self.name.startswith("deeplinear"):
+                net = DeepLinear(list(self.sizes))
+            else:
+                net = AutoEncoder(list(self.sizes))
         return net.to(dtype=dtype, device=device)
 
     def data(self, data_dir: str | None = None, *, seed: int = 0) -> ImageData:
-        """Embedded images (no download) or the real files from ``data_dir``."""
-        return load_images(self.name, data_dir, seed=seed)
+        """Embedded data (no download) or the real files from ``data_dir``.
+
+        Raises:
+            FisherlabError: Missing files, or real files without the labels a classifier needs.
+        """
+        if self.kind == "teacher":
+            gen = torch.Generator().manual_seed(seed)
+            x = torch.randn(12_000, self.sizes[0], generator=gen)
+            return ImageData(x[:10_000], x[10_000:], "generated: Gaussian inputs, targets from a fixed random linear teacher")
+        source = {"cnn": "cifar10", "deeplinear14": "mnist"}.get(self.name, self.name)
+        data = load_images(source, data_dir, seed=seed)
+        if self.kind == "classifier" and data.train_labels is None:
+            raise FisherlabError(f"{self.name} needs class labels: add train-labels-idx1-ubyte[.gz] to {data_dir}")
+        return data
+
+    def batches(self, data: ImageData, *, batch_size: int | None = None, seed: int = 0,
+                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Iterator[tuple[Tensor, Tensor]]:
+        """Endless training batches ``(x, y)`` for this problem (targets per ``kind``)."""
+        x = data.train.to(device=device, dtype=dtype)
+        size = batch_size or self.batch_size
+        indices = batch_indices(x.shape[0], size, seed=seed)
+        if self.kind == "autoencoder":
+            return ((x[i], x[i]) for i in indices)
+        if self.kind == "classifier":
+            assert data.train_labels is not None
+            labels = data.train_labels.to(device)
+            return ((x[i], labels[i]) for i in indices)
+        gen = torch.Generator().manual_seed(seed + 7)
+        teacher = torch.randn(self.sizes[0], self.sizes[-1], generator=gen).to(device=device, dtype=dtype) / self.sizes[0] ** 0.5
+        return ((x[i], x[i] @ teacher) for i in indices)
 
 
 PROBLEMS: dict[str, Problem] = {
@@ -82,6 +185,10 @@ PROBLEMS: dict[str, Problem] = {
         Problem("curves", (784, 400, 200, 100, 50, 25, 6, 25, 50, 100, 200, 400, 784), LossKind.BCE, 256, "CURVES auto-encoder"),
         Problem("mnist", (784, 1000, 500, 250, 30, 250, 500, 1000, 784), LossKind.BCE, 512, "MNIST auto-encoder"),
         Problem("faces", (625, 2000, 1000, 500, 30, 500, 1000, 2000, 625), LossKind.MSE, 1024, "FACES auto-encoder"),
+        Problem("cnn", (3, 32), LossKind.CE, 256, "cuda-convnet on CIFAR-10 (T §4.2)", "classifier", ("2",)),
+        Problem("deeplinear64", (10,) * 65, LossKind.MSE, 512, "64 linear layers of 10 units with batch norm (T §4.3)", "teacher", ("32",)),
+        Problem("deeplinear14", (784, 1000, 900, 800, 700, 600, 500, 400, 300, 200, 100, 50, 20, 10), LossKind.CE, 512,
+                "784-1000-…-20-10 linear network with batch norm on MNIST (T §4.3)", "classifier", ("10",)),
     )
 }
 
@@ -97,16 +204,20 @@ def get_problem(name: str) -> Problem:
     return PROBLEMS[name]
 
 
-def training_batches(images: Tensor, batch_size: int, *, seed: int = 0) -> Iterator[Tensor]:
-    """Endless shuffled mini-batches (epoch after epoch, last partial batch dropped).
+def batch_indices(n: int, batch_size: int, *, seed: int = 0) -> Iterator[Tensor]:
+    """Endless shuffled index batches (epoch after epoch, last partial batch dropped).
 
     Uses its own generator, so nothing else (the probe's sampling included) changes the order.
-    When ``batch_size`` exceeds the data set, whole reshuffled data sets are yielded.
+    When ``batch_size`` exceeds ``n``, whole reshuffled data sets are yielded.
     """
     gen = torch.Generator().manual_seed(seed)
-    n = images.shape[0]
     size = min(batch_size, n)
     while True:
         perm = torch.randperm(n, generator=gen)
         for start in range(0, n - size + 1, size):
-            yield images[perm[start : start + size]]
+            yield perm[start : start + size]
+
+
+def training_batches(images: Tensor, batch_size: int, *, seed: int = 0) -> Iterator[Tensor]:
+    """Endless shuffled mini-batches of ``images`` (see :func:`batch_indices`)."""
+    return (images[i] for i in batch_indices(images.shape[0], batch_size, seed=seed))

@@ -26,7 +26,7 @@ from fisherlab.approximations import Approximation, Method, approximate_all
 from fisherlab.fisher import ExactBlock
 from fisherlab.metrics import BlockReference, Spectrum, frobenius_error, spectral_error
 from fisherlab.probe import FisherKind, LossKind, Probe, ProbeSnapshot, per_sample_loss
-from fisherlab.problems import get_problem, training_batches
+from fisherlab.problems import get_problem
 from fisherlab.results import ResultsWriter, snapshot_dataset
 from fisherlab.twolevel import CoarseSpace, WholeFisher, cosine, energy_error, two_level
 
@@ -409,6 +409,5 @@ def run_probe(config: ProbeConfig, out: str | Path, *, overwrite: bool = False, 
         optimizer: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=config.lr or 1e-3)
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr or 1e-2, momentum=0.9)
-    images = data.train.to(device=device, dtype=dtype)
-    batches = ((b, b) for b in training_batches(images, config.batch_size or problem.batch_size, seed=config.seed))
+    batches = problem.batches(data, batch_size=config.batch_size, seed=config.seed, device=device, dtype=dtype)
     return probe_training(model, problem.loss, batches, optimizer, config, layers=list(config.layers), writer=writer, progress=progress)

@@ -132,3 +132,22 @@ def test_kfac_factors_follow_t_eq_2_27(case: dict) -> None:
     kfac = ExactBlock(f).kfac()
     torch.testing.assert_close(kfac.ins[0], a_loop, **EXACT64)
     torch.testing.assert_close(kfac.outs[0], g_loop, **EXACT64)
+
+
+@pytest.mark.parametrize("case", [c for c in FACTOR_CASES if c["t"] > 1], ids=ids([c for c in FACTOR_CASES if c["t"] > 1]))
+def test_conv_position_pair_route_matches_dense(case: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With per-sample gradients disabled, the all-position-pairs formulas still equal the dense twin."""
+    from fisherlab import fisher as fisher_module
+
+    monkeypatch.setattr(fisher_module, "PER_SAMPLE_GRADIENT_LIMIT", 0)
+    block = ExactBlock(make_factors(case))
+    assert block._dw is None
+    f = block.factors
+    r = rearrange(_dense_from_definition(f), f.d_out, f.d_in)
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(f.d_in, f.d_in, generator=gen, dtype=torch.float64)
+    x = torch.randn(f.d_out, f.d_out, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(block.rearranged_matvec(y).flatten(), r @ y.flatten(), **EXACT64)
+    torch.testing.assert_close(block.rearranged_rmatvec(x).flatten(), r.T @ x.flatten(), **EXACT64)
+    jac = block.jacobian()
+    torch.testing.assert_close(block.gram(), jac @ jac.T, **EXACT64)
