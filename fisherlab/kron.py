@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fisherlab._errors import FisherlabError
 
-__all__ = ["KronSum", "pi_damping", "symmetric_eig_dense_limit"]
+__all__ = ["KronSolver", "KronSum", "pi_damping", "symmetric_eig_dense_limit"]
 
 #: Above this side length, eigenvalues of a multi-term ``KronSum`` use ARPACK when few are asked.
 symmetric_eig_dense_limit = 12_000
@@ -157,8 +157,15 @@ class KronSum:
         """Solve ``(K + damping) vec(U) = vec(V)`` for ``U`` of shape ``[d_out, d_in]``.
 
         The damping is the factored π-damping of the first term (:func:`pi_damping`), not
-        ``+λI``. One term: ``U = out^{-1} V in_^{-1}``. Two terms ``A ⊗ B + C ⊗ D``: the
-        simultaneous diagonalisation of K §3.4 (Martens & Grosse 2015, App. B):
+        ``+λI``. See :meth:`solver` for the method; this is ``self.solver(damping)(v)``.
+        """
+        return self.solver(damping=damping)(v)
+
+    def solver(self, *, damping: float = 0.0) -> KronSolver:
+        """Factorise ``K + damping`` once for repeated solves (K §3.4).
+
+        One term: ``U = out^{-1} V in_^{-1}``. Two terms ``A ⊗ B + C ⊗ D``: the simultaneous
+        diagonalisation of K §3.4 (Martens & Grosse 2015, App. B):
         ``K1 = A^{-1/2} E1``, ``K2 = B^{-1/2} E2`` with ``A^{-1/2} C A^{-1/2} = E1 S1 E1^T``,
         ``B^{-1/2} D B^{-1/2} = E2 S2 E2^T``, then ``U = K1 [(K1^T V K2) ⊘ (1 + s1 s2^T)] K2^T``.
         The second term may be indefinite; the first, damped, must be positive definite.
@@ -173,12 +180,26 @@ class KronSum:
             raise FisherlabError("solve supports Kronecker rank 1 and 2 only")
         out, in_ = pi_damping(self.outs[0], self.ins[0], damping) if damping > 0 else (self.outs[0], self.ins[0])
         if self.rank == 1:
-            return torch.linalg.solve(out, torch.linalg.solve(in_, v.T).T)
+            return KronSolver(torch.linalg.inv(out), torch.linalg.inv(in_).T, None)
         a_is, b_is = _sym_inv_sqrt(out), _sym_inv_sqrt(in_)
         s1, e1 = torch.linalg.eigh(a_is @ self.outs[1] @ a_is)
         s2, e2 = torch.linalg.eigh(b_is @ self.ins[1] @ b_is)
-        k1, k2 = a_is @ e1, b_is @ e2
         denom = 1.0 + torch.outer(s1, s2)
         if bool((denom.abs() < 1e-12).any()):
             raise FisherlabError("Kronecker sum is singular; increase damping")
-        return k1 @ ((k1.T @ v @ k2) / denom) @ k2.T
+        return KronSolver(a_is @ e1, b_is @ e2, denom)
+
+
+@dataclass(frozen=True)
+class KronSolver:
+    """A factorised damped Kronecker sum: ``U = L [(Lᵀ V R) ⊘ D] Rᵀ`` (rank 2) or ``L V R`` (rank 1)."""
+
+    left: Tensor
+    right: Tensor
+    denom: Tensor | None
+
+    def __call__(self, v: Tensor) -> Tensor:
+        """Apply the inverse to ``V`` of shape ``[d_out, d_in]``."""
+        if self.denom is None:
+            return self.left @ v @ self.right
+        return self.left @ ((self.left.T @ v @ self.right) / self.denom) @ self.right.T

@@ -174,12 +174,18 @@ class Probe:
             self._generator = torch.Generator(device=device).manual_seed(self.seed)
         return self._generator
 
-    def __call__(self, x: Tensor, y: Tensor) -> ProbeSnapshot:
+    def __call__(self, x: Tensor, y: Tensor | None) -> ProbeSnapshot:
         """Run one probe pass on the batch ``(x, y)``.
 
+        ``y`` (true targets) gives the batch loss and gradient ``∇h``; it may be ``None`` for
+        ``mc`` and ``exact`` Fisher kinds (then ``loss`` is NaN and ``gradients`` empty).
+
         Raises:
-            FisherlabError: NaN/inf in the output, loss or captured factors.
+            FisherlabError: NaN/inf in the output, loss or captured factors; ``y`` missing
+                for the empirical Fisher.
         """
+        if y is None and self.fisher == FisherKind.EMPIRICAL:
+            raise FisherlabError("the empirical Fisher needs the true targets y")
         inputs: dict[str, Tensor] = {}
         outputs: dict[str, Tensor] = {}
 
@@ -201,9 +207,10 @@ class Probe:
                     raise FisherlabError(f"layers {missing} were not called in the forward pass")
                 names = list(self.layers)
                 outs = [outputs[n] for n in names]
-                losses = per_sample_loss(self.loss, z, y)
-                check_finite("loss", losses)
-                true_g = torch.autograd.grad(losses.sum(), outs, retain_graph=True)
+                if y is not None:
+                    losses = per_sample_loss(self.loss, z, y)
+                    check_finite("loss", losses)
+                    true_g = torch.autograd.grad(losses.sum(), outs, retain_graph=True)
                 directions = self._directions(z, y)
                 gs: list[list[Tensor]] = [[] for _ in names]
                 for k, d in enumerate(directions):
@@ -227,14 +234,17 @@ class Probe:
             check_finite(f"pre-activation derivatives of layer {name!r}", g)
             check_finite(f"activations of layer {name!r}", a)
             factors[name] = LayerFactors(a, g)
-            g_true = layer_output_factors(module, true_g[i].detach()).to(dt)
-            gradients[name] = torch.einsum("nto,nti->oi", g_true, a) / n
-        return ProbeSnapshot(factors, float(losses.detach().mean()), gradients, self.fisher)
+            if y is not None:
+                g_true = layer_output_factors(module, true_g[i].detach()).to(dt)
+                gradients[name] = torch.einsum("nto,nti->oi", g_true, a) / n
+        loss = float(losses.detach().mean()) if y is not None else float("nan")
+        return ProbeSnapshot(factors, loss, gradients, self.fisher)
 
-    def _directions(self, z: Tensor, y: Tensor) -> list[Tensor]:
+    def _directions(self, z: Tensor, y: Tensor | None) -> list[Tensor]:
         """Output-space vectors to backpropagate, ``[N, *out]`` each (see ``FisherKind``)."""
         zd = z.detach()
         if self.fisher == FisherKind.EMPIRICAL:
+            assert y is not None
             return [_output_gradient(self.loss, zd, y)]
         if self.fisher == FisherKind.MC:
             gen = self._gen(zd.device)
