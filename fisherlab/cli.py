@@ -28,6 +28,19 @@ PLOT_EXAMPLES = """examples:
 """
 
 
+TRAIN_EXAMPLES = """examples:
+  fisherlab train --problem curves --epochs 5
+  fisherlab train --problem mnist --optimizers sgd,adam,kfac,deflation,kfac2l_residuals --lr 0.1,1 --damping 1e-3,1e-2
+"""
+
+
+def _floats(value: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from None
+
+
 def _csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
@@ -75,6 +88,30 @@ def _parser() -> argparse.ArgumentParser:
                        epilog=PLOT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     q.add_argument("path", help="results file written by fisherlab probe")
     q.add_argument("--out", default=None, help="figure path .png or .pdf (default: the results path with .png)")
+    t = sub.add_parser("train", help="compare optimizers on a problem (K Figure 2, T Figures 2-4)",
+                       epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from fisherlab.train import TrainConfig
+
+    td = TrainConfig()
+    t.add_argument("--problem", default=td.problem)
+    t.add_argument("--data-dir", default=None)
+    t.add_argument("--optimizers", type=_csv, default=td.optimizers,
+                   help="sgd, adam, kfac, kpsvd, deflation, lanczos, kfac_corrected, kfac2l_<coarse space>, kfac2l_tko")
+    t.add_argument("--epochs", type=int, default=td.epochs)
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--lr", type=_floats, default=(), help="one value, or several for a grid search (default per optimizer)")
+    t.add_argument("--damping", type=_floats, default=td.damping, help="one value or a grid (default: %(default)s)")
+    t.add_argument("--weight-decay", type=float, default=td.weight_decay)
+    t.add_argument("--kl-clip", type=float, default=td.kl_clip, help="KL clipping constant c (K App. E); 0 disables")
+    t.add_argument("--t1", type=int, default=td.t1, help="refresh factors every T1 steps")
+    t.add_argument("--t2", type=int, default=td.t2, help="refactorise the damped approximation every T2 steps")
+    t.add_argument("--patience", type=int, default=td.patience, help="early stopping patience in epochs")
+    t.add_argument("--max-batches", type=int, default=None, help="cap on batches per epoch (quick runs)")
+    t.add_argument("--device", default=td.device)
+    t.add_argument("--seed", type=int, default=td.seed)
+    t.add_argument("--out", default=None, help="results file .nc (default: data/train-<problem>-<time>.nc)")
+    t.add_argument("--overwrite", action="store_true")
+    t.add_argument("--no-progress", action="store_true")
     i = sub.add_parser("info", help="print dims, methods and attributes of a results file")
     i.add_argument("path")
     return parser
@@ -142,10 +179,35 @@ def _plot(args: argparse.Namespace) -> int:
 
     ds = load(args.path)
     out = Path(args.out) if args.out else Path(args.path).with_suffix(".png")
+    if "optimizer" in ds.dims:
+        from fisherlab.plots import training_figure
+
+        print(f"wrote {save_figure(training_figure(ds), out)}")
+        return 0
     written = [save_figure(error_figure(ds), out)]
     if "gap" in ds:
         written.append(save_figure(two_level_figure(ds), _two_level_path(out)))
     print("wrote " + " and ".join(str(w) for w in written))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from fisherlab.plots import save_figure, training_figure
+    from fisherlab.train import TrainConfig, run_training
+
+    config = TrainConfig(problem=args.problem, data_dir=args.data_dir, optimizers=args.optimizers, epochs=args.epochs,
+                         batch_size=args.batch_size, lr=args.lr, damping=args.damping, weight_decay=args.weight_decay,
+                         kl_clip=args.kl_clip or None, t1=args.t1, t2=args.t2, patience=args.patience,
+                         max_batches=args.max_batches, device=args.device, seed=args.seed)
+    out = Path(args.out or f"data/train-{config.problem}-{datetime.now():%Y%m%d-%H%M%S}.nc")
+    if out.suffix != ".nc":
+        raise FisherlabError(f"--out must end in .nc, got {out.name}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("once", ConvergenceWarning)
+        ds = run_training(config, out, overwrite=args.overwrite, progress=not args.no_progress)
+    figure = save_figure(training_figure(ds), out.with_suffix(".png"))
+    final = " ".join(f"{o}={float(ds['train_loss'].sel({'optimizer': o}).dropna('epoch')[-1]):.4g}" for o in ds["optimizer"].values)
+    print(f"wrote {out} and {figure}; final training loss: {final}")
     return 0
 
 
@@ -169,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             return _probe(args, argv)
         if args.command == "plot":
             return _plot(args)
+        if args.command == "train":
+            return _train(args)
         return _info(args)
     except FisherlabError as exc:
         print(f"fisherlab: error: {exc}", file=sys.stderr)

@@ -29,7 +29,7 @@ from fisherlab.kron import KronSolver, KronSum
 from fisherlab.probe import LossKind, Probe, ProbeSnapshot
 from fisherlab.twolevel import CoarseSpace, WholeFisher, coarse_basis, tko_coarse_operator
 
-__all__ = ["KroneckerOptimizer", "OPTIMIZER_NAMES", "layer_gradient", "make_optimizer"]
+__all__ = ["OPTIMIZER_NAMES", "KroneckerOptimizer", "layer_gradient", "make_optimizer"]
 
 
 def layer_gradient(module: nn.Module, attr: str = "grad") -> Tensor:
@@ -242,9 +242,12 @@ class KroneckerOptimizer(torch.optim.Optimizer):
 OPTIMIZER_NAMES = ("sgd", "adam", *(m.value for m in Method), *(f"kfac2l_{c.value}" for c in CoarseSpace), "kfac2l_tko")
 
 
-def make_optimizer(name: str, model: nn.Module, loss: LossKind | str, **kwargs: Any) -> torch.optim.Optimizer:  # noqa: ANN401
+def make_optimizer(name: str, model: nn.Module, loss: LossKind | str, **kwargs: Any) -> torch.optim.Optimizer:
     """Build an optimizer by name: ``sgd`` (momentum 0.9), ``adam``, a method name, or
     ``kfac2l_<coarse space>`` / ``kfac2l_tko`` for two-level KFAC.
+
+    Default learning rates: SGD 1e-2, Adam 1e-3, Kronecker methods 1.0 with KL clipping
+    (which then bounds the step) and 1e-2 without.
 
     Raises:
         FisherlabError: Unknown name.
@@ -255,9 +258,10 @@ def make_optimizer(name: str, model: nn.Module, loss: LossKind | str, **kwargs: 
         return torch.optim.SGD(model.parameters(), lr=lr or 1e-2, momentum=0.9, weight_decay=wd)
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr or 1e-3, weight_decay=wd)
+    lr = lr or (1.0 if kwargs.get("kl_clip") else 1e-2)  # KL clipping bounds the step (K App. E)
     if name.startswith("kfac2l_"):
-        return KroneckerOptimizer(model, loss, method="kfac", lr=lr or 1e-2, two_level=name.removeprefix("kfac2l_"), **kwargs)
+        return KroneckerOptimizer(model, loss, method="kfac", lr=lr, two_level=name.removeprefix("kfac2l_"), **kwargs)
     if name in {m.value for m in Method}:
-        return KroneckerOptimizer(model, loss, method=name, lr=lr or 1e-2, **kwargs)
+        return KroneckerOptimizer(model, loss, method=name, lr=lr, **kwargs)
     raise FisherlabError(f"unknown optimizer {name!r}; choose from: {', '.join(OPTIMIZER_NAMES)}")
 

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from fisherlab._errors import FisherlabError
 
-__all__ = ["METHOD_STYLE", "error_figure", "save_figure", "two_level_figure"]
+__all__ = ["METHOD_STYLE", "error_figure", "save_figure", "training_figure", "two_level_figure"]
 
 #: Fixed order, colour and marker per method, so "kfac" looks the same in every figure.
 METHOD_STYLE: dict[str, tuple[str, str]] = {
@@ -110,6 +110,32 @@ def two_level_figure(ds: xr.Dataset) -> Figure:
     _lines(axes[2], ds["block_energy_error"], "method", log=True)
     axes[2].set_title("block-diagonal increments vs exact ζ")
     fig.suptitle(f"Two-level KFAC ({ds.attrs.get('problem', '')}, damping {ds.attrs.get('damping', '?')}, Fisher: {ds.attrs.get('fisher', '?')})")
+    fig.tight_layout()
+    return fig
+
+
+def training_figure(ds: xr.Dataset) -> Figure:
+    """K Figure 2 / T Figures 2-4: training and validation loss against epoch and wall time.
+
+    Raises:
+        FisherlabError: When the dataset is not a ``fisherlab train`` result.
+    """
+    if "optimizer" not in ds.dims:
+        raise FisherlabError("dataset has no optimizer dim: not a fisherlab train file")
+    df = ds[["train_loss", "valid_loss", "wall_time"]].to_dataframe().reset_index().dropna()
+    order = [str(o) for o in ds["optimizer"].values]
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    panels = [("epoch", "train_loss"), ("wall_time", "train_loss"), ("epoch", "valid_loss"), ("wall_time", "valid_loss")]
+    for ax, (x, y) in zip(axes, panels, strict=True):
+        sns.lineplot(data=df, x=x, y=y, hue="optimizer", style="optimizer", hue_order=order, style_order=order,
+                     markers=True, dashes=False, markersize=4, ax=ax, legend=ax is axes[-1])
+        if _spans_decades(ds[y].values):
+            ax.set_yscale("log")
+        ax.set_xlabel("epoch" if x == "epoch" else "time (s)")
+        ax.set_ylabel(ds[y].attrs.get("long_name", y))
+        ax.grid(True, alpha=0.3)
+    sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(f"Optimizers on {ds.attrs.get('problem', '')} ({ds.attrs.get('data_source', '')[:60]})")
     fig.tight_layout()
     return fig
 

@@ -123,10 +123,14 @@ class ResultsWriter:
         """Add one snapshot (``iteration`` of length 1) and rewrite the file atomically."""
         self.snapshots.append(snapshot)
         ds = xr.concat(self.snapshots, dim="iteration") if len(self.snapshots) > 1 else snapshot
-        ds.attrs = dict(self.attrs)
         for name, (_dims, long_name, units, definition) in (VARIABLES | TWO_LEVEL_VARIABLES).items():
             if name in ds:
                 ds[name].attrs.update(long_name=long_name, units=units, definition=definition)
+        return self.write(ds)
+
+    def write(self, ds: xr.Dataset) -> xr.Dataset:
+        """Write a whole dataset with the run attributes: temporary file, then ``os.replace``."""
+        ds.attrs = dict(self.attrs)
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
             ds.to_netcdf(tmp, engine="scipy")
