@@ -22,6 +22,7 @@ from fisherlab.layers import LayerFactors
 from fisherlab.metrics import BlockReference, Spectrum, frobenius_error, spectral_error
 from fisherlab.probe import FisherKind, LossKind, Probe, ProbeSnapshot
 from fisherlab.problems import PROBLEMS, get_problem
+from fisherlab import optim, twolevel
 from fisherlab.results import load
 from fisherlab.run import BlockEvaluation, ProbeConfig, evaluate_block, probe_training, run_probe
 
@@ -66,6 +67,9 @@ __all__ = [  # noqa: RUF022 (grouped by pipeline stage, not sorted)
     "load",
     "probe_training",
     "run_probe",
+    # modules
+    "optim",
+    "twolevel",
     # errors
     "ConvergenceWarning",
     "FisherlabError",
