@@ -4,6 +4,7 @@ Public API, grouped by pipeline stage (probe → exact Fisher → approximations
 results → figures).
 """
 
+from fisherlab import optim, twolevel
 from fisherlab._errors import ConvergenceWarning, FisherlabError
 from fisherlab.approximations import (
     Approximation,
@@ -22,7 +23,6 @@ from fisherlab.layers import LayerFactors
 from fisherlab.metrics import BlockReference, Spectrum, frobenius_error, spectral_error
 from fisherlab.probe import FisherKind, LossKind, Probe, ProbeSnapshot
 from fisherlab.problems import PROBLEMS, get_problem
-from fisherlab import optim, twolevel
 from fisherlab.results import load
 from fisherlab.run import BlockEvaluation, ProbeConfig, evaluate_block, probe_training, run_probe
 

@@ -173,7 +173,8 @@ def _corrected(
 ) -> Approximation:
     start = time.perf_counter()
     mv, rmv = _deflated(block, first.kron)
-    trip = power_svd(mv, rmv, _start(block, warm_start, 1), tol=tol, max_iter=max_iter)
+    first_norm = float(first.kron.frobenius_norm_squared().sqrt())  # σ₁ of the first stage
+    trip = power_svd(mv, rmv, _start(block, warm_start, 1), tol=tol, max_iter=max_iter, scale=first_norm)
     _report(method, trip, layer)
     first_start = first.warm_start[:1] or (_start(block, ()),)
     kron = first.kron + _terms(trip)

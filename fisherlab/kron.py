@@ -178,6 +178,8 @@ class KronSum:
         """
         if self.rank > 2:
             raise FisherlabError("solve supports Kronecker rank 1 and 2 only")
+        if not all(bool(torch.isfinite(m).all()) for m in self.outs + self.ins):
+            raise FisherlabError("Kronecker factors contain NaN or inf; the approximation broke down (lower the learning rate)")
         out, in_ = pi_damping(self.outs[0], self.ins[0], damping) if damping > 0 else (self.outs[0], self.ins[0])
         if self.rank == 1:
             return KronSolver(torch.linalg.inv(out), torch.linalg.inv(in_).T, None)

@@ -39,12 +39,16 @@ class SingularTriplets:
     residual: float
 
 
-def power_svd(mv: MatVec, rmv: MatVec, start: Tensor, *, tol: float = 1e-6, max_iter: int = 200) -> SingularTriplets:
+def power_svd(
+    mv: MatVec, rmv: MatVec, start: Tensor, *, tol: float = 1e-6, max_iter: int = 200, scale: float = 0.0
+) -> SingularTriplets:
     """Dominant singular triplet by the power SVD algorithm.
 
     Iterates ``x = A y / ||A y||``, ``z = A^T x``, ``σ = ||z||``, ``y = z / σ`` and stops when
-    ``||A y - σ x|| <= tol * σ`` (the paper's absolute ``ε`` made relative to ``σ``, so that
-    the criterion does not depend on the scale of the Fisher).
+    ``||A y - σ x|| <= tol * max(σ, scale)`` (the paper's absolute ``ε`` made relative, so
+    that the criterion does not depend on the scale of the Fisher; deflated stages pass the
+    first term's ``σ₁`` as ``scale``, so a negligible second term does not iterate on noise).
+    An operator that vanishes on the start vector returns a zero triplet.
 
     Args:
         mv: ``Y ↦ mat(A vec(Y))``.
@@ -52,6 +56,7 @@ def power_svd(mv: MatVec, rmv: MatVec, start: Tensor, *, tol: float = 1e-6, max_
         start: Start vector (as a matrix) on the input side; warm starts pass the previous ``y``.
         tol: Relative residual tolerance (K uses ``ε = 1e-6``).
         max_iter: Iteration cap.
+        scale: Lower bound of the residual's normaliser (0: relative to ``σ`` alone).
 
     Returns:
         One triplet; ``converged`` is False when ``max_iter`` was reached.
@@ -71,9 +76,11 @@ def power_svd(mv: MatVec, rmv: MatVec, start: Tensor, *, tol: float = 1e-6, max_
         x = ay / norm_ay
         z = rmv(x)
         sigma = torch.linalg.norm(z)
+        if sigma == 0:
+            return SingularTriplets(sigma[None], (torch.zeros_like(x),), (y,), it, True, 0.0)
         y = z / sigma
         ay = mv(y)
-        residual = float(torch.linalg.norm(ay - sigma * x) / sigma)
+        residual = float(torch.linalg.norm(ay - sigma * x) / max(float(sigma), scale))
         if residual <= tol:
             return SingularTriplets(sigma[None], (x,), (y,), it, True, residual)
     return SingularTriplets(sigma[None], (x,), (y,), max_iter, False, residual)

@@ -24,12 +24,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as nnf
 
 from fisherlab._errors import FisherlabError
 from fisherlab.data import ImageData, load_images
 from fisherlab.probe import LossKind
 
-__all__ = ["PROBLEMS", "AutoEncoder", "ConvNet", "DeepLinear", "Problem", "batch_indices", "get_problem", "training_batches"]
+__all__ = ["PROBLEMS", "AutoEncoder", "BasicBlock", "ConvNet", "DeepLinear", "Problem", "ResNet", "batch_indices", "get_problem", "training_batches"]
 
 
 class AutoEncoder(nn.Module):
@@ -106,6 +107,49 @@ class DeepLinear(nn.Module):
         return x
 
 
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3×3 convs with batch norm, identity or 1×1-conv shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut(x))``."""
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """ResNet-18/34 for 32×32 inputs (He et al. 2016, CIFAR variant: 3×3 stem, no max pool),
+    built from torch modules, randomly initialised (no weights downloaded). T §4.2."""
+
+    def __init__(self, blocks: tuple[int, int, int, int], n_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        layers, c_in = [], 64
+        for i, (n, c_out) in enumerate(zip(blocks, (64, 128, 256, 512), strict=True)):
+            stage = [BasicBlock(c_in if j == 0 else c_out, c_out, (1 if i == 0 else 2) if j == 0 else 1) for j in range(n)]
+            layers.append(nn.Sequential(*stage))
+            c_in = c_out
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.fc = nn.Linear(512, n_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits for flattened or image-shaped ``3×32×32`` input."""
+        x = x.reshape(x.shape[0], 3, 32, 32)
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(nnf.adaptive_avg_pool2d(x, 1), 1))
+
+
 @dataclass(frozen=True)
 class Problem:
     """One of the papers' benchmark problems.
@@ -129,10 +173,12 @@ class Problem:
     kind: str = "autoencoder"
     default_layers: tuple[str, ...] = ("5",)
 
-    @property
-    def n_layers(self) -> int:
-        """Number of Linear/Conv2d layers."""
-        return 4 if self.name == "cnn" else len(self.sizes) - 1
+    def layer_names(self) -> list[str]:
+        """Names of the probeable (Linear/Conv2d) layers, as ``--layers`` takes them."""
+        from fisherlab.probe import probeable_layers
+
+        with torch.device("meta"):
+            return list(probeable_layers(self.model(device="meta")))
 
     def model(self, *, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
         """A freshly initialised network (PyTorch default init, seeded)."""
@@ -140,6 +186,8 @@ class Problem:
             torch.manual_seed(seed)
             if self.name == "cnn":
                 net: nn.Module = ConvNet(*self.sizes[:2])
+            elif self.name.startswith("resnet"):
+                net = ResNet((2, 2, 2, 2) if self.name == "resnet18" else (3, 4, 6, 3))
             elif self.name.startswith("deeplinear"):
                 net = DeepLinear(list(self.sizes))
             else:
@@ -156,7 +204,7 @@ class Problem:
             gen = torch.Generator().manual_seed(seed)
             x = torch.randn(12_000, self.sizes[0], generator=gen)
             return ImageData(x[:10_000], x[10_000:], "generated: Gaussian inputs, targets from a fixed random linear teacher")
-        source = {"cnn": "cifar10", "deeplinear14": "mnist"}.get(self.name, self.name)
+        source = {"cnn": "cifar10", "resnet18": "cifar10", "resnet34": "cifar10", "deeplinear14": "mnist"}.get(self.name, self.name)
         data = load_images(source, data_dir, seed=seed)
         if self.kind == "classifier" and data.train_labels is None:
             raise FisherlabError(f"{self.name} needs class labels: add train-labels-idx1-ubyte[.gz] to {data_dir}")
@@ -186,6 +234,8 @@ PROBLEMS: dict[str, Problem] = {
         Problem("mnist", (784, 1000, 500, 250, 30, 250, 500, 1000, 784), LossKind.BCE, 512, "MNIST auto-encoder"),
         Problem("faces", (625, 2000, 1000, 500, 30, 500, 1000, 2000, 625), LossKind.MSE, 1024, "FACES auto-encoder"),
         Problem("cnn", (3, 32), LossKind.CE, 256, "cuda-convnet on CIFAR-10 (T §4.2)", "classifier", ("2",)),
+        Problem("resnet18", (3, 32), LossKind.CE, 128, "ResNet-18 (T §4.2; CIFAR-100 there, CIFAR-10 stand-in here)", "classifier", ("fc",)),
+        Problem("resnet34", (3, 32), LossKind.CE, 512, "ResNet-34 (T §4.2; SVHN there, CIFAR-10 stand-in here)", "classifier", ("fc",)),
         Problem("deeplinear64", (10,) * 65, LossKind.MSE, 512, "64 linear layers of 10 units with batch norm (T §4.3)", "teacher", ("32",)),
         Problem("deeplinear14", (784, 1000, 900, 800, 700, 600, 500, 400, 300, 200, 100, 50, 20, 10), LossKind.CE, 512,
                 "784-1000-…-20-10 linear network with batch norm on MNIST (T §4.3)", "classifier", ("10",)),

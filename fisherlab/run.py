@@ -397,9 +397,11 @@ def run_probe(config: ProbeConfig, out: str | Path, *, overwrite: bool = False, 
     """
     config.check()
     problem = get_problem(config.problem)
-    bad = [name for name in config.layers if not (name.isdigit() and 1 <= int(name) <= problem.n_layers)]
+    known = problem.layer_names()
+    bad = [name for name in config.layers if name not in known]
     if bad or not config.layers:
-        raise FisherlabError(f"unknown layers {bad} for {problem.name}: it has layers 1 to {problem.n_layers}")
+        listing = f"1 to {known[-1]}" if all(n.isdigit() for n in known) else ", ".join(known)
+        raise FisherlabError(f"unknown layers {bad} for {problem.name}: it has layers {listing}")
     device = select_device(config.device)
     dtype = torch.float64 if config.dtype == "float64" else torch.float32
     data = problem.data(config.data_dir, seed=config.seed)

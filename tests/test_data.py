@@ -86,3 +86,19 @@ def test_training_batches_order_is_its_own() -> None:
     torch.manual_seed(123)
     torch.rand(5)
     assert torch.equal(first, next(training_batches(images, 4, seed=1)))
+
+
+@pytest.mark.parametrize("name", sorted(PROBLEMS))
+def test_every_problem_builds_and_names_its_layers(name: str) -> None:
+    """Each problem's network maps a batch of its data to outputs its loss accepts; layers are named."""
+    problem = get_problem(name)
+    data = problem.data(seed=0)
+    model = problem.model(seed=0)
+    x, y = next(problem.batches(data, batch_size=4))
+    from fisherlab.probe import per_sample_loss
+
+    assert per_sample_loss(problem.loss, model(x), y).shape == (4,)
+    names = problem.layer_names()
+    assert set(problem.default_layers) <= set(names)
+    if name.startswith("resnet"):
+        assert names[0] == "conv1" and names[-1] == "fc" and len(names) == (21 if name == "resnet18" else 37)
