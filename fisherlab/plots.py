@@ -11,12 +11,14 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
+import torch
 import xarray as xr
+from torch import Tensor
 from matplotlib.figure import Figure
 
 from fisherlab._errors import FisherlabError
 
-__all__ = ["METHOD_STYLE", "error_figure", "save_figure", "training_figure", "two_level_figure"]
+__all__ = ["METHOD_STYLE", "block_heatmaps", "error_figure", "save_figure", "spectra_figure", "training_figure", "two_level_figure"]
 
 #: Fixed order, colour and marker per method, so "kfac" looks the same in every figure.
 METHOD_STYLE: dict[str, tuple[str, str]] = {
@@ -137,6 +139,42 @@ def training_figure(ds: xr.Dataset) -> Figure:
     sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(f"Optimizers on {ds.attrs.get('problem', '')} ({ds.attrs.get('data_source', '')[:60]})")
     fig.tight_layout()
+    return fig
+
+
+def block_heatmaps(exact: Tensor, approximations: dict[str, Tensor], *, max_side: int = 400) -> Figure:
+    """The exact block next to each approximation as heatmaps (dense views; small layers).
+
+    Args:
+        exact: Dense exact block ``[D, D]``.
+        approximations: Dense approximations by method name.
+        max_side: Show only the leading ``max_side × max_side`` corner of larger blocks.
+    """
+    mats = {"exact": exact, **approximations}
+    vmax = float(exact[:max_side, :max_side].abs().max())
+    fig, axes = plt.subplots(1, len(mats), figsize=(3.2 * len(mats), 3.4), squeeze=False)
+    for ax, (name, m) in zip(axes[0], mats.items(), strict=True):
+        im = ax.imshow(m[:max_side, :max_side].cpu().numpy(), cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+        ax.set_title(name)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="entry")
+    return fig
+
+
+def spectra_figure(spectra: dict[str, Tensor]) -> Figure:
+    """Sorted eigenvalue magnitudes (log scale) of the exact block and each approximation."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, ev in spectra.items():
+        color, marker = METHOD_STYLE.get(name, ("black", ""))
+        v = torch.sort(ev.abs(), descending=True).values.cpu().numpy()
+        ax.plot(np.arange(1, v.size + 1), np.maximum(v, 1e-300), label=name, color=color, lw=2 if name == "exact" else 1)
+    ax.set_yscale("log")
+    ax.set_xscale("log")
+    ax.set_xlabel("index (sorted)")
+    ax.set_ylabel("|eigenvalue|")
+    ax.legend(title="method")
+    ax.grid(True, alpha=0.3)
     return fig
 
 

@@ -1,0 +1,99 @@
+"""Regenerate the notebooks (outputs empty) from the cell sources below: python notebooks/_make_notebooks.py"""
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+SETUP = """import os
+SMOKE = os.environ.get("FISHERLAB_SMOKE") == "1"   # small settings when the test suite runs this notebook
+import matplotlib
+if SMOKE:
+    matplotlib.use("Agg")
+from pathlib import Path
+import tempfile
+import torch
+import fisherlab as fl
+from fisherlab import plots
+OUT = Path(tempfile.mkdtemp()) if SMOKE else Path("../data")
+OUT.mkdir(exist_ok=True)"""
+
+NOTEBOOKS = {
+    "01_probe_one_layer.ipynb": [
+        ("md", "# Probe a model and inspect one layer\n\nThe exact Fisher block of layer 5 of the CURVES auto-encoder next to KFAC and the four approximations of Koroko et al. (K): heatmaps, spectra, error 1 and error 2."),
+        ("code", SETUP),
+        ("code", """problem = fl.get_problem("curves")
+model = problem.model(seed=0, dtype=torch.float64)
+data = problem.data(seed=0)
+x = data.train[: 64 if SMOKE else 256].double()
+snap = fl.Probe(model, problem.loss, layers=["5"], fisher="mc")(x, x)
+block = snap.blocks()["5"]
+print(block.factors.a.shape, block.factors.g.shape, "block side", block.dim)"""),
+        ("code", """approx = fl.approximate_all(block, list(fl.Method))
+ref = fl.BlockReference.of(block)
+for m, a in approx.items():
+    print(f"{m.value:15s} error 1 {float(fl.frobenius_error(ref, a.kron)):.4f}   error 2 {float(fl.spectral_error(ref, a.kron)):.4f}   "
+          f"iterations {a.iterations}  converged {a.converged}")"""),
+        ("code", """dense = {m.value: a.kron.as_dense() for m, a in approx.items()}
+fig = plots.block_heatmaps(block.as_dense(), dense, max_side=200)"""),
+        ("code", """spectra = {"exact": ref.eigenvalues} | {m.value: a.kron.eigenvalues() for m, a in approx.items()}
+fig = plots.spectra_figure(spectra)"""),
+    ],
+    "02_error_vs_iteration.ipynb": [
+        ("md", "# Error vs iteration (K Figure 1)\n\nTrain the CURVES auto-encoder with Adam and probe layer 5 every 10 iterations; the dataset is an ordinary xarray object."),
+        ("code", SETUP),
+        ("code", """config = fl.ProbeConfig(problem="curves", layers=("5",), iterations=20 if SMOKE else 500, every=5 if SMOKE else 10)
+ds = fl.run_probe(config, OUT / "nb_fig1.nc", overwrite=True, progress=not SMOKE)
+ds"""),
+        ("code", """fig = plots.error_figure(ds)"""),
+        ("code", """# dim "method" collides with .sel's own keyword: select with a dict
+err = ds.frobenius_error.sel({"layer": "5"})
+(err.sel({"method": "kfac"}) >= err).all("method").mean().item()   # fraction of snapshots where KFAC is the worst"""),
+    ],
+    "03_two_level.ipynb": [
+        ("md", "# Two-level KFAC: gaps and energy errors (T Figure 5)\n\nE(β*) − E(0) for each coarse space and TKO, and the distance of every increment to the exact damped natural gradient (Woodbury)."),
+        ("code", SETUP),
+        ("code", """config = fl.ProbeConfig(problem="curves", two_level=True, damping=1e-3, metrics=("frobenius_error",),
+                        iterations=4 if SMOKE else 200, every=2 if SMOKE else 20)
+ds = fl.run_probe(config, OUT / "nb_gap.nc", overwrite=True, progress=not SMOKE)
+ds.gap.to_pandas()"""),
+        ("code", """fig = plots.two_level_figure(ds)"""),
+        ("code", """(ds.energy_two_level / ds.energy_kfac).to_pandas()   # E(β*) / E(0): how much closer each correction gets"""),
+    ],
+    "04_optimizers.ipynb": [
+        ("md", "# The methods as optimizers (K Figure 2, T Figures 2–4)"),
+        ("code", SETUP),
+        ("code", """from fisherlab.train import TrainConfig, run_training
+config = TrainConfig(problem="curves", optimizers=("sgd", "adam", "kfac", "kpsvd", "kfac2l_residuals"),
+                     epochs=1 if SMOKE else 10, max_batches=3 if SMOKE else None)
+ds = run_training(config, OUT / "nb_train.nc", overwrite=True, progress=not SMOKE)
+ds.train_loss.to_pandas()"""),
+        ("code", """fig = plots.training_figure(ds)"""),
+    ],
+    "05_bring_your_own_model.ipynb": [
+        ("md", "# Bring your own model and data\n\nAny `nn.Module` built from Linear/Conv2d layers, any loss among mse / bce / ce, any batch iterator."),
+        ("code", SETUP),
+        ("code", """import itertools
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 10))
+from sklearn.datasets import load_digits
+digits = load_digits()
+x = torch.tensor(digits.images[:, None] / 16.0, dtype=torch.float32)
+y = torch.tensor(digits.target)
+batches = ((x[i], y[i]) for i in itertools.cycle(torch.randperm(len(x)).split(64)[:-1]))
+optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)"""),
+        ("code", """config = fl.ProbeConfig(iterations=6 if SMOKE else 200, every=3 if SMOKE else 20, fisher="exact")
+ds = fl.probe_training(model, "ce", batches, optimizer, config, layers=["0", "3"], progress=not SMOKE)
+ds.frobenius_error.sel({"layer": "3"}).to_pandas()"""),
+        ("code", """fig = plots.error_figure(ds)"""),
+        ("code", """# factors captured elsewhere: build the exact Fisher straight from tensors
+a, g = torch.randn(32, 1, 6, dtype=torch.float64), torch.randn(32, 1, 1, 4, dtype=torch.float64)
+block = fl.ExactBlock(fl.LayerFactors(a, g))
+fl.frobenius_error(fl.BlockReference.of(block), fl.kpsvd(block).kron)"""),
+    ],
+}
+
+for name, cells in NOTEBOOKS.items():
+    nb = new_notebook(cells=[new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in cells])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, str(Path(__file__).parent / name))
+print("ok")
