@@ -13,8 +13,8 @@ import numpy as np
 import seaborn as sns
 import torch
 import xarray as xr
-from torch import Tensor
 from matplotlib.figure import Figure
+from torch import Tensor
 
 from fisherlab._errors import FisherlabError
 
@@ -166,7 +166,7 @@ def spectra_figure(spectra: dict[str, Tensor]) -> Figure:
     """Sorted eigenvalue magnitudes (log scale) of the exact block and each approximation."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, ev in spectra.items():
-        color, marker = METHOD_STYLE.get(name, ("black", ""))
+        color = METHOD_STYLE.get(name, ("black", ""))[0]
         v = torch.sort(ev.abs(), descending=True).values.cpu().numpy()
         ax.plot(np.arange(1, v.size + 1), np.maximum(v, 1e-300), label=name, color=color, lw=2 if name == "exact" else 1)
     ax.set_yscale("log")
