@@ -1,0 +1,37 @@
+"""T Figures 2-4: KFAC against the two-level KFAC optimizers (NICO, SPECTRAL, RESIDU,
+KRY-NICO, KRY-RESIDU, PREVIOUS = TKO), with SGD and Adam as baselines. Figure 2: the
+auto-encoders; Figure 3: the CNNs (cnn, resnet18, resnet34); Figure 4: the deep linear networks.
+
+    python analyses/t_fig2_4_two_level_training.py --problem deeplinear64
+    python analyses/t_fig2_4_two_level_training.py --smoke --output /tmp/t4.png
+"""
+
+from __future__ import annotations
+
+import sys
+
+from _common import figure_script
+
+from fisherlab.plots import training_figure
+from fisherlab.train import TrainConfig, run_training
+
+PROBLEMS = ["curves", "mnist", "faces", "cnn", "resnet18", "resnet34", "deeplinear64", "deeplinear14"]
+
+
+def compute(args, path) -> None:  # type: ignore[no-untyped-def]
+    two_level = ("kfac2l_nicolaides", "kfac2l_spectral", "kfac2l_residuals", "kfac2l_krylov_nicolaides",
+                 "kfac2l_krylov_residuals", "kfac2l_tko")
+    if args.smoke:
+        config = TrainConfig(problem=args.problem, optimizers=("kfac", "kfac2l_residuals", "kfac2l_tko"), epochs=1, max_batches=2)
+    else:
+        config = TrainConfig(problem=args.problem, data_dir=args.data_dir, optimizers=("sgd", "adam", "kfac", *two_level),
+                             epochs=100, lr=(1e-3, 1e-2, 1e-1, 1.0), damping=(1e-3, 1e-2, 1e-1), weight_decay=1e-3, patience=10)
+    run_training(config, path, overwrite=True, progress=not args.smoke)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return figure_script(argv, __doc__, "t_fig2_4", PROBLEMS, "deeplinear64", compute, training_figure)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

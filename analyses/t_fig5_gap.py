@@ -1,0 +1,30 @@
+"""T Figure 5: the gap E(β*) − E(0) of every coarse space and of TKO during training, and the
+energy-norm errors against the exact damped natural gradient.
+
+    python analyses/t_fig5_gap.py --problem mnist             # paper: auto-encoders and cnn
+    python analyses/t_fig5_gap.py --smoke --output /tmp/t5.png
+"""
+
+from __future__ import annotations
+
+import sys
+
+from _common import figure_script
+
+from fisherlab.plots import two_level_figure
+from fisherlab.run import ProbeConfig, run_probe
+
+
+def compute(args, path) -> None:  # type: ignore[no-untyped-def]
+    config = ProbeConfig(problem=args.problem, data_dir=args.data_dir, two_level=True, damping=1e-3, layers=("5",) if args.problem != "cnn" else ("2",),
+                         metrics=("frobenius_error",), iterations=2 if args.smoke else 1000, every=1 if args.smoke else 50,
+                         batch_size=32 if args.smoke and args.problem == "cnn" else None)
+    run_probe(config, path, overwrite=True, progress=not args.smoke)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return figure_script(argv, __doc__, "t_fig5", ["curves", "mnist", "faces", "cnn"], "curves", compute, two_level_figure)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
