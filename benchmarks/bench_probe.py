@@ -22,7 +22,7 @@ from fisherlab.dense import dense_frobenius_error, dense_spectral_error
 from fisherlab.fisher import ExactBlock
 from fisherlab.metrics import BlockReference, frobenius_error, spectral_error
 from fisherlab.probe import Probe, per_sample_loss
-from fisherlab.problems import get_problem
+from fisherlab.problems import Problem, get_problem
 from fisherlab.run import select_device
 
 
@@ -41,6 +41,24 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple
     return sorted(times)[len(times) // 2], out
 
 
+def trained_problem(name: str, device: torch.device) -> tuple[Problem, torch.nn.Module, torch.Tensor, Callable[[], None]]:
+    """The problem's network after 20 Adam steps on one batch (so its Fisher is not trivial),
+    that batch, and a training step on it (the baseline all ratios refer to)."""
+    problem = get_problem(name)
+    model = problem.model(seed=0, device=device)
+    x = problem.data(seed=0).train[: problem.batch_size].to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def train_step() -> None:
+        opt.zero_grad()
+        per_sample_loss(problem.loss, model(x), x).mean().backward()
+        opt.step()
+
+    for _ in range(20):
+        train_step()
+    return problem, model, x, train_step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problem", default="mnist")
@@ -50,20 +68,7 @@ def main() -> None:
     parser.add_argument("--no-dense", action="store_true", help="skip the dense twins (they need ~2 GB and minutes on CPU)")
     args = parser.parse_args()
     device = select_device(args.device)
-    problem = get_problem(args.problem)
-    model = problem.model(seed=0, device=device)
-    x = problem.data(seed=0).train[: problem.batch_size].to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(20):  # leave the initialisation so the Fisher is not trivial
-        opt.zero_grad()
-        per_sample_loss(problem.loss, model(x), x).mean().backward()
-        opt.step()
-
-    def train_step() -> None:
-        opt.zero_grad()
-        per_sample_loss(problem.loss, model(x), x).mean().backward()
-        opt.step()
-
+    problem, model, x, train_step = trained_problem(args.problem, device)
     probe = Probe(model, problem.loss, layers=[args.layer], fisher="mc")
     t_step, _ = timed(train_step, device, args.repeats)
     t_probe, snap = timed(lambda: probe(x, x), device, args.repeats)

@@ -14,11 +14,10 @@ import argparse
 
 import torch
 
-from benchmarks.bench_probe import timed
+from benchmarks.bench_probe import timed, trained_problem
 from fisherlab.approximations import Method, approximate_all
 from fisherlab.fisher import ExactBlock
-from fisherlab.probe import Probe, per_sample_loss
-from fisherlab.problems import get_problem
+from fisherlab.probe import Probe
 from fisherlab.run import select_device
 from fisherlab.twolevel import CoarseSpace, WholeFisher, damped_kfac_solve, two_level
 
@@ -31,18 +30,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     device = select_device(args.device)
-    problem = get_problem(args.problem)
-    model = problem.model(seed=0, device=device)
-    x = problem.data(seed=0).train[: problem.batch_size].to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def train_step() -> None:
-        opt.zero_grad()
-        per_sample_loss(problem.loss, model(x), x).mean().backward()
-        opt.step()
-
-    for _ in range(20):
-        train_step()
+    problem, model, x, train_step = trained_problem(args.problem, device)
     t_step, _ = timed(train_step, device, args.repeats)
     probe = Probe(model, problem.loss, fisher="mc")
     t_probe, snap = timed(lambda: probe(x, x), device, args.repeats)
