@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from benchmarks.bench_probe import timed, trained_problem
 from fisherlab.approximations import Method, approximate_all
 from fisherlab.fisher import ExactBlock
