@@ -27,7 +27,15 @@ from fisherlab.approximations import Approximation, Method, approximate_all
 from fisherlab.fisher import ExactBlock
 from fisherlab.kron import KronSolver, KronSum
 from fisherlab.probe import LossKind, Probe, ProbeSnapshot
-from fisherlab.twolevel import CoarseSpace, WholeFisher, coarse_basis, tko_coarse_operator
+from fisherlab.twolevel import (
+    CoarseSpace,
+    WholeFisher,
+    coarse_basis,
+    pinv_solve,
+    prolong,
+    restrict,
+    tko_coarse_operator,
+)
 
 __all__ = ["OPTIMIZER_NAMES", "KroneckerOptimizer", "layer_gradient", "make_optimizer"]
 
@@ -219,8 +227,6 @@ class KroneckerOptimizer(torch.optim.Optimizer):
 
     def _coarse_correction(self, zeta: dict[str, Tensor], grads: dict[str, Tensor], damping: float) -> dict[str, Tensor]:
         """``ζ + R₀ᵀβ``: β* (T eq. 3.11) or β_TKO (eq. 4.7b with F_coarse of eq. 3.18)."""
-        from fisherlab.twolevel import _pinv_solve, _prolong, _restrict
-
         assert self._snapshot is not None
         names = list(self.layers)
         fisher = WholeFisher(tuple(ExactBlock(self._snapshot.factors[n]) for n in names))
@@ -230,12 +236,12 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         kfacs = [ExactBlock(self._snapshot.factors[n]).kfac() for n in names]
         if self.two_level == "tko":
             basis = coarse_basis(CoarseSpace.NICOLAIDES, kfacs, g, damping=damping)
-            beta = _pinv_solve(tko_coarse_operator(fisher, kfacs, basis, damping=damping), _restrict(basis, g))
+            beta = pinv_solve(tko_coarse_operator(fisher, kfacs, basis, damping=damping), restrict(basis, g))
         else:
             residual = [gi - fi for gi, fi in zip(g, fisher.matvec(zk, damping=damping), strict=True)]
             basis = coarse_basis(self.two_level, kfacs, residual, damping=damping, fisher=fisher)  # type: ignore[arg-type]
-            beta = _pinv_solve(fisher.coarse_operator(basis, damping=damping), _restrict(basis, residual))
-        corr = _prolong(basis, beta)
+            beta = pinv_solve(fisher.coarse_operator(basis, damping=damping), restrict(basis, residual))
+        corr = prolong(basis, beta)
         return {n: zeta[n] + c.to(zeta[n].dtype) for n, c in zip(names, corr, strict=True)}
 
 

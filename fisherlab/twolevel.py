@@ -26,6 +26,9 @@ __all__ = [
     "WholeFisher",
     "coarse_basis",
     "damped_kfac_solve",
+    "pinv_solve",
+    "prolong",
+    "restrict",
     "two_level",
 ]
 
@@ -186,12 +189,12 @@ def coarse_basis(
     return [torch.stack([wj[i] for wj in ws]) for i in range(len(kfacs))]
 
 
-def _restrict(basis: list[Tensor], x: Params) -> Tensor:
+def restrict(basis: list[Tensor], x: Params) -> Tensor:
     """``R₀ x``: the coarse components ``⟨V_ik, x_i⟩``."""
     return torch.cat([torch.einsum("koi,oi->k", v, xi) for v, xi in zip(basis, x, strict=True)])
 
 
-def _prolong(basis: list[Tensor], beta: Tensor) -> Params:
+def prolong(basis: list[Tensor], beta: Tensor) -> Params:
     """``R₀ᵀ β``: ``sum_k β_ik V_ik`` per layer."""
     out, start = [], 0
     for v in basis:
@@ -200,7 +203,7 @@ def _prolong(basis: list[Tensor], beta: Tensor) -> Params:
     return out
 
 
-def _pinv_solve(mat: Tensor, rhs: Tensor) -> Tensor:
+def pinv_solve(mat: Tensor, rhs: Tensor) -> Tensor:
     """Minimum-norm solution of a symmetric PSD system (drops a rank-deficient part)."""
     w, q = torch.linalg.eigh((mat + mat.T) / 2)
     cutoff = w.abs().max() * mat.shape[0] * torch.finfo(mat.dtype).eps * 10 if w.numel() else 0
@@ -299,7 +302,7 @@ def two_level(
     energies: dict[str, float] = {}
 
     def record(key: str, basis: list[Tensor], beta: Tensor, f_coarse: Tensor) -> None:
-        correction = _prolong(basis, beta)
+        correction = prolong(basis, beta)
         betas[key] = beta
         incs[key] = _axpy(1.0, correction, zeta_k)
         gaps[key] = float(beta @ f_coarse @ beta - 2 * _dot(correction, residual))  # T eq. 4.6
@@ -310,11 +313,11 @@ def two_level(
         space = CoarseSpace(space)
         basis = coarse_basis(space, kfacs, residual, damping=damping, fisher=fisher, order=taylor_order)
         f_coarse = fisher.coarse_operator(basis, damping=damping)
-        record(space.value, basis, _pinv_solve(f_coarse, _restrict(basis, residual)), f_coarse)
+        record(space.value, basis, pinv_solve(f_coarse, restrict(basis, residual)), f_coarse)
     if tko:
         basis = coarse_basis(CoarseSpace.NICOLAIDES, kfacs, residual, damping=damping)
         f_bar = tko_coarse_operator(fisher, kfacs, basis, damping=damping)
-        record("tko", basis, _pinv_solve(f_bar, _restrict(basis, grads)), fisher.coarse_operator(basis, damping=damping))
+        record("tko", basis, pinv_solve(f_bar, restrict(basis, grads)), fisher.coarse_operator(basis, damping=damping))
     return TwoLevelResult(zeta, zeta_k, residual, energy_k, energy_z, betas, incs, gaps, energies)
 
 
