@@ -233,7 +233,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         dt = self._snapshot.factors[names[0]].a.dtype
         g = [grads[n].to(dt) for n in names]
         zk = [zeta[n].to(dt) for n in names]
-        kfacs = [ExactBlock(self._snapshot.factors[n]).kfac() for n in names]
+        kfacs = [b.kfac() for b in fisher.blocks]
         if self.two_level == "tko":
             basis = coarse_basis(CoarseSpace.NICOLAIDES, kfacs, g, damping=damping)
             beta = pinv_solve(tko_coarse_operator(fisher, kfacs, basis, damping=damping), restrict(basis, g))
