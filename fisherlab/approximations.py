@@ -277,8 +277,22 @@ def lanczos(
         max_restarts=max_restarts,
     )
     _report(Method.LANCZOS, trip, layer)
-    kron = _terms(trip)
+    kron = _terms(_padded(trip, rank))
     return Approximation(Method.LANCZOS, kron, trip.iterations, trip.converged, trip.residual, trip.rights, time.perf_counter() - clock)
+
+
+def _padded(triplets: SingularTriplets, rank: int) -> SingularTriplets:
+    """Append zero triplets up to ``rank``: when ``R(F)`` has a smaller rank (one output unit,
+    ``N = 1``, a dead layer) the best Kronecker-rank-``rank`` approximation has zero terms,
+    as deflation's second stage returns; the Kronecker rank stays what was asked for."""
+    missing = rank - triplets.sigmas.numel()
+    if missing <= 0:
+        return triplets
+    x0, y0 = triplets.lefts[0], triplets.rights[0]
+    sigmas = torch.cat([triplets.sigmas, triplets.sigmas.new_zeros(missing)])
+    lefts = triplets.lefts + (torch.zeros_like(x0),) * missing
+    rights = triplets.rights + (torch.zeros_like(y0),) * missing
+    return SingularTriplets(sigmas, lefts, rights, triplets.iterations, triplets.converged, triplets.residual)
 
 
 def approximate_all(

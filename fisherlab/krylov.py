@@ -17,6 +17,10 @@ __all__ = ["SingularTriplets", "lanczos_svd", "power_svd"]
 
 MatVec = Callable[[Tensor], Tensor]
 
+#: A Lanczos step whose new vector is below this fraction of the largest ``α`` so far ends
+#: the Krylov space (breakdown): the space is invariant and the triplets found are exact.
+_BREAKDOWN = 1e-12
+
 
 @dataclass(frozen=True)
 class SingularTriplets:
@@ -125,6 +129,7 @@ def lanczos_svd(
     q = (start / torch.linalg.norm(start)).flatten()
     iterations = 0
     best: SingularTriplets | None = None
+    fresh_start_used = False
     for _ in range(max_restarts):
         qs: list[Tensor] = [q]
         ps: list[Tensor] = []
@@ -141,8 +146,13 @@ def lanczos_svd(
                 w = w - betas[-1] * ps[-1]
                 pmat = torch.stack(ps)
                 w = w - pmat.T @ (pmat @ w)
+                w = w - pmat.T @ (pmat @ w)
             alpha = torch.linalg.norm(w)
-            if alpha <= 1e-14 * (alphas[0] if alphas else 1.0):
+            if alpha <= _BREAKDOWN * (max(alphas) if alphas else torch.linalg.norm(w_mat)):
+                # The output-side Krylov space is exhausted: A q_j lies in span(P), so
+                # A Q_{j+1} = P_j B̃ with B̃ the j × (j+1) bidiagonal *including* the last β.
+                # Its SVD gives exact triplets of A on the Krylov space (residual zero).
+                exhausted = bool(alphas)
                 break
             ps.append(w / alpha)
             alphas.append(alpha)
@@ -151,7 +161,7 @@ def lanczos_svd(
             z = z - qmat.T @ (qmat @ z)
             z = z - qmat.T @ (qmat @ z)
             beta = torch.linalg.norm(z)
-            exhausted = bool(beta <= 1e-14 * alphas[0]) or len(qs) == n_in
+            exhausted = bool(beta <= _BREAKDOWN * max(alphas)) or len(qs) == n_in
             if exhausted or j == krylov_dim - 1 or (len(alphas) >= rank and _residual(alphas, betas, beta, rank) <= tol):
                 break
             betas.append(beta)
@@ -160,14 +170,27 @@ def lanczos_svd(
             iterations += 1
         k = len(alphas)
         if k == 0:
-            zero = torch.zeros(in_shape, dtype=dtype, device=device)
-            return SingularTriplets(torch.zeros(1, dtype=dtype, device=device), (zero,), (zero,), iterations, True, 0.0)
-        xb, sb, ybt = torch.linalg.svd(_bidiagonal(alphas, betas))
+            # A annihilates the start vector: try once from a fixed random vector (a warm start
+            # can be orthogonal to the row space); if A annihilates that too, A = 0.
+            if not fresh_start_used:
+                fresh_start_used = True
+                gen = torch.Generator().manual_seed(0)
+                q = torch.randn(n_in, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+                q = q / torch.linalg.norm(q)
+                continue
+            zeros_out = torch.zeros(out_shape, dtype=dtype, device=device)
+            zeros_in = torch.zeros(in_shape, dtype=dtype, device=device)
+            return SingularTriplets(torch.zeros(1, dtype=dtype, device=device), (zeros_out,), (zeros_in,), iterations, True, 0.0)
+        n_cols = k + 1 if len(qs) > k else k  # α-breakdown keeps the last q and β (B̃ is k × (k+1))
+        xb, sb, ybt = torch.linalg.svd(_bidiagonal(alphas, betas, n_cols), full_matrices=False)
         r = min(rank, k)
-        pmat, qmat = torch.stack(ps), torch.stack(qs[:k])
+        pmat, qmat = torch.stack(ps), torch.stack(qs[:n_cols])
         lefts = tuple((pmat.T @ xb[:, i]).reshape(out_shape) for i in range(r))
         rights = tuple((qmat.T @ ybt[i]).reshape(in_shape) for i in range(r))
-        resid = float((beta * xb[k - 1, :r].abs()).max() / sb[0]) if sb[0] > 0 else 0.0
+        if exhausted:
+            resid = 0.0
+        else:
+            resid = float((beta * xb[k - 1, :r].abs()).max() / sb[0]) if sb[0] > 0 else 0.0
         best = SingularTriplets(sb[:r], lefts, rights, iterations, resid <= tol or exhausted, resid)
         if best.converged:
             return best
@@ -177,12 +200,16 @@ def lanczos_svd(
     return best
 
 
-def _bidiagonal(alphas: list[Tensor], betas: list[Tensor]) -> Tensor:
-    """Upper bidiagonal ``B`` with ``alphas`` on the diagonal and ``betas`` above it."""
+def _bidiagonal(alphas: list[Tensor], betas: list[Tensor], n_cols: int | None = None) -> Tensor:
+    """Upper bidiagonal ``B`` (``k × n_cols``, ``n_cols`` is ``k`` or ``k + 1``) with ``alphas``
+    on the diagonal and ``betas`` above it."""
     k = len(alphas)
-    bmat = torch.diag(torch.stack(alphas))
-    if k > 1:
-        bmat = bmat + torch.diag(torch.stack(betas[: k - 1]), 1)
+    n_cols = k if n_cols is None else n_cols
+    bmat = torch.zeros(k, n_cols, dtype=alphas[0].dtype, device=alphas[0].device)
+    idx = torch.arange(k, device=alphas[0].device)
+    bmat[idx, idx] = torch.stack(alphas)
+    if n_cols > 1:
+        bmat[idx[: n_cols - 1], idx[: n_cols - 1] + 1] = torch.stack(betas[: n_cols - 1])
     return bmat
 
 

@@ -157,3 +157,73 @@ def test_rearranged_dense_rank_bound() -> None:
     block = ExactBlock(make_factors({"id": "one", "n": 1, "v": 1, "t": 1, "d_in": 3, "d_out": 2, "seed": 0}))
     s = torch.linalg.svdvals(rearrange(block.as_dense(), 2, 3))
     assert float(s[1]) < 1e-12 * float(s[0])
+
+
+def _rank_one_blocks() -> dict[str, ExactBlock]:
+    """Blocks whose rearrangement R(F) has rank 1 (issue 11, defect 1)."""
+    from fisherlab.probe import Probe
+
+    torch.manual_seed(0)
+    one_out = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+    x = torch.randn(32, 4, dtype=torch.float64)
+    y = torch.rand(32, 1, dtype=torch.float64).round()
+    two_class = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+    relu = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2)).double()
+    with torch.no_grad():  # one live ReLU: units 1 and 2 are dead for every input
+        relu[0].weight[1:] = 0.0
+        relu[0].bias[1:] = -1.0
+    return {
+        "linear-8-1": Probe(one_out, "bce")(x, y).blocks()["2"],
+        "softmax-2-class": Probe(two_class, "ce", fisher="exact")(x, torch.randint(0, 2, (32,))).blocks()["2"],
+        "one-live-relu": Probe(relu, "mse")(x, torch.zeros(32, 2, dtype=torch.float64)).blocks()["0"],
+        "one-sample": ExactBlock(make_factors({"id": "n1", "n": 1, "v": 1, "t": 1, "d_in": 5, "d_out": 4, "seed": 3})),
+    }
+
+
+@pytest.mark.parametrize("name", ["linear-8-1", "softmax-2-class", "one-live-relu", "one-sample"])
+@pytest.mark.parametrize("rank", [2, 3])
+def test_lanczos_exact_on_kronecker_rank_one_blocks(name: str, rank: int) -> None:
+    """On a block with rank R(F) = 1 Lanczos ends with the exact answer (error 1 ≈ 0, converged),
+    also when asked for more terms than R(F) has; the missing terms are zero (defect 1)."""
+    block = _rank_one_blocks()[name]
+    s = torch.linalg.svdvals(block.rearranged_dense())
+    assert bool((s[1:] <= 1e-12 * s[0]).all())  # the case really is Kronecker rank 1
+    ref = BlockReference.of(block)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no ConvergenceWarning
+        approx = lanczos(block, rank=rank)
+    assert approx.converged and approx.kron.rank == rank
+    assert float(frobenius_error(ref, approx.kron)) <= 1e-6
+    kpsvd_err = float(frobenius_error(ref, kpsvd(block).kron))
+    assert float(frobenius_error(ref, approx.kron)) <= kpsvd_err + 1e-6
+
+
+@pytest.mark.parametrize("rank", [3, 5])
+def test_lanczos_rank_above_rank_of_rearrangement(rank: int) -> None:
+    """R(F) of two Linear samples has rank 2; asking for rank 3 or 5 gives the exact block."""
+    gen = torch.Generator().manual_seed(7)
+    block = ExactBlock(LayerFactors(torch.randn(2, 1, 4, generator=gen, dtype=torch.float64),
+                                    torch.randn(2, 1, 1, 3, generator=gen, dtype=torch.float64)))
+    approx = lanczos(block, rank=rank)
+    assert approx.converged and approx.kron.rank == rank
+    assert float(frobenius_error(BlockReference.of(block), approx.kron)) <= 1e-7
+
+
+def test_lanczos_svd_breakdown_keeps_last_column() -> None:
+    """An operator of rank 1: the α-breakdown must keep β and the last q (exact after one cycle)."""
+    gen = torch.Generator().manual_seed(0)
+    u, v = torch.randn(6, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64)
+    m = 3.0 * torch.outer(u / u.norm(), v / v.norm())
+    trip = lanczos_svd(lambda y: m @ y, lambda x: m.T @ x, torch.ones(5, dtype=torch.float64), rank=2, krylov_dim=10)
+    assert trip.converged and trip.residual == 0.0
+    torch.testing.assert_close(trip.sigmas[0], torch.tensor(3.0, dtype=torch.float64), rtol=1e-12, atol=0)
+    torch.testing.assert_close(3.0 * torch.outer(trip.lefts[0], trip.rights[0]), m, rtol=0, atol=1e-12)
+
+
+def test_zero_block_gives_zero_terms_of_the_right_shapes() -> None:
+    """All-zero g (a dead layer): every method returns zero terms shaped [d_out]², [d_in]² (defect 9/13)."""
+    f = LayerFactors(torch.randn(6, 1, 5, dtype=torch.float64), torch.zeros(6, 1, 1, 3, dtype=torch.float64))
+    approx = approximate_all(ExactBlock(f), ALL)
+    for a in approx.values():
+        assert all(o.shape == (3, 3) for o in a.kron.outs) and all(i.shape == (5, 5) for i in a.kron.ins)
+        assert float(a.kron.frobenius_norm_squared()) == 0.0
