@@ -6,7 +6,7 @@ import math
 
 import torch
 
-__all__ = ["ConvergenceWarning", "FisherlabError", "check_finite", "check_same_device_dtype"]
+__all__ = ["ConvergenceWarning", "FisherlabError", "UndefinedMetricWarning", "check_finite", "check_same_device_dtype"]
 
 
 class FisherlabError(ValueError):
@@ -15,6 +15,10 @@ class FisherlabError(ValueError):
 
 class ConvergenceWarning(UserWarning):
     """An iterative solver (power SVD, Lanczos) stopped at its iteration cap before ``tol``."""
+
+
+class UndefinedMetricWarning(UserWarning):
+    """A metric is undefined for this snapshot (e.g. a zero Fisher block) and stored as NaN."""
 
 
 def check_finite(name: str, *tensors: torch.Tensor | float) -> None:

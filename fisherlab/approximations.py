@@ -92,7 +92,7 @@ def _start(block: ExactBlock, warm: tuple[Tensor, ...], index: int = 0) -> Tenso
     the wanted vector the way a deflated direction can.
     """
     d_in = block.factors.d_in
-    if len(warm) > index and warm[index].shape == (d_in, d_in):
+    if len(warm) > index and warm[index].shape == (d_in, d_in) and _usable(warm[index]):
         return warm[index]
     ref = block.factors.a
     if index == 0:
@@ -101,6 +101,12 @@ def _start(block: ExactBlock, warm: tuple[Tensor, ...], index: int = 0) -> Tenso
     gen = torch.Generator().manual_seed(index)
     m = torch.randn(d_in, d_in, generator=gen, dtype=torch.float64).to(dtype=ref.dtype, device=ref.device)
     return m + m.T
+
+
+def _usable(start: Tensor) -> bool:
+    """A start vector must be finite and nonzero (a vanished operator leaves zero vectors)."""
+    norm = torch.linalg.norm(start)
+    return bool(torch.isfinite(norm)) and float(norm) > 0
 
 
 def _report(method: Method, triplets: SingularTriplets, layer: str) -> None:
@@ -266,7 +272,8 @@ def lanczos(
     clock = time.perf_counter()
     start = _start(block, warm_start)
     if len(warm_start) > 1:  # restart direction of K §3.2.2: a combination of singular vectors
-        start = sum(warm_start[1:], start)
+        combined = sum(warm_start[1:], start)
+        start = combined if _usable(combined) else start
     trip = lanczos_svd(
         block.rearranged_matvec,
         block.rearranged_rmatvec,

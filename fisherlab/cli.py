@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 import warnings
 from datetime import datetime
 from pathlib import Path
 
-from fisherlab._errors import ConvergenceWarning, FisherlabError
+from fisherlab._errors import ConvergenceWarning, FisherlabError, UndefinedMetricWarning
 from fisherlab.run import ALL_METHODS, ProbeConfig
 
 __all__ = ["main"]
@@ -45,8 +46,11 @@ def _csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    from fisherlab import __version__
+
     parser = argparse.ArgumentParser(prog="fisherlab", description="Probe the exact Fisher during training and measure Kronecker approximations against it.")
+    parser.add_argument("--version", action="version", version=f"fisherlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     d = ProbeConfig()
     p = sub.add_parser("probe", help="train a problem and probe the exact Fisher every k iterations",
@@ -84,54 +88,45 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--figure", default=None, help="figure path .png/.pdf (default: next to --out); 'none' to skip")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    q = sub.add_parser("plot", help="draw error 1 and error 2 vs iteration (K Figure 1) from a results file",
+    q = sub.add_parser("plot", help="draw error 1 and error 2 vs iteration (K Figure 1) from one or several results files",
                        epilog=PLOT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    q.add_argument("path", help="results file written by fisherlab probe")
-    q.add_argument("--out", default=None, help="figure path .png or .pdf (default: the results path with .png)")
+    q.add_argument("paths", nargs="+", metavar="path", help="results files written by fisherlab probe (several: overlaid, one dash pattern per run)")
+    q.add_argument("--out", default=None, help="figure path .png or .pdf (default: the first results path with .png)")
     t = sub.add_parser("train", help="compare optimizers on a problem (K Figure 2, T Figures 2-4)",
                        epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     from fisherlab.train import TrainConfig
 
     td = TrainConfig()
-    t.add_argument("--problem", default=td.problem)
-    t.add_argument("--data-dir", default=None)
+    t.add_argument("--problem", default=td.problem, help="curves | mnist | faces | cnn | deeplinear64 | deeplinear14 | resnet18 | resnet34 "
+                   "(default: %(default)s)")
+    t.add_argument("--data-dir", default=None, help="directory with the real data files (default: embedded data, no download)")
     t.add_argument("--optimizers", type=_csv, default=td.optimizers,
-                   help="sgd, adam, kfac, kpsvd, deflation, lanczos, kfac_corrected, kfac2l_<coarse space>, kfac2l_tko")
-    t.add_argument("--epochs", type=int, default=td.epochs)
-    t.add_argument("--batch-size", type=int, default=None)
-    t.add_argument("--lr", type=_floats, default=(), help="one value, or several for a grid search (default per optimizer)")
-    t.add_argument("--damping", type=_floats, default=td.damping, help="one value or a grid (default: %(default)s)")
-    t.add_argument("--weight-decay", type=float, default=td.weight_decay)
-    t.add_argument("--kl-clip", type=float, default=td.kl_clip, help="KL clipping constant c (K App. E); 0 disables")
-    t.add_argument("--t1", type=int, default=td.t1, help="refresh factors every T1 steps")
-    t.add_argument("--t2", type=int, default=td.t2, help="refactorise the damped approximation every T2 steps")
-    t.add_argument("--patience", type=int, default=td.patience, help="early stopping patience in epochs")
-    t.add_argument("--max-batches", type=int, default=None, help="cap on batches per epoch (quick runs)")
-    t.add_argument("--device", default=td.device)
-    t.add_argument("--seed", type=int, default=td.seed)
+                   help="comma-separated: sgd, adam, kfac, kpsvd, deflation, lanczos, kfac_corrected, kfac2l_<coarse space>, "
+                        "kfac2l_tko (default: %(default)s)")
+    t.add_argument("--epochs", type=int, default=td.epochs, help="epochs per optimizer (default: %(default)s)")
+    t.add_argument("--batch-size", type=int, default=None, help="default: the paper's (curves 256, mnist 512, faces 1024)")
+    t.add_argument("--lr", type=_floats, default=(), help="one value, or several for a grid search (default: sgd 1e-2, adam 1e-3, "
+                   "Kronecker methods 1 with KL clipping)")
+    t.add_argument("--damping", type=_floats, default=td.damping, help="one value or a grid, Kronecker methods only (default: %(default)s)")
+    t.add_argument("--weight-decay", type=float, default=td.weight_decay, help="coupled L2 coefficient (default: %(default)s)")
+    t.add_argument("--kl-clip", type=float, default=td.kl_clip, help="KL clipping constant c (K App. E); 0 disables (default: %(default)s)")
+    t.add_argument("--t1", type=int, default=td.t1, help="refresh factors every T1 steps (default: %(default)s)")
+    t.add_argument("--t2", type=int, default=td.t2, help="refactorise the damped approximation every T2 steps (default: %(default)s)")
+    t.add_argument("--patience", type=int, default=td.patience, help="early stopping patience in epochs (default: %(default)s)")
+    t.add_argument("--max-batches", type=int, default=None, help="cap on batches per epoch for quick runs (default: a whole epoch)")
+    t.add_argument("--device", default=td.device, help="auto | cpu | cuda | cuda:N (default: auto = CUDA when available)")
+    t.add_argument("--seed", type=int, default=td.seed, help="seed of initialisation, data order and MC targets (default: %(default)s)")
+    t.add_argument("--config", default=None, help="JSON file with the same fields as the flags (flags given explicitly win)")
     t.add_argument("--out", default=None, help="results file .nc (default: data/train-<problem>-<time>.nc)")
-    t.add_argument("--overwrite", action="store_true")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
     i = sub.add_parser("info", help="print dims, methods and attributes of a results file")
     i.add_argument("path")
-    return parser
+    return parser, {"probe": p, "train": t}
 
 
-def _config(args: argparse.Namespace, argv: list[str]) -> ProbeConfig:
-    fields = ProbeConfig.__dataclass_fields__
-    values = {k: getattr(args, k) for k in fields}
-    if args.config:
-        try:
-            loaded = json.loads(Path(args.config).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise FisherlabError(f"cannot read --config {args.config}: {exc}") from None
-        unknown = sorted(set(loaded) - set(fields))
-        if unknown:
-            raise FisherlabError(f"--config has unknown fields {unknown}")
-        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
-        for key, value in loaded.items():
-            if key not in given:
-                values[key] = tuple(value) if isinstance(value, list) else value
+def _config(args: argparse.Namespace) -> ProbeConfig:
+    values = {k: getattr(args, k) for k in ProbeConfig.__dataclass_fields__}
     if values["layers"] is None:
         from fisherlab.problems import get_problem
 
@@ -139,24 +134,78 @@ def _config(args: argparse.Namespace, argv: list[str]) -> ProbeConfig:
     return ProbeConfig(**values)
 
 
-def _probe(args: argparse.Namespace, argv: list[str]) -> int:
+def _config_defaults(path: str, config_class: type) -> dict[str, object]:
+    """Fields of a ``--config`` JSON file, type-checked against ``config_class``, as parser defaults.
+
+    They become the subcommand's defaults, so argparse itself decides that flags given on the
+    command line (abbreviated or not) win.
+
+    Raises:
+        FisherlabError: Unreadable file, unknown field, or a value of the wrong type, naming
+            the file, the field and what was expected.
+    """
+    try:
+        loaded = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FisherlabError(f"cannot read --config {path}: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise FisherlabError(f"--config {path} must hold a JSON object of fields, got {type(loaded).__name__}")
+    hints = typing.get_type_hints(config_class)
+    unknown = sorted(set(loaded) - set(hints))
+    if unknown:
+        raise FisherlabError(f"--config {path} has unknown fields {unknown}; known: {', '.join(hints)}")
+    return {key: _typed(value, hints[key], f"--config {path}: field {key!r}") for key, value in loaded.items()}
+
+
+def _typed(value: object, hint: object, where: str) -> object:
+    """``value`` checked (and lists made tuples) against a config field's type ``hint``."""
+    args = typing.get_args(hint)
+    if type(None) in args:  # Optional
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:
+        item = args[0]
+        if not isinstance(value, list):
+            example = '["5", "6"]' if item is str else "[0.1, 1.0]"
+            raise FisherlabError(f"{where} must be a list, e.g. {example}; got {json.dumps(value)}")
+        return tuple(_typed(v, item, where) for v in value)
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value  # type: ignore[arg-type]
+    elif hint is str:
+        ok = isinstance(value, str | int) and not isinstance(value, bool)  # layer names may be written as numbers
+        value = str(value) if ok else value
+    else:
+        ok = True
+    if not ok:
+        name = getattr(hint, "__name__", str(hint))
+        expected = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}.get(name, name)
+        raise FisherlabError(f"{where} must be {expected}; got {json.dumps(value)}")
+    return value
+
+
+def _probe(args: argparse.Namespace) -> int:
     from fisherlab.plots import error_figure, save_figure, two_level_figure
     from fisherlab.run import run_probe
 
-    config = _config(args, argv)
+    config = _config(args)
     out = Path(args.out or f"data/probe-{config.problem}-{datetime.now():%Y%m%d-%H%M%S}.nc")
     if out.suffix != ".nc":
         raise FisherlabError(f"--out must end in .nc, got {out.name}")
     figure = None if args.figure == "none" else Path(args.figure or out.with_suffix(".png"))
     if figure is not None and figure.suffix.lower() not in (".png", ".pdf"):
         raise FisherlabError(f"--figure must end in .png or .pdf, got {figure.name}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("once", ConvergenceWarning)
-        try:
-            ds = run_probe(config, out, overwrite=args.overwrite, progress=not args.no_progress)
-        except KeyboardInterrupt:
-            print(f"fisherlab: interrupted; finished snapshots are in {out}", file=sys.stderr)
-            return 130
+    try:
+        ds = run_probe(config, out, overwrite=args.overwrite, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"fisherlab: interrupted; finished snapshots are in {out}", file=sys.stderr)
+        return 130
     if figure is not None:
         save_figure(error_figure(ds), figure)
         if config.two_level:
@@ -174,19 +223,21 @@ def _two_level_path(figure: Path) -> Path:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from fisherlab.plots import error_figure, save_figure, two_level_figure
+    from fisherlab.plots import error_figure, save_figure, training_figure, two_level_figure
     from fisherlab.results import load
 
-    ds = load(args.path)
-    out = Path(args.out) if args.out else Path(args.path).with_suffix(".png")
-    if "optimizer" in ds.dims:
-        from fisherlab.plots import training_figure
-
-        print(f"wrote {save_figure(training_figure(ds), out)}")
+    datasets = {path: load(path) for path in args.paths}
+    out = Path(args.out) if args.out else Path(args.paths[0]).with_suffix(".png")
+    first = next(iter(datasets.values()))
+    if "optimizer" in first.dims:
+        if len(datasets) > 1:
+            raise FisherlabError("plot overlays several probe files; give one fisherlab train file at a time")
+        print(f"wrote {save_figure(training_figure(first), out)}")
         return 0
-    written = [save_figure(error_figure(ds), out)]
-    if "gap" in ds:
-        written.append(save_figure(two_level_figure(ds), _two_level_path(out)))
+    runs = {Path(p).stem: ds for p, ds in datasets.items()} if len(datasets) > 1 else first
+    written = [save_figure(error_figure(runs), out)]
+    if len(datasets) == 1 and "gap" in first:
+        written.append(save_figure(two_level_figure(first), _two_level_path(out)))
     print("wrote " + " and ".join(str(w) for w in written))
     return 0
 
@@ -195,16 +246,17 @@ def _train(args: argparse.Namespace) -> int:
     from fisherlab.plots import save_figure, training_figure
     from fisherlab.train import TrainConfig, run_training
 
-    config = TrainConfig(problem=args.problem, data_dir=args.data_dir, optimizers=args.optimizers, epochs=args.epochs,
-                         batch_size=args.batch_size, lr=args.lr, damping=args.damping, weight_decay=args.weight_decay,
-                         kl_clip=args.kl_clip or None, t1=args.t1, t2=args.t2, patience=args.patience,
-                         max_batches=args.max_batches, device=args.device, seed=args.seed)
+    values = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__}
+    values["kl_clip"] = values["kl_clip"] or None  # 0 disables
+    config = TrainConfig(**values)
     out = Path(args.out or f"data/train-{config.problem}-{datetime.now():%Y%m%d-%H%M%S}.nc")
     if out.suffix != ".nc":
         raise FisherlabError(f"--out must end in .nc, got {out.name}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("once", ConvergenceWarning)
+    try:
         ds = run_training(config, out, overwrite=args.overwrite, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"fisherlab: interrupted; finished epochs are in {out}", file=sys.stderr)
+        return 130
     figure = save_figure(training_figure(ds), out.with_suffix(".png"))
     final = " ".join(f"{o}={float(ds['train_loss'].sel({'optimizer': o}).dropna('epoch')[-1]):.4g}" for o in ds["optimizer"].values)
     print(f"wrote {out} and {figure}; final training loss: {final}")
@@ -219,24 +271,42 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: object = None,
+                      line: str | None = None) -> None:
+    """Show a warning as one ``fisherlab: warning: ...`` line on stderr (no source line)."""
+    print(f"fisherlab: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fisherlab`` command; returns the exit status.
 
     Bad input (``FisherlabError``) prints one ``fisherlab: error: ...`` line and returns 2.
+    Warnings (a solver that did not converge, an undefined metric) print one line each, once.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = _parser().parse_args(argv)
-    try:
-        if args.command == "probe":
-            return _probe(args, argv)
-        if args.command == "plot":
-            return _plot(args)
-        if args.command == "train":
-            return _train(args)
-        return _info(args)
-    except FisherlabError as exc:
-        print(f"fisherlab: error: {exc}", file=sys.stderr)
-        return 2
+    parser, commands = _parser()
+    args = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("once", ConvergenceWarning)
+        warnings.simplefilter("once", UndefinedMetricWarning)
+        warnings.showwarning = _one_line_warning
+        try:
+            if getattr(args, "config", None):
+                from fisherlab.train import TrainConfig
+
+                config_class = ProbeConfig if args.command == "probe" else TrainConfig
+                commands[args.command].set_defaults(**_config_defaults(args.config, config_class))
+                args = parser.parse_args(argv)  # flags given explicitly win over the config's values
+            if args.command == "probe":
+                return _probe(args)
+            if args.command == "plot":
+                return _plot(args)
+            if args.command == "train":
+                return _train(args)
+            return _info(args)
+        except FisherlabError as exc:
+            print(f"fisherlab: error: {exc}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ Hinton & Salakhutdinov (2006).
 from __future__ import annotations
 
 import gzip
+import pickle
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -46,6 +47,8 @@ class ImageData:
         source: Where the images come from (stored in the dataset attributes).
         train_labels: Class labels ``[n_train]`` when the data have them.
         valid_labels: Class labels ``[n_valid]`` when the data have them.
+        stand_in: True when the images stand in for the paper's dataset (embedded
+            substitutes); runs say so on the console and in figure titles.
     """
 
     train: Tensor
@@ -53,6 +56,7 @@ class ImageData:
     source: str
     train_labels: Tensor | None = None
     valid_labels: Tensor | None = None
+    stand_in: bool = False
 
 
 def curves_images(n: int, *, seed: int = 0, size: int = 28, width: float = 0.8) -> Tensor:
@@ -90,7 +94,8 @@ def _embedded(problem: str, seed: int) -> ImageData:
         imgs = nnf.pad(big, (4, 4, 4, 4)).flatten(1)
         perm = torch.randperm(imgs.shape[0], generator=torch.Generator().manual_seed(seed))
         imgs, labels = imgs[perm], torch.as_tensor(raw.target)[perm]
-        return ImageData(imgs[:1_500], imgs[1_500:], "STAND-IN for MNIST: scikit-learn UCI digits resized to 28x28", labels[:1_500], labels[1_500:])
+        return ImageData(imgs[:1_500], imgs[1_500:], "STAND-IN for MNIST: scikit-learn UCI digits resized to 28x28", labels[:1_500], labels[1_500:],
+                         stand_in=True)
     if problem == "cifar10":
         from sklearn.datasets import load_digits
 
@@ -100,7 +105,7 @@ def _embedded(problem: str, seed: int) -> ImageData:
         perm = torch.randperm(rgb.shape[0], generator=torch.Generator().manual_seed(seed))
         imgs, labels = rgb[perm].reshape(rgb.shape[0], -1), torch.as_tensor(raw.target)[perm]
         return ImageData(imgs[:1_500], imgs[1_500:], "STAND-IN for CIFAR-10: scikit-learn UCI digits as 3x32x32 images, 10 classes",
-                         labels[:1_500], labels[1_500:])
+                         labels[:1_500], labels[1_500:], stand_in=True)
     if problem == "faces":
         import skimage.data
 
@@ -111,28 +116,54 @@ def _embedded(problem: str, seed: int) -> ImageData:
         imgs = torch.cat(shifted).flatten(1)
         perm = torch.randperm(imgs.shape[0], generator=torch.Generator().manual_seed(seed))
         imgs = imgs[perm]
-        return ImageData(imgs[:1_440], imgs[1_440:], "STAND-IN for FACES: scikit-image LFW subset faces, mirrored and shifted")
+        return ImageData(imgs[:1_440], imgs[1_440:], "STAND-IN for FACES: scikit-image LFW subset faces, mirrored and shifted", stand_in=True)
     raise FisherlabError(f"no embedded data for problem {problem!r}")
 
 
-def _read_idx(path: Path) -> np.ndarray:
+#: Pixels per image of each dataset, as the problems' input layers expect.
+PIXELS = {"mnist": 784, "curves": 784, "faces": 625, "cifar10": 3 * 32 * 32}
+
+
+def _read_bytes(path: Path) -> bytes:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:  # type: ignore[operator]
-        raw = fh.read()
+    try:
+        with opener(path, "rb") as fh:  # type: ignore[operator]
+            return fh.read()
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        raise FisherlabError(f"cannot read {path}: {exc}") from None
+
+
+def _read_idx(path: Path, pixels: int) -> np.ndarray:
+    """Images of an IDX file (magic 2051) as ``[n, rows * cols]`` uint8, checked against the header."""
+    raw = _read_bytes(path)
     if len(raw) < 16 or int.from_bytes(raw[:4], "big") != 2051:
-        raise FisherlabError(f"{path} is not an MNIST IDX image file (magic number 2051 expected)")
+        raise FisherlabError(f"{path} is not an MNIST IDX image file (magic number 2051 and a 16-byte header expected)")
     n, rows, cols = (int.from_bytes(raw[4 * i : 4 * i + 4], "big") for i in (1, 2, 3))
-    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, rows * cols).copy()
+    if n == 0 or rows * cols == 0:
+        raise FisherlabError(f"{path} holds no images (header: {n} images of {rows}x{cols})")
+    if rows * cols != pixels:
+        raise FisherlabError(f"{path} has {rows}x{cols} images; this problem needs {pixels} pixels per image (28x28 for MNIST)")
+    if len(raw) - 16 < n * rows * cols:
+        raise FisherlabError(f"{path} is truncated: its header announces {n} images of {rows}x{cols} "
+                             f"({n * rows * cols} bytes) but it holds {len(raw) - 16}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=16, count=n * rows * cols).reshape(n, rows * cols).copy()
 
 
-def _mnist_labels(data_dir: Path) -> Tensor | None:
-    for name in ("train-labels-idx1-ubyte", "train-labels-idx1-ubyte.gz"):
+def _mnist_labels(data_dir: Path, n_images: int) -> Tensor | None:
+    """Labels of an IDX label file (magic 2049), one per image, each in 0..9; None if absent."""
+    for name in ("train-labels-idx1-ubyte", "train-labels-idx1-ubyte.gz", "train-labels.idx1-ubyte"):
         path = data_dir / name
         if path.is_file():
-            opener = gzip.open if path.suffix == ".gz" else open
-            with opener(path, "rb") as fh:  # type: ignore[operator]
-                raw = fh.read()
-            return torch.as_tensor(np.frombuffer(raw, dtype=np.uint8, offset=8).astype(np.int64))
+            raw = _read_bytes(path)
+            if len(raw) < 8 or int.from_bytes(raw[:4], "big") != 2049:
+                raise FisherlabError(f"{path} is not an MNIST IDX label file (magic number 2049 and an 8-byte header expected)")
+            n = int.from_bytes(raw[4:8], "big")
+            if n < n_images or len(raw) - 8 < n_images:
+                raise FisherlabError(f"{path} has {min(n, len(raw) - 8)} labels for {n_images} images; one label per image expected")
+            labels = np.frombuffer(raw, dtype=np.uint8, offset=8, count=n_images).astype(np.int64)
+            if labels.max() > 9:
+                raise FisherlabError(f"{path} has label {int(labels.max())}; MNIST labels are 0 to 9")
+            return torch.as_tensor(labels)
     return None
 
 
@@ -144,17 +175,72 @@ def _find(data_dir: Path, names: list[str], problem: str) -> Path:
 
 
 def _mat_array(path: Path, keys: list[str], pixels: int) -> np.ndarray:
+    """The first of ``keys`` in a MATLAB file as ``[n, pixels]`` float32 (either orientation)."""
     from scipy.io import loadmat
 
     try:
         mat = loadmat(path)
-    except (ValueError, NotImplementedError, OSError) as exc:
-        raise FisherlabError(f"cannot read {path}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a user file: any failure becomes one error; scipy raises MatReadError, ValueError, TypeError, ... on bad files
+        raise FisherlabError(f"cannot read {path} as a MATLAB .mat file: {exc}") from None
     for key in keys:
         if key in mat:
-            arr = np.asarray(mat[key], dtype=np.float32)
-            return arr.T if arr.shape[0] == pixels and arr.shape[1] != pixels else arr
+            try:
+                arr = np.asarray(mat[key], dtype=np.float32)
+            except (TypeError, ValueError):
+                raise FisherlabError(f"{path}: variable {key!r} is not a numeric array") from None
+            if arr.ndim == 2 and arr.shape[1] != pixels and arr.shape[0] == pixels:
+                arr = arr.T
+            if arr.ndim != 2 or arr.shape[1] != pixels or arr.shape[0] == 0:
+                raise FisherlabError(f"{path}: variable {key!r} has shape {arr.shape}; expected [images, {pixels}] (or its transpose)")
+            if not np.isfinite(arr).all():
+                raise FisherlabError(f"{path}: variable {key!r} contains NaN or inf")
+            return arr
     raise FisherlabError(f"{path} has none of the variables {keys}; found {sorted(k for k in mat if not k.startswith('__'))}")
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what a CIFAR-10 python batch holds: builtins and plain numpy arrays.
+
+    ``pickle.load`` on a file from elsewhere can run any code; this unpickler refuses every
+    global except numpy's array reconstruction, so a crafted file fails before running anything.
+    """
+
+    ALLOWED = frozenset({
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.numeric", "_frombuffer"),  # numpy arrays at pickle protocol 5
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # how Python 3 writes bytes at pickle protocol 2
+    })
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in self.ALLOWED:
+            if module.startswith("numpy.core."):  # numpy 2 moved numpy.core to numpy._core (and warns on the old path)
+                try:
+                    return super().find_class(module.replace("numpy.core.", "numpy._core.", 1), name)
+                except ImportError:  # numpy 1.x
+                    pass
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it contains a pickled {module}.{name}, which a CIFAR-10 batch does not have")
+
+
+def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``[n, 3072]`` uint8 and labels ``[n]`` of one CIFAR-10 python batch, safely."""
+    try:
+        with open(path, "rb") as fh:
+            d = _CifarUnpickler(fh, encoding="bytes").load()
+    except Exception as exc:  # noqa: BLE001 - a user file: any failure becomes one error; garbage bytes raise UnpicklingError, EOFError, ValueError, ...
+        raise FisherlabError(f"refusing {path}: not a CIFAR-10 python batch ({exc})") from None
+    data = d.get(b"data", d.get("data")) if isinstance(d, dict) else None
+    labels = d.get(b"labels", d.get("labels")) if isinstance(d, dict) else None
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072 or not isinstance(labels, list | np.ndarray):
+        raise FisherlabError(f"{path} is not a CIFAR-10 python batch: expected a dict with 'data' [n, 3072] and 'labels' [n]")
+    labels = np.asarray(labels)
+    if labels.shape != (data.shape[0],) or labels.dtype.kind not in "iu" or (labels.size and (labels.min() < 0 or labels.max() > 9)):
+        raise FisherlabError(f"{path}: 'labels' must hold {data.shape[0]} integers from 0 to 9")
+    return data.astype(np.uint8), labels.astype(np.int64)
 
 
 def _real(problem: str, data_dir: Path) -> ImageData:
@@ -162,31 +248,26 @@ def _real(problem: str, data_dir: Path) -> ImageData:
         raise FisherlabError(f"data directory {data_dir} does not exist")
     if problem == "mnist":
         path = _find(data_dir, ["train-images-idx3-ubyte", "train-images-idx3-ubyte.gz", "train-images.idx3-ubyte"], problem)
-        imgs = torch.as_tensor(_read_idx(path), dtype=torch.float32) / 255.0
-        labels = _mnist_labels(data_dir)
+        raw = _read_idx(path, PIXELS["mnist"])
+        imgs = torch.as_tensor(raw, dtype=torch.float32) / 255.0
+        labels = _mnist_labels(data_dir, raw.shape[0])
         return ImageData(imgs[:50_000], imgs[50_000:60_000], f"MNIST from {path}",
                          None if labels is None else labels[:50_000], None if labels is None else labels[50_000:60_000])
     if problem == "cifar10":
-        import pickle
-
         batches = [data_dir / f"data_batch_{i}" for i in range(1, 6)]
         if not all(b.is_file() for b in batches):
             raise FisherlabError(f"no cifar10 data in {data_dir}: expected data_batch_1 … data_batch_5 (CIFAR-10 python version)")
-        xs, ys = [], []
-        for b in batches:
-            with open(b, "rb") as fh:
-                d = pickle.load(fh, encoding="bytes")
-            xs.append(torch.as_tensor(np.asarray(d[b"data"]), dtype=torch.float32) / 255.0)
-            ys.append(torch.as_tensor(np.asarray(d[b"labels"])))
-        imgs, labels = torch.cat(xs), torch.cat(ys)
+        pairs = [_cifar_batch(b) for b in batches]
+        imgs = torch.as_tensor(np.concatenate([p[0] for p in pairs]), dtype=torch.float32) / 255.0
+        labels = torch.as_tensor(np.concatenate([p[1] for p in pairs]))
         return ImageData(imgs[:45_000], imgs[45_000:], f"CIFAR-10 from {data_dir}", labels[:45_000], labels[45_000:])
     if problem == "faces":
         path = _find(data_dir, ["newfaces_rot_single.mat"], problem)
-        imgs = torch.as_tensor(_mat_array(path, ["newfaces_single", "newfaces"], 625))
+        imgs = torch.as_tensor(_mat_array(path, ["newfaces_single", "newfaces"], PIXELS["faces"]))
         return ImageData(imgs[:82_800], imgs[82_800:103_500], f"FACES from {path}")
     if problem == "curves":
         path = _find(data_dir, ["digs3pts_1.mat"], problem)
-        imgs = torch.as_tensor(_mat_array(path, ["bdata"], 784))
+        imgs = torch.as_tensor(_mat_array(path, ["bdata"], PIXELS["curves"]))
         return ImageData(imgs[:16_000], imgs[16_000:20_000], f"CURVES from {path}")
     raise FisherlabError(f"no loader for problem {problem!r}")
 

@@ -68,7 +68,7 @@ def power_svd(
     References:
         Koroko et al. (2022), App. B.1, Algorithm 1.
     """
-    y = start / torch.linalg.norm(start)
+    y = _unit(start)
     ay = mv(y)
     sigma = torch.zeros((), dtype=start.dtype, device=start.device)
     x = ay
@@ -126,7 +126,7 @@ def lanczos_svd(
     """
     in_shape, dtype, device = start.shape, start.dtype, start.device
     n_in = start.numel()
-    q = (start / torch.linalg.norm(start)).flatten()
+    q = _unit(start).flatten()
     iterations = 0
     best: SingularTriplets | None = None
     fresh_start_used = False
@@ -174,9 +174,7 @@ def lanczos_svd(
             # can be orthogonal to the row space); if A annihilates that too, A = 0.
             if not fresh_start_used:
                 fresh_start_used = True
-                gen = torch.Generator().manual_seed(0)
-                q = torch.randn(n_in, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
-                q = q / torch.linalg.norm(q)
+                q = _fixed_random(start).flatten()
                 continue
             zeros_out = torch.zeros(out_shape, dtype=dtype, device=device)
             zeros_in = torch.zeros(in_shape, dtype=dtype, device=device)
@@ -198,6 +196,20 @@ def lanczos_svd(
         q = q / torch.linalg.norm(q)
     assert best is not None
     return best
+
+
+def _fixed_random(like: Tensor) -> Tensor:
+    """A unit vector shaped like ``like`` from a fixed seed (same on every device)."""
+    r = torch.randn(like.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return (r / torch.linalg.norm(r)).to(dtype=like.dtype, device=like.device)
+
+
+def _unit(start: Tensor) -> Tensor:
+    """``start`` normalised; a zero or non-finite start becomes :func:`_fixed_random`."""
+    norm = torch.linalg.norm(start)
+    if not bool(torch.isfinite(norm)) or float(norm) == 0:
+        return _fixed_random(start)
+    return start / norm
 
 
 def _bidiagonal(alphas: list[Tensor], betas: list[Tensor], n_cols: int | None = None) -> Tensor:

@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 import xarray as xr
+from torch import Tensor
 
 from fisherlab._errors import FisherlabError
 
-__all__ = ["TWO_LEVEL_VARIABLES", "VARIABLES", "ResultsWriter", "load", "snapshot_dataset", "validate"]
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = ["TWO_LEVEL_VARIABLES", "VARIABLES", "ResultsWriter", "factors_dir", "load", "load_factors", "snapshot_dataset", "validate"]
 
 #: name -> (dims, long_name, units, definition)
 VARIABLES: dict[str, tuple[tuple[str, ...], str, str, str]] = {
@@ -95,19 +101,25 @@ def load(path: str | Path) -> xr.Dataset:
 class ResultsWriter:
     """Accumulates snapshot datasets and keeps the file on disk up to date.
 
+    The writer holds a lock on ``<path>.lock`` (``filelock``; released by :meth:`close`, on
+    leaving a ``with`` block, or when the process dies), so a second run with the same
+    output is refused instead of silently overwriting the first.
+
     Args:
         path: Output file (``.nc``).
-        attrs: Run attributes (str/int/float only).
-        overwrite: Replace an existing file; otherwise an existing path is an error.
+        attrs: Run attributes (str/int/float only); may be completed before the first write.
+        overwrite: Replace an existing file (and the stored factors of the earlier run);
+            otherwise an existing path is an error.
 
     Raises:
-        FisherlabError: Existing path without ``overwrite``, unwritable directory.
+        FisherlabError: Existing path without ``overwrite``, unwritable directory, another
+            run writing the same path.
     """
 
     def __init__(self, path: str | Path, attrs: dict[str, str | int | float], *, overwrite: bool = False) -> None:
+        from filelock import FileLock, Timeout
+
         self.path = Path(path)
-        if self.path.exists() and not overwrite:
-            raise FisherlabError(f"output {self.path} already exists; choose another --out or pass --overwrite")
         if self.path.is_dir():
             raise FisherlabError(f"output {self.path} is a directory")
         try:
@@ -116,11 +128,54 @@ class ResultsWriter:
             raise FisherlabError(f"cannot create directory {self.path.parent}: {exc.strerror}") from None
         if not os.access(self.path.parent, os.W_OK):
             raise FisherlabError(f"output directory {self.path.parent} is not writable")
+        self._lock = FileLock(str(self.path) + ".lock")
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            raise FisherlabError(f"another fisherlab run is writing {self.path} (lock {self.path}.lock held); choose another --out") from None
+        except OSError as exc:
+            raise FisherlabError(f"cannot lock {self.path}: {exc.strerror}") from None
+        if self.path.exists() and not overwrite:
+            self.close()
+            raise FisherlabError(f"output {self.path} already exists; choose another --out or pass --overwrite")
+        if overwrite:
+            self._clear_stored_factors()
         self.attrs = attrs
         self.snapshots: list[xr.Dataset] = []
 
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the output lock (the file stays as last written)."""
+        self._lock.release()
+        Path(self._lock.lock_file).unlink(missing_ok=True)
+
+    @property
+    def factors_dir(self) -> Path:
+        """Where ``--store-factors`` puts per-snapshot factors: ``<out>.factors/``."""
+        return factors_dir(self.path)
+
+    def store_factors(self, iteration: int, layer: str, a: Tensor, g: Tensor) -> Path:
+        """Save one layer's per-sample factors ``a``, ``g`` of one snapshot as a tensors-only
+        ``.pt`` file (read it back with :func:`load_factors`)."""
+        folder = self.factors_dir
+        folder.mkdir(exist_ok=True)
+        path = folder / f"iter{iteration:06d}_layer{layer}.pt"
+        torch.save({"a": a.cpu(), "g": g.cpu(), "iteration": iteration, "layer": layer}, path)
+        return path
+
+    def _clear_stored_factors(self) -> None:
+        folder = self.factors_dir
+        if folder.is_dir():
+            for old in folder.glob("iter*_layer*.pt"):
+                old.unlink()
+
     def append(self, snapshot: xr.Dataset) -> xr.Dataset:
-        """Add one snapshot (``iteration`` of length 1) and rewrite the file atomically."""
+        """Add one snapshot and rewrite the file; returns the whole dataset so far."""
         self.snapshots.append(snapshot)
         ds = xr.concat(self.snapshots, dim="iteration") if len(self.snapshots) > 1 else snapshot
         for name, (_dims, long_name, units, definition) in (VARIABLES | TWO_LEVEL_VARIABLES).items():
@@ -131,13 +186,42 @@ class ResultsWriter:
     def write(self, ds: xr.Dataset) -> xr.Dataset:
         """Write a whole dataset with the run attributes: temporary file, then ``os.replace``."""
         ds.attrs = dict(self.attrs)
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
             ds.to_netcdf(tmp, engine="scipy")
             os.replace(tmp, self.path)
         except OSError as exc:
+            tmp.unlink(missing_ok=True)
             raise FisherlabError(f"cannot write {self.path}: {exc.strerror}") from None
         return ds
+
+
+def factors_dir(out: str | Path) -> Path:
+    """Where ``--store-factors`` puts the factors of the run writing ``out``: ``<out>.factors/``."""
+    out = Path(out)
+    return out.with_name(out.name + ".factors")
+
+
+def load_factors(path: str | Path) -> dict[str, Tensor | int | str]:
+    """Read a stored-factors file with ``torch.load(weights_only=True)``: tensors, ints and
+    strings only, so a crafted file cannot run code.
+
+    Returns:
+        ``{"a": [N, T, d_in], "g": [N, V, T, d_out], "iteration": int, "layer": str}``.
+
+    Raises:
+        FisherlabError: Missing file, or a file that is not a tensors-only factors file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FisherlabError(f"no such factors file: {path}")
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a user file: any failure becomes one error; torch raises UnpicklingError, RuntimeError, EOFError, ... on bad files
+        raise FisherlabError(f"cannot read {path} as a fisherlab factors file: {str(exc).splitlines()[0]}") from None
+    if not isinstance(d, dict) or not isinstance(d.get("a"), Tensor) or not isinstance(d.get("g"), Tensor):
+        raise FisherlabError(f"{path} is not a fisherlab factors file (expected a dict with tensors 'a' and 'g')")
+    return d
 
 
 def snapshot_dataset(

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -57,18 +61,31 @@ class TrainConfig:
             raise FisherlabError(f"unknown optimizers {unknown}; choose from: {', '.join(OPTIMIZER_NAMES)}")
         if self.epochs < 1 or self.patience < 1 or self.t1 < 1 or self.t2 < 1:
             raise FisherlabError("--epochs, --patience, --t1 and --t2 must be positive integers")
-        if any(v <= 0 for v in (*self.lr, *self.damping)) or not self.damping:
-            raise FisherlabError("learning rates and dampings must be positive")
+        for flag, values in (("--lr", self.lr), ("--damping", self.damping)):
+            bad = [v for v in values if not (math.isfinite(v) and v > 0)]
+            if bad:
+                raise FisherlabError(f"{flag} values must be finite and positive, got {', '.join(map(str, bad))}")
+        if not self.damping:
+            raise FisherlabError("--damping needs at least one value")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise FisherlabError(f"--weight-decay must be finite and non-negative, got {self.weight_decay}")
+        if self.kl_clip is not None and not (math.isfinite(self.kl_clip) and self.kl_clip > 0):
+            raise FisherlabError(f"--kl-clip must be finite and positive (0 disables it), got {self.kl_clip}")
         if self.max_batches is not None and self.max_batches < 1:
             raise FisherlabError(f"--max-batches must be positive, got {self.max_batches}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise FisherlabError(f"--batch-size must be positive, got {self.batch_size}")
 
 
 def _mean_loss(model: torch.nn.Module, problem: Problem, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean per-sample loss over ``x``; NaN for an empty set (no validation data), never 0."""
+    if x.shape[0] == 0:
+        return float("nan")
     with torch.no_grad():
         total = 0.0
         for start in range(0, x.shape[0], 1024):
             total += float(per_sample_loss(problem.loss, model(x[start : start + 1024]), y[start : start + 1024]).sum())
-    return total / max(1, x.shape[0])
+    return total / x.shape[0]
 
 
 def _targets(problem: Problem, x: torch.Tensor, labels: torch.Tensor | None, seed: int) -> torch.Tensor:
@@ -83,8 +100,11 @@ def _targets(problem: Problem, x: torch.Tensor, labels: torch.Tensor | None, see
 
 
 def _train_one(name: str, problem: Problem, config: TrainConfig, lr: float | None, damping: float, data: dict, device: torch.device,
-               progress: bool) -> dict[str, np.ndarray]:
-    """Train one optimizer setting; returns per-epoch arrays (NaN after early stopping)."""
+               progress: bool, on_epoch: Callable[[dict[str, np.ndarray]], None] = lambda _: None) -> dict[str, np.ndarray]:
+    """Train one optimizer setting; returns per-epoch arrays (NaN after early stopping).
+
+    ``on_epoch`` sees the arrays after every epoch (the caller writes them to disk).
+    """
     model = problem.model(seed=config.seed, device=device)
     kw = {} if name in ("sgd", "adam") else {"damping": damping, "kl_clip": config.kl_clip, "t1": config.t1, "t2": config.t2, "seed": config.seed}
     opt = make_optimizer(name, model, problem.loss, lr=lr, weight_decay=config.weight_decay, **kw)
@@ -111,6 +131,7 @@ def _train_one(name: str, problem: Problem, config: TrainConfig, lr: float | Non
         out["train_loss"][epoch] = _mean_loss(model, problem, data["x"], data["y"])
         out["valid_loss"][epoch] = _mean_loss(model, problem, data["vx"], data["vy"])
         out["wall_time"][epoch] = clock
+        on_epoch(out)
         if out["train_loss"][epoch] < best:
             best, stale = out["train_loss"][epoch], 0
         else:
@@ -123,53 +144,84 @@ def _train_one(name: str, problem: Problem, config: TrainConfig, lr: float | Non
 def run_training(config: TrainConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> xr.Dataset:
     """Train every optimizer (with optional grid search) and write the comparison dataset.
 
+    The file is rewritten after every epoch (attribute ``complete = 0`` until the last
+    optimizer finishes), so an interrupted run keeps every finished epoch. An optimizer in
+    the middle of its grid search shows its best finished grid point, or the running one.
+
     Raises:
         FisherlabError: Bad configuration, missing data, existing output, divergence of
             every grid point of an optimizer.
     """
+    from fisherlab import __version__
+    from fisherlab.run import announce_data
+
     config.check()
     problem = get_problem(config.problem)
     device = select_device(config.device)
-    images = problem.data(config.data_dir, seed=config.seed)
-    x = images.train.to(device)
-    vx = images.valid.to(device)
-    data = {"images": images, "x": x, "y": _targets(problem, x, images.train_labels, config.seed),
-            "vx": vx, "vy": _targets(problem, vx, images.valid_labels, config.seed)}
-    from fisherlab import __version__
+    with ResultsWriter(out, {}, overwrite=overwrite) as writer:  # refuses an existing or locked output before any work
+        images = problem.data(config.data_dir, seed=config.seed)
+        announce_data(images.source, images.stand_in)
+        if images.valid.shape[0] == 0:
+            print(f"fisherlab: warning: {images.source} leaves no validation images; valid_loss is recorded as NaN", file=sys.stderr)
+        x = images.train.to(device)
+        vx = images.valid.to(device)
+        data = {"images": images, "x": x, "y": _targets(problem, x, images.train_labels, config.seed),
+                "vx": vx, "vy": _targets(problem, vx, images.valid_labels, config.seed)}
+        writer.attrs.update({"title": f"fisherlab train: {problem.name}", "problem": problem.name, "data_source": images.source,
+                             "stand_in": int(images.stand_in), "config_json": json.dumps(asdict(config)),
+                             "fisherlab_version": __version__, "torch_version": torch.__version__, "device": str(device),
+                             "complete": 0})
+        results: dict[str, tuple[dict[str, np.ndarray], float, float]] = {}  # optimizer -> (arrays, lr, damping)
 
-    writer = ResultsWriter(out, {"title": f"fisherlab train: {problem.name}", "problem": problem.name, "data_source": images.source,
-                                 "config_json": json.dumps(asdict(config)), "fisherlab_version": __version__,
-                                 "torch_version": torch.__version__, "device": str(device)}, overwrite=overwrite)
-    rows = {k: [] for k in ("train_loss", "valid_loss", "wall_time")}
-    chosen_lr, chosen_damping = [], []
-    for name in config.optimizers:
-        lrs: tuple[float | None, ...] = config.lr or (None,)
-        dampings = config.damping if name not in ("sgd", "adam") else (config.damping[0],)
-        best: tuple[float, dict, float | None, float] | None = None
-        for lr, damping in itertools.product(lrs, dampings):
-            try:
-                res = _train_one(name, problem, config, lr, damping, data, device, progress)
-            except FisherlabError:
-                if len(lrs) * len(dampings) == 1:
-                    raise
-                continue  # a diverging grid point is skipped, as in a grid search
-            final = float(np.nanmin(res["train_loss"]))
-            if best is None or final < best[0]:
-                best = (final, res, lr, damping)
-        if best is None:
-            raise FisherlabError(f"every grid point of {name} diverged")
-        for k, column in rows.items():
-            column.append(best[1][k])
-        chosen_lr.append(np.nan if best[2] is None else best[2])
-        chosen_damping.append(best[3] if name not in ("sgd", "adam") else np.nan)
+        def save() -> xr.Dataset:
+            return writer.write(_training_dataset(config, results))
+
+        for name in config.optimizers:
+            lrs: tuple[float | None, ...] = config.lr or (None,)
+            dampings = config.damping if name not in ("sgd", "adam") else (config.damping[0],)
+            best: tuple[float, dict, float | None, float] | None = None
+            for lr, damping in itertools.product(lrs, dampings):
+                chosen_lr, chosen_damping = np.nan if lr is None else lr, damping if name not in ("sgd", "adam") else np.nan
+                # until a grid point of this optimizer has finished, the file shows the running one
+                on_epoch = partial(_show_running, results, save, name, chosen_lr, chosen_damping) if best is None else _ignore
+                try:
+                    res = _train_one(name, problem, config, lr, damping, data, device, progress, on_epoch)
+                except FisherlabError:
+                    if len(lrs) * len(dampings) == 1:
+                        raise
+                    continue  # a diverging grid point is skipped, as in a grid search
+                final = float(np.nanmin(res["train_loss"]))
+                if best is None or final < best[0]:
+                    best = (final, res, lr, damping)
+                    results[name] = (res, chosen_lr, chosen_damping)
+                    save()
+            if best is None:
+                raise FisherlabError(f"every grid point of {name} diverged")
+        writer.attrs["complete"] = 1
+        return save()
+
+
+def _show_running(results: dict, save: Callable[[], object], name: str, lr: float, damping: float, arrays: dict[str, np.ndarray]) -> None:
+    results[name] = (arrays, lr, damping)
+    save()
+
+
+def _ignore(arrays: dict[str, np.ndarray]) -> None:
+    del arrays
+
+
+def _training_dataset(config: TrainConfig, results: dict[str, tuple[dict[str, np.ndarray], float, float]]) -> xr.Dataset:
+    """The comparison dataset (dims ``optimizer``, ``epoch``) of the optimizers trained so far."""
+    names = [n for n in config.optimizers if n in results]
     ds = xr.Dataset(
-        {k: (("optimizer", "epoch"), np.stack(v)) for k, v in rows.items()}
-        | {"lr": (("optimizer",), np.array(chosen_lr)), "damping": (("optimizer",), np.array(chosen_damping))},
-        coords={"optimizer": np.array(config.optimizers, dtype=object), "epoch": np.arange(config.epochs + 1, dtype=np.int32)},
+        {k: (("optimizer", "epoch"), np.stack([results[n][0][k] for n in names])) for k in ("train_loss", "valid_loss", "wall_time")}
+        | {"lr": (("optimizer",), np.array([results[n][1] for n in names], dtype=np.float64)),
+           "damping": (("optimizer",), np.array([results[n][2] for n in names], dtype=np.float64))},
+        coords={"optimizer": np.array(names, dtype=object), "epoch": np.arange(config.epochs + 1, dtype=np.int32)},
     )
     ds["train_loss"].attrs.update(long_name="training loss", units="1")
-    ds["valid_loss"].attrs.update(long_name="validation loss", units="1")
+    ds["valid_loss"].attrs.update(long_name="validation loss", units="1", definition="NaN when the data leave no validation images")
     ds["wall_time"].attrs.update(long_name="training time", units="s")
     ds["lr"].attrs.update(long_name="learning rate chosen (NaN: optimizer default)", units="1")
     ds["damping"].attrs.update(long_name="damping chosen", units="1")
-    return writer.write(ds)
+    return ds
