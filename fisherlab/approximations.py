@@ -302,9 +302,16 @@ def _padded(triplets: SingularTriplets, rank: int) -> SingularTriplets:
     return SingularTriplets(sigmas, lefts, rights, triplets.iterations, triplets.converged, triplets.residual)
 
 
+def _method(value: Method | str) -> Method:
+    try:
+        return Method(value)
+    except ValueError:
+        raise FisherlabError(f"unknown method {value!r}; choose from: {', '.join(m.value for m in Method)}") from None
+
+
 def approximate_all(
     block: ExactBlock,
-    methods: list[Method],
+    methods: list[Method] | list[str],
     *,
     tol: float = 1e-6,
     max_iter: int = 200,
@@ -315,7 +322,11 @@ def approximate_all(
 ) -> dict[Method, Approximation]:
     """Every requested approximation of one block, sharing work: deflation reuses KPSVD,
     KFAC-corrected reuses KFAC, and each warm-starts from ``previous`` (K §4).
+
+    Raises:
+        FisherlabError: An unknown method name (a ``ValueError``).
     """
+    methods = [_method(m) for m in methods]
     prev = previous or {}
     out: dict[Method, Approximation] = {}
 

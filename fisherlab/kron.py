@@ -7,6 +7,7 @@ so nothing here forms a ``d_out*d_in``-sized matrix except :meth:`KronSum.as_den
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -176,6 +177,8 @@ class KronSum:
         References:
             Koroko et al. (2022), Sec. 3.4.
         """
+        if not (math.isfinite(damping) and damping >= 0):
+            raise FisherlabError(f"damping must be finite and non-negative, got {damping}")
         if self.rank > 2:
             raise FisherlabError("solve supports Kronecker rank 1 and 2 only")
         if not all(bool(torch.isfinite(m).all()) for m in self.outs + self.ins):

@@ -13,21 +13,45 @@ import numpy as np
 import seaborn as sns
 import torch
 import xarray as xr
+from matplotlib.colors import SymLogNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator, SymmetricalLogLocator
 from torch import Tensor
 
 from fisherlab._errors import FisherlabError
 
-__all__ = ["METHOD_STYLE", "block_heatmaps", "error_figure", "save_figure", "spectra_figure", "training_figure", "two_level_figure"]
+__all__ = [
+    "METHOD_STYLE",
+    "block_heatmaps",
+    "data_label",
+    "error_figure",
+    "method_style",
+    "save_figure",
+    "spectra_figure",
+    "training_figure",
+    "two_level_figure",
+]
 
-#: Fixed order, colour and marker per method, so "kfac" looks the same in every figure.
-METHOD_STYLE: dict[str, tuple[str, str]] = {
-    "kfac": ("#d62728", "o"),
-    "kpsvd": ("#1f77b4", "s"),
-    "deflation": ("#2ca02c", "^"),
-    "lanczos": ("#9467bd", "v"),
-    "kfac_corrected": ("#ff7f0e", "D"),
+#: Fixed colour, marker and dash pattern per method, so "kfac" looks the same in every figure
+#: and methods whose curves coincide (deflation and Lanczos reach the same optimum) stay
+#: visible: the one drawn later is dashed, so the one beneath shows through its gaps.
+METHOD_STYLE: dict[str, tuple[str, str, tuple[float, ...]]] = {
+    "kfac": ("#d62728", "o", ()),
+    "kpsvd": ("#1f77b4", "s", (6, 2)),
+    "deflation": ("#2ca02c", "^", ()),
+    "lanczos": ("#9467bd", "v", (2, 2)),
+    "kfac_corrected": ("#ff7f0e", "D", (8, 2, 2, 2)),
 }
+_OTHER_STYLE = ("#7f7f7f", "x", (4, 1, 1, 1))
+#: Line widths per method: wider lines are drawn first, so a narrower coincident one sits on top.
+_WIDTH = {"deflation": 2.6, "kfac": 1.6}
+#: Dash patterns of overlaid runs (``fisherlab plot a.nc b.nc``): one per run.
+RUN_DASHES: tuple[tuple[float, ...], ...] = ((), (5, 2), (1, 1.5), (7, 2, 1, 2), (3, 3))
+
+
+def method_style(method: str) -> tuple[str, str, tuple[float, ...]]:
+    """Colour, marker and dash pattern of a method (grey for unknown names)."""
+    return METHOD_STYLE.get(method, _OTHER_STYLE)
 
 
 def _spans_decades(values: np.ndarray) -> bool:
@@ -35,45 +59,76 @@ def _spans_decades(values: np.ndarray) -> bool:
     return v.size > 0 and v.max() / v.min() > 10
 
 
-def error_figure(ds: xr.Dataset, *, metrics: tuple[str, ...] = ("frobenius_error", "spectral_error")) -> Figure:
+def data_label(ds: xr.Dataset) -> str:
+    """What data a run used, for figure titles: a stand-in is named as such."""
+    source = str(ds.attrs.get("data_source", ""))
+    stand_in = bool(int(ds.attrs.get("stand_in", 0))) or source.upper().startswith("STAND-IN")
+    if stand_in:
+        return "STAND-IN data, not the paper's"
+    return source.split(" (")[0].split(":")[0] if source else "data not recorded"
+
+
+def error_figure(runs: xr.Dataset | dict[str, xr.Dataset], *, metrics: tuple[str, ...] = ("frobenius_error", "spectral_error")) -> Figure:
     """Error 1 and error 2 vs iteration per layer (rows: metrics, columns: layers), K Fig. 1.
 
-    A metric's axis is logarithmic when its values span more than a decade.
+    Each method has its own colour, marker and dash pattern. Several runs (a dict of
+    datasets by label) are overlaid: colour and marker still say the method, the dash
+    pattern says the run. A metric's axis is logarithmic when its values span more than a decade.
 
     Raises:
-        FisherlabError: When the dataset lacks the metrics.
+        FisherlabError: When the datasets lack the metrics.
     """
-    missing = [m for m in metrics if m not in ds]
-    if missing:
-        raise FisherlabError(f"dataset has no {', '.join(missing)}: not a fisherlab probe file?")
-    metrics = tuple(m for m in metrics if bool(ds[m].notnull().any()))  # skip metrics not computed (--metrics)
+    datasets = runs if isinstance(runs, dict) else {"": runs}
+    for label, ds in datasets.items():
+        missing = [m for m in metrics if m not in ds]
+        if missing:
+            raise FisherlabError(f"dataset {label or ''} has no {', '.join(missing)}: not a fisherlab probe file?".replace("  ", " "))
+    metrics = tuple(m for m in metrics if any(bool(ds[m].notnull().any()) for ds in datasets.values()))  # skip metrics not computed
     if not metrics:
         raise FisherlabError("the dataset holds no computed error values to plot")
-    layers = [str(x) for x in ds["layer"].values]
-    methods = [str(m) for m in ds["method"].values]
-    palette = {m: METHOD_STYLE.get(m, ("#7f7f7f", "x"))[0] for m in methods}
-    markers = {m: METHOD_STYLE.get(m, ("#7f7f7f", "x"))[1] for m in methods}
-    fig, axes = plt.subplots(len(metrics), len(layers), figsize=(4.2 * len(layers) + 1.5, 3.2 * len(metrics)), squeeze=False, sharex=True)
+    layers = list(dict.fromkeys(str(x) for ds in datasets.values() for x in ds["layer"].values))
+    canonical = list(dict.fromkeys(str(m) for ds in datasets.values() for m in ds["method"].values))
+    methods = sorted(canonical, key=lambda m: -_WIDTH.get(m, 1.4))  # wide lines first, narrower coincident ones on top
+    fig, axes = plt.subplots(len(metrics), len(layers), figsize=(4.2 * len(layers) + 2.0, 3.2 * len(metrics)), squeeze=False, sharex=True)
     for row, metric in enumerate(metrics):
-        df = ds[metric].to_dataframe().reset_index()
-        log = _spans_decades(ds[metric].values)
+        log = any(_spans_decades(ds[metric].values) for ds in datasets.values())
         for col, layer in enumerate(layers):
             ax = axes[row, col]
-            sub = df[df["layer"] == layer]
-            sns.lineplot(data=sub, x="iteration", y=metric, hue="method", style="method", hue_order=methods, style_order=methods,
-                         palette=palette, markers=markers, dashes=False, markersize=4, ax=ax, legend=(row == 0 and col == len(layers) - 1))
+            for run_index, (label, ds) in enumerate(datasets.items()):
+                if layer not in [str(x) for x in ds["layer"].values]:
+                    continue
+                for method in methods:
+                    if method not in [str(m) for m in ds["method"].values]:
+                        continue
+                    color, marker, dashes = method_style(method)
+                    if len(datasets) > 1:
+                        dashes = RUN_DASHES[run_index % len(RUN_DASHES)]
+                    series = ds[metric].sel({"layer": layer, "method": method})
+                    it = ds["iteration"].values
+                    # offset markers per method so coincident curves show both markers
+                    every = max(1, len(it) // 12)
+                    ax.plot(it, series.values, color=color, marker=marker, markersize=4, lw=_WIDTH.get(method, 1.4),
+                            dashes=dashes, markevery=(methods.index(method) % every, every),
+                            label=f"{method} ({label})" if label else method)
             if log:
                 ax.set_yscale("log")
-            ax.set_ylabel(ds[metric].attrs.get("long_name", metric))
+            ax.set_ylabel(datasets[next(iter(datasets))][metric].attrs.get("long_name", metric))
             ax.set_xlabel("training iteration")
             ax.set_title(f"layer {layer}" if row == 0 else "")
             ax.grid(True, alpha=0.3)
-    leg = axes[0, -1].get_legend()
-    if leg is not None:
-        leg.set_title("method")
-        sns.move_legend(axes[0, -1], "upper left", bbox_to_anchor=(1.02, 1.0))
-    source = ds.attrs.get("problem", "")
-    fig.suptitle(f"Fisher approximation errors ({source}, Fisher: {ds.attrs.get('fisher', '?')}, spectrum: {ds.attrs.get('spectrum', '?')})")
+    handles, labels = axes[0, -1].get_legend_handles_labels()
+    rank = {m: i for i, m in enumerate(canonical)}
+    order = sorted(range(len(labels)), key=lambda i: (rank.get(labels[i].split(" (")[0], len(rank)), labels[i]))
+    axes[0, -1].legend([handles[i] for i in order], [labels[i] for i in order], title="method" + (" (run)" if len(datasets) > 1 else ""),
+                       loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    first = next(iter(datasets.values()))
+    if len(datasets) == 1:
+        title = (f"Fisher approximation errors: {first.attrs.get('problem', '?')} ({data_label(first)}), "
+                 f"Fisher: {first.attrs.get('fisher', '?')}, spectrum: {first.attrs.get('spectrum', '?')}")
+    else:
+        title = "Fisher approximation errors: " + "; ".join(f"{label} = {ds.attrs.get('problem', '?')} ({data_label(ds)})"
+                                                               for label, ds in datasets.items())
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 
@@ -81,9 +136,12 @@ def error_figure(ds: xr.Dataset, *, metrics: tuple[str, ...] = ("frobenius_error
 def _lines(ax: plt.Axes, da: xr.DataArray, dim: str, *, log: bool) -> None:
     df = da.to_dataframe().reset_index()
     order = [str(v) for v in da[dim].values]
-    palette = {m: METHOD_STYLE[m][0] for m in order} if set(order) <= set(METHOD_STYLE) else None
+    known = set(order) <= set(METHOD_STYLE)
+    palette = {m: METHOD_STYLE[m][0] for m in order} if known else None
+    markers = {m: METHOD_STYLE[m][1] for m in order} if known else True
+    dashes = {m: METHOD_STYLE[m][2] or "" for m in order} if known else True
     sns.lineplot(data=df, x="iteration", y=da.name, hue=dim, style=dim, hue_order=order, style_order=order,
-                 palette=palette, markers=True, dashes=False, markersize=4, ax=ax)
+                 palette=palette, markers=markers, dashes=dashes, markersize=4, ax=ax)
     if log and _spans_decades(np.abs(da.values)):
         ax.set_yscale("log")
     ax.set_xlabel("training iteration")
@@ -103,15 +161,21 @@ def two_level_figure(ds: xr.Dataset) -> Figure:
         raise FisherlabError("dataset has no two-level results; run fisherlab probe with --two-level")
     fig, axes = plt.subplots(1, 3, figsize=(17, 4))
     _lines(axes[0], ds["gap"], "coarse_space", log=False)
-    scale = float(np.nanmax(np.abs(ds["gap"].values))) if ds["gap"].size else 1.0
-    axes[0].set_yscale("symlog", linthresh=max(scale * 1e-6, 1e-300))
+    gaps = np.abs(ds["gap"].values)
+    gaps = gaps[np.isfinite(gaps) & (gaps > 0)]
+    # linear within a decade of the smallest gap, so ticks come at most one per decade beyond it
+    linthresh = float(gaps.min()) if gaps.size else 1.0
+    axes[0].set_yscale("symlog", linthresh=linthresh, linscale=0.5)
+    axes[0].yaxis.set_major_locator(SymmetricalLogLocator(linthresh=linthresh, base=10, subs=[1.0]))
+    axes[0].yaxis.set_minor_locator(NullLocator())
     axes[0].axhline(0, color="black", lw=0.8)
     axes[0].set_title("T Fig. 5: gap (negative = closer to the natural gradient)")
     _lines(axes[1], ds["energy_error"], "coarse_space", log=True)
     axes[1].set_title("two-level increments vs exact ζ")
     _lines(axes[2], ds["block_energy_error"], "method", log=True)
     axes[2].set_title("block-diagonal increments vs exact ζ")
-    fig.suptitle(f"Two-level KFAC ({ds.attrs.get('problem', '')}, damping {ds.attrs.get('damping', '?')}, Fisher: {ds.attrs.get('fisher', '?')})")
+    fig.suptitle(f"Two-level KFAC: {ds.attrs.get('problem', '?')} ({data_label(ds)}), damping {ds.attrs.get('damping', '?')}, "
+                 f"Fisher: {ds.attrs.get('fisher', '?')}")
     fig.tight_layout()
     return fig
 
@@ -124,20 +188,24 @@ def training_figure(ds: xr.Dataset) -> Figure:
     """
     if "optimizer" not in ds.dims:
         raise FisherlabError("dataset has no optimizer dim: not a fisherlab train file")
-    df = ds[["train_loss", "valid_loss", "wall_time"]].to_dataframe().reset_index().dropna()
+    df = ds[["train_loss", "valid_loss", "wall_time"]].to_dataframe().reset_index()
     order = [str(o) for o in ds["optimizer"].values]
     fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     panels = [("epoch", "train_loss"), ("wall_time", "train_loss"), ("epoch", "valid_loss"), ("wall_time", "valid_loss")]
     for ax, (x, y) in zip(axes, panels, strict=True):
-        sns.lineplot(data=df, x=x, y=y, hue="optimizer", style="optimizer", hue_order=order, style_order=order,
+        panel = df.dropna(subset=[x, y])
+        if panel.empty:
+            ax.text(0.5, 0.5, "no validation data" if y == "valid_loss" else "no data", ha="center", va="center", transform=ax.transAxes)
+        sns.lineplot(data=panel, x=x, y=y, hue="optimizer", style="optimizer", hue_order=order, style_order=order,
                      markers=True, dashes=False, markersize=4, ax=ax, legend=ax is axes[-1])
         if _spans_decades(ds[y].values):
             ax.set_yscale("log")
         ax.set_xlabel("epoch" if x == "epoch" else "time (s)")
         ax.set_ylabel(ds[y].attrs.get("long_name", y))
         ax.grid(True, alpha=0.3)
-    sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.suptitle(f"Optimizers on {ds.attrs.get('problem', '')} ({ds.attrs.get('data_source', '')[:60]})")
+    if axes[-1].get_legend() is not None:
+        sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(f"Optimizers on {ds.attrs.get('problem', '?')} ({data_label(ds)})")
     fig.tight_layout()
     return fig
 
@@ -151,14 +219,20 @@ def block_heatmaps(exact: Tensor, approximations: dict[str, Tensor], *, max_side
         max_side: Show only the leading ``max_side × max_side`` corner of larger blocks.
     """
     mats = {"exact": exact, **approximations}
-    vmax = float(exact[:max_side, :max_side].abs().max())
+    corner = exact[:max_side, :max_side].abs().flatten().cpu().double()
+    # Fisher entries span many decades: a symmetric log scale from the median entry to the
+    # largest keeps the structure visible (a linear scale shows a flat grey square)
+    vmax = float(corner.max()) or 1.0
+    positive = corner[corner > 0]
+    linthresh = float(positive.median()) if positive.numel() else vmax
+    norm = SymLogNorm(linthresh=min(linthresh, vmax), vmin=-vmax, vmax=vmax, base=10)
     fig, axes = plt.subplots(1, len(mats), figsize=(3.2 * len(mats), 3.4), squeeze=False)
     for ax, (name, m) in zip(axes[0], mats.items(), strict=True):
-        im = ax.imshow(m[:max_side, :max_side].cpu().numpy(), cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+        im = ax.imshow(m[:max_side, :max_side].cpu().numpy(), cmap="RdBu_r", norm=norm)
         ax.set_title(name)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="entry")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="entry (symmetric log scale)")
     return fig
 
 
@@ -166,13 +240,15 @@ def spectra_figure(spectra: dict[str, Tensor]) -> Figure:
     """Sorted eigenvalue magnitudes (log scale) of the exact block and each approximation."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, ev in spectra.items():
-        color = METHOD_STYLE.get(name, ("black", ""))[0]
-        v = torch.sort(ev.abs(), descending=True).values.cpu().numpy()
-        ax.plot(np.arange(1, v.size + 1), np.maximum(v, 1e-300), label=name, color=color, lw=2 if name == "exact" else 1)
+        color, _marker, dashes = METHOD_STYLE.get(name, ("black", "", ()))
+        v = torch.sort(ev.abs(), descending=True).values.double().cpu().numpy()
+        # eigenvalues below the float64 resolution of the largest are rounding noise, not spectrum
+        v = v[v > v[0] * 1e-14] if v.size and v[0] > 0 else v[:0]
+        ax.plot(np.arange(1, v.size + 1), v, label=name, color=color, dashes=dashes, lw=2 if name == "exact" else 1)
     ax.set_yscale("log")
     ax.set_xscale("log")
     ax.set_xlabel("index (sorted)")
-    ax.set_ylabel("|eigenvalue|")
+    ax.set_ylabel("|eigenvalue| (above 1e-14 of the largest)")
     ax.legend(title="method")
     ax.grid(True, alpha=0.3)
     return fig

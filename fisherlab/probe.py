@@ -14,6 +14,11 @@ Fisher kinds (:class:`FisherKind`), for a loss ``-log p(y | z)`` on the network 
 * ``exact`` — the expectation over targets in closed form: the ``C`` columns of a square
   root ``S`` of the output Fisher, ``S S^T = E_y[∇_z L ∇_z L^T]``;
 * ``empirical`` — the true targets (the empirical Fisher, Kunstner et al. 2019).
+
+A module called several times in one forward pass (shared weights, e.g. a Linear layer
+applied twice) contributes every call: the calls' inputs and output derivatives are
+concatenated along the weight-sharing axis ``T``, so ``DW_n = sum over calls and positions``
+is the true per-sample gradient (tested against ``torch.func``).
 """
 
 from __future__ import annotations
@@ -186,13 +191,16 @@ class Probe:
         """
         if y is None and self.fisher == FisherKind.EMPIRICAL:
             raise FisherlabError("the empirical Fisher needs the true targets y")
-        inputs: dict[str, Tensor] = {}
-        outputs: dict[str, Tensor] = {}
+        self._check_batch(x, y)
+        inputs: dict[str, list[Tensor]] = {n: [] for n in self.layers}
+        outputs: dict[str, list[Tensor]] = {n: [] for n in self.layers}
 
         def hook(name: str) -> object:
             def fn(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
-                inputs[name] = layer_input_factors(module, args[0].detach())
-                outputs[name] = out
+                # a module called several times per forward shares its weight across the calls:
+                # every call adds positions, as conv positions do (weight-sharing format)
+                inputs[name].append(layer_input_factors(module, args[0].detach()))
+                outputs[name].append(out)
 
             return fn
 
@@ -202,17 +210,17 @@ class Probe:
             with torch.enable_grad():
                 z = self.model(x)
                 check_finite("model output", z)
-                missing = [n for n in self.layers if n not in outputs]
+                missing = [n for n in self.layers if not outputs[n]]
                 if missing:
                     raise FisherlabError(f"layers {missing} were not called in the forward pass")
                 names = list(self.layers)
-                outs = [outputs[n] for n in names]
+                outs = [o for n in names for o in outputs[n]]
                 if y is not None:
                     losses = per_sample_loss(self.loss, z, y)
                     check_finite("loss", losses)
                     true_g = torch.autograd.grad(losses.sum(), outs, retain_graph=True)
                 directions = self._directions(z, y)
-                gs: list[list[Tensor]] = [[] for _ in names]
+                gs: list[list[Tensor]] = [[] for _ in outs]  # per call, per direction
                 for k, d in enumerate(directions):
                     grads = torch.autograd.grad(z, outs, grad_outputs=d, retain_graph=k < len(directions) - 1)
                     for i, gr in enumerate(grads):
@@ -227,18 +235,33 @@ class Probe:
         n = x.shape[0]
         factors: dict[str, LayerFactors] = {}
         gradients: dict[str, Tensor] = {}
-        for i, name in enumerate(names):
-            module = self.layers[name]
-            a = inputs[name].to(dt)
-            g = torch.stack([layer_output_factors(module, gr.detach()) for gr in gs[i]], dim=1).to(dt)
+        first = 0  # index of the layer's first call among ``outs``
+        for name in names:
+            module, calls = self.layers[name], range(first, first + len(outputs[name]))
+            first += len(calls)
+            a = torch.cat(inputs[name], dim=1).to(dt)
+            g = torch.stack([_positions(module, [gs[c][k] for c in calls]) for k in range(len(directions))], dim=1).to(dt)
             check_finite(f"pre-activation derivatives of layer {name!r}", g)
             check_finite(f"activations of layer {name!r}", a)
             factors[name] = LayerFactors(a, g)
             if y is not None:
-                g_true = layer_output_factors(module, true_g[i].detach()).to(dt)
+                g_true = _positions(module, [true_g[c] for c in calls]).to(dt)
                 gradients[name] = torch.einsum("nto,nti->oi", g_true, a) / n
         loss = float(losses.detach().mean()) if y is not None else float("nan")
         return ProbeSnapshot(factors, loss, gradients, self.fisher)
+
+    def _check_batch(self, x: Tensor, y: Tensor | None) -> None:
+        """Refuse an empty batch or targets that do not fit the loss, with what was expected."""
+        if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[0] == 0:
+            raise FisherlabError(f"the probe needs a batch x of shape [N, ...] with N >= 1, got {getattr(x, 'shape', type(x).__name__)}")
+        if y is None:
+            return
+        if not isinstance(y, Tensor) or y.ndim == 0 or y.shape[0] != x.shape[0]:
+            raise FisherlabError(f"targets y must be a tensor with one row per sample ({x.shape[0]}), got {getattr(y, 'shape', type(y).__name__)}")
+        if self.loss == LossKind.CE and (y.dtype.is_floating_point or y.dtype == torch.bool or y.ndim != 1):
+            raise FisherlabError(f"loss 'ce' needs integer class targets of shape [N], got {y.dtype} {tuple(y.shape)}")
+        if self.loss != LossKind.CE and not y.dtype.is_floating_point:
+            raise FisherlabError(f"loss {self.loss.value!r} needs floating-point targets shaped like the output, got {y.dtype}")
 
     def _directions(self, z: Tensor, y: Tensor | None) -> list[Tensor]:
         """Output-space vectors to backpropagate, ``[N, *out]`` each (see ``FisherKind``)."""
@@ -252,6 +275,11 @@ class Probe:
             return [scale * _output_gradient(self.loss, zd, _sample_targets(self.loss, zd, gen)) for _ in range(self.mc_samples)]
         root = _output_fisher_sqrt(self.loss, zd)
         return [root[:, :, c].reshape(zd.shape) for c in range(root.shape[2])]
+
+
+def _positions(module: nn.Module, grads: list[Tensor]) -> Tensor:
+    """``dL/d(output)`` of every call of ``module`` as ``[N, T, d_out]``, calls concatenated along ``T``."""
+    return torch.cat([layer_output_factors(module, gr.detach()) for gr in grads], dim=1)
 
 
 def _enum(kind: type[Enum], value: object, what: str) -> Enum:

@@ -8,11 +8,12 @@ the next training step uses, before that step, and does not disturb it.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -88,8 +89,8 @@ class ProbeConfig:
             raise FisherlabError(f"--tol must lie in (0, 1), got {self.tol}")
         if self.max_iter < 1 or self.lanczos_rank < 1 or self.krylov_dim < 2:
             raise FisherlabError("--max-iter and --lanczos-rank must be at least 1, --krylov-dim at least 2")
-        if self.lr is not None and not self.lr > 0:
-            raise FisherlabError(f"--lr must be positive, got {self.lr}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise FisherlabError(f"--lr must be finite and positive, got {self.lr}")
         if self.batch_size is not None and self.batch_size < 1:
             raise FisherlabError(f"--batch-size must be positive, got {self.batch_size}")
         if self.optimizer not in ("sgd", "adam"):
@@ -105,8 +106,8 @@ class ProbeConfig:
         bad_metrics = [m for m in self.metrics if m not in ("frobenius_error", "spectral_error")]
         if bad_metrics or "frobenius_error" not in self.metrics:
             raise FisherlabError(f"--metrics must include frobenius_error and may add spectral_error; got {list(self.metrics)}")
-        if not self.damping > 0:
-            raise FisherlabError(f"--damping must be positive, got {self.damping}")
+        if not (math.isfinite(self.damping) and self.damping > 0):
+            raise FisherlabError(f"--damping must be finite and positive, got {self.damping}")
         if self.taylor_order < 1:
             raise FisherlabError(f"--taylor-order must be at least 1, got {self.taylor_order}")
         bad_spaces = [c for c in self.coarse_spaces if c not in {e.value for e in CoarseSpace}]
@@ -206,7 +207,7 @@ def _step(model: nn.Module, loss: LossKind, optimizer: torch.optim.Optimizer, x:
 def probe_training(
     model: nn.Module,
     loss: LossKind | str,
-    batches: Iterator[tuple[Tensor, Tensor]],
+    batches: Iterable[tuple[Tensor, Tensor]],
     optimizer: torch.optim.Optimizer,
     config: ProbeConfig,
     *,
@@ -225,6 +226,7 @@ def probe_training(
     """
     config.check()
     loss = LossKind(loss)
+    batches = iter(batches)
     kwargs = {"fisher": config.fisher, "mc_samples": config.mc_samples, "seed": config.seed + 1}
     names = list(Probe(model, loss, layers=layers, **kwargs).layers)  # type: ignore[arg-type]
     probe = Probe(model, loss, layers=None if config.two_level else layers, **kwargs)  # type: ignore[arg-type]
@@ -241,7 +243,11 @@ def probe_training(
     ds: xr.Dataset | None = None
     try:
         for it in range(config.iterations + 1):
-            x, y = next(batches)
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                raise FisherlabError(f"the batch iterator ended after {it} batches; a run of {config.iterations} iterations needs "
+                                     f"{config.iterations + 1} (pass an endless iterator, e.g. itertools.cycle(loader))") from None
             if it % config.every == 0:
                 ds = _snapshot(it, probe, x, y, names, methods, config, previous, t0, writer)
                 if writer is None:

@@ -29,6 +29,7 @@ __all__ = [
     "pinv_solve",
     "prolong",
     "restrict",
+    "smallest_eigenvector",
     "two_level",
 ]
 
@@ -146,7 +147,8 @@ def coarse_basis(
 
     * ``nicolaides``: ``V_i = 1`` (eq. 3.24).
     * ``spectral``: eigenvector of the smallest eigenvalue of the damped KFAC block,
-      ``v_G ⊗ v_A`` (eq. 3.25-3.28).
+      ``v_G ⊗ v_A`` (eq. 3.25-3.28); when that eigenvalue is repeated, the vector is chosen
+      deterministically by :func:`smallest_eigenvector`.
     * ``krylov_nicolaides``: ``[1, K_i⁻¹ 1]`` (eq. 3.29 with ``m_i = 2``).
     * ``residuals``: ``K_i⁻¹ r_KFAC[i]`` (eq. 3.32).
     * ``krylov_residuals``: ``[v, K_i⁻¹ v]`` with ``v = K_i⁻¹ r_KFAC[i]`` (eq. 3.29 started
@@ -167,9 +169,7 @@ def coarse_basis(
         cols = []
         for k in kfacs:
             out, in_ = pi_damping(k.outs[0], k.ins[0], damping)
-            v_out = torch.linalg.eigh(out).eigenvectors[:, 0]
-            v_in = torch.linalg.eigh(in_).eigenvectors[:, 0]
-            cols.append(torch.outer(v_out, v_in)[None])
+            cols.append(torch.outer(smallest_eigenvector(out), smallest_eigenvector(in_))[None])
         return cols
     if space == CoarseSpace.KRYLOV_NICOLAIDES:
         return [torch.stack([o, f(o)]) for o, f in zip(ones, inv, strict=True)]
@@ -187,6 +187,34 @@ def coarse_basis(
         fw = fisher.matvec(ws[-1], damping=damping)
         ws.append([f(x) for f, x in zip(inv, fw, strict=True)])
     return [torch.stack([wj[i] for wj in ws]) for i in range(len(kfacs))]
+
+
+def smallest_eigenvector(m: Tensor, *, rtol: float = 1e-10) -> Tensor:
+    """A unit eigenvector of the smallest eigenvalue of the symmetric ``m``, chosen deterministically.
+
+    When the smallest eigenvalue is repeated (within ``rtol`` of the largest magnitude) any
+    vector of its eigenspace would do and ``eigh`` returns an arbitrary one. This returns the
+    normalised projection of the all-ones vector (the Nicolaides direction) onto that
+    eigenspace, or of the first unit vector ``e_1, e_2, …`` not orthogonal to it; the sign is
+    fixed so that the entries sum to a positive number (else the first nonzero entry is positive).
+    """
+    w, q = torch.linalg.eigh(m)
+    tol = rtol * float(w.abs().max()) if w.numel() else 0.0
+    space = q[:, w <= w[0] + tol]
+    if space.shape[1] == 1:
+        v = space[:, 0]
+    else:
+        eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+        for probe in (torch.ones_like(w), *eye):
+            v = space @ (space.T @ probe)
+            if float(torch.linalg.norm(v)) > 1e-8 * float(torch.linalg.norm(probe)):
+                break
+        v = v / torch.linalg.norm(v)
+    total = float(v.sum())
+    if abs(total) > 1e-12:
+        return v if total > 0 else -v
+    first = v[torch.nonzero(v.abs() > 1e-12)[0, 0]]
+    return v if float(first) > 0 else -v
 
 
 def restrict(basis: list[Tensor], x: Params) -> Tensor:

@@ -60,7 +60,7 @@ BAD_INPUTS = [
     (["--fisher", "true"], "unknown FisherKind"),
     (["--spectrum", "both"], "unknown Spectrum"),
     (["--metrics", "spectral_error"], "--metrics must include frobenius_error"),
-    (["--two-level", "--damping", "0"], "--damping must be positive"),
+    (["--two-level", "--damping", "0"], "--damping must be finite and positive"),
     (["--two-level", "--coarse-spaces", "coarsest"], "unknown coarse spaces"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
     (["--data-dir", "/nonexistent/mnist", "--problem", "mnist"], "does not exist"),
