@@ -206,6 +206,9 @@ def deflation(
 ) -> Approximation:
     """Kronecker rank 2 by deflation: KPSVD, then KPSVD of ``F - R ⊗ S`` (K §3.2.1).
 
+    Best Kronecker rank 2 with symmetric factors (for conv layers an antisymmetric pair can
+    do better; see :func:`lanczos`).
+
     Args:
         block: The exact Fisher block.
         tol: Relative residual tolerance of both power SVDs.
@@ -253,7 +256,13 @@ def lanczos(
     """Kronecker rank ``k`` by restarted Lanczos bidiagonalization of ``R(F)`` (K §3.2.2).
 
     The top ``rank`` singular triplets ``(σ_k, u_k, v_k)`` give the terms
-    ``√σ_k MAT(u_k) ⊗ √σ_k MAT(v_k)``: the best Kronecker-rank-``k`` approximation.
+    ``√σ_k MAT(u_k) ⊗ √σ_k MAT(v_k)``: the best Kronecker-rank-``k`` approximation for a
+    Linear layer. For a conv layer (``T > 1``) ``R(F)`` also has singular vectors with
+    antisymmetric factors; starting from a symmetric vector the iteration stays among the
+    symmetric ones, so the result is the best approximation *with symmetric factors* (an
+    antisymmetric⊗antisymmetric pair can do better: 13% of random conv blocks in issue 11).
+    The same holds for :func:`deflation` and :func:`kfac_corrected`; the dataset attribute
+    ``symmetric_factors`` records it.
 
     Args:
         block: The exact Fisher block.

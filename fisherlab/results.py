@@ -23,7 +23,7 @@ from fisherlab._errors import FisherlabError
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["TWO_LEVEL_VARIABLES", "VARIABLES", "ResultsWriter", "factors_dir", "load", "load_factors", "snapshot_dataset", "validate"]
+__all__ = ["TWO_LEVEL_VARIABLES", "VARIABLES", "ResultsWriter", "annotate", "factors_dir", "load", "load_factors", "snapshot_dataset", "validate"]
 
 #: name -> (dims, long_name, units, definition)
 VARIABLES: dict[str, tuple[tuple[str, ...], str, str, str]] = {
@@ -31,7 +31,7 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str, str, str]] = {
         ("iteration", "layer", "method"),
         "error 1 (relative Frobenius)",
         "1",
-        "||F - F_hat||_F / ||F||_F (K Sec. 4.1)",
+        "||F - F_hat||_F / ||F||_F (K Sec. 4.1); NaN where the block is zero (fisher_frobenius_norm = 0: undefined, a warning says so)",
     ),
     "spectral_error": (
         ("iteration", "layer", "method"),
@@ -178,10 +178,7 @@ class ResultsWriter:
         """Add one snapshot and rewrite the file; returns the whole dataset so far."""
         self.snapshots.append(snapshot)
         ds = xr.concat(self.snapshots, dim="iteration") if len(self.snapshots) > 1 else snapshot
-        for name, (_dims, long_name, units, definition) in (VARIABLES | TWO_LEVEL_VARIABLES).items():
-            if name in ds:
-                ds[name].attrs.update(long_name=long_name, units=units, definition=definition)
-        return self.write(ds)
+        return self.write(annotate(ds))
 
     def write(self, ds: xr.Dataset) -> xr.Dataset:
         """Write a whole dataset with the run attributes: temporary file, then ``os.replace``."""
@@ -194,6 +191,14 @@ class ResultsWriter:
             tmp.unlink(missing_ok=True)
             raise FisherlabError(f"cannot write {self.path}: {exc.strerror}") from None
         return ds
+
+
+def annotate(ds: xr.Dataset) -> xr.Dataset:
+    """Give every schema variable of ``ds`` its ``long_name``, ``units`` and ``definition``."""
+    for name, (_dims, long_name, units, definition) in (VARIABLES | TWO_LEVEL_VARIABLES).items():
+        if name in ds:
+            ds[name].attrs.update(long_name=long_name, units=units, definition=definition)
+    return ds
 
 
 def factors_dir(out: str | Path) -> Path:

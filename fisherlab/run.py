@@ -30,7 +30,7 @@ from fisherlab.fisher import ExactBlock
 from fisherlab.metrics import BlockReference, Spectrum, frobenius_error, spectral_error
 from fisherlab.probe import FisherKind, LossKind, Probe, ProbeSnapshot, per_sample_loss
 from fisherlab.problems import get_problem
-from fisherlab.results import ResultsWriter, snapshot_dataset
+from fisherlab.results import ResultsWriter, annotate, snapshot_dataset
 from fisherlab.twolevel import CoarseSpace, WholeFisher, cosine, energy_error, two_level
 
 __all__ = ["BlockEvaluation", "ProbeConfig", "evaluate_block", "probe_training", "run_probe", "select_device"]
@@ -263,7 +263,11 @@ def probe_training(
     if writer is not None:
         assert ds is not None
         return ds  # writer.append returned the whole dataset, attributes included
-    return xr.concat(snapshots, dim="iteration")
+    ds = annotate(xr.concat(snapshots, dim="iteration"))
+    ds.attrs.update({"problem": type(model).__name__, "data_source": "user data (probe_training)", "fisher": config.fisher,
+                     "spectrum": config.spectrum, "metrics": ",".join(config.metrics), "loss": loss.value,
+                     "config_json": json.dumps(asdict(config))})
+    return ds
 
 
 def _snapshot(

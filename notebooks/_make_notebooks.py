@@ -60,11 +60,12 @@ ds.gap.to_pandas()"""),
         ("code", """(ds.energy_two_level / ds.energy_kfac).to_pandas()   # E(β*) / E(0): how much closer each correction gets"""),
     ],
     "04_optimizers.ipynb": [
-        ("md", "# The methods as optimizers (K Figure 2, T Figures 2–4)"),
+        ("md", "# The methods as optimizers (K Figure 2, T Figures 2–4)\n\nA short comparison that finishes in a few minutes on a laptop CPU "
+               "(3 epochs of 20 batches each). For the papers' figures run `fisherlab train` or `analyses/fig2_optimizers.py` with full epochs."),
         ("code", SETUP),
         ("code", """from fisherlab.train import TrainConfig, run_training
 config = TrainConfig(problem="curves", optimizers=("sgd", "adam", "kfac", "kpsvd", "kfac2l_residuals"),
-                     epochs=1 if SMOKE else 10, max_batches=3 if SMOKE else None)
+                     epochs=1 if SMOKE else 3, max_batches=3 if SMOKE else 20)
 ds = run_training(config, OUT / "nb_train.nc", overwrite=True, progress=not SMOKE)
 ds.train_loss.to_pandas()"""),
         ("code", """fig = plots.training_figure(ds)"""),
