@@ -16,7 +16,7 @@ from fisherlab.run import ALL_METHODS, ProbeConfig
 __all__ = ["main"]
 
 PROBE_EXAMPLES = """examples:
-  fisherlab probe                                   # CURVES (generated), layer 5, ~1 min on a laptop CPU
+  fisherlab probe                                   # CURVES (generated), layer 5, ~50 s on an idle 2-core CPU
   fisherlab probe --problem mnist --data-dir ~/mnist --layers 5 --iterations 2000 --every 10 \\
                   --optimizer adam --fisher mc --device cuda --out data/mnist.nc
   fisherlab probe --problem faces --layers 2,5 --methods kfac,kpsvd --fisher exact --out data/faces.nc
