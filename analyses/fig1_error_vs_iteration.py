@@ -10,8 +10,9 @@ import sys
 
 from _common import figure_script
 
+from fisherlab.config import ProbeConfig
 from fisherlab.plots import error_figure
-from fisherlab.run import ProbeConfig, run_probe
+from fisherlab.run import run_probe
 
 
 def compute(args, path) -> None:  # type: ignore[no-untyped-def]

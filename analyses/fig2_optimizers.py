@@ -11,8 +11,9 @@ import sys
 
 from _common import figure_script
 
+from fisherlab.config import TrainConfig
 from fisherlab.plots import training_figure
-from fisherlab.train import TrainConfig, run_training
+from fisherlab.train import run_training
 
 
 def compute(args, path) -> None:  # type: ignore[no-untyped-def]

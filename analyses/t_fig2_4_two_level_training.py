@@ -12,8 +12,9 @@ import sys
 
 from _common import figure_script
 
+from fisherlab.config import TrainConfig
 from fisherlab.plots import training_figure
-from fisherlab.train import TrainConfig, run_training
+from fisherlab.train import run_training
 
 PROBLEMS = ["curves", "mnist", "faces", "cnn", "resnet18", "resnet34", "deeplinear64", "deeplinear14"]
 

@@ -11,8 +11,9 @@ import sys
 
 from _common import figure_script
 
+from fisherlab.config import ProbeConfig
 from fisherlab.plots import two_level_figure
-from fisherlab.run import ProbeConfig, run_probe
+from fisherlab.run import run_probe
 
 
 def compute(args, path) -> None:  # type: ignore[no-untyped-def]

@@ -17,10 +17,10 @@ import warnings
 import torch
 
 from fisherlab._errors import ConvergenceWarning
+from fisherlab.config import select_device
+from fisherlab.losses import per_sample_loss
 from fisherlab.optim import OPTIMIZER_NAMES, KroneckerOptimizer, make_optimizer
-from fisherlab.probe import per_sample_loss
 from fisherlab.problems import get_problem
-from fisherlab.run import select_device
 
 
 def main() -> None:

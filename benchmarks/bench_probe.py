@@ -18,12 +18,13 @@ from collections.abc import Callable
 import torch
 
 from fisherlab.approximations import Method, approximate_all
+from fisherlab.config import select_device
 from fisherlab.dense import dense_frobenius_error, dense_spectral_error
 from fisherlab.fisher import ExactBlock
+from fisherlab.losses import per_sample_loss
 from fisherlab.metrics import BlockReference, frobenius_error, spectral_error
-from fisherlab.probe import Probe, per_sample_loss
+from fisherlab.probe import Probe
 from fisherlab.problems import Problem, get_problem
-from fisherlab.run import select_device
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, object]:

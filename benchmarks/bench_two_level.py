@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 
 from benchmarks.bench_probe import timed, trained_problem
-from fisherlab.approximations import Method, approximate_all
+from fisherlab.approximations import Method, approximate_all, kfac_factors
+from fisherlab.config import select_device
 from fisherlab.fisher import ExactBlock
 from fisherlab.probe import Probe
-from fisherlab.run import select_device
 from fisherlab.twolevel import CoarseSpace, WholeFisher, damped_kfac_solve, two_level
 
 
@@ -40,8 +40,8 @@ def main() -> None:
           f"damping {lam}, device {device}")
     print(f"training step (baseline): {t_step * 1e3:.1f} ms")
     rows = [("probe pass (all layers)", t_probe)]
-    kfacs = [b.kfac() for b in fisher.blocks]
-    rows.append(("KFAC factors, all layers", timed(lambda: [b.kfac() for b in fisher.blocks], device, args.repeats)[0]))
+    kfacs = [kfac_factors(b) for b in fisher.blocks]
+    rows.append(("KFAC factors, all layers", timed(lambda: [kfac_factors(b) for b in fisher.blocks], device, args.repeats)[0]))
     rows.append(("zeta_KFAC (damped solves)", timed(lambda: damped_kfac_solve(kfacs, grads, damping=lam), device, args.repeats)[0]))
     zk = damped_kfac_solve(kfacs, grads, damping=lam)
     rows.append(("r_KFAC = grad - F* zeta_KFAC", timed(lambda: fisher.matvec(zk, damping=lam), device, args.repeats)[0]))

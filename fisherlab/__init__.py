@@ -1,12 +1,13 @@
 """fisherlab: how well cheap Kronecker approximations match the exact Fisher of a network.
 
-Public API, grouped by pipeline stage (probe → exact Fisher → approximations → metrics →
-results → figures).
+Public API, grouped by pipeline stage (losses → probe → exact Fisher → approximations →
+metrics → two-level → config → results → run → figures).
 """
 
 from fisherlab import optim, twolevel
 from fisherlab._errors import ConvergenceWarning, FisherlabError
 from fisherlab.approximations import (
+    ApproxConfig,
     Approximation,
     Method,
     approximate_all,
@@ -15,16 +16,28 @@ from fisherlab.approximations import (
     kfac_corrected,
     kpsvd,
     lanczos,
+    warm_starts,
 )
-from fisherlab.fisher import ExactBlock, cross_block_dense, full_fisher_dense
+from fisherlab.config import ProbeConfig, TrainConfig
+from fisherlab.fisher import ExactBlock, WholeFisher, cross_block_dense, full_fisher_dense
 from fisherlab.kron import KronSum, pi_damping
 from fisherlab.krylov import SingularTriplets, lanczos_svd, power_svd
 from fisherlab.layers import LayerFactors
-from fisherlab.metrics import BlockReference, Spectrum, frobenius_error, spectral_error
-from fisherlab.probe import FisherKind, LossKind, Probe, ProbeSnapshot
+from fisherlab.losses import FisherKind, LossKind
+from fisherlab.metrics import (
+    BLOCK_METRICS,
+    BlockEvaluation,
+    BlockReference,
+    Spectrum,
+    evaluate_block,
+    frobenius_error,
+    spectral_error,
+)
+from fisherlab.operators import BlockDiagonal
+from fisherlab.probe import Probe, ProbeSnapshot
 from fisherlab.problems import PROBLEMS, get_problem
 from fisherlab.results import load
-from fisherlab.run import BlockEvaluation, ProbeConfig, evaluate_block, probe_training, run_probe
+from fisherlab.run import probe_training, run_probe
 
 __version__ = "0.1.0"
 
@@ -37,9 +50,12 @@ __all__ = [  # noqa: RUF022 (grouped by pipeline stage, not sorted)
     "LayerFactors",
     # exact Fisher
     "ExactBlock",
+    "WholeFisher",
+    "BlockDiagonal",
     "cross_block_dense",
     "full_fisher_dense",
     # approximations
+    "ApproxConfig",
     "Approximation",
     "KronSum",
     "Method",
@@ -53,7 +69,9 @@ __all__ = [  # noqa: RUF022 (grouped by pipeline stage, not sorted)
     "pi_damping",
     "power_svd",
     "SingularTriplets",
+    "warm_starts",
     # metrics
+    "BLOCK_METRICS",
     "BlockReference",
     "Spectrum",
     "frobenius_error",
@@ -63,6 +81,7 @@ __all__ = [  # noqa: RUF022 (grouped by pipeline stage, not sorted)
     # runs and results
     "PROBLEMS",
     "ProbeConfig",
+    "TrainConfig",
     "get_problem",
     "load",
     "probe_training",

@@ -8,9 +8,10 @@ count and convergence flag, and the vectors to warm-start the next snapshot with
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -21,16 +22,21 @@ from fisherlab._errors import ConvergenceWarning, FisherlabError
 from fisherlab.fisher import ExactBlock
 from fisherlab.kron import KronSum
 from fisherlab.krylov import SingularTriplets, lanczos_svd, power_svd
+from fisherlab.layers import LayerFactors
 
 __all__ = [
+    "ApproxConfig",
     "Approximation",
     "Method",
+    "WarmStarts",
     "approximate_all",
     "deflation",
     "kfac",
     "kfac_corrected",
+    "kfac_factors",
     "kpsvd",
     "lanczos",
+    "warm_starts",
 ]
 
 
@@ -42,6 +48,34 @@ class Method(str, Enum):
     DEFLATION = "deflation"
     LANCZOS = "lanczos"
     KFAC_CORRECTED = "kfac_corrected"
+
+
+@dataclass(frozen=True)
+class ApproxConfig:
+    """Settings of the iterative methods, shared by the probe run, ``evaluate_block`` and the optimizers.
+
+    Args:
+        tol: Relative residual tolerance of power SVD and Lanczos (K: ``ε = 1e-6``).
+        max_iter: Power SVD iteration cap per stage; reaching it warns (``ConvergenceWarning``).
+        lanczos_rank: Kronecker rank of the Lanczos method.
+        krylov_dim: Krylov dimension per Lanczos restart cycle (at least ``lanczos_rank + 2`` is used).
+        max_restarts: Cap on Lanczos restart cycles.
+
+    Raises:
+        FisherlabError: A tolerance outside ``(0, 1)`` or caps below 1 (``krylov_dim`` below 2).
+    """
+
+    tol: float = 1e-6
+    max_iter: int = 200
+    lanczos_rank: int = 2
+    krylov_dim: int = 20
+    max_restarts: int = 50
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.tol) and 0 < self.tol < 1):
+            raise FisherlabError(f"--tol must lie in (0, 1), got {self.tol}")
+        if self.max_iter < 1 or self.lanczos_rank < 1 or self.krylov_dim < 2 or self.max_restarts < 1:
+            raise FisherlabError("--max-iter and --lanczos-rank must be at least 1, --krylov-dim at least 2")
 
 
 @dataclass(frozen=True)
@@ -137,14 +171,28 @@ def _deflated(block: ExactBlock, term: KronSum) -> tuple[Callable[[Tensor], Tens
     return mv, rmv
 
 
+def kfac_factors(block: ExactBlock | LayerFactors) -> KronSum:
+    """KFAC ``G ⊗ A`` with ``A = (1/N) sum_{n,t} a a^T``, ``G = (1/(N T)) sum_{n,v,t} g g^T``.
+
+    For ``T = 1`` this is ``E[g g^T] ⊗ E[ā ā^T]`` (K eq. 1); for conv layers the KFC
+    factors of Grosse & Martens (2016) as written in T eq. (2.27).
+    """
+    factors = block.factors if isinstance(block, ExactBlock) else block
+    a, g = factors.a, factors.g
+    n, t = a.shape[0], a.shape[1]
+    a2 = a.reshape(-1, a.shape[-1])
+    g2 = g.reshape(-1, g.shape[-1])
+    return KronSum((g2.T @ g2 / (n * t),), (a2.T @ a2 / n,))
+
+
 def kfac(block: ExactBlock) -> Approximation:
-    """KFAC: ``G ⊗ A`` with ``A = E[ā ā^T]``, ``G = E[g g^T]`` (K eq. 1; KFC for conv).
+    """KFAC: ``G ⊗ A`` with ``A = E[ā ā^T]``, ``G = E[g g^T]`` (K eq. 1; KFC for conv), see :func:`kfac_factors`.
 
     References:
         Martens & Grosse (2015); Grosse & Martens (2016); Koroko et al. (2022), Sec. 2.2.
     """
     start = time.perf_counter()
-    kron = block.kfac()
+    kron = kfac_factors(block)
     return Approximation(Method.KFAC, kron, 0, True, 0.0, seconds=time.perf_counter() - start)
 
 
@@ -318,46 +366,62 @@ def _method(value: Method | str) -> Method:
         raise FisherlabError(f"unknown method {value!r}; choose from: {', '.join(m.value for m in Method)}") from None
 
 
+#: Warm starts per method: the ``Approximation.warm_start`` vectors of the previous snapshot.
+WarmStarts = Mapping[Method, tuple[Tensor, ...]]
+
+
+def warm_starts(approximations: Mapping[Method, Approximation] | None) -> dict[Method, tuple[Tensor, ...]]:
+    """The warm-start vectors of a previous snapshot's approximations (K §4), for :func:`approximate_all`."""
+    return {m: a.warm_start for m, a in (approximations or {}).items()}
+
+
 def approximate_all(
     block: ExactBlock,
     methods: list[Method] | list[str],
+    config: ApproxConfig | None = None,
     *,
-    tol: float = 1e-6,
-    max_iter: int = 200,
-    lanczos_rank: int = 2,
-    krylov_dim: int = 20,
-    previous: dict[Method, Approximation] | None = None,
+    warm: WarmStarts | None = None,
     layer: str = "",
 ) -> dict[Method, Approximation]:
     """Every requested approximation of one block, sharing work: deflation reuses KPSVD,
-    KFAC-corrected reuses KFAC, and each warm-starts from ``previous`` (K §4).
+    KFAC-corrected reuses KFAC, and each warm-starts from ``warm`` (K §4).
+
+    Args:
+        block: The exact block.
+        methods: Method names or members.
+        config: Solver settings (default :class:`ApproxConfig`).
+        warm: Warm starts per method, e.g. ``warm_starts(previous_snapshot_approximations)``.
+        layer: Layer name used in warnings.
 
     Raises:
         FisherlabError: An unknown method name (a ``ValueError``).
     """
     methods = [_method(m) for m in methods]
-    prev = previous or {}
+    cfg = config or ApproxConfig()
+    starts = warm or {}
     out: dict[Method, Approximation] = {}
+    tol, max_iter = cfg.tol, cfg.max_iter
 
-    def warm(m: Method) -> tuple[Tensor, ...]:
-        return prev[m].warm_start if m in prev else ()
+    def start_of(m: Method) -> tuple[Tensor, ...]:
+        return tuple(starts.get(m, ()))
 
     if Method.KFAC in methods or Method.KFAC_CORRECTED in methods:
         out[Method.KFAC] = kfac(block)
     if Method.KPSVD in methods or Method.DEFLATION in methods:
         out[Method.KPSVD] = kpsvd(
-            block, tol=tol, max_iter=max_iter, warm_start=warm(Method.KPSVD) or warm(Method.DEFLATION)[:1], layer=layer
+            block, tol=tol, max_iter=max_iter, warm_start=start_of(Method.KPSVD) or start_of(Method.DEFLATION)[:1], layer=layer
         )
     if Method.DEFLATION in methods:
         out[Method.DEFLATION] = deflation(
-            block, tol=tol, max_iter=max_iter, warm_start=warm(Method.DEFLATION), first=out[Method.KPSVD], layer=layer
+            block, tol=tol, max_iter=max_iter, warm_start=start_of(Method.DEFLATION), first=out[Method.KPSVD], layer=layer
         )
     if Method.LANCZOS in methods:
         out[Method.LANCZOS] = lanczos(
-            block, rank=lanczos_rank, krylov_dim=krylov_dim, tol=tol, warm_start=warm(Method.LANCZOS), layer=layer
+            block, rank=cfg.lanczos_rank, krylov_dim=cfg.krylov_dim, tol=tol, max_restarts=cfg.max_restarts,
+            warm_start=start_of(Method.LANCZOS), layer=layer,
         )
     if Method.KFAC_CORRECTED in methods:
         out[Method.KFAC_CORRECTED] = kfac_corrected(
-            block, tol=tol, max_iter=max_iter, warm_start=warm(Method.KFAC_CORRECTED), first=out[Method.KFAC], layer=layer
+            block, tol=tol, max_iter=max_iter, warm_start=start_of(Method.KFAC_CORRECTED), first=out[Method.KFAC], layer=layer
         )
     return {m: out[m] for m in methods}

@@ -1,4 +1,5 @@
-"""``fisherlab probe | plot | info``: a thin layer over :mod:`fisherlab.run` and :mod:`fisherlab.plots`."""
+"""``fisherlab probe | plot | train | info``: a thin layer over :mod:`fisherlab.run`, :mod:`fisherlab.train`
+and :mod:`fisherlab.plots`."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import sys
 import typing
 import warnings
 from datetime import datetime
+from enum import Enum
 from pathlib import Path
 
 from fisherlab._errors import ConvergenceWarning, FisherlabError, UndefinedMetricWarning
-from fisherlab.run import ALL_METHODS, ProbeConfig
+from fisherlab.approximations import Method
+from fisherlab.config import ProbeConfig, TrainConfig
+from fisherlab.metrics import BLOCK_METRICS
 
 __all__ = ["main"]
 
@@ -46,6 +50,17 @@ def _csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
+def _values(items: tuple[Enum, ...] | tuple[str, ...]) -> str:
+    return ",".join(getattr(v, "value", v) for v in items)  # type: ignore[arg-type]
+
+
+def _metrics_help() -> str:
+    """``--metrics`` help from the metric registry."""
+    errors = [m for m in BLOCK_METRICS if m.error]
+    listing = "; ".join(f"{m.name}: {m.long_name}" + (f" ({m.cli_note})" if m.cli_note else "") for m in errors)
+    return f"comma-separated error metrics, frobenius_error always included (default: all). {listing}"
+
+
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     from fisherlab import __version__
 
@@ -61,15 +76,14 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p.add_argument("--layers", type=_csv, default=None, help="comma-separated layer numbers, 1 = first layer (default: 5 for the auto-encoders)")
     p.add_argument("--iterations", type=int, default=d.iterations, help="training iterations (default: %(default)s)")
     p.add_argument("--every", type=int, default=d.every, help="probe every k iterations (default: %(default)s)")
-    p.add_argument("--optimizer", default=d.optimizer, help="sgd | adam, the independent optimizer that trains the network (default: %(default)s)")
+    p.add_argument("--optimizer", default=d.optimizer.value, help="sgd | adam, the independent optimizer that trains the network (default: %(default)s)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: 1e-3 for adam, 1e-2 for sgd)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the paper's (curves 256, mnist 512, faces 1024)")
-    p.add_argument("--fisher", default=d.fisher, help="mc | exact | empirical (default: %(default)s)")
+    p.add_argument("--fisher", default=d.fisher.value, help="mc | exact | empirical (default: %(default)s)")
     p.add_argument("--mc-samples", type=int, default=d.mc_samples, help="target draws per input for --fisher mc (default: %(default)s)")
-    p.add_argument("--methods", type=_csv, default=d.methods, help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: all)")
-    p.add_argument("--spectrum", default=d.spectrum, help="eigenvalues (paper text) | singular_values (authors' code) for error 2")
-    p.add_argument("--metrics", type=_csv, default=d.metrics,
-                   help="frobenius_error[,spectral_error] (default: both; error 2 of rank-2 methods costs a dense eigvalsh of the block)")
+    p.add_argument("--methods", type=_csv, default=d.methods, help=f"comma-separated subset of {_values(tuple(Method))} (default: all)")
+    p.add_argument("--spectrum", default=d.spectrum.value, help="eigenvalues (paper text) | singular_values (authors' code) for error 2")
+    p.add_argument("--metrics", type=_csv, default=d.metrics, help=_metrics_help())
     p.add_argument("--tol", type=float, default=d.tol, help="relative tolerance of power SVD and Lanczos (default: %(default)s)")
     p.add_argument("--max-iter", type=int, default=d.max_iter, help="power SVD iteration cap (default: %(default)s)")
     p.add_argument("--lanczos-rank", type=int, default=d.lanczos_rank, help="Kronecker rank of the Lanczos method (default: %(default)s)")
@@ -77,11 +91,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p.add_argument("--two-level", action="store_true",
                    help="also probe every layer and measure two-level KFAC (T): gaps E(beta*)-E(0), energy errors vs the exact natural gradient")
     p.add_argument("--damping", type=float, default=d.damping, help="lambda of F + lambda I and of the pi-damped KFAC (default: %(default)s)")
-    p.add_argument("--coarse-spaces", type=_csv, default=d.coarse_spaces, help=f"subset of {','.join(d.coarse_spaces)} (tko is always added)")
+    p.add_argument("--coarse-spaces", type=_csv, default=d.coarse_spaces, help=f"subset of {_values(d.coarse_spaces)} (tko is always added)")
     p.add_argument("--taylor-order", type=int, default=d.taylor_order, help="q of the Taylor coarse space (default: %(default)s)")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N (default: auto = CUDA when available)")
-    p.add_argument("--dtype", default=d.dtype, help="training dtype float32 | float64; the probe always accumulates in float64")
+    p.add_argument("--dtype", default=d.dtype.value, help="training dtype float32 | float64; the probe always accumulates in float64")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of initialisation, data order and MC targets (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of torch (default: torch's choice, one per core)")
     p.add_argument("--store-factors", type=_csv, default=(), help="layers whose per-sample factors are saved at each snapshot (<out>.factors/)")
     p.add_argument("--config", default=None, help="JSON file with the same fields as the flags (flags given explicitly win)")
     p.add_argument("--out", default=None, help="results file .nc (default: data/probe-<problem>-<time>.nc)")
@@ -94,8 +109,6 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     q.add_argument("--out", default=None, help="figure path .png or .pdf (default: the first results path with .png)")
     t = sub.add_parser("train", help="compare optimizers on a problem (K Figure 2, T Figures 2-4)",
                        epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from fisherlab.train import TrainConfig
-
     td = TrainConfig()
     t.add_argument("--problem", default=td.problem, help="curves | mnist | faces | cnn | deeplinear64 | deeplinear14 | resnet18 | resnet34 "
                    "(default: %(default)s)")
@@ -116,6 +129,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     t.add_argument("--max-batches", type=int, default=None, help="cap on batches per epoch for quick runs (default: a whole epoch)")
     t.add_argument("--device", default=td.device, help="auto | cpu | cuda | cuda:N (default: auto = CUDA when available)")
     t.add_argument("--seed", type=int, default=td.seed, help="seed of initialisation, data order and MC targets (default: %(default)s)")
+    t.add_argument("--threads", type=int, default=None, help="CPU threads of torch (default: torch's choice, one per core)")
     t.add_argument("--config", default=None, help="JSON file with the same fields as the flags (flags given explicitly win)")
     t.add_argument("--out", default=None, help="results file .nc (default: data/train-<problem>-<time>.nc)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -171,6 +185,11 @@ def _typed(value: object, hint: object, where: str) -> object:
             example = '["5", "6"]' if item is str else "[0.1, 1.0]"
             raise FisherlabError(f"{where} must be a list, e.g. {example}; got {json.dumps(value)}")
         return tuple(_typed(v, item, where) for v in value)
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        choices = [e.value for e in hint]
+        if value not in choices:
+            raise FisherlabError(f"{where} must be one of {', '.join(choices)}; got {json.dumps(value)}")
+        return value
     if hint is bool:
         ok = isinstance(value, bool)
     elif hint is int:
@@ -244,7 +263,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from fisherlab.plots import save_figure, training_figure
-    from fisherlab.train import TrainConfig, run_training
+    from fisherlab.train import run_training
 
     values = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__}
     values["kl_clip"] = values["kl_clip"] or None  # 0 disables
@@ -292,8 +311,6 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = _one_line_warning
         try:
             if getattr(args, "config", None):
-                from fisherlab.train import TrainConfig
-
                 config_class = ProbeConfig if args.command == "probe" else TrainConfig
                 commands[args.command].set_defaults(**_config_defaults(args.config, config_class))
                 args = parser.parse_args(argv)  # flags given explicitly win over the config's values

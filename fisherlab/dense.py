@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from fisherlab.metrics import Spectrum
-from fisherlab.probe import LossKind, per_sample_loss
+from fisherlab.layers import weight_matrix
+from fisherlab.losses import LossKind, per_sample_loss
 
 __all__ = [
     "dense_frobenius_error",
@@ -45,11 +45,8 @@ def per_sample_gradients(model: nn.Module, loss: LossKind | str, x: Tensor, y: T
     out = {}
     for name, module in layers.items():
         prefix = name_of[id(module)]
-        w = grads[f"{prefix}.weight" if prefix else "weight"].flatten(2)
-        if module.bias is not None:
-            b = grads[f"{prefix}.bias" if prefix else "bias"]
-            w = torch.cat([w, b[:, :, None]], dim=2)
-        out[name] = w
+        bias = grads[f"{prefix}.bias" if prefix else "bias"] if module.bias is not None else None
+        out[name] = weight_matrix(grads[f"{prefix}.weight" if prefix else "weight"], bias, batch_dims=1)
     return out
 
 
@@ -72,11 +69,14 @@ def dense_frobenius_error(f: Tensor, f_hat: Tensor) -> Tensor:
     return torch.linalg.matrix_norm(f - f_hat) / torch.linalg.matrix_norm(f)
 
 
-def dense_spectral_error(f: Tensor, f_hat: Tensor, spectrum: Spectrum = Spectrum.EIGENVALUES) -> Tensor:
-    """``||spec(F) - spec(F̂)||_2 / ||spec(F)||_2`` with all eigenvalues, sorted descending."""
+def dense_spectral_error(f: Tensor, f_hat: Tensor, spectrum: str = "eigenvalues") -> Tensor:
+    """``||spec(F) - spec(F̂)||_2 / ||spec(F)||_2`` with all eigenvalues, sorted descending.
+
+    ``spectrum="singular_values"`` compares absolute values (a ``metrics.Spectrum`` member works too).
+    """
     lam = torch.linalg.eigvalsh(f)
     mu = torch.linalg.eigvalsh((f_hat + f_hat.T) / 2)
-    if spectrum == Spectrum.SINGULAR_VALUES:
+    if spectrum == "singular_values":
         lam, mu = lam.abs(), mu.abs()
     lam, mu = torch.sort(lam, descending=True).values, torch.sort(mu, descending=True).values
     return torch.linalg.vector_norm(lam - mu) / torch.linalg.vector_norm(lam)

@@ -10,7 +10,11 @@ contraction of ``(a, g)``:
   conv layer ``DW Y DW^T = G_n^T (A_n Y A_n^T) G_n`` sums over all position pairs.
 * the Gram matrix ``K = [<DW_nv, DW_mw>]``: ``||F||_F = ||K||_F / N`` and the nonzero
   eigenvalues of ``F`` are those of ``K / N``;
-* inner products ``<F, X ⊗ Y>_F = vec(X)^T R(F) vec(Y)``.
+* inner products ``<F, X ⊗ Y>_F = vec(X)^T R(F) vec(Y)``;
+* products with the whole Fisher of several layers through ``J u`` and ``Jᵀ c``
+  (:class:`WholeFisher`, T App. A.2), cross blocks included.
+
+Both operators here satisfy the protocols of :mod:`fisherlab.operators`.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from fisherlab._errors import FisherlabError
 from fisherlab.kron import KronSum
 from fisherlab.layers import LayerFactors
+from fisherlab.operators import Params, axpy, dot
 
-__all__ = ["ExactBlock", "cross_block_dense", "full_fisher_dense"]
+__all__ = ["ExactBlock", "WholeFisher", "cross_block_dense", "full_fisher_dense", "jvp", "vjp"]
 
 _GRAM_CHUNK_ELEMENTS = 2**25
 #: Conv layers keep their per-sample gradients when ``N V d_out d_in`` is at most this
@@ -50,6 +56,16 @@ class ExactBlock:
     def dim(self) -> int:
         """Side ``d_out * d_in`` of the block."""
         return self.factors.dim
+
+    @property
+    def d_out(self) -> int:
+        """Output side of the matrices the block acts on."""
+        return self.factors.d_out
+
+    @property
+    def d_in(self) -> int:
+        """Input side, bias column included."""
+        return self.factors.d_in
 
     @property
     def max_rank(self) -> int:
@@ -94,17 +110,19 @@ class ExactBlock:
         return torch.einsum("nti,nts,nsj->ij", a, c, a) / n
 
     def matvec(self, w: Tensor) -> Tensor:
-        """``F vec(W)`` as a ``[d_out, d_in]`` matrix: ``(1/N) sum DW <DW, W>``."""
-        a, g = self.factors.a, self.factors.g
-        coef = torch.einsum("nvto,oi,nti->nv", g, w, a)
-        return torch.einsum("nv,nvto,nti->oi", coef, g, a) / a.shape[0]
+        """``F vec(W)`` as a ``[d_out, d_in]`` matrix: ``(1/N) sum DW <DW, W> = Jᵀ(J w) / N``."""
+        return vjp(self.factors, jvp(self.factors, w)) / self.factors.n_samples
 
     def gram(self) -> Tensor:
-        """Gram matrix ``K[(n,v),(m,w)] = <DW_nv, DW_mw>`` of shape ``[N V, N V]``.
+        """Gram matrix ``K[(n,v),(m,w)] = <DW_nv, DW_mw>`` of shape ``[N V, N V]``, computed once per block.
 
         ``T = 1``: ``(a_n·a_m)(g_nv·g_mw)``; conv layers sum over all position pairs
         ``(t, s)``, in chunks of samples to bound memory.
         """
+        return self._gram
+
+    @cached_property
+    def _gram(self) -> Tensor:
         a, g = self.factors.a, self.factors.g
         n, v, t, _ = g.shape
         if self._dw is not None:
@@ -122,16 +140,17 @@ class ExactBlock:
             rows.append(torch.einsum("nmts,nvmwts->nvmw", aa, gg).reshape(-1, n * v))
         return torch.cat(rows)
 
-    def frobenius_norm(self, gram: Tensor | None = None) -> Tensor:
+    def frobenius_norm(self) -> Tensor:
         """``||F||_F = ||K||_F / N``."""
-        gram = self.gram() if gram is None else gram
-        return torch.linalg.matrix_norm(gram) / self.factors.n_samples
+        return torch.linalg.matrix_norm(self.gram()) / self.factors.n_samples
 
-    def eigenvalues(self, gram: Tensor | None = None) -> Tensor:
-        """The ``max_rank`` largest eigenvalues of ``F``, descending (those of ``K / N``)."""
-        gram = self.gram() if gram is None else gram
-        ev = torch.linalg.eigvalsh(gram / self.factors.n_samples)
-        return torch.sort(ev, descending=True).values[: self.max_rank]
+    def eigenvalues(self, *, top: int | None = None) -> Tensor:
+        """The ``top`` (default ``max_rank``) largest eigenvalues of ``F``, descending (those of ``K / N``).
+
+        Beyond ``max_rank`` every eigenvalue is 0, so at most ``max_rank`` are returned.
+        """
+        ev = torch.linalg.eigvalsh(self.gram() / self.factors.n_samples)
+        return torch.sort(ev, descending=True).values[: min(self.max_rank, top or self.max_rank)]
 
     def inner(self, kron: KronSum) -> Tensor:
         """``<F, sum_k out_k ⊗ in_k>_F = sum_k <out_k, R(F) vec(in_k)>``."""
@@ -139,18 +158,6 @@ class ExactBlock:
             (torch.sum(o * self.rearranged_matvec(i)) for o, i in zip(kron.outs, kron.ins, strict=True)),
             torch.zeros((), dtype=self.factors.a.dtype, device=self.factors.a.device),
         )
-
-    def kfac(self) -> KronSum:
-        """KFAC ``G ⊗ A`` with ``A = (1/N) sum_{n,t} a a^T``, ``G = (1/(N T)) sum_{n,v,t} g g^T``.
-
-        For ``T = 1`` this is ``E[g g^T] ⊗ E[ā ā^T]`` (K eq. 1); for conv layers the KFC
-        factors of Grosse & Martens (2016) as written in T eq. (2.27).
-        """
-        a, g = self.factors.a, self.factors.g
-        n, t = a.shape[0], a.shape[1]
-        a2 = a.reshape(-1, a.shape[-1])
-        g2 = g.reshape(-1, g.shape[-1])
-        return KronSum((g2.T @ g2 / (n * t),), (a2.T @ a2 / n,))
 
     def jacobian(self) -> Tensor:
         """Per-sample gradients as rows, ``[N V, d_out d_in]`` (``F = J^T J / N``); dense."""
@@ -169,8 +176,102 @@ class ExactBlock:
         return f.permute(0, 2, 1, 3).reshape(d_out * d_out, d_in * d_in)
 
 
+def jvp(factors: LayerFactors, w: Tensor) -> Tensor:
+    """``J w`` of one layer as ``[N, V]``: ``(J w)_nv = <DW_nv, W> = Σ_t g_nvtᵀ W a_nt`` (T App. A.2)."""
+    return torch.einsum("nvto,oi,nti->nv", factors.g, w, factors.a)
+
+
+def vjp(factors: LayerFactors, c: Tensor) -> Tensor:
+    """``Jᵀ c`` of one layer for ``c [N, V]``: ``Σ_{n,v} c_nv DW_nv`` as ``[d_out, d_in]``."""
+    return torch.einsum("nv,nvto,nti->oi", c, factors.g, factors.a)
+
+
+@dataclass(frozen=True)
+class WholeFisher:
+    """The Fisher of several layers, cross blocks included: ``F = JᵀJ / N`` (T App. A.2).
+
+    ``J`` is the ``[N V, p]`` matrix of per-sample gradients of all the layers; nothing forms
+    ``F`` or ``J`` except :meth:`as_dense`. Satisfies :class:`~fisherlab.operators.ParamsOperator`.
+
+    Args:
+        blocks: The exact blocks of every layer, from one probe pass (same samples and directions).
+    """
+
+    blocks: tuple[ExactBlock, ...]
+
+    def __post_init__(self) -> None:
+        n = {(b.factors.n_samples, b.factors.n_directions) for b in self.blocks}
+        if len(n) != 1:
+            raise FisherlabError("WholeFisher needs blocks from one probe pass (same N and V)")
+
+    @property
+    def n_samples(self) -> int:
+        """``N``."""
+        return self.blocks[0].factors.n_samples
+
+    @property
+    def n_directions(self) -> int:
+        """``V``."""
+        return self.blocks[0].factors.n_directions
+
+    def jvp(self, u: Params) -> Tensor:
+        """``J u`` as ``[N, V]``: the sum over layers of :func:`jvp`."""
+        return sum(jvp(b.factors, ui) for b, ui in zip(self.blocks, u, strict=True))  # type: ignore[return-value]
+
+    def vjp(self, c: Tensor) -> Params:
+        """``Jᵀ c`` per layer for ``c [N, V]``."""
+        return [vjp(b.factors, c) for b in self.blocks]
+
+    def matvec(self, u: Params, *, damping: float = 0.0) -> Params:
+        """``F• u = Jᵀ(J u) / N + λ u`` (T App. A.2)."""
+        fu = self.vjp(self.jvp(u) / self.n_samples)
+        return axpy(damping, u, fu) if damping else fu
+
+    def energy_inner(self, x: Params, y: Params, *, damping: float) -> Tensor:
+        """``⟨x, y⟩_{F•} = (Jx)·(Jy) / N + λ x·y``."""
+        return torch.sum(self.jvp(x) * self.jvp(y)) / self.n_samples + damping * dot(x, y)
+
+    def gram(self) -> Tensor:
+        """``J Jᵀ = Σ_i K_i`` of shape ``[N V, N V]`` (sum of the per-layer Gram matrices)."""
+        return sum(b.gram() for b in self.blocks)  # type: ignore[return-value]
+
+    def natural_gradient(self, grads: Params, *, damping: float) -> Params:
+        """The exact damped natural gradient ``ζ = (F + λI)⁻¹ ∇h`` by Woodbury.
+
+        ``ζ = (∇h - Jᵀ (NλI + JJᵀ)⁻¹ J ∇h) / λ``: one ``N V``-sided solve, no ``p``-sided one.
+        """
+        if damping <= 0:
+            raise FisherlabError("the exact natural gradient needs a positive damping λ")
+        gram = self.gram()
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        jg = self.jvp(grads).reshape(-1)
+        c = torch.linalg.solve(self.n_samples * damping * eye + gram, jg).reshape(self.n_samples, self.n_directions)
+        return [(g - jc) / damping for g, jc in zip(grads, self.vjp(c), strict=True)]
+
+    def coarse_operator(self, basis: list[Tensor], *, damping: float) -> Tensor:
+        """``F_coarse = R₀ F• R₀ᵀ = (J R₀ᵀ)ᵀ(J R₀ᵀ)/N + λ R₀R₀ᵀ`` (T eq. 3.12, App. A.3).
+
+        Args:
+            basis: Per layer the coarse columns ``V_i`` as ``[m_i, d_out, d_in]``.
+        """
+        cols = [torch.einsum("nvto,koi,nti->nvk", b.factors.g, v, b.factors.a) for b, v in zip(self.blocks, basis, strict=True)]
+        jr = torch.cat(cols, dim=2).reshape(-1, sum(v.shape[0] for v in basis))
+        gram_v = torch.block_diag(*[v.flatten(1) @ v.flatten(1).T for v in basis])
+        return jr.T @ jr / self.n_samples + damping * gram_v
+
+    def jacobian(self) -> Tensor:
+        """``J`` as ``[N V, p]``, the layers' :meth:`ExactBlock.jacobian` side by side; dense."""
+        return torch.cat([b.jacobian() for b in self.blocks], dim=1)
+
+    def as_dense(self, *, damping: float = 0.0) -> Tensor:
+        """Dense ``F•`` of all the layers; small networks, tests and notebooks only."""
+        jac = self.jacobian()
+        f = jac.T @ jac / self.n_samples
+        return f + damping * torch.eye(f.shape[0], dtype=f.dtype, device=f.device)
+
+
 def cross_block_dense(first: ExactBlock, second: ExactBlock) -> Tensor:
-    """Dense cross-layer block ``F_ij = (1/N) J_i^T J_j`` (K §2.1); small layers only.
+    """Dense cross-layer block ``F_ij = (1/N) J_iᵀ J_j`` (K §2.1); small layers only.
 
     Both blocks must come from the same probe pass (same samples and directions).
     """
@@ -178,6 +279,5 @@ def cross_block_dense(first: ExactBlock, second: ExactBlock) -> Tensor:
 
 
 def full_fisher_dense(blocks: list[ExactBlock]) -> Tensor:
-    """The full Fisher ``F = J^T J / N`` of all probed layers, in the order given; small nets only."""
-    jac = torch.cat([b.jacobian() for b in blocks], dim=1)
-    return jac.T @ jac / blocks[0].factors.n_samples
+    """The full Fisher ``F = JᵀJ / N`` of all probed layers, in the order given; small nets only."""
+    return WholeFisher(tuple(blocks)).as_dense()

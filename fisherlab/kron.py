@@ -1,4 +1,5 @@
-"""Sums of Kronecker products ``sum_k out_k ⊗ in_k`` acting on ``W.flatten()``.
+"""Sums of Kronecker products ``sum_k out_k ⊗ in_k`` acting on ``W.flatten()`` (a
+:class:`~fisherlab.operators.BlockOperator`).
 
 ``(X ⊗ Y) vec(W) = vec(X W Y^T)`` for row-major ``vec`` and ``W`` of shape ``[d_out, d_in]``,
 so nothing here forms a ``d_out*d_in``-sized matrix except :meth:`KronSum.as_dense`, and
@@ -111,6 +112,16 @@ class KronSum:
         o = torch.stack([x.flatten() for x in self.outs])
         i = torch.stack([x.flatten() for x in self.ins])
         return ((o @ o.T) * (i @ i.T)).sum()
+
+    def frobenius_norm(self) -> Tensor:
+        """``||sum_k out_k ⊗ in_k||_F``."""
+        return self.frobenius_norm_squared().clamp(min=0).sqrt()
+
+    def inner(self, kron: KronSum) -> Tensor:
+        """``<self, kron>_F = sum_kl <out_k, out'_l><in_k, in'_l>``."""
+        o = torch.stack([x.flatten() for x in self.outs]) @ torch.stack([x.flatten() for x in kron.outs]).T
+        i = torch.stack([x.flatten() for x in self.ins]) @ torch.stack([x.flatten() for x in kron.ins]).T
+        return (o * i).sum()
 
     def trace(self) -> Tensor:
         """``sum_k tr(out_k) tr(in_k)``."""

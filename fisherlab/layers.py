@@ -34,7 +34,17 @@ from torch.nn import functional as nnf
 
 from fisherlab._errors import FisherlabError, check_same_device_dtype
 
-__all__ = ["LayerFactors", "conv_patches", "layer_input_factors", "layer_output_factors"]
+__all__ = [
+    "LayerFactors",
+    "conv_patches",
+    "layer_input_factors",
+    "layer_matrix",
+    "layer_output_factors",
+    "probeable_layers",
+    "subtract_from_layer",
+    "weight_gradient",
+    "weight_matrix",
+]
 
 
 @dataclass(frozen=True)
@@ -123,6 +133,11 @@ class LayerFactors:
         return torch.einsum("nvto,nti->nvoi", self.g, self.a)
 
 
+def probeable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """All ``nn.Linear`` and ``nn.Conv2d`` modules of ``model`` by module path, in order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)}
+
+
 def conv_patches(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """Unfold the input of ``conv`` into patches ``[N, T, C_in * kh * kw]``.
 
@@ -163,3 +178,32 @@ def layer_output_factors(module: nn.Module, grad_output: Tensor) -> Tensor:
     if isinstance(module, nn.Conv2d):
         return grad_output.flatten(2).transpose(1, 2)
     return grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1])
+
+
+def weight_gradient(a: Tensor, g: Tensor) -> Tensor:
+    """``Σ_{n,t} g_nt a_ntᵀ``: the ``[d_out, d_in]`` gradient of ``a [N, T, d_in]`` and ``g [N, T, d_out]``."""
+    return torch.einsum("nto,nti->oi", g, a)
+
+
+def weight_matrix(weight: Tensor, bias: Tensor | None, *, batch_dims: int = 0) -> Tensor:
+    """The ``[..., d_out, d_in]`` layout of fisherlab: ``weight`` flattened per output row, bias as last column.
+
+    ``batch_dims`` leading dims are kept (1 for per-sample gradients ``[N, *weight.shape]``).
+    """
+    w = weight.flatten(batch_dims + 1)
+    return w if bias is None else torch.cat([w, bias[..., None]], dim=-1)
+
+
+def layer_matrix(module: nn.Module, attr: str = "data") -> Tensor:
+    """A Linear/Conv2d layer's parameters (``attr="data"``) or gradients (``"grad"``) as ``[d_out, d_in]``."""
+    weight = module.weight.detach() if attr == "data" else getattr(module.weight, attr)
+    bias = None if module.bias is None else (module.bias.detach() if attr == "data" else getattr(module.bias, attr))
+    return weight_matrix(weight, bias)
+
+
+def subtract_from_layer(module: nn.Module, delta: Tensor) -> None:
+    """``W -= delta`` for a ``[d_out, d_in]`` update in the layout of :func:`weight_matrix`."""
+    n_w = module.weight[0].numel()
+    module.weight.sub_(delta[:, :n_w].reshape(module.weight.shape))
+    if module.bias is not None:
+        module.bias.sub_(delta[:, n_w])

@@ -23,39 +23,21 @@ import torch
 from torch import Tensor, nn
 
 from fisherlab._errors import FisherlabError
-from fisherlab.approximations import Approximation, Method, approximate_all
+from fisherlab.approximations import ApproxConfig, Method, approximate_all, kfac_factors
 from fisherlab.fisher import ExactBlock
 from fisherlab.kron import KronSolver, KronSum
-from fisherlab.probe import LossKind, Probe, ProbeSnapshot
-from fisherlab.twolevel import (
-    CoarseSpace,
-    WholeFisher,
-    coarse_basis,
-    pinv_solve,
-    prolong,
-    restrict,
-    tko_coarse_operator,
-)
+from fisherlab.layers import layer_matrix, subtract_from_layer
+from fisherlab.losses import LossKind
+from fisherlab.operators import BlockDiagonal, solve_all
+from fisherlab.probe import Probe, ProbeSnapshot
+from fisherlab.twolevel import TKO, CoarseSpace, coarse_step, prolong
 
 __all__ = ["OPTIMIZER_NAMES", "KroneckerOptimizer", "layer_gradient", "make_optimizer"]
 
 
 def layer_gradient(module: nn.Module, attr: str = "grad") -> Tensor:
-    """``[d_out, d_in]`` matrix of a Linear/Conv2d layer's weight (or grad), bias column last."""
-    w = getattr(module.weight, attr) if attr == "grad" else module.weight.detach()
-    w = w.flatten(1)
-    if module.bias is not None:
-        b = getattr(module.bias, attr) if attr == "grad" else module.bias.detach()
-        w = torch.cat([w, b[:, None]], dim=1)
-    return w
-
-
-def _write_back(module: nn.Module, delta: Tensor) -> None:
-    """``W -= delta`` for a ``[d_out, d_in]`` update with the bias as last column."""
-    n_w = module.weight[0].numel()
-    module.weight.sub_(delta[:, :n_w].reshape(module.weight.shape))
-    if module.bias is not None:
-        module.bias.sub_(delta[:, n_w])
+    """``[d_out, d_in]`` matrix of a Linear/Conv2d layer's gradient (or ``attr="data"``: weight), bias column last."""
+    return layer_matrix(module, attr)
 
 
 class KroneckerOptimizer(torch.optim.Optimizer):
@@ -108,12 +90,12 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         if kl_clip is not None and kl_clip <= 0:
             raise FisherlabError(f"kl_clip must be positive, got {kl_clip}")
         self.method = Method(method)
-        if two_level is not None and two_level != "tko":
+        if two_level is not None and two_level != TKO:
             CoarseSpace(two_level)  # validates the name
         self.two_level = two_level
         self.probe = Probe(model, loss, fisher=fisher, seed=seed)
         self.layers = self.probe.layers
-        self.tol, self.max_iter = tol, max_iter
+        self.approx_config = ApproxConfig(tol=tol, max_iter=max_iter)
         self.hyper = {"alpha": alpha, "t1": t1, "t2": t2, "kl_clip": kl_clip}
         layer_params = {id(p) for m in self.layers.values() for p in m.parameters(recurse=False)}
         other = [p for p in model.parameters() if id(p) not in layer_params and p.requires_grad]
@@ -122,7 +104,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         if other:
             groups.append({"params": other, "kind": "sgd"})
         super().__init__(groups, {"lr": lr, "damping": damping, "weight_decay": weight_decay})
-        self._solvers: dict[str, KronSolver] = {}
+        self._solvers: list[KronSolver] = []
         self._snapshot: ProbeSnapshot | None = None
 
     # -- state kept in self.state[weight] so that state_dict round-trips -------------------
@@ -142,15 +124,20 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             return None
         return KronSum(tuple(st["outs"]), tuple(st["ins"]))
 
+    def block_diagonal(self) -> BlockDiagonal:
+        """The current approximation of the whole Fisher: one block per preconditioned layer."""
+        blocks = [self.approximation(n) for n in self.layers]
+        if any(b is None for b in blocks):
+            raise FisherlabError("no approximation yet: step() has not refreshed the factors")
+        return BlockDiagonal(tuple(blocks))  # type: ignore[arg-type]
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore factors, warm starts, step counts and the probe's generator."""
         super().load_state_dict(state_dict)
-        self._solvers = {}
+        self._solvers = []
         first = self._layer_state(next(iter(self.layers)))
-        if "probe_rng" in first:
-            device = self.layers[next(iter(self.layers))].weight.device
-            self.probe._generator = torch.Generator(device=device).manual_seed(0)
-            self.probe._generator.set_state(first["probe_rng"].cpu().to(torch.uint8))  # load_state_dict casts to the param dtype
+        if "probe_rng" in first:  # load_state_dict casts it to the parameters' dtype; set_rng_state casts back
+            self.probe.set_rng_state(first["probe_rng"], self.layers[next(iter(self.layers))].weight.device)
 
     # -- the step ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -185,9 +172,9 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             g = layer_gradient(module)
             grads[name] = g + wd * layer_gradient(module, "data") if wd else g
         if k % self.hyper["t2"] == 0 or not self._solvers:
-            self._solvers = {n: self.approximation(n).solver(damping=damping) for n in self.layers}  # type: ignore[union-attr]
+            self._solvers = self.block_diagonal().solvers(damping=damping)
         dt = self.approximation(next(iter(self.layers))).outs[0].dtype  # type: ignore[union-attr]
-        zeta = {n: self._solvers[n](grads[n].to(dt)) for n in self.layers}
+        zeta = dict(zip(self.layers, solve_all(self._solvers, [grads[n].to(dt) for n in self.layers]), strict=True))
         if self.two_level is not None:
             zeta = self._coarse_correction(zeta, grads, damping)
         nu = 1.0
@@ -195,16 +182,16 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             inner = sum(float(torch.sum(zeta[n] * grads[n].to(dt)).abs()) for n in self.layers)
             nu = min(1.0, (self.hyper["kl_clip"] / inner) ** 0.5) if inner > 0 else 1.0
         for name, module in self.layers.items():
-            _write_back(module, (lr * nu) * zeta[name].to(module.weight.dtype))
+            subtract_from_layer(module, (lr * nu) * zeta[name].to(module.weight.dtype))
         for group in self.param_groups[1:]:
             for p in group["params"]:
                 if p.grad is not None:
                     p.sub_(group["lr"] * (p.grad + group["weight_decay"] * p))
         for name in self.layers:
             self._layer_state(name)["step"] = k + 1
-        gen = self.probe._generator
-        if gen is not None:
-            self._layer_state(next(iter(self.layers)))["probe_rng"] = gen.get_state()
+        rng = self.probe.rng_state()
+        if rng is not None:
+            self._layer_state(next(iter(self.layers)))["probe_rng"] = rng
         return loss
 
     def _refresh(self, snap: ProbeSnapshot) -> None:
@@ -212,9 +199,8 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         for name in self.layers:
             st = self._layer_state(name)
             block = ExactBlock(snap.factors[name])
-            # approximate_all reads only the warm-start vectors of the previous approximation
-            prev = {self.method: Approximation(self.method, self.approximation(name), 0, True, 0.0, tuple(st["warm"]))} if "warm" in st else None  # type: ignore[arg-type]
-            new = approximate_all(block, [self.method], tol=self.tol, max_iter=self.max_iter, previous=prev, layer=name)[self.method]
+            warm = {self.method: tuple(st["warm"])} if "warm" in st else None
+            new = approximate_all(block, [self.method], self.approx_config, warm=warm, layer=name)[self.method]
             refreshes = int(st.get("refreshes", 0)) + 1
             rho = min(1.0 - 1.0 / refreshes, self.hyper["alpha"])
             if "outs" in st and len(st["outs"]) == new.kron.rank:
@@ -227,25 +213,20 @@ class KroneckerOptimizer(torch.optim.Optimizer):
 
     def _coarse_correction(self, zeta: dict[str, Tensor], grads: dict[str, Tensor], damping: float) -> dict[str, Tensor]:
         """``ζ + R₀ᵀβ``: β* (T eq. 3.11) or β_TKO (eq. 4.7b with F_coarse of eq. 3.18)."""
-        assert self._snapshot is not None
+        assert self._snapshot is not None and self.two_level is not None
         names = list(self.layers)
-        fisher = WholeFisher(tuple(ExactBlock(self._snapshot.factors[n]) for n in names))
+        fisher = self._snapshot.whole_fisher(names)
         dt = self._snapshot.factors[names[0]].a.dtype
         g = [grads[n].to(dt) for n in names]
         zk = [zeta[n].to(dt) for n in names]
-        kfacs = [b.kfac() for b in fisher.blocks]
-        if self.two_level == "tko":
-            basis = coarse_basis(CoarseSpace.NICOLAIDES, kfacs, g, damping=damping)
-            beta = pinv_solve(tko_coarse_operator(fisher, kfacs, basis, damping=damping), restrict(basis, g))
-        else:
-            residual = [gi - fi for gi, fi in zip(g, fisher.matvec(zk, damping=damping), strict=True)]
-            basis = coarse_basis(self.two_level, kfacs, residual, damping=damping, fisher=fisher)  # type: ignore[arg-type]
-            beta = pinv_solve(fisher.coarse_operator(basis, damping=damping), restrict(basis, residual))
+        kfacs = [kfac_factors(b) for b in fisher.blocks]
+        residual = g if self.two_level == TKO else [gi - fi for gi, fi in zip(g, fisher.matvec(zk, damping=damping), strict=True)]
+        basis, beta = coarse_step(self.two_level, fisher, kfacs, g, residual, damping=damping)
         corr = prolong(basis, beta)
         return {n: zeta[n] + c.to(zeta[n].dtype) for n, c in zip(names, corr, strict=True)}
 
 
-OPTIMIZER_NAMES = ("sgd", "adam", *(m.value for m in Method), *(f"kfac2l_{c.value}" for c in CoarseSpace), "kfac2l_tko")
+OPTIMIZER_NAMES = ("sgd", "adam", *(m.value for m in Method), *(f"kfac2l_{c.value}" for c in CoarseSpace), f"kfac2l_{TKO}")
 
 
 def make_optimizer(name: str, model: nn.Module, loss: LossKind | str, **kwargs: Any) -> torch.optim.Optimizer:

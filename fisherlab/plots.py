@@ -1,7 +1,7 @@
 """Figures drawn from a results dataset (they never train or probe).
 
-:func:`error_figure` is K Figure 1: error 1 and error 2 against the training iteration,
-one column per layer, one line per method.
+:func:`error_figure` is K Figure 1: every registered error metric (error 1 and error 2)
+against the training iteration, one column per layer, one line per method.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from matplotlib.ticker import NullLocator, SymmetricalLogLocator
 from torch import Tensor
 
 from fisherlab._errors import FisherlabError
+from fisherlab.metrics import BLOCK_METRICS, ERROR_METRICS
 
 __all__ = [
     "METHOD_STYLE",
@@ -49,6 +50,10 @@ _WIDTH = {"deflation": 2.6, "kfac": 1.6}
 RUN_DASHES: tuple[tuple[float, ...], ...] = ((), (5, 2), (1, 1.5), (7, 2, 1, 2), (3, 3))
 
 
+#: Axis labels of the registered metrics.
+_LONG_NAMES = {m.name: m.long_name for m in BLOCK_METRICS}
+
+
 def method_style(method: str) -> tuple[str, str, tuple[float, ...]]:
     """Colour, marker and dash pattern of a method (grey for unknown names)."""
     return METHOD_STYLE.get(method, _OTHER_STYLE)
@@ -68,7 +73,7 @@ def data_label(ds: xr.Dataset) -> str:
     return source.split(" (")[0].split(":")[0] if source else "data not recorded"
 
 
-def error_figure(runs: xr.Dataset | dict[str, xr.Dataset], *, metrics: tuple[str, ...] = ("frobenius_error", "spectral_error")) -> Figure:
+def error_figure(runs: xr.Dataset | dict[str, xr.Dataset], *, metrics: tuple[str, ...] = ERROR_METRICS) -> Figure:
     """Error 1 and error 2 vs iteration per layer (rows: metrics, columns: layers), K Fig. 1.
 
     Each method has its own colour, marker and dash pattern. Several runs (a dict of
@@ -112,7 +117,7 @@ def error_figure(runs: xr.Dataset | dict[str, xr.Dataset], *, metrics: tuple[str
                             label=f"{method} ({label})" if label else method)
             if log:
                 ax.set_yscale("log")
-            ax.set_ylabel(datasets[next(iter(datasets))][metric].attrs.get("long_name", metric))
+            ax.set_ylabel(_LONG_NAMES.get(metric, metric))
             ax.set_xlabel("training iteration")
             ax.set_title(f"layer {layer}" if row == 0 else "")
             ax.grid(True, alpha=0.3)

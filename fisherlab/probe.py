@@ -7,13 +7,8 @@ outputs, one backward per output direction. Parameters' ``.grad`` are never touc
 sampling uses the probe's own ``torch.Generator``, and buffers (batch-norm running
 statistics) are restored afterwards, so a probe pass leaves training undisturbed.
 
-Fisher kinds (:class:`FisherKind`), for a loss ``-log p(y | z)`` on the network output ``z``:
-
-* ``mc`` — ``V`` targets drawn from the model's predictive distribution per input, each
-  direction ``dL(y_v)/dz / sqrt(V)``: the papers' "exact FIM" (K §4, Martens & Grosse 2015);
-* ``exact`` — the expectation over targets in closed form: the ``C`` columns of a square
-  root ``S`` of the output Fisher, ``S S^T = E_y[∇_z L ∇_z L^T]``;
-* ``empirical`` — the true targets (the empirical Fisher, Kunstner et al. 2019).
+Which output directions are backpropagated (the Fisher kind) and the losses are in
+:mod:`fisherlab.losses`; this module only captures.
 
 A module called several times in one forward pass (shared weights, e.g. a Linear layer
 applied twice) contributes every call: the calls' inputs and output derivatives are
@@ -25,87 +20,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from enum import Enum
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as nnf
 
 from fisherlab._errors import FisherlabError, check_finite
-from fisherlab.fisher import ExactBlock
-from fisherlab.layers import LayerFactors, layer_input_factors, layer_output_factors
+from fisherlab.fisher import ExactBlock, WholeFisher
+from fisherlab.layers import LayerFactors, layer_input_factors, layer_output_factors, probeable_layers, weight_gradient
+from fisherlab.losses import FisherKind, LossKind, as_enum, check_targets, output_directions, per_sample_loss
 
-__all__ = ["FisherKind", "LossKind", "Probe", "ProbeSnapshot", "per_sample_loss", "probeable_layers"]
-
-
-class FisherKind(str, Enum):
-    """How the output directions ``g`` are chosen (see the module docstring)."""
-
-    MC = "mc"
-    EXACT = "exact"
-    EMPIRICAL = "empirical"
-
-
-class LossKind(str, Enum):
-    """Negative log-likelihoods on the network output ``z`` (logits for bce and ce).
-
-    ``mse``: Gaussian with unit variance, ``L = ½||y - z||²``; ``bce``: independent
-    Bernoulli with ``p = sigmoid(z)`` (a sigmoid output layer with binary cross entropy);
-    ``ce``: categorical with ``p = softmax(z)``, integer targets.
-    """
-
-    MSE = "mse"
-    BCE = "bce"
-    CE = "ce"
-
-
-def per_sample_loss(loss: LossKind, z: Tensor, y: Tensor) -> Tensor:
-    """Per-sample negative log-likelihood ``[N]`` (summed over output units)."""
-    if loss == LossKind.MSE:
-        return 0.5 * ((z - y) ** 2).flatten(1).sum(1)
-    if loss == LossKind.BCE:
-        return nnf.binary_cross_entropy_with_logits(z, y, reduction="none").flatten(1).sum(1)
-    return nnf.cross_entropy(z, y, reduction="none")
-
-
-def _output_gradient(loss: LossKind, z: Tensor, y: Tensor) -> Tensor:
-    """``dL/dz`` per sample, in closed form."""
-    if loss == LossKind.MSE:
-        return z - y
-    if loss == LossKind.BCE:
-        return torch.sigmoid(z) - y
-    return torch.softmax(z, dim=-1) - nnf.one_hot(y, z.shape[-1]).to(z.dtype)
-
-
-def _sample_targets(loss: LossKind, z: Tensor, generator: torch.Generator) -> Tensor:
-    """Draw ``y ~ p(y | z)`` with the probe's generator."""
-    if loss == LossKind.MSE:
-        return z + torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-    if loss == LossKind.BCE:
-        return torch.bernoulli(torch.sigmoid(z), generator=generator)
-    return torch.multinomial(torch.softmax(z, dim=-1), 1, generator=generator)[:, 0]
-
-
-def _output_fisher_sqrt(loss: LossKind, z: Tensor) -> Tensor:
-    """``S [N, out, C]`` with ``S S^T`` the output Fisher ``E_y[∇_z L ∇_z L^T]``.
-
-    mse: ``I``; bce: ``diag(sqrt(p(1-p)))``; ce: ``diag(√p) - p √p^T``.
-    """
-    flat = z.flatten(1)
-    eye = torch.eye(flat.shape[1], dtype=z.dtype, device=z.device)
-    if loss == LossKind.MSE:
-        return eye.expand(flat.shape[0], -1, -1)
-    if loss == LossKind.BCE:
-        p = torch.sigmoid(flat)
-        return torch.diag_embed(torch.sqrt(p * (1 - p)))
-    p = torch.softmax(flat, dim=-1)
-    root = torch.sqrt(p)
-    return torch.diag_embed(root) - p[:, :, None] * root[:, None, :]
-
-
-def probeable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """All ``nn.Linear`` and ``nn.Conv2d`` modules of ``model`` by module path, in order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)}
+__all__ = ["Probe", "ProbeSnapshot", "probeable_layers"]
 
 
 @dataclass(frozen=True)
@@ -129,6 +53,11 @@ class ProbeSnapshot:
     def blocks(self) -> dict[str, ExactBlock]:
         """The exact Fisher block of every probed layer."""
         return {name: ExactBlock(f) for name, f in self.factors.items()}
+
+    def whole_fisher(self, names: Iterable[str] | None = None) -> WholeFisher:
+        """The Fisher of the layers ``names`` (default: all probed, in order) with their cross blocks."""
+        order = list(self.factors) if names is None else list(names)
+        return WholeFisher(tuple(ExactBlock(self.factors[n]) for n in order))
 
 
 class Probe:
@@ -164,8 +93,8 @@ class Probe:
         accumulate_dtype: torch.dtype = torch.float64,
     ) -> None:
         self.model = model
-        self.loss = _enum(LossKind, loss, "loss")
-        self.fisher = _enum(FisherKind, fisher, "Fisher type")
+        self.loss = as_enum(LossKind, loss, "loss")
+        self.fisher = as_enum(FisherKind, fisher, "Fisher type")
         if mc_samples < 1:
             raise FisherlabError(f"mc_samples must be at least 1, got {mc_samples}")
         self.mc_samples = mc_samples
@@ -179,6 +108,15 @@ class Probe:
             self._generator = torch.Generator(device=device).manual_seed(self.seed)
         return self._generator
 
+    def rng_state(self) -> Tensor | None:
+        """State of the probe's own generator (MC targets); ``None`` before the first pass."""
+        return None if self._generator is None else self._generator.get_state()
+
+    def set_rng_state(self, state: Tensor, device: torch.device | str = "cpu") -> None:
+        """Restore a state from :meth:`rng_state` (e.g. from an optimizer's ``state_dict``)."""
+        self._generator = torch.Generator(device=device)
+        self._generator.set_state(state.cpu().to(torch.uint8))
+
     def __call__(self, x: Tensor, y: Tensor | None) -> ProbeSnapshot:
         """Run one probe pass on the batch ``(x, y)``.
 
@@ -191,7 +129,7 @@ class Probe:
         """
         if y is None and self.fisher == FisherKind.EMPIRICAL:
             raise FisherlabError("the empirical Fisher needs the true targets y")
-        self._check_batch(x, y)
+        check_targets(self.loss, x, y)
         inputs: dict[str, list[Tensor]] = {n: [] for n in self.layers}
         outputs: dict[str, list[Tensor]] = {n: [] for n in self.layers}
 
@@ -219,7 +157,7 @@ class Probe:
                     losses = per_sample_loss(self.loss, z, y)
                     check_finite("loss", losses)
                     true_g = torch.autograd.grad(losses.sum(), outs, retain_graph=True)
-                directions = self._directions(z, y)
+                directions = output_directions(self.loss, self.fisher, z, y, generator=self._gen(z.device), mc_samples=self.mc_samples)
                 gs: list[list[Tensor]] = [[] for _ in outs]  # per call, per direction
                 for k, d in enumerate(directions):
                     grads = torch.autograd.grad(z, outs, grad_outputs=d, retain_graph=k < len(directions) - 1)
@@ -246,48 +184,14 @@ class Probe:
             factors[name] = LayerFactors(a, g)
             if y is not None:
                 g_true = _positions(module, [true_g[c] for c in calls]).to(dt)
-                gradients[name] = torch.einsum("nto,nti->oi", g_true, a) / n
+                gradients[name] = weight_gradient(a, g_true) / n
         loss = float(losses.detach().mean()) if y is not None else float("nan")
         return ProbeSnapshot(factors, loss, gradients, self.fisher)
-
-    def _check_batch(self, x: Tensor, y: Tensor | None) -> None:
-        """Refuse an empty batch or targets that do not fit the loss, with what was expected."""
-        if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[0] == 0:
-            raise FisherlabError(f"the probe needs a batch x of shape [N, ...] with N >= 1, got {getattr(x, 'shape', type(x).__name__)}")
-        if y is None:
-            return
-        if not isinstance(y, Tensor) or y.ndim == 0 or y.shape[0] != x.shape[0]:
-            raise FisherlabError(f"targets y must be a tensor with one row per sample ({x.shape[0]}), got {getattr(y, 'shape', type(y).__name__)}")
-        if self.loss == LossKind.CE and (y.dtype.is_floating_point or y.dtype == torch.bool or y.ndim != 1):
-            raise FisherlabError(f"loss 'ce' needs integer class targets of shape [N], got {y.dtype} {tuple(y.shape)}")
-        if self.loss != LossKind.CE and not y.dtype.is_floating_point:
-            raise FisherlabError(f"loss {self.loss.value!r} needs floating-point targets shaped like the output, got {y.dtype}")
-
-    def _directions(self, z: Tensor, y: Tensor | None) -> list[Tensor]:
-        """Output-space vectors to backpropagate, ``[N, *out]`` each (see ``FisherKind``)."""
-        zd = z.detach()
-        if self.fisher == FisherKind.EMPIRICAL:
-            assert y is not None
-            return [_output_gradient(self.loss, zd, y)]
-        if self.fisher == FisherKind.MC:
-            gen = self._gen(zd.device)
-            scale = self.mc_samples**-0.5
-            return [scale * _output_gradient(self.loss, zd, _sample_targets(self.loss, zd, gen)) for _ in range(self.mc_samples)]
-        root = _output_fisher_sqrt(self.loss, zd)
-        return [root[:, :, c].reshape(zd.shape) for c in range(root.shape[2])]
 
 
 def _positions(module: nn.Module, grads: list[Tensor]) -> Tensor:
     """``dL/d(output)`` of every call of ``module`` as ``[N, T, d_out]``, calls concatenated along ``T``."""
     return torch.cat([layer_output_factors(module, gr.detach()) for gr in grads], dim=1)
-
-
-def _enum(kind: type[Enum], value: object, what: str) -> Enum:
-    try:
-        return kind(value)
-    except ValueError:
-        choices = ", ".join(e.value for e in kind)  # type: ignore[attr-defined]
-        raise FisherlabError(f"unknown {what} {value!r}; choose one of: {choices}") from None
 
 
 def _select_layers(model: nn.Module, layers: Iterable[str] | dict[str, nn.Module] | None) -> dict[str, nn.Module]:

@@ -12,23 +12,26 @@
 The first three are K App. D; the last three are T §4.2-4.3. Batch-norm parameters are not
 probed (the dataset attribute ``skipped_parameters`` lists them).
 
-The sigmoid of the output layer is part of the loss (:class:`~fisherlab.probe.LossKind`
+The sigmoid of the output layer is part of the loss (:class:`~fisherlab.losses.LossKind`
 ``bce`` on logits), so every model returns the last pre-activation. Layers are named
 ``"1"``, ``"2"``, … in forward order, as the papers count them ("layer 5").
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as nnf
+from torch.utils.data import BatchSampler, RandomSampler
 
 from fisherlab._errors import FisherlabError
 from fisherlab.data import ImageData, load_images
-from fisherlab.probe import LossKind
+from fisherlab.layers import probeable_layers
+from fisherlab.losses import LossKind
 
 __all__ = ["PROBLEMS", "AutoEncoder", "BasicBlock", "ConvNet", "DeepLinear", "Problem", "ResNet", "batch_indices", "get_problem", "training_batches"]
 
@@ -175,8 +178,6 @@ class Problem:
 
     def layer_names(self) -> list[str]:
         """Names of the probeable (Linear/Conv2d) layers, as ``--layers`` takes them."""
-        from fisherlab.probe import probeable_layers
-
         with torch.device("meta"):
             return list(probeable_layers(self.model(device="meta")))
 
@@ -210,21 +211,26 @@ class Problem:
             raise FisherlabError(f"{self.name} needs class labels: add train-labels-idx1-ubyte[.gz] to {data_dir}")
         return data
 
+    def targets(self, x: Tensor, labels: Tensor | None, *, seed: int = 0) -> Tensor:
+        """Training targets of inputs ``x`` for this problem's ``kind``: the inputs (auto-encoders),
+        the class labels (classifiers), or a fixed random linear teacher's output (seeded by ``seed``;
+        the same map for training and validation data)."""
+        if self.kind == "autoencoder":
+            return x
+        if self.kind == "classifier":
+            if labels is None:
+                raise FisherlabError(f"{self.name} needs class labels")
+            return labels.to(x.device)
+        gen = torch.Generator().manual_seed(seed + 7)
+        teacher = torch.randn(self.sizes[0], self.sizes[-1], generator=gen).to(x) / self.sizes[0] ** 0.5
+        return x @ teacher
+
     def batches(self, data: ImageData, *, batch_size: int | None = None, seed: int = 0,
                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Iterator[tuple[Tensor, Tensor]]:
-        """Endless training batches ``(x, y)`` for this problem (targets per ``kind``)."""
+        """Endless training batches ``(x, y)`` for this problem (targets per ``kind``, :meth:`targets`)."""
         x = data.train.to(device=device, dtype=dtype)
-        size = batch_size or self.batch_size
-        indices = batch_indices(x.shape[0], size, seed=seed)
-        if self.kind == "autoencoder":
-            return ((x[i], x[i]) for i in indices)
-        if self.kind == "classifier":
-            assert data.train_labels is not None
-            labels = data.train_labels.to(device)
-            return ((x[i], labels[i]) for i in indices)
-        gen = torch.Generator().manual_seed(seed + 7)
-        teacher = torch.randn(self.sizes[0], self.sizes[-1], generator=gen).to(device=device, dtype=dtype) / self.sizes[0] ** 0.5
-        return ((x[i], x[i] @ teacher) for i in indices)
+        y = self.targets(x, data.train_labels, seed=seed)
+        return ((x[i], y[i]) for i in batch_indices(x.shape[0], batch_size or self.batch_size, seed=seed))
 
 
 PROBLEMS: dict[str, Problem] = {
@@ -255,17 +261,18 @@ def get_problem(name: str) -> Problem:
 
 
 def batch_indices(n: int, batch_size: int, *, seed: int = 0) -> Iterator[Tensor]:
-    """Endless shuffled index batches (epoch after epoch, last partial batch dropped).
+    """Endless shuffled index batches, epoch after epoch, last partial batch dropped.
 
-    Uses its own generator, so nothing else (the probe's sampling included) changes the order.
-    When ``batch_size`` exceeds ``n``, whole reshuffled data sets are yielded.
+    ``torch.utils.data.RandomSampler`` with its own seeded generator inside a ``BatchSampler``,
+    so nothing else (the probe's sampling included) changes the order. When ``batch_size``
+    exceeds ``n``, whole reshuffled data sets are yielded.
     """
-    gen = torch.Generator().manual_seed(seed)
-    size = min(batch_size, n)
-    while True:
-        perm = torch.randperm(n, generator=gen)
-        for start in range(0, n - size + 1, size):
-            yield perm[start : start + size]
+    sampler = RandomSampler(range(n), generator=torch.Generator().manual_seed(seed))
+    batches = BatchSampler(sampler, min(batch_size, n), drop_last=True)
+    for epoch in itertools.count():
+        del epoch
+        for indices in batches:
+            yield torch.as_tensor(indices)
 
 
 def training_batches(images: Tensor, batch_size: int, *, seed: int = 0) -> Iterator[Tensor]:

@@ -1,4 +1,5 @@
-"""The results dataset: schema, appending snapshot by snapshot, reading.
+"""The results dataset: schema (generated from the metric registry), provenance attributes,
+appending snapshot by snapshot, stored factors, reading.
 
 One ``xarray.Dataset`` per run with dims ``iteration``, ``layer``, ``method``. After every
 snapshot the whole dataset is rewritten to a temporary file that then replaces the output
@@ -9,7 +10,11 @@ dependency); open them with ``xarray.open_dataset(path)`` or :func:`load`.
 
 from __future__ import annotations
 
+import json
 import os
+import platform
+from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,50 +24,56 @@ import xarray as xr
 from torch import Tensor
 
 from fisherlab._errors import FisherlabError
+from fisherlab.config import ProbeConfig, TrainConfig
+from fisherlab.losses import LossKind
+from fisherlab.metrics import BLOCK_METRICS, LAYER_METRICS, Variable
+from fisherlab.twolevel import TKO, TWO_LEVEL_METRICS
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["TWO_LEVEL_VARIABLES", "VARIABLES", "ResultsWriter", "annotate", "factors_dir", "load", "load_factors", "snapshot_dataset", "validate"]
+__all__ = [
+    "RUN_VARIABLES",
+    "TRAIN_VARIABLES",
+    "TWO_LEVEL_VARIABLES",
+    "VARIABLES",
+    "ResultsWriter",
+    "annotate",
+    "config_json",
+    "factors_dir",
+    "load",
+    "load_factors",
+    "run_attrs",
+    "snapshot_dataset",
+    "validate",
+]
 
-#: name -> (dims, long_name, units, definition)
-VARIABLES: dict[str, tuple[tuple[str, ...], str, str, str]] = {
-    "frobenius_error": (
-        ("iteration", "layer", "method"),
-        "error 1 (relative Frobenius)",
-        "1",
-        "||F - F_hat||_F / ||F||_F (K Sec. 4.1); NaN where the block is zero (fisher_frobenius_norm = 0: undefined, a warning says so)",
-    ),
-    "spectral_error": (
-        ("iteration", "layer", "method"),
-        "error 2 (relative spectral)",
-        "1",
-        "||spec(F) - spec(F_hat)||_2 / ||spec(F)||_2, spectra sorted descending (K Sec. 4.1); see attr spectrum; NaN when not in attr metrics",
-    ),
-    "solver_iterations": (("iteration", "layer", "method"), "solver iterations", "1", "products with R(F) (mv+rmv pairs); 0 for kfac"),
-    "converged": (("iteration", "layer", "method"), "solver converged", "1", "1 if every iterative stage met tol, else 0"),
-    "solver_residual": (("iteration", "layer", "method"), "relative solver residual", "1", "max_k ||R(F)^T x_k - s_k y_k|| / s_1"),
-    "approximation_time": (("iteration", "layer", "method"), "time to build the approximation", "s", "wall clock"),
-    "fisher_frobenius_norm": (("iteration", "layer"), "||F||_F of the exact block", "1", "||K||_F / N, K the Gram matrix"),
-    "train_loss": (("iteration",), "training loss", "1", "mean over the batch of the per-sample loss (summed over outputs)"),
-    "wall_time": (("iteration",), "wall time since start", "s", "wall clock at the end of the snapshot"),
-    "probe_time": (("iteration",), "probe pass time", "s", "forward + backward passes of the probe"),
-}
+#: Variables of every probe snapshot besides the registered metrics: the training run itself.
+RUN_VARIABLES: tuple[Variable, ...] = (
+    Variable("train_loss", ("iteration",), "training loss", "1", "mean over the batch of the per-sample loss (summed over outputs)"),
+    Variable("wall_time", ("iteration",), "wall time since start", "s", "wall clock at the end of the snapshot"),
+    Variable("probe_time", ("iteration",), "probe pass time", "s", "forward + backward passes of the probe"),
+)
+
+#: Variables of ``fisherlab train`` (dims ``optimizer``, ``epoch``).
+TRAIN_VARIABLES: tuple[Variable, ...] = (
+    Variable("train_loss", ("optimizer", "epoch"), "training loss", "1", "mean per-sample loss over the training set"),
+    Variable("valid_loss", ("optimizer", "epoch"), "validation loss", "1", "NaN when the data leave no validation images"),
+    Variable("wall_time", ("optimizer", "epoch"), "training time", "s", "wall clock of the optimizer steps, evaluation excluded"),
+    Variable("lr", ("optimizer",), "learning rate chosen (NaN: optimizer default)", "1", "best grid point"),
+    Variable("damping", ("optimizer",), "damping chosen", "1", "best grid point; NaN for sgd and adam"),
+)
+
+
+def _schema(variables: tuple[Variable, ...]) -> dict[str, tuple[tuple[str, ...], str, str, str]]:
+    return {v.name: (v.dims, v.long_name, v.units, v.definition) for v in variables}
+
+
+#: The probe schema, generated from the metric registry: name -> (dims, long_name, units, definition).
+VARIABLES: dict[str, tuple[tuple[str, ...], str, str, str]] = _schema((*BLOCK_METRICS, *LAYER_METRICS, *RUN_VARIABLES))
 
 #: Variables of two-level runs (``--two-level``), T §4.4; ``coarse_space`` includes ``tko``.
-TWO_LEVEL_VARIABLES: dict[str, tuple[tuple[str, ...], str, str, str]] = {
-    "gap": (("iteration", "coarse_space"), "E(beta*) - E(0)", "1",
-            "<F_coarse beta, beta> - 2 <R0^T beta, r_KFAC> (T eq. 4.6); beta_TKO for coarse_space tko"),
-    "energy_error": (("iteration", "coarse_space"), "relative energy-norm error of the two-level increment", "1",
-                     "||zeta_2L - zeta||_F* / ||zeta||_F*, zeta = (F + lambda I)^-1 grad h exact (Woodbury)"),
-    "cosine": (("iteration", "coarse_space"), "cosine(zeta_2L, zeta)", "1", "Euclidean cosine with the exact damped natural gradient"),
-    "energy_two_level": (("iteration", "coarse_space"), "E(beta*)", "1", "||zeta_2L - zeta||^2_F* computed directly"),
-    "block_energy_error": (("iteration", "method"), "relative energy-norm error, block-diagonal method", "1",
-                           "||zeta_m - zeta||_F* / ||zeta||_F*, zeta_m[i] = (approximation_i + pi-damping)^-1 grad_i h"),
-    "block_cosine": (("iteration", "method"), "cosine(zeta_m, zeta), block-diagonal method", "1", "Euclidean cosine"),
-    "energy_kfac": (("iteration",), "E(0)", "1", "||zeta_KFAC - zeta||^2_F* (T eq. 4.2)"),
-    "energy_natural_gradient": (("iteration",), "||zeta||^2_F*", "1", "squared energy norm of the exact damped natural gradient"),
-}
+TWO_LEVEL_VARIABLES: dict[str, tuple[tuple[str, ...], str, str, str]] = _schema(TWO_LEVEL_METRICS)
 
 
 def validate(ds: xr.Dataset) -> None:
@@ -194,8 +205,10 @@ class ResultsWriter:
 
 
 def annotate(ds: xr.Dataset) -> xr.Dataset:
-    """Give every schema variable of ``ds`` its ``long_name``, ``units`` and ``definition``."""
-    for name, (_dims, long_name, units, definition) in (VARIABLES | TWO_LEVEL_VARIABLES).items():
+    """Give every schema variable of ``ds`` its ``long_name``, ``units`` and ``definition``
+    (the probe schema, or the train schema for a dataset with an ``optimizer`` dim)."""
+    schema = _schema(TRAIN_VARIABLES) if "optimizer" in ds.dims else VARIABLES | TWO_LEVEL_VARIABLES
+    for name, (_dims, long_name, units, definition) in schema.items():
         if name in ds:
             ds[name].attrs.update(long_name=long_name, units=units, definition=definition)
     return ds
@@ -259,3 +272,43 @@ def snapshot_dataset(
     }
     all_coords |= {k: np.array(v, dtype=object) for k, v in (coords or {}).items()}
     return xr.Dataset(data_vars, coords=all_coords)
+
+
+def run_attrs(config: ProbeConfig, device: torch.device, data_source: str, loss: LossKind, *, stand_in: bool = False) -> dict[str, str | int | float]:
+    """Provenance attributes of a probe run: the whole configuration, versions, device, conventions."""
+    from fisherlab import __version__
+
+    return {
+        "title": f"fisherlab probe: {config.problem}",
+        "problem": config.problem,
+        "data_source": data_source,
+        "stand_in": int(stand_in),
+        "loss": loss.value,
+        "seed": config.seed,
+        "fisher": config.fisher.value,
+        "mc_samples": config.mc_samples,
+        "spectrum": config.spectrum.value,
+        "metrics": ",".join(config.metrics),
+        "two_level": int(config.two_level),
+        "damping": config.damping,
+        "coarse_spaces": ",".join([*(c.value for c in config.coarse_spaces), TKO]) if config.two_level else "",
+        "taylor_order": config.taylor_order,
+        "tol": config.tol,
+        "optimizer": config.optimizer.value,
+        "config_json": config_json(config),
+        "fisherlab_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "kronecker_order": "out (d_out x d_out) kron in (d_in x d_in), acting on W.flatten() of W [d_out, d_in] with the bias as last column",
+        "symmetric_factors": "every Kronecker factor is symmetric; for conv layers (T > 1) deflation, lanczos and kfac_corrected are the "
+                             "best Kronecker-rank-k approximations with symmetric factors (an antisymmetric pair can do better there); "
+                             "for Linear layers (T = 1) they are the best of all",
+        "fisher_scaling": "F = (1/N) sum_n sum_v vec(DW_nv) vec(DW_nv)^T; per-sample loss summed over outputs; mc directions scaled by 1/sqrt(V)",
+    }
+
+
+def config_json(config: ProbeConfig | TrainConfig) -> str:
+    """The whole configuration as JSON (enum fields as their values), for ``config_json``."""
+    return json.dumps(asdict(config))

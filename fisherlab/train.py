@@ -10,12 +10,9 @@ search over learning rate and damping keeps the setting with the lowest final tr
 from __future__ import annotations
 
 import itertools
-import json
-import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -25,56 +22,14 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from fisherlab._errors import FisherlabError
-from fisherlab.optim import OPTIMIZER_NAMES, KroneckerOptimizer, make_optimizer
-from fisherlab.probe import per_sample_loss
+from fisherlab.config import TrainConfig, apply_threads, select_device
+from fisherlab.data import announce_data
+from fisherlab.losses import per_sample_loss
+from fisherlab.optim import KroneckerOptimizer, make_optimizer
 from fisherlab.problems import Problem, get_problem
-from fisherlab.results import ResultsWriter
-from fisherlab.run import select_device
+from fisherlab.results import ResultsWriter, annotate, config_json
 
-__all__ = ["TrainConfig", "run_training"]
-
-
-@dataclass
-class TrainConfig:
-    """Configuration of a ``fisherlab train`` run (stored in ``config_json``)."""
-
-    problem: str = "curves"
-    data_dir: str | None = None
-    optimizers: tuple[str, ...] = ("sgd", "adam", "kfac", "kpsvd", "deflation")
-    epochs: int = 3
-    batch_size: int | None = None
-    lr: tuple[float, ...] = ()
-    damping: tuple[float, ...] = (1e-2,)
-    weight_decay: float = 1e-3
-    kl_clip: float | None = 1e-2
-    t1: int = 5
-    t2: int = 20
-    patience: int = 10
-    max_batches: int | None = None
-    device: str = "auto"
-    seed: int = 0
-
-    def check(self) -> None:
-        """Validate values; raises :class:`FisherlabError` with what was expected."""
-        unknown = [o for o in self.optimizers if o not in OPTIMIZER_NAMES]
-        if unknown or not self.optimizers:
-            raise FisherlabError(f"unknown optimizers {unknown}; choose from: {', '.join(OPTIMIZER_NAMES)}")
-        if self.epochs < 1 or self.patience < 1 or self.t1 < 1 or self.t2 < 1:
-            raise FisherlabError("--epochs, --patience, --t1 and --t2 must be positive integers")
-        for flag, values in (("--lr", self.lr), ("--damping", self.damping)):
-            bad = [v for v in values if not (math.isfinite(v) and v > 0)]
-            if bad:
-                raise FisherlabError(f"{flag} values must be finite and positive, got {', '.join(map(str, bad))}")
-        if not self.damping:
-            raise FisherlabError("--damping needs at least one value")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise FisherlabError(f"--weight-decay must be finite and non-negative, got {self.weight_decay}")
-        if self.kl_clip is not None and not (math.isfinite(self.kl_clip) and self.kl_clip > 0):
-            raise FisherlabError(f"--kl-clip must be finite and positive (0 disables it), got {self.kl_clip}")
-        if self.max_batches is not None and self.max_batches < 1:
-            raise FisherlabError(f"--max-batches must be positive, got {self.max_batches}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise FisherlabError(f"--batch-size must be positive, got {self.batch_size}")
+__all__ = ["run_training"]
 
 
 def _mean_loss(model: torch.nn.Module, problem: Problem, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -86,17 +41,6 @@ def _mean_loss(model: torch.nn.Module, problem: Problem, x: torch.Tensor, y: tor
         for start in range(0, x.shape[0], 1024):
             total += float(per_sample_loss(problem.loss, model(x[start : start + 1024]), y[start : start + 1024]).sum())
     return total / x.shape[0]
-
-
-def _targets(problem: Problem, x: torch.Tensor, labels: torch.Tensor | None, seed: int) -> torch.Tensor:
-    if problem.kind == "autoencoder":
-        return x
-    if problem.kind == "classifier":
-        assert labels is not None
-        return labels.to(x.device)
-    gen = torch.Generator().manual_seed(seed + 7)
-    teacher = torch.randn(problem.sizes[0], problem.sizes[-1], generator=gen).to(x) / problem.sizes[0] ** 0.5
-    return x @ teacher
 
 
 def _train_one(name: str, problem: Problem, config: TrainConfig, lr: float | None, damping: float, data: dict, device: torch.device,
@@ -153,9 +97,9 @@ def run_training(config: TrainConfig, out: str | Path, *, overwrite: bool = Fals
             every grid point of an optimizer.
     """
     from fisherlab import __version__
-    from fisherlab.run import announce_data
 
     config.check()
+    apply_threads(config.threads)
     problem = get_problem(config.problem)
     device = select_device(config.device)
     with ResultsWriter(out, {}, overwrite=overwrite) as writer:  # refuses an existing or locked output before any work
@@ -165,10 +109,10 @@ def run_training(config: TrainConfig, out: str | Path, *, overwrite: bool = Fals
             print(f"fisherlab: warning: {images.source} leaves no validation images; valid_loss is recorded as NaN", file=sys.stderr)
         x = images.train.to(device)
         vx = images.valid.to(device)
-        data = {"images": images, "x": x, "y": _targets(problem, x, images.train_labels, config.seed),
-                "vx": vx, "vy": _targets(problem, vx, images.valid_labels, config.seed)}
+        data = {"images": images, "x": x, "y": problem.targets(x, images.train_labels, seed=config.seed),
+                "vx": vx, "vy": problem.targets(vx, images.valid_labels, seed=config.seed)}
         writer.attrs.update({"title": f"fisherlab train: {problem.name}", "problem": problem.name, "data_source": images.source,
-                             "stand_in": int(images.stand_in), "config_json": json.dumps(asdict(config)),
+                             "stand_in": int(images.stand_in), "config_json": config_json(config),
                              "fisherlab_version": __version__, "torch_version": torch.__version__, "device": str(device),
                              "complete": 0})
         results: dict[str, tuple[dict[str, np.ndarray], float, float]] = {}  # optimizer -> (arrays, lr, damping)
@@ -219,9 +163,4 @@ def _training_dataset(config: TrainConfig, results: dict[str, tuple[dict[str, np
            "damping": (("optimizer",), np.array([results[n][2] for n in names], dtype=np.float64))},
         coords={"optimizer": np.array(names, dtype=object), "epoch": np.arange(config.epochs + 1, dtype=np.int32)},
     )
-    ds["train_loss"].attrs.update(long_name="training loss", units="1")
-    ds["valid_loss"].attrs.update(long_name="validation loss", units="1", definition="NaN when the data leave no validation images")
-    ds["wall_time"].attrs.update(long_name="training time", units="s")
-    ds["lr"].attrs.update(long_name="learning rate chosen (NaN: optimizer default)", units="1")
-    ds["damping"].attrs.update(long_name="damping chosen", units="1")
-    return ds
+    return annotate(ds)

@@ -9,113 +9,43 @@ With ``J`` the ``[N V, p]`` matrix of per-sample gradients of all probed layers,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from fisherlab._errors import FisherlabError
-from fisherlab.fisher import ExactBlock
+from fisherlab.approximations import Method, kfac_factors
+from fisherlab.fisher import WholeFisher
 from fisherlab.kron import KronSum, pi_damping
+from fisherlab.metrics import Variable
+from fisherlab.operators import BlockDiagonal, Params, axpy, dot
 
 __all__ = [
+    "TKO",
+    "TWO_LEVEL_METRICS",
     "CoarseSpace",
     "TwoLevelResult",
     "WholeFisher",
     "coarse_basis",
+    "coarse_solve",
+    "coarse_step",
+    "cosine",
     "damped_kfac_solve",
-    "pinv_solve",
+    "energy_error",
     "prolong",
     "restrict",
     "smallest_eigenvector",
+    "tko_coarse_operator",
     "two_level",
+    "two_level_metrics",
 ]
 
-Params = list[Tensor]
-
-
-def _dot(x: Params, y: Params) -> Tensor:
-    return sum((torch.sum(a * b) for a, b in zip(x, y, strict=True)), torch.zeros((), dtype=x[0].dtype, device=x[0].device))
-
-
-def _axpy(alpha: float | Tensor, x: Params, y: Params) -> Params:
-    return [alpha * a + b for a, b in zip(x, y, strict=True)]
-
-
-@dataclass(frozen=True)
-class WholeFisher:
-    """The Fisher of all probed layers, ``F = JᵀJ / N``, from per-sample factors (T App. A.2).
-
-    Args:
-        blocks: The exact blocks of every probed layer, from one probe pass (same samples
-            and directions).
-    """
-
-    blocks: tuple[ExactBlock, ...]
-
-    def __post_init__(self) -> None:
-        n = {(b.factors.n_samples, b.factors.n_directions) for b in self.blocks}
-        if len(n) != 1:
-            raise FisherlabError("WholeFisher needs blocks from one probe pass (same N and V)")
-
-    @property
-    def n_samples(self) -> int:
-        """``N``."""
-        return self.blocks[0].factors.n_samples
-
-    def jvp(self, u: Params) -> Tensor:
-        """``J u`` as ``[N, V]``: ``(J u)_nv = sum_i sum_t g_nvt,iᵀ U_i a_nt,i`` (T App. A.2)."""
-        return sum(torch.einsum("nvto,oi,nti->nv", b.factors.g, ui, b.factors.a) for b, ui in zip(self.blocks, u, strict=True))  # type: ignore[return-value]
-
-    def vjp(self, c: Tensor) -> Params:
-        """``Jᵀ c`` for ``c`` of shape ``[N, V]``: ``sum_{n,v,t} c_nv g_nvt a_ntᵀ`` per layer."""
-        return [torch.einsum("nv,nvto,nti->oi", c, b.factors.g, b.factors.a) for b in self.blocks]
-
-    def matvec(self, u: Params, *, damping: float = 0.0) -> Params:
-        """``F• u = Jᵀ(J u) / N + λ u`` (T App. A.2)."""
-        fu = self.vjp(self.jvp(u) / self.n_samples)
-        return _axpy(damping, u, fu) if damping else fu
-
-    def energy_inner(self, x: Params, y: Params, *, damping: float) -> Tensor:
-        """``⟨x, y⟩_{F•} = (Jx)·(Jy) / N + λ x·y``."""
-        return torch.sum(self.jvp(x) * self.jvp(y)) / self.n_samples + damping * _dot(x, y)
-
-    def gram(self) -> Tensor:
-        """``J Jᵀ = sum_i K_i`` of shape ``[N V, N V]`` (sum of the per-layer Gram matrices)."""
-        return sum(b.gram() for b in self.blocks)  # type: ignore[return-value]
-
-    def natural_gradient(self, grads: Params, *, damping: float) -> Params:
-        """The exact damped natural gradient ``ζ = (F + λI)⁻¹ ∇h`` by Woodbury.
-
-        ``ζ = (∇h - Jᵀ (NλI + JJᵀ)⁻¹ J ∇h) / λ``: one ``N V``-sided solve, no ``p``-sided one.
-        """
-        if damping <= 0:
-            raise FisherlabError("the exact natural gradient needs a positive damping λ")
-        gram = self.gram()
-        n, v = self.blocks[0].factors.n_samples, self.blocks[0].factors.n_directions
-        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-        jg = self.jvp(grads).reshape(-1)
-        c = torch.linalg.solve(n * damping * eye + gram, jg).reshape(n, v)
-        return [(g - jc) / damping for g, jc in zip(grads, self.vjp(c), strict=True)]
-
-    def coarse_operator(self, basis: list[Tensor], *, damping: float) -> Tensor:
-        """``F_coarse = R₀ F• R₀ᵀ = (J R₀ᵀ)ᵀ(J R₀ᵀ)/N + λ R₀R₀ᵀ`` (T eq. 3.12, App. A.3).
-
-        Args:
-            basis: Per layer the coarse columns ``V_i`` as ``[m_i, d_out, d_in]``.
-        """
-        cols = [torch.einsum("nvto,koi,nti->nvk", b.factors.g, v, b.factors.a) for b, v in zip(self.blocks, basis, strict=True)]
-        jr = torch.cat(cols, dim=2).reshape(-1, sum(v.shape[0] for v in basis))
-        gram_v = torch.block_diag(*[v.flatten(1) @ v.flatten(1).T for v in basis])
-        return jr.T @ jr / self.n_samples + damping * gram_v
-
-    def as_dense(self, *, damping: float = 0.0) -> Tensor:
-        """Dense ``F•`` of all probed layers; small networks, tests and notebooks only."""
-        jac = torch.cat([b.jacobian() for b in self.blocks], dim=1)
-        f = jac.T @ jac / self.n_samples
-        return f + damping * torch.eye(f.shape[0], dtype=f.dtype, device=f.device)
+#: Coarse-space key of the Tselepidis-Kohler-Orvieto variant (T eq. 3.18, 4.7b).
+TKO = "tko"
 
 
 class CoarseSpace(str, Enum):
@@ -131,7 +61,7 @@ class CoarseSpace(str, Enum):
 
 def damped_kfac_solve(kfacs: Sequence[KronSum], grads: Params, *, damping: float) -> Params:
     """``ζ_KFAC = F•KFAC⁻¹ ∇h`` with π-damping per layer (T eq. 2.30, 3.3, 3.8)."""
-    return [k.solve(g, damping=damping) for k, g in zip(kfacs, grads, strict=True)]
+    return BlockDiagonal(tuple(kfacs)).solve(grads, damping=damping)
 
 
 def coarse_basis(
@@ -231,12 +161,11 @@ def prolong(basis: list[Tensor], beta: Tensor) -> Params:
     return out
 
 
-def pinv_solve(mat: Tensor, rhs: Tensor) -> Tensor:
-    """Minimum-norm solution of a symmetric PSD system (drops a rank-deficient part)."""
-    w, q = torch.linalg.eigh((mat + mat.T) / 2)
-    cutoff = w.abs().max() * mat.shape[0] * torch.finfo(mat.dtype).eps * 10 if w.numel() else 0
-    inv_w = torch.where(w > cutoff, 1.0 / w, torch.zeros_like(w))
-    return q @ (inv_w * (q.T @ rhs))
+def coarse_solve(f_coarse: Tensor, rhs: Tensor) -> Tensor:
+    """``β = F_coarse⁺ rhs``: the minimum-norm solution (T eq. 3.11), so that a rank-deficient
+    coarse basis (a vanished column) is handled; ``torch.linalg.pinv`` with ``hermitian=True``."""
+    rtol = 10 * f_coarse.shape[0] * torch.finfo(f_coarse.dtype).eps
+    return torch.linalg.pinv((f_coarse + f_coarse.T) / 2, hermitian=True, rtol=rtol) @ rhs
 
 
 def tko_coarse_operator(fisher: WholeFisher, kfacs: Sequence[KronSum], basis: list[Tensor], *, damping: float) -> Tensor:
@@ -263,6 +192,31 @@ def tko_coarse_operator(fisher: WholeFisher, kfacs: Sequence[KronSum], basis: li
             block = torch.einsum("koi,op,lpj,ij->kl", vi, o, vj, a)
             out[offs[i] : offs[i] + sizes[i], offs[j] : offs[j] + sizes[j]] = block
     return out
+
+
+def coarse_step(
+    space: CoarseSpace | str,
+    fisher: WholeFisher,
+    kfacs: Sequence[KronSum],
+    grads: Params,
+    residual: Params,
+    *,
+    damping: float,
+    order: int = 2,
+) -> tuple[list[Tensor], Tensor]:
+    """The coarse basis ``R₀ᵀ`` and coefficients of one two-level correction ``ζ_KFAC + R₀ᵀβ``.
+
+    A coarse space gives ``β* = F_coarse⁻¹ R₀ r_KFAC`` (T eq. 3.11, 3.12); ``"tko"`` gives
+    ``β_TKO = (R₀ F̄• R₀ᵀ)⁻¹ R₀ ∇h`` on the Nicolaides space (T eq. 4.7b with F̄• of eq. 3.18).
+
+    Returns:
+        ``(basis, β)``; the correction is ``prolong(basis, β)``.
+    """
+    if space == TKO:
+        basis = coarse_basis(CoarseSpace.NICOLAIDES, kfacs, residual, damping=damping)
+        return basis, coarse_solve(tko_coarse_operator(fisher, kfacs, basis, damping=damping), restrict(basis, grads))
+    basis = coarse_basis(space, kfacs, residual, damping=damping, fisher=fisher, order=order)
+    return basis, coarse_solve(fisher.coarse_operator(basis, damping=damping), restrict(basis, residual))
 
 
 @dataclass(frozen=True)
@@ -317,44 +271,104 @@ def two_level(
     """
     if damping <= 0:
         raise FisherlabError(f"--damping must be positive, got {damping}")
-    kfacs = [b.kfac() for b in fisher.blocks]
+    kfacs = [kfac_factors(b) for b in fisher.blocks]
     zeta = fisher.natural_gradient(grads, damping=damping)
     zeta_k = damped_kfac_solve(kfacs, grads, damping=damping)
-    residual = _axpy(-1.0, fisher.matvec(zeta_k, damping=damping), grads)
-    err_k = _axpy(-1.0, zeta, zeta_k)
+    residual = axpy(-1.0, fisher.matvec(zeta_k, damping=damping), grads)
+    err_k = axpy(-1.0, zeta, zeta_k)
     energy_k = float(fisher.energy_inner(err_k, err_k, damping=damping))
     energy_z = float(fisher.energy_inner(zeta, zeta, damping=damping))
     betas: dict[str, Tensor] = {}
     incs: dict[str, Params] = {}
     gaps: dict[str, float] = {}
     energies: dict[str, float] = {}
-
-    def record(key: str, basis: list[Tensor], beta: Tensor, f_coarse: Tensor) -> None:
+    keys = [CoarseSpace(c).value for c in spaces] + ([TKO] if tko else [])
+    for key in keys:
+        basis, beta = coarse_step(key, fisher, kfacs, grads, residual, damping=damping, order=taylor_order)
+        f_coarse = fisher.coarse_operator(basis, damping=damping)
         correction = prolong(basis, beta)
         betas[key] = beta
-        incs[key] = _axpy(1.0, correction, zeta_k)
-        gaps[key] = float(beta @ f_coarse @ beta - 2 * _dot(correction, residual))  # T eq. 4.6
-        err = _axpy(-1.0, zeta, incs[key])
+        incs[key] = axpy(1.0, correction, zeta_k)
+        gaps[key] = float(beta @ f_coarse @ beta - 2 * dot(correction, residual))  # T eq. 4.6
+        err = axpy(-1.0, zeta, incs[key])
         energies[key] = float(fisher.energy_inner(err, err, damping=damping))
-
-    for space in spaces:
-        space = CoarseSpace(space)
-        basis = coarse_basis(space, kfacs, residual, damping=damping, fisher=fisher, order=taylor_order)
-        f_coarse = fisher.coarse_operator(basis, damping=damping)
-        record(space.value, basis, pinv_solve(f_coarse, restrict(basis, residual)), f_coarse)
-    if tko:
-        basis = coarse_basis(CoarseSpace.NICOLAIDES, kfacs, residual, damping=damping)
-        f_bar = tko_coarse_operator(fisher, kfacs, basis, damping=damping)
-        record("tko", basis, pinv_solve(f_bar, restrict(basis, grads)), fisher.coarse_operator(basis, damping=damping))
     return TwoLevelResult(zeta, zeta_k, residual, energy_k, energy_z, betas, incs, gaps, energies)
 
 
 def energy_error(fisher: WholeFisher, increment: Params, zeta: Params, *, damping: float) -> float:
     """``‖ζ_method - ζ‖_{F•} / ‖ζ‖_{F•}``."""
-    err = _axpy(-1.0, zeta, increment)
+    err = axpy(-1.0, zeta, increment)
     return float(torch.sqrt(fisher.energy_inner(err, err, damping=damping) / fisher.energy_inner(zeta, zeta, damping=damping)))
 
 
 def cosine(x: Params, y: Params) -> float:
     """Euclidean cosine between two parameter vectors."""
-    return float(_dot(x, y) / torch.sqrt(_dot(x, x) * _dot(y, y)))
+    return float(dot(x, y) / torch.sqrt(dot(x, x) * dot(y, y)))
+
+
+# -- the two-level metrics of a probe snapshot (T §4.4) ------------------------------------
+
+_PER_SPACE = ("iteration", "coarse_space")
+_PER_METHOD = ("iteration", "method")
+
+#: Stored variables of two-level runs (``--two-level``); ``coarse_space`` includes ``tko``.
+TWO_LEVEL_METRICS: tuple[Variable, ...] = (
+    Variable("gap", _PER_SPACE, "E(beta*) - E(0)", "1",
+             "<F_coarse beta, beta> - 2 <R0^T beta, r_KFAC> (T eq. 4.6); beta_TKO for coarse_space tko"),
+    Variable("energy_error", _PER_SPACE, "relative energy-norm error of the two-level increment", "1",
+             "||zeta_2L - zeta||_F* / ||zeta||_F*, zeta = (F + lambda I)^-1 grad h exact (Woodbury)"),
+    Variable("cosine", _PER_SPACE, "cosine(zeta_2L, zeta)", "1", "Euclidean cosine with the exact damped natural gradient"),
+    Variable("energy_two_level", _PER_SPACE, "E(beta*)", "1", "||zeta_2L - zeta||^2_F* computed directly"),
+    Variable("block_energy_error", _PER_METHOD, "relative energy-norm error, block-diagonal method", "1",
+             "||zeta_m - zeta||_F* / ||zeta||_F*, zeta_m[i] = (approximation_i + pi-damping)^-1 grad_i h"),
+    Variable("block_cosine", _PER_METHOD, "cosine(zeta_m, zeta), block-diagonal method", "1", "Euclidean cosine"),
+    Variable("energy_kfac", ("iteration",), "E(0)", "1", "||zeta_KFAC - zeta||^2_F* (T eq. 4.2)"),
+    Variable("energy_natural_gradient", ("iteration",), "||zeta||^2_F*", "1", "squared energy norm of the exact damped natural gradient"),
+)
+
+
+def two_level_metrics(
+    fisher: WholeFisher,
+    grads: Params,
+    approximations: Mapping[Method, BlockDiagonal],
+    *,
+    damping: float,
+    spaces: Sequence[CoarseSpace | str],
+    taylor_order: int = 2,
+) -> tuple[dict[str, np.ndarray | float], list[str]]:
+    """Every :data:`TWO_LEVEL_METRICS` value of one snapshot.
+
+    Args:
+        fisher: The Fisher of all probed layers.
+        grads: ``∇h`` per layer (true targets).
+        approximations: Per method, its block-diagonal approximation of ``F`` (one block per layer).
+        damping: ``λ``.
+        spaces: Coarse spaces (``tko`` is added).
+        taylor_order: ``q`` of the Taylor space.
+
+    Returns:
+        ``(values by variable name, the coarse_space labels)``; per-method values follow the
+        order of ``approximations``; a method of Kronecker rank above 2 (K §3.4 solves rank ≤ 2
+        only) is NaN.
+    """
+    res = two_level(fisher, grads, damping=damping, spaces=spaces, taylor_order=taylor_order)
+    keys = [*(CoarseSpace(c).value for c in spaces), TKO]
+    block_e = np.full(len(approximations), np.nan)
+    block_c = np.full(len(approximations), np.nan)
+    for mi, diagonal in enumerate(approximations.values()):
+        if max(k.rank for k in diagonal.blocks) > 2:  # type: ignore[attr-defined]
+            continue
+        zeta_m = diagonal.solve(grads, damping=damping)
+        block_e[mi] = energy_error(fisher, zeta_m, res.zeta, damping=damping)
+        block_c[mi] = cosine(zeta_m, res.zeta)
+    values: dict[str, np.ndarray | float] = {
+        "gap": np.array([res.gaps[c] for c in keys]),
+        "energy_error": np.array([energy_error(fisher, res.increments[c], res.zeta, damping=damping) for c in keys]),
+        "cosine": np.array([cosine(res.increments[c], res.zeta) for c in keys]),
+        "energy_two_level": np.array([res.energies[c] for c in keys]),
+        "block_energy_error": block_e,
+        "block_cosine": block_c,
+        "energy_kfac": res.energy_kfac,
+        "energy_natural_gradient": res.energy_zeta,
+    }
+    return values, keys

@@ -63,7 +63,8 @@ ds.gap.to_pandas()"""),
         ("md", "# The methods as optimizers (K Figure 2, T Figures 2–4)\n\nA short comparison that finishes in a few minutes on a laptop CPU "
                "(3 epochs of 20 batches each). For the papers' figures run `fisherlab train` or `analyses/fig2_optimizers.py` with full epochs."),
         ("code", SETUP),
-        ("code", """from fisherlab.train import TrainConfig, run_training
+        ("code", """from fisherlab.config import TrainConfig
+from fisherlab.train import run_training
 config = TrainConfig(problem="curves", optimizers=("sgd", "adam", "kfac", "kpsvd", "kfac2l_residuals"),
                      epochs=1 if SMOKE else 3, max_batches=3 if SMOKE else 20)
 ds = run_training(config, OUT / "nb_train.nc", overwrite=True, progress=not SMOKE)

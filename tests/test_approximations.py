@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fisherlab._errors import ConvergenceWarning
-from fisherlab.approximations import Method, approximate_all, kpsvd, lanczos
+from fisherlab.approximations import ApproxConfig, Method, approximate_all, kpsvd, lanczos, warm_starts
 from fisherlab.dense import dense_kronecker_approximation, rearrange
 from fisherlab.fisher import ExactBlock
 from fisherlab.krylov import lanczos_svd, power_svd
@@ -28,7 +28,7 @@ def block(request: pytest.FixtureRequest) -> ExactBlock:
 
 
 def _all(block: ExactBlock, **kw: object) -> dict:
-    return approximate_all(block, ALL, tol=ITERATIVE_TOL, max_iter=5000, krylov_dim=30, **kw)  # type: ignore[arg-type]
+    return approximate_all(block, ALL, ApproxConfig(tol=ITERATIVE_TOL, max_iter=5000, krylov_dim=30), **kw)  # type: ignore[arg-type]
 
 
 def test_kpsvd_equals_dense_top_singular_pair(block: ExactBlock) -> None:
@@ -145,8 +145,8 @@ def test_warm_start_saves_iterations() -> None:
     block = ExactBlock(make_factors(FACTOR_CASES[2]))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        cold = approximate_all(block, ALL, tol=1e-10, max_iter=5000)
-        warm = approximate_all(block, ALL, tol=1e-10, max_iter=5000, previous=cold)
+        cold = approximate_all(block, ALL, ApproxConfig(tol=1e-10, max_iter=5000))
+        warm = approximate_all(block, ALL, ApproxConfig(tol=1e-10, max_iter=5000), warm=warm_starts(cold))
     for m in (Method.KPSVD, Method.DEFLATION, Method.KFAC_CORRECTED):
         assert warm[m].iterations < cold[m].iterations
     assert warm[Method.LANCZOS].iterations <= cold[Method.LANCZOS].iterations

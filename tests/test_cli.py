@@ -11,9 +11,10 @@ import torch
 from fisherlab import cli
 from fisherlab import run as run_module
 from fisherlab._errors import FisherlabError
-from fisherlab.probe import LossKind
+from fisherlab.config import ProbeConfig
+from fisherlab.losses import LossKind
 from fisherlab.results import load, validate
-from fisherlab.run import ProbeConfig, probe_training
+from fisherlab.run import probe_training
 from tests.cases import SmallConvNet, small_mlp
 
 

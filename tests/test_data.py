@@ -95,7 +95,7 @@ def test_every_problem_builds_and_names_its_layers(name: str) -> None:
     data = problem.data(seed=0)
     model = problem.model(seed=0)
     x, y = next(problem.batches(data, batch_size=4))
-    from fisherlab.probe import per_sample_loss
+    from fisherlab.losses import per_sample_loss
 
     assert per_sample_loss(problem.loss, model(x), y).shape == (4,)
     names = problem.layer_names()

@@ -16,13 +16,15 @@ from torch import nn
 from fisherlab import cli
 from fisherlab._errors import FisherlabError, UndefinedMetricWarning
 from fisherlab.approximations import approximate_all
+from fisherlab.config import ProbeConfig
+from fisherlab.data import announce_data
 from fisherlab.dense import per_sample_gradients, rearrange
 from fisherlab.fisher import ExactBlock
 from fisherlab.kron import KronSum
 from fisherlab.layers import LayerFactors
 from fisherlab.probe import Probe
 from fisherlab.results import ResultsWriter, load, load_factors
-from fisherlab.run import ProbeConfig, announce_data, probe_training
+from fisherlab.run import probe_training
 from fisherlab.twolevel import smallest_eigenvector
 from tests.cases import make_factors, small_mlp
 

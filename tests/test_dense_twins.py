@@ -9,14 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from fisherlab.approximations import Method
+from fisherlab.approximations import Method, kfac_factors
 from fisherlab.dense import per_sample_gradients, rearrange
 from fisherlab.fisher import ExactBlock
 from fisherlab.layers import LayerFactors
+from fisherlab.losses import per_sample_loss
+from fisherlab.operators import BlockDiagonal
 from fisherlab.optim import KroneckerOptimizer, layer_gradient
-from fisherlab.probe import Probe, per_sample_loss
-from fisherlab.run import ProbeConfig, _two_level_variables
-from fisherlab.twolevel import WholeFisher, two_level
+from fisherlab.probe import Probe
+from fisherlab.twolevel import WholeFisher, two_level, two_level_metrics
 from tests.cases import small_mlp
 
 DAMPING = 1e-2
@@ -167,13 +168,17 @@ def test_stored_two_level_metrics_match_dense() -> None:
     model = small_mlp((4, 5, 3))
     x, y = _batch(2)
     snap = Probe(model, "mse", fisher="exact")(x, y)
-    config = ProbeConfig(two_level=True, damping=DAMPING, coarse_spaces=("nicolaides", "residuals"), tol=1e-12, max_iter=20_000)
-    from fisherlab.approximations import approximate_all
+    from fisherlab.approximations import ApproxConfig, approximate_all
 
     methods = list(Method)
-    approximations = {n: approximate_all(ExactBlock(f), methods, tol=1e-12, max_iter=20_000, krylov_dim=40) for n, f in snap.factors.items()}
-    extra, coords, _ = _two_level_variables(snap, methods, approximations, config)
+    config = ApproxConfig(tol=1e-12, max_iter=20_000, krylov_dim=40)
+    approximations = {n: approximate_all(ExactBlock(f), methods, config) for n, f in snap.factors.items()}
     names = list(snap.factors)
+    diagonals = {m: BlockDiagonal(tuple(approximations[n][m].kron for n in names)) for m in methods}
+    values, spaces = two_level_metrics(snap.whole_fisher(names), [snap.gradients[n] for n in names], diagonals, damping=DAMPING,
+                                       spaces=["nicolaides", "residuals"])
+    extra = {k: (None, v) for k, v in values.items()}
+    coords = {"coarse_space": spaces}
     jac = torch.cat([ExactBlock(snap.factors[n]).jacobian() for n in names], 1)
     f_damped = jac.T @ jac / x.shape[0] + DAMPING * torch.eye(jac.shape[1], dtype=jac.dtype)
     grad = torch.cat([snap.gradients[n].flatten() for n in names])
@@ -197,7 +202,7 @@ def test_stored_two_level_metrics_match_dense() -> None:
                     damping=DAMPING, spaces=["nicolaides", "residuals"])
     kfac_blocks = []
     for n in names:
-        k = ExactBlock(snap.factors[n]).kfac()
+        k = kfac_factors(ExactBlock(snap.factors[n]))
         kfac_blocks.append(_pi_damped(k.outs[0], k.ins[0], DAMPING))
     zeta_kfac = torch.linalg.solve(torch.block_diag(*kfac_blocks), grad)
     residual = grad - f_damped @ zeta_kfac

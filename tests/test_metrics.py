@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fisherlab.approximations import Method, approximate_all
+from fisherlab.approximations import ApproxConfig, Method, approximate_all
 from fisherlab.dense import dense_frobenius_error, dense_spectral_error
 from fisherlab.fisher import ExactBlock
 from fisherlab.kron import KronSum
@@ -22,7 +22,7 @@ def test_errors_match_dense(case: dict, spectrum: Spectrum) -> None:
     block = ExactBlock(make_factors(case))
     ref = BlockReference.of(block)
     dense = block.as_dense()
-    for method, approx in approximate_all(block, list(Method), tol=1e-8).items():
+    for method, approx in approximate_all(block, list(Method), ApproxConfig(tol=1e-8)).items():
         f_hat = approx.kron.as_dense()
         torch.testing.assert_close(frobenius_error(ref, approx.kron), dense_frobenius_error(dense, f_hat), rtol=1e-8, atol=1e-10, msg=method.value)
         torch.testing.assert_close(

@@ -13,8 +13,8 @@ from torch import nn
 from fisherlab._errors import FisherlabError
 from fisherlab.approximations import Method
 from fisherlab.kron import pi_damping
+from fisherlab.losses import per_sample_loss
 from fisherlab.optim import OPTIMIZER_NAMES, KroneckerOptimizer, layer_gradient, make_optimizer
-from fisherlab.probe import per_sample_loss
 from tests.cases import small_mlp
 
 

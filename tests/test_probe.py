@@ -13,7 +13,10 @@ from torch.func import functional_call, jacrev, vmap
 from fisherlab._errors import FisherlabError
 from fisherlab.dense import per_sample_gradients
 from fisherlab.fisher import ExactBlock
-from fisherlab.probe import FisherKind, LossKind, Probe, _output_fisher_sqrt, _sample_targets
+from fisherlab.losses import FisherKind, LossKind
+from fisherlab.losses import output_fisher_sqrt as _output_fisher_sqrt
+from fisherlab.losses import sample_targets as _sample_targets
+from fisherlab.probe import Probe
 from tests.cases import SmallConvNet, small_mlp
 from tests.tolerances import EXACT64
 

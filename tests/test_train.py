@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 from fisherlab import cli
+from fisherlab.config import TrainConfig
 from fisherlab.results import load
-from fisherlab.train import TrainConfig, run_training
+from fisherlab.train import run_training
 
 
 def test_train_end_to_end(tmp_path, capsys) -> None:

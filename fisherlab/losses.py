@@ -1,0 +1,148 @@
+"""Losses: negative log-likelihoods on the network output and the Fisher's output directions.
+
+For a loss ``L = -log p(y | z)`` on the network output ``z`` the Fisher of the parameters is
+``E_x E_{y~p(y|z)} [∇L ∇Lᵀ]``. Every Fisher kind (:class:`FisherKind`) is a choice of output
+directions ``d`` whose backpropagation gives ``g = dL/ds`` at each layer:
+
+* ``mc`` — ``V`` targets drawn from the model's predictive distribution per input, each
+  direction ``dL(y_v)/dz / sqrt(V)``: the papers' "exact FIM" (K §4, Martens & Grosse 2015);
+* ``exact`` — the expectation over targets in closed form: the ``C`` columns of a square
+  root ``S`` of the output Fisher, ``S Sᵀ = E_y[∇_z L ∇_z Lᵀ]``;
+* ``empirical`` — the true targets (the empirical Fisher, Kunstner et al. 2019).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+from torch import Tensor
+from torch.nn import functional as nnf
+
+from fisherlab._errors import FisherlabError
+
+__all__ = [
+    "FisherKind",
+    "LossKind",
+    "as_enum",
+    "check_targets",
+    "output_directions",
+    "output_fisher_sqrt",
+    "output_gradient",
+    "per_sample_loss",
+    "sample_targets",
+]
+
+
+class FisherKind(str, Enum):
+    """How the output directions are chosen (see the module docstring)."""
+
+    MC = "mc"
+    EXACT = "exact"
+    EMPIRICAL = "empirical"
+
+
+class LossKind(str, Enum):
+    """Negative log-likelihoods on the network output ``z`` (logits for bce and ce).
+
+    ``mse``: Gaussian with unit variance, ``L = ½||y - z||²``; ``bce``: independent
+    Bernoulli with ``p = sigmoid(z)`` (a sigmoid output layer with binary cross entropy);
+    ``ce``: categorical with ``p = softmax(z)``, integer targets.
+    """
+
+    MSE = "mse"
+    BCE = "bce"
+    CE = "ce"
+
+
+def as_enum(kind: type[Enum], value: object, what: str) -> Enum:
+    """``kind(value)``, or a :class:`FisherlabError` that lists the choices."""
+    try:
+        return kind(value)
+    except ValueError:
+        choices = ", ".join(e.value for e in kind)  # type: ignore[attr-defined]
+        raise FisherlabError(f"unknown {what} {value!r}; choose one of: {choices}") from None
+
+
+def per_sample_loss(loss: LossKind, z: Tensor, y: Tensor) -> Tensor:
+    """Per-sample negative log-likelihood ``[N]`` (summed over output units)."""
+    if loss == LossKind.MSE:
+        return 0.5 * ((z - y) ** 2).flatten(1).sum(1)
+    if loss == LossKind.BCE:
+        return nnf.binary_cross_entropy_with_logits(z, y, reduction="none").flatten(1).sum(1)
+    return nnf.cross_entropy(z, y, reduction="none")
+
+
+def output_gradient(loss: LossKind, z: Tensor, y: Tensor) -> Tensor:
+    """``dL/dz`` per sample, in closed form."""
+    if loss == LossKind.MSE:
+        return z - y
+    if loss == LossKind.BCE:
+        return torch.sigmoid(z) - y
+    return torch.softmax(z, dim=-1) - nnf.one_hot(y, z.shape[-1]).to(z.dtype)
+
+
+def sample_targets(loss: LossKind, z: Tensor, generator: torch.Generator) -> Tensor:
+    """Draw ``y ~ p(y | z)`` with ``generator`` (never the global RNG)."""
+    if loss == LossKind.MSE:
+        return z + torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+    if loss == LossKind.BCE:
+        return torch.bernoulli(torch.sigmoid(z), generator=generator)
+    return torch.multinomial(torch.softmax(z, dim=-1), 1, generator=generator)[:, 0]
+
+
+def output_fisher_sqrt(loss: LossKind, z: Tensor) -> Tensor:
+    """``S [N, out, C]`` with ``S Sᵀ`` the output Fisher ``E_y[∇_z L ∇_z Lᵀ]``.
+
+    mse: ``I``; bce: ``diag(sqrt(p(1-p)))``; ce: ``diag(√p) - p √pᵀ``.
+    """
+    flat = z.flatten(1)
+    eye = torch.eye(flat.shape[1], dtype=z.dtype, device=z.device)
+    if loss == LossKind.MSE:
+        return eye.expand(flat.shape[0], -1, -1)
+    if loss == LossKind.BCE:
+        p = torch.sigmoid(flat)
+        return torch.diag_embed(torch.sqrt(p * (1 - p)))
+    p = torch.softmax(flat, dim=-1)
+    root = torch.sqrt(p)
+    return torch.diag_embed(root) - p[:, :, None] * root[:, None, :]
+
+
+def output_directions(
+    loss: LossKind,
+    fisher: FisherKind,
+    z: Tensor,
+    y: Tensor | None,
+    *,
+    generator: torch.Generator,
+    mc_samples: int = 1,
+) -> list[Tensor]:
+    """Output-space vectors ``[N, *out]`` to backpropagate, one per direction ``v``.
+
+    ``Σ_v d_v d_vᵀ`` is, per sample, ``∇L ∇Lᵀ`` for the true target (empirical), an
+    ``mc_samples``-draw estimate of its expectation (mc), or the expectation itself (exact).
+    """
+    zd = z.detach()
+    if fisher == FisherKind.EMPIRICAL:
+        if y is None:
+            raise FisherlabError("the empirical Fisher needs the true targets y")
+        return [output_gradient(loss, zd, y)]
+    if fisher == FisherKind.MC:
+        scale = mc_samples**-0.5
+        return [scale * output_gradient(loss, zd, sample_targets(loss, zd, generator)) for _ in range(mc_samples)]
+    root = output_fisher_sqrt(loss, zd)
+    return [root[:, :, c].reshape(zd.shape) for c in range(root.shape[2])]
+
+
+def check_targets(loss: LossKind, x: Tensor, y: Tensor | None) -> None:
+    """Refuse an empty batch or targets that do not fit ``loss``, saying what was expected."""
+    if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[0] == 0:
+        raise FisherlabError(f"the probe needs a batch x of shape [N, ...] with N >= 1, got {getattr(x, 'shape', type(x).__name__)}")
+    if y is None:
+        return
+    if not isinstance(y, Tensor) or y.ndim == 0 or y.shape[0] != x.shape[0]:
+        raise FisherlabError(f"targets y must be a tensor with one row per sample ({x.shape[0]}), got {getattr(y, 'shape', type(y).__name__)}")
+    if loss == LossKind.CE and (y.dtype.is_floating_point or y.dtype == torch.bool or y.ndim != 1):
+        raise FisherlabError(f"loss 'ce' needs integer class targets of shape [N], got {y.dtype} {tuple(y.shape)}")
+    if loss != LossKind.CE and not y.dtype.is_floating_point:
+        raise FisherlabError(f"loss {loss.value!r} needs floating-point targets shaped like the output, got {y.dtype}")
