@@ -17,7 +17,7 @@ from fisherlab.run import run_probe
 
 def compute(args, path) -> None:  # type: ignore[no-untyped-def]
     config = ProbeConfig(problem=args.problem, data_dir=args.data_dir, layers=("5",), optimizer="adam",
-                         iterations=20 if args.smoke else 2000, every=5 if args.smoke else 10)
+                         iterations=4 if args.smoke else 2000, every=2 if args.smoke else 10, batch_size=64 if args.smoke else None)
     run_probe(config, path, overwrite=True, progress=not args.smoke)
 
 

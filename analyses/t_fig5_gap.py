@@ -11,6 +11,7 @@ import sys
 
 from _common import figure_script
 
+from fisherlab.approximations import Method
 from fisherlab.config import ProbeConfig
 from fisherlab.plots import two_level_figure
 from fisherlab.run import run_probe
@@ -18,8 +19,8 @@ from fisherlab.run import run_probe
 
 def compute(args, path) -> None:  # type: ignore[no-untyped-def]
     config = ProbeConfig(problem=args.problem, data_dir=args.data_dir, two_level=True, damping=1e-3, layers=("5",) if args.problem != "cnn" else ("2",),
-                         metrics=("frobenius_error",), iterations=2 if args.smoke else 1000, every=1 if args.smoke else 50,
-                         batch_size=32 if args.smoke and args.problem == "cnn" else None)
+                         metrics=("frobenius_error",), iterations=1 if args.smoke else 1000, every=1 if args.smoke else 50,
+                         batch_size=32 if args.smoke else None, methods=("kfac", "kpsvd") if args.smoke else tuple(Method))
     run_probe(config, path, overwrite=True, progress=not args.smoke)
 
 

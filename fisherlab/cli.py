@@ -127,6 +127,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     t.add_argument("--t2", type=int, default=td.t2, help="refactorise the damped approximation every T2 steps (default: %(default)s)")
     t.add_argument("--patience", type=int, default=td.patience, help="early stopping patience in epochs (default: %(default)s)")
     t.add_argument("--max-batches", type=int, default=None, help="cap on batches per epoch for quick runs (default: a whole epoch)")
+    t.add_argument("--eval-samples", type=int, default=None,
+                   help="training and validation losses on the first N images of each set (default: all; quick runs)")
     t.add_argument("--device", default=td.device, help="auto | cpu | cuda | cuda:N (default: auto = CUDA when available)")
     t.add_argument("--seed", type=int, default=td.seed, help="seed of initialisation, data order and MC targets (default: %(default)s)")
     t.add_argument("--threads", type=int, default=None, help="CPU threads of torch (default: torch's choice, one per core)")

@@ -156,6 +156,7 @@ class TrainConfig:
     t2: int = 20
     patience: int = 10
     max_batches: int | None = None
+    eval_samples: int | None = None
     device: str = "auto"
     seed: int = 0
     threads: int | None = None
@@ -179,6 +180,8 @@ class TrainConfig:
             raise FisherlabError(f"--kl-clip must be finite and positive (0 disables it), got {self.kl_clip}")
         if self.max_batches is not None and self.max_batches < 1:
             raise FisherlabError(f"--max-batches must be positive, got {self.max_batches}")
+        if self.eval_samples is not None and self.eval_samples < 1:
+            raise FisherlabError(f"--eval-samples must be positive, got {self.eval_samples}")
         if self.batch_size is not None and self.batch_size < 1:
             raise FisherlabError(f"--batch-size must be positive, got {self.batch_size}")
         _check_threads(self.threads)

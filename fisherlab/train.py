@@ -52,7 +52,8 @@ def _train_one(name: str, problem: Problem, config: TrainConfig, lr: float | Non
     model = problem.model(seed=config.seed, device=device)
     kw = {} if name in ("sgd", "adam") else {"damping": damping, "kl_clip": config.kl_clip, "t1": config.t1, "t2": config.t2, "seed": config.seed}
     opt = make_optimizer(name, model, problem.loss, lr=lr, weight_decay=config.weight_decay, **kw)
-    n_batches = data["x"].shape[0] // min(config.batch_size or problem.batch_size, data["x"].shape[0])
+    n_train = data["images"].train.shape[0]
+    n_batches = n_train // min(config.batch_size or problem.batch_size, n_train)
     if config.max_batches:
         n_batches = min(n_batches, config.max_batches)
     batches = problem.batches(data["images"], batch_size=config.batch_size, seed=config.seed, device=device)
@@ -107,8 +108,8 @@ def run_training(config: TrainConfig, out: str | Path, *, overwrite: bool = Fals
         announce_data(images.source, images.stand_in)
         if images.valid.shape[0] == 0:
             print(f"fisherlab: warning: {images.source} leaves no validation images; valid_loss is recorded as NaN", file=sys.stderr)
-        x = images.train.to(device)
-        vx = images.valid.to(device)
+        x = images.train[: config.eval_samples].to(device)  # the losses are measured on these (all by default)
+        vx = images.valid[: config.eval_samples].to(device)
         data = {"images": images, "x": x, "y": problem.targets(x, images.train_labels, seed=config.seed),
                 "vx": vx, "vy": problem.targets(vx, images.valid_labels, seed=config.seed)}
         writer.attrs.update({"title": f"fisherlab train: {problem.name}", "problem": problem.name, "data_source": images.source,

@@ -91,7 +91,7 @@ def coarse_basis(
     :func:`two_level` use a pseudo-inverse, so a rank-deficient basis is handled.
     """
     space = CoarseSpace(space)
-    inv = [lambda x, k=k: k.solve(x, damping=damping) for k in kfacs]
+    inv = BlockDiagonal(tuple(kfacs)).solvers(damping=damping)  # K_i⁻¹, factorised once
     ones = [torch.ones(k.d_out, k.d_in, dtype=k.outs[0].dtype, device=k.outs[0].device) for k in kfacs]
     if space == CoarseSpace.NICOLAIDES:
         return [o[None] for o in ones]

@@ -53,7 +53,8 @@ err = ds.frobenius_error.sel({"layer": "5"})
         ("md", "# Two-level KFAC: gaps and energy errors (T Figure 5)\n\nE(β*) − E(0) for each coarse space and TKO, and the distance of every increment to the exact damped natural gradient (Woodbury)."),
         ("code", SETUP),
         ("code", """config = fl.ProbeConfig(problem="curves", two_level=True, damping=1e-3, metrics=("frobenius_error",),
-                        iterations=4 if SMOKE else 200, every=2 if SMOKE else 20)
+                        iterations=2 if SMOKE else 200, every=1 if SMOKE else 20, batch_size=32 if SMOKE else None,
+                        methods=("kfac", "deflation") if SMOKE else tuple(fl.Method))
 ds = fl.run_probe(config, OUT / "nb_gap.nc", overwrite=True, progress=not SMOKE)
 ds.gap.to_pandas()"""),
         ("code", """fig = plots.two_level_figure(ds)"""),
@@ -66,7 +67,7 @@ ds.gap.to_pandas()"""),
         ("code", """from fisherlab.config import TrainConfig
 from fisherlab.train import run_training
 config = TrainConfig(problem="curves", optimizers=("sgd", "adam", "kfac", "kpsvd", "kfac2l_residuals"),
-                     epochs=1 if SMOKE else 3, max_batches=3 if SMOKE else 20)
+                     epochs=1 if SMOKE else 3, max_batches=3 if SMOKE else 20, eval_samples=512 if SMOKE else None)
 ds = run_training(config, OUT / "nb_train.nc", overwrite=True, progress=not SMOKE)
 ds.train_loss.to_pandas()"""),
         ("code", """fig = plots.training_figure(ds)"""),
@@ -76,11 +77,10 @@ ds.train_loss.to_pandas()"""),
         ("code", SETUP),
         ("code", """import itertools
 torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 10))
-from sklearn.datasets import load_digits
-digits = load_digits()
-x = torch.tensor(digits.images[:, None] / 16.0, dtype=torch.float32)
-y = torch.tensor(digits.target)
+model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 7 * 7, 10))
+digits = fl.get_problem("mnist").data()   # bundled stand-in: UCI digits on a 28x28 canvas, with labels
+x = torch.nn.functional.avg_pool2d(digits.train.reshape(-1, 1, 28, 28), 4)   # your own images would go here: [N, 1, 7, 7]
+y = digits.train_labels
 batches = ((x[i], y[i]) for i in itertools.cycle(torch.randperm(len(x)).split(64)[:-1]))
 optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)"""),
         ("code", """config = fl.ProbeConfig(iterations=6 if SMOKE else 200, every=3 if SMOKE else 20, fisher="exact")

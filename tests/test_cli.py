@@ -149,7 +149,7 @@ def test_frobenius_only_run(tmp_path) -> None:
 def test_two_level_end_to_end(tmp_path) -> None:
     """--two-level probes every layer, stores gaps / energy errors per coarse space and draws T Fig. 5."""
     out = tmp_path / "gap.nc"
-    status = cli.main(["probe", "--two-level", "--damping", "1e-2", "--iterations", "2", "--every", "1",
+    status = cli.main(["probe", "--two-level", "--damping", "1e-2", "--iterations", "1", "--every", "1", "--batch-size", "32",
                        "--coarse-spaces", "nicolaides,residuals,taylor", "--out", str(out), "--no-progress"])
     assert status == 0
     ds = load(out)

@@ -1,0 +1,48 @@
+"""The package's layout: each module imports only from modules above it in the data flow (issue 8)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import fisherlab
+
+#: Pipeline stages, first to last. Leaves first; ``cli`` and ``__init__`` may import anything.
+STAGES = [
+    "_errors", "layers", "kron", "krylov", "operators", "losses", "data",  # leaves
+    "fisher", "probe", "approximations", "metrics", "twolevel", "optim",  # the science
+    "config", "problems", "results", "run", "train", "plots", "dense",  # runs, files, figures, dense twins
+    "cli", "__main__", "__init__",
+]
+
+
+def _imports(path: Path) -> set[str]:
+    deps = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fisherlab"):
+            parts = node.module.split(".")
+            deps |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names if a.name != "__version__"}
+        elif isinstance(node, ast.Import):
+            deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("fisherlab.")}
+    return deps - {path.stem}
+
+
+def test_no_import_from_a_later_stage() -> None:
+    package = Path(fisherlab.__file__).parent
+    modules = {p.stem: _imports(p) for p in package.glob("*.py")}
+    assert set(modules) <= set(STAGES), f"place new modules in STAGES: {set(modules) - set(STAGES)}"
+    backward = [f"{m} -> {d}" for m, deps in modules.items() for d in deps if m != "__init__" and STAGES.index(d) > STAGES.index(m)]
+    assert not backward, backward
+
+
+def test_core_modules_do_not_import_heavy_optional_packages() -> None:
+    """scikit-learn and scikit-image are not dependencies (the stand-in images are bundled)."""
+    package = Path(fisherlab.__file__).parent
+    imported = set()
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module.split(".")[0])
+    assert not imported & {"sklearn", "skimage"}
