@@ -1,7 +1,7 @@
 """K Figure 1: error 1 and error 2 of every method against the training iteration (layer 5).
 
-    python analyses/fig1_error_vs_iteration.py --problem mnist          # paper scale: 2000 it., every 10
-    python analyses/fig1_error_vs_iteration.py --smoke --output /tmp/f.png
+python analyses/fig1_error_vs_iteration.py --problem mnist          # paper scale: 2000 it., every 10
+python analyses/fig1_error_vs_iteration.py --smoke --output /tmp/f.png
 """
 
 from __future__ import annotations
@@ -16,8 +16,15 @@ from fisherlab.run import run_probe
 
 
 def compute(args, path) -> None:  # type: ignore[no-untyped-def]
-    config = ProbeConfig(problem=args.problem, data_dir=args.data_dir, layers=("5",), optimizer="adam",
-                         iterations=4 if args.smoke else 2000, every=2 if args.smoke else 10, batch_size=64 if args.smoke else None)
+    config = ProbeConfig(
+        problem=args.problem,
+        data_dir=args.data_dir,
+        layers=("5",),
+        optimizer="adam",
+        iterations=4 if args.smoke else 2000,
+        every=2 if args.smoke else 10,
+        batch_size=64 if args.smoke else None,
+    )
     run_probe(config, path, overwrite=True, progress=not args.smoke)
 
 

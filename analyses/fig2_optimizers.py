@@ -19,10 +19,19 @@ from fisherlab.train import run_training
 def compute(args, path) -> None:  # type: ignore[no-untyped-def]
     optimizers = ("sgd", "adam", "kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected")
     if args.smoke:
-        config = TrainConfig(problem=args.problem, optimizers=("sgd", "kfac", "kpsvd"), epochs=1, max_batches=2, eval_samples=256)
+        config = TrainConfig(
+            problem=args.problem, optimizers=("sgd", "kfac", "kpsvd"), epochs=1, max_batches=2, eval_samples=256
+        )
     else:
-        config = TrainConfig(problem=args.problem, data_dir=args.data_dir, optimizers=optimizers, epochs=100,
-                             lr=(1e-2, 1e-1, 1.0), damping=(1e-3, 1e-2, 1e-1), patience=10)
+        config = TrainConfig(
+            problem=args.problem,
+            data_dir=args.data_dir,
+            optimizers=optimizers,
+            epochs=100,
+            lr=(1e-2, 1e-1, 1.0),
+            damping=(1e-3, 1e-2, 1e-1),
+            patience=10,
+        )
     run_training(config, path, overwrite=True, progress=not args.smoke)
 
 

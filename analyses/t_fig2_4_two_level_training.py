@@ -20,13 +20,29 @@ PROBLEMS = ["curves", "mnist", "faces", "cnn", "resnet18", "resnet34", "deepline
 
 
 def compute(args, path) -> None:  # type: ignore[no-untyped-def]
-    two_level = ("kfac2l_nicolaides", "kfac2l_spectral", "kfac2l_residuals", "kfac2l_krylov_nicolaides",
-                 "kfac2l_krylov_residuals", "kfac2l_tko")
+    two_level = (
+        "kfac2l_nicolaides",
+        "kfac2l_spectral",
+        "kfac2l_residuals",
+        "kfac2l_krylov_nicolaides",
+        "kfac2l_krylov_residuals",
+        "kfac2l_tko",
+    )
     if args.smoke:
-        config = TrainConfig(problem=args.problem, optimizers=("kfac", "kfac2l_residuals", "kfac2l_tko"), epochs=1, max_batches=2)
+        config = TrainConfig(
+            problem=args.problem, optimizers=("kfac", "kfac2l_residuals", "kfac2l_tko"), epochs=1, max_batches=2
+        )
     else:
-        config = TrainConfig(problem=args.problem, data_dir=args.data_dir, optimizers=("sgd", "adam", "kfac", *two_level),
-                             epochs=100, lr=(1e-3, 1e-2, 1e-1, 1.0), damping=(1e-3, 1e-2, 1e-1), weight_decay=1e-3, patience=10)
+        config = TrainConfig(
+            problem=args.problem,
+            data_dir=args.data_dir,
+            optimizers=("sgd", "adam", "kfac", *two_level),
+            epochs=100,
+            lr=(1e-3, 1e-2, 1e-1, 1.0),
+            damping=(1e-3, 1e-2, 1e-1),
+            weight_decay=1e-3,
+            patience=10,
+        )
     run_training(config, path, overwrite=True, progress=not args.smoke)
 
 

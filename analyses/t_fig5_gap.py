@@ -18,14 +18,25 @@ from fisherlab.run import run_probe
 
 
 def compute(args, path) -> None:  # type: ignore[no-untyped-def]
-    config = ProbeConfig(problem=args.problem, data_dir=args.data_dir, two_level=True, damping=1e-3, layers=("5",) if args.problem != "cnn" else ("2",),
-                         metrics=("frobenius_error",), iterations=1 if args.smoke else 1000, every=1 if args.smoke else 50,
-                         batch_size=32 if args.smoke else None, methods=("kfac", "kpsvd") if args.smoke else tuple(Method))
+    config = ProbeConfig(
+        problem=args.problem,
+        data_dir=args.data_dir,
+        two_level=True,
+        damping=1e-3,
+        layers=("5",) if args.problem != "cnn" else ("2",),
+        metrics=("frobenius_error",),
+        iterations=1 if args.smoke else 1000,
+        every=1 if args.smoke else 50,
+        batch_size=32 if args.smoke else None,
+        methods=("kfac", "kpsvd") if args.smoke else tuple(Method),
+    )
     run_probe(config, path, overwrite=True, progress=not args.smoke)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return figure_script(argv, __doc__, "t_fig5", ["curves", "mnist", "faces", "cnn"], "curves", compute, two_level_figure)
+    return figure_script(
+        argv, __doc__, "t_fig5", ["curves", "mnist", "faces", "cnn"], "curves", compute, two_level_figure
+    )
 
 
 if __name__ == "__main__":

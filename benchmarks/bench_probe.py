@@ -42,7 +42,9 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple
     return sorted(times)[len(times) // 2], out
 
 
-def trained_problem(name: str, device: torch.device) -> tuple[Problem, torch.nn.Module, torch.Tensor, Callable[[], None]]:
+def trained_problem(
+    name: str, device: torch.device
+) -> tuple[Problem, torch.nn.Module, torch.Tensor, Callable[[], None]]:
     """The problem's network after 20 Adam steps on one batch (so its Fisher is not trivial),
     that batch, and a training step on it (the baseline all ratios refer to)."""
     problem = get_problem(name)
@@ -66,7 +68,9 @@ def main() -> None:
     parser.add_argument("--layer", default="5")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-dense", action="store_true", help="skip the dense twins (they need ~2 GB and minutes on CPU)")
+    parser.add_argument(
+        "--no-dense", action="store_true", help="skip the dense twins (they need ~2 GB and minutes on CPU)"
+    )
     args = parser.parse_args()
     device = select_device(args.device)
     problem, model, x, train_step = trained_problem(args.problem, device)
@@ -75,8 +79,12 @@ def main() -> None:
     t_probe, snap = timed(lambda: probe(x, x), device, args.repeats)
     block = ExactBlock(snap.factors[args.layer])  # type: ignore[attr-defined]
     f = block.factors
-    print(f"{problem.name} auto-encoder, batch {x.shape[0]}, layer {args.layer}: d_in={f.d_in} (bias incl.), d_out={f.d_out}, "
-          f"block side {f.dim}, device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}")
+    print(
+        f"{problem.name} auto-encoder, batch {x.shape[0]}, layer {args.layer}: "
+        f"d_in={f.d_in} (bias incl.), d_out={f.d_out}, "
+        f"block side {f.dim}, device {device}"
+        f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}"
+    )
     print(f"training step (baseline): {t_step * 1e3:.1f} ms")
     rows = [("probe pass", t_probe)]
     t_ref, ref = timed(lambda: BlockReference.of(block), device, args.repeats)
@@ -98,14 +106,21 @@ def main() -> None:
     t_dense_f, dense = timed(block.as_dense, device, 1)
     for m in (Method.KPSVD, Method.DEFLATION):
         k = approx[m].kron  # type: ignore[attr-defined]
-        t_mf1 = timed(lambda k=k: (BlockReference.of(block), frobenius_error(BlockReference.of(block), k)), device, 1)[0]
+        t_mf1 = timed(lambda k=k: (BlockReference.of(block), frobenius_error(BlockReference.of(block), k)), device, 1)[
+            0
+        ]
         t_d1, e1 = timed(lambda k=k: dense_frobenius_error(block.as_dense(), k.as_dense()), device, 1)
         t_mf2 = timed(lambda k=k: spectral_error(BlockReference.of(block), k), device, 1)[0]
         t_d2, e2 = timed(lambda k=k: dense_spectral_error(dense, k.as_dense()), device, 1)
-        print(f"  {m.value:<10} error 1: matrix-free {t_mf1:7.3f} s, dense {t_d1:7.3f} s, ratio {t_mf1 / t_d1:.4f}; "
-              f"|diff| {abs(float(e1) - float(frobenius_error(ref, k))):.1e}")
-        print(f"  {m.value:<10} error 2: matrix-free {t_mf2:7.3f} s, dense {t_d2 + t_dense_f:7.3f} s, ratio {t_mf2 / (t_d2 + t_dense_f):.4f}; "
-              f"|diff| {abs(float(e2) - float(spectral_error(ref, k))):.1e}")
+        print(
+            f"  {m.value:<10} error 1: matrix-free {t_mf1:7.3f} s, dense {t_d1:7.3f} s, ratio {t_mf1 / t_d1:.4f}; "
+            f"|diff| {abs(float(e1) - float(frobenius_error(ref, k))):.1e}"
+        )
+        print(
+            f"  {m.value:<10} error 2: matrix-free {t_mf2:7.3f} s, dense {t_d2 + t_dense_f:7.3f} s, "
+            f"ratio {t_mf2 / (t_d2 + t_dense_f):.4f}; "
+            f"|diff| {abs(float(e2) - float(spectral_error(ref, k))):.1e}"
+        )
 
 
 if __name__ == "__main__":

@@ -36,16 +36,30 @@ def main() -> None:
     fisher = WholeFisher(tuple(ExactBlock(snap.factors[n]) for n in names))  # type: ignore[attr-defined]
     grads = [snap.gradients[n] for n in names]  # type: ignore[attr-defined]
     lam = args.damping
-    print(f"{problem.name} auto-encoder, batch {x.shape[0]}, {len(names)} layers, {sum(b.dim for b in fisher.blocks):,} parameters, "
-          f"damping {lam}, device {device}")
+    print(
+        f"{problem.name} auto-encoder, batch {x.shape[0]}, {len(names)} layers, "
+        f"{sum(b.dim for b in fisher.blocks):,} parameters, "
+        f"damping {lam}, device {device}"
+    )
     print(f"training step (baseline): {t_step * 1e3:.1f} ms")
     rows = [("probe pass (all layers)", t_probe)]
     kfacs = [kfac_factors(b) for b in fisher.blocks]
-    rows.append(("KFAC factors, all layers", timed(lambda: [kfac_factors(b) for b in fisher.blocks], device, args.repeats)[0]))
-    rows.append(("zeta_KFAC (damped solves)", timed(lambda: damped_kfac_solve(kfacs, grads, damping=lam), device, args.repeats)[0]))
+    rows.append(
+        ("KFAC factors, all layers", timed(lambda: [kfac_factors(b) for b in fisher.blocks], device, args.repeats)[0])
+    )
+    rows.append(
+        (
+            "zeta_KFAC (damped solves)",
+            timed(lambda: damped_kfac_solve(kfacs, grads, damping=lam), device, args.repeats)[0],
+        )
+    )
     zk = damped_kfac_solve(kfacs, grads, damping=lam)
-    rows.append(("r_KFAC = grad - F* zeta_KFAC", timed(lambda: fisher.matvec(zk, damping=lam), device, args.repeats)[0]))
-    rows.append(("exact zeta by Woodbury", timed(lambda: fisher.natural_gradient(grads, damping=lam), device, args.repeats)[0]))
+    rows.append(
+        ("r_KFAC = grad - F* zeta_KFAC", timed(lambda: fisher.matvec(zk, damping=lam), device, args.repeats)[0])
+    )
+    rows.append(
+        ("exact zeta by Woodbury", timed(lambda: fisher.natural_gradient(grads, damping=lam), device, args.repeats)[0])
+    )
     base = timed(lambda: two_level(fisher, grads, damping=lam, spaces=[], tko=False), device, args.repeats)[0]
     rows.append(("shared: zeta, zeta_KFAC, r_KFAC, E(0)", base))
     for space in CoarseSpace:
@@ -55,7 +69,9 @@ def main() -> None:
     rows.append(("TKO (F_coarse of eq. 3.18)", t - base))
     for m in Method:
         t_approx, approx = timed(lambda m=m: [approximate_all(b, [m])[m].kron for b in fisher.blocks], device, 1)
-        t_solve = timed(lambda a=approx: [k.solve(g, damping=lam) for k, g in zip(a, grads, strict=True)], device, args.repeats)[0]  # type: ignore[attr-defined]
+        t_solve = timed(
+            lambda a=approx: [k.solve(g, damping=lam) for k, g in zip(a, grads, strict=True)], device, args.repeats
+        )[0]  # type: ignore[attr-defined]
         rows.append((f"block-diagonal {m.value}: approximations, all layers", t_approx))
         rows.append((f"block-diagonal {m.value}: damped solves", t_solve))
     width = max(len(r[0]) for r in rows)

@@ -27,8 +27,7 @@ def check_finite(name: str, *tensors: torch.Tensor | float) -> None:
         ok = math.isfinite(t) if isinstance(t, float) else bool(torch.isfinite(t).all())
         if not ok:
             raise FisherlabError(
-                f"{name} contains NaN or inf values; lower the learning rate, check the "
-                "data, or use --dtype float64"
+                f"{name} contains NaN or inf values; lower the learning rate, check the data, or use --dtype float64"
             )
 
 

@@ -216,14 +216,25 @@ def kpsvd(
         Koroko et al. (2022), Sec. 3.1, Thm. 3.1, Prop. 3.1-3.2, App. B.1.
     """
     start = time.perf_counter()
-    trip = power_svd(block.rearranged_matvec, block.rearranged_rmatvec, _start(block, warm_start), tol=tol, max_iter=max_iter)
+    trip = power_svd(
+        block.rearranged_matvec, block.rearranged_rmatvec, _start(block, warm_start), tol=tol, max_iter=max_iter
+    )
     _report(Method.KPSVD, trip, layer)
     kron = _terms(trip)
-    return Approximation(Method.KPSVD, kron, trip.iterations, trip.converged, trip.residual, trip.rights, time.perf_counter() - start)
+    return Approximation(
+        Method.KPSVD, kron, trip.iterations, trip.converged, trip.residual, trip.rights, time.perf_counter() - start
+    )
 
 
 def _corrected(
-    method: Method, block: ExactBlock, first: Approximation, *, tol: float, max_iter: int, warm_start: tuple[Tensor, ...], layer: str
+    method: Method,
+    block: ExactBlock,
+    first: Approximation,
+    *,
+    tol: float,
+    max_iter: int,
+    warm_start: tuple[Tensor, ...],
+    layer: str,
 ) -> Approximation:
     start = time.perf_counter()
     mv, rmv = _deflated(block, first.kron)
@@ -288,7 +299,9 @@ def kfac_corrected(
         Koroko et al. (2022), Sec. 3.3.
     """
     first = kfac(block) if first is None else first
-    return _corrected(Method.KFAC_CORRECTED, block, first, tol=tol, max_iter=max_iter, warm_start=warm_start, layer=layer)
+    return _corrected(
+        Method.KFAC_CORRECTED, block, first, tol=tol, max_iter=max_iter, warm_start=warm_start, layer=layer
+    )
 
 
 def lanczos(
@@ -342,7 +355,9 @@ def lanczos(
     )
     _report(Method.LANCZOS, trip, layer)
     kron = _terms(_padded(trip, rank))
-    return Approximation(Method.LANCZOS, kron, trip.iterations, trip.converged, trip.residual, trip.rights, time.perf_counter() - clock)
+    return Approximation(
+        Method.LANCZOS, kron, trip.iterations, trip.converged, trip.residual, trip.rights, time.perf_counter() - clock
+    )
 
 
 def _padded(triplets: SingularTriplets, rank: int) -> SingularTriplets:
@@ -409,19 +424,38 @@ def approximate_all(
         out[Method.KFAC] = kfac(block)
     if Method.KPSVD in methods or Method.DEFLATION in methods:
         out[Method.KPSVD] = kpsvd(
-            block, tol=tol, max_iter=max_iter, warm_start=start_of(Method.KPSVD) or start_of(Method.DEFLATION)[:1], layer=layer
+            block,
+            tol=tol,
+            max_iter=max_iter,
+            warm_start=start_of(Method.KPSVD) or start_of(Method.DEFLATION)[:1],
+            layer=layer,
         )
     if Method.DEFLATION in methods:
         out[Method.DEFLATION] = deflation(
-            block, tol=tol, max_iter=max_iter, warm_start=start_of(Method.DEFLATION), first=out[Method.KPSVD], layer=layer
+            block,
+            tol=tol,
+            max_iter=max_iter,
+            warm_start=start_of(Method.DEFLATION),
+            first=out[Method.KPSVD],
+            layer=layer,
         )
     if Method.LANCZOS in methods:
         out[Method.LANCZOS] = lanczos(
-            block, rank=cfg.lanczos_rank, krylov_dim=cfg.krylov_dim, tol=tol, max_restarts=cfg.max_restarts,
-            warm_start=start_of(Method.LANCZOS), layer=layer,
+            block,
+            rank=cfg.lanczos_rank,
+            krylov_dim=cfg.krylov_dim,
+            tol=tol,
+            max_restarts=cfg.max_restarts,
+            warm_start=start_of(Method.LANCZOS),
+            layer=layer,
         )
     if Method.KFAC_CORRECTED in methods:
         out[Method.KFAC_CORRECTED] = kfac_corrected(
-            block, tol=tol, max_iter=max_iter, warm_start=start_of(Method.KFAC_CORRECTED), first=out[Method.KFAC], layer=layer
+            block,
+            tol=tol,
+            max_iter=max_iter,
+            warm_start=start_of(Method.KFAC_CORRECTED),
+            first=out[Method.KFAC],
+            layer=layer,
         )
     return {m: out[m] for m in methods}

@@ -64,75 +64,228 @@ def _metrics_help() -> str:
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     from fisherlab import __version__
 
-    parser = argparse.ArgumentParser(prog="fisherlab", description="Probe the exact Fisher during training and measure Kronecker approximations against it.")
+    parser = argparse.ArgumentParser(
+        prog="fisherlab",
+        description="Probe the exact Fisher during training and measure Kronecker approximations against it.",
+    )
     parser.add_argument("--version", action="version", version=f"fisherlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     d = ProbeConfig()
-    p = sub.add_parser("probe", help="train a problem and probe the exact Fisher every k iterations",
-                       epilog=PROBE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--problem", default=d.problem,
-                   help="curves | mnist | faces | cnn | deeplinear64 | deeplinear14 (default: %(default)s; embedded data, no download)")
-    p.add_argument("--data-dir", default=None, help="directory with the real data files (MNIST IDX, FACES/CURVES .mat); default: embedded data")
-    p.add_argument("--layers", type=_csv, default=None, help="comma-separated layer numbers, 1 = first layer (default: 5 for the auto-encoders)")
+    p = sub.add_parser(
+        "probe",
+        help="train a problem and probe the exact Fisher every k iterations",
+        epilog=PROBE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--problem",
+        default=d.problem,
+        help="curves | mnist | faces | cnn | deeplinear64 | deeplinear14 | resnet18 | resnet34 "
+        "(default: %(default)s; embedded data, no download)",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="directory with the real data files (MNIST IDX, FACES/CURVES .mat); default: embedded data",
+    )
+    p.add_argument(
+        "--layers",
+        type=_csv,
+        default=None,
+        help="comma-separated layer numbers, 1 = first layer (default: 5 for the auto-encoders)",
+    )
     p.add_argument("--iterations", type=int, default=d.iterations, help="training iterations (default: %(default)s)")
     p.add_argument("--every", type=int, default=d.every, help="probe every k iterations (default: %(default)s)")
-    p.add_argument("--optimizer", default=d.optimizer.value, help="sgd | adam, the independent optimizer that trains the network (default: %(default)s)")
+    p.add_argument(
+        "--optimizer",
+        default=d.optimizer.value,
+        help="sgd | adam, the independent optimizer that trains the network (default: %(default)s)",
+    )
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: 1e-3 for adam, 1e-2 for sgd)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: the paper's (curves 256, mnist 512, faces 1024)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="default: the paper's (curves 256, mnist 512, faces 1024)"
+    )
     p.add_argument("--fisher", default=d.fisher.value, help="mc | exact | empirical (default: %(default)s)")
-    p.add_argument("--mc-samples", type=int, default=d.mc_samples, help="target draws per input for --fisher mc (default: %(default)s)")
-    p.add_argument("--methods", type=_csv, default=d.methods, help=f"comma-separated subset of {_values(tuple(Method))} (default: all)")
-    p.add_argument("--spectrum", default=d.spectrum.value, help="eigenvalues (paper text) | singular_values (authors' code) for error 2")
+    p.add_argument(
+        "--mc-samples",
+        type=int,
+        default=d.mc_samples,
+        help="target draws per input for --fisher mc (default: %(default)s)",
+    )
+    p.add_argument(
+        "--methods",
+        type=_csv,
+        default=d.methods,
+        help=f"comma-separated subset of {_values(tuple(Method))} (default: all)",
+    )
+    p.add_argument(
+        "--spectrum",
+        default=d.spectrum.value,
+        help="eigenvalues (paper text) | singular_values (authors' code) for error 2",
+    )
     p.add_argument("--metrics", type=_csv, default=d.metrics, help=_metrics_help())
-    p.add_argument("--tol", type=float, default=d.tol, help="relative tolerance of power SVD and Lanczos (default: %(default)s)")
+    p.add_argument(
+        "--tol", type=float, default=d.tol, help="relative tolerance of power SVD and Lanczos (default: %(default)s)"
+    )
     p.add_argument("--max-iter", type=int, default=d.max_iter, help="power SVD iteration cap (default: %(default)s)")
-    p.add_argument("--lanczos-rank", type=int, default=d.lanczos_rank, help="Kronecker rank of the Lanczos method (default: %(default)s)")
-    p.add_argument("--krylov-dim", type=int, default=d.krylov_dim, help="Krylov dimension per Lanczos restart (default: %(default)s)")
-    p.add_argument("--two-level", action="store_true",
-                   help="also probe every layer and measure two-level KFAC (T): gaps E(beta*)-E(0), energy errors vs the exact natural gradient")
-    p.add_argument("--damping", type=float, default=d.damping, help="lambda of F + lambda I and of the pi-damped KFAC (default: %(default)s)")
-    p.add_argument("--coarse-spaces", type=_csv, default=d.coarse_spaces, help=f"subset of {_values(d.coarse_spaces)} (tko is always added)")
-    p.add_argument("--taylor-order", type=int, default=d.taylor_order, help="q of the Taylor coarse space (default: %(default)s)")
-    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N (default: auto = CUDA when available)")
-    p.add_argument("--dtype", default=d.dtype.value, help="training dtype float32 | float64; the probe always accumulates in float64")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of initialisation, data order and MC targets (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads of torch (default: torch's choice, one per core)")
-    p.add_argument("--store-factors", type=_csv, default=(), help="layers whose per-sample factors are saved at each snapshot (<out>.factors/)")
-    p.add_argument("--config", default=None, help="JSON file with the same fields as the flags (flags given explicitly win)")
+    p.add_argument(
+        "--lanczos-rank",
+        type=int,
+        default=d.lanczos_rank,
+        help="Kronecker rank of the Lanczos method (default: %(default)s)",
+    )
+    p.add_argument(
+        "--krylov-dim",
+        type=int,
+        default=d.krylov_dim,
+        help="Krylov dimension per Lanczos restart (default: %(default)s)",
+    )
+    p.add_argument(
+        "--two-level",
+        action="store_true",
+        help="also probe every layer and measure two-level KFAC (T): gaps E(beta*)-E(0), "
+        "energy errors vs the exact natural gradient",
+    )
+    p.add_argument(
+        "--damping",
+        type=float,
+        default=d.damping,
+        help="lambda of F + lambda I and of the pi-damped KFAC (default: %(default)s)",
+    )
+    p.add_argument(
+        "--coarse-spaces",
+        type=_csv,
+        default=d.coarse_spaces,
+        help=f"subset of {_values(d.coarse_spaces)} (tko is always added)",
+    )
+    p.add_argument(
+        "--taylor-order", type=int, default=d.taylor_order, help="q of the Taylor coarse space (default: %(default)s)"
+    )
+    p.add_argument(
+        "--device", default=d.device, help="auto | cpu | cuda | cuda:N (default: auto = CUDA when available)"
+    )
+    p.add_argument(
+        "--dtype",
+        default=d.dtype.value,
+        help="training dtype float32 | float64; the probe always accumulates in float64",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help="seed of initialisation, data order and MC targets (default: %(default)s)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads of torch (default: torch's choice, one per core)"
+    )
+    p.add_argument(
+        "--store-factors",
+        type=_csv,
+        default=(),
+        help="layers whose per-sample factors are saved at each snapshot (<out>.factors/)",
+    )
+    p.add_argument(
+        "--config", default=None, help="JSON file with the same fields as the flags (flags given explicitly win)"
+    )
     p.add_argument("--out", default=None, help="results file .nc (default: data/probe-<problem>-<time>.nc)")
     p.add_argument("--figure", default=None, help="figure path .png/.pdf (default: next to --out); 'none' to skip")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    q = sub.add_parser("plot", help="draw error 1 and error 2 vs iteration (K Figure 1) from one or several results files",
-                       epilog=PLOT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    q.add_argument("paths", nargs="+", metavar="path", help="results files written by fisherlab probe (several: overlaid, one dash pattern per run)")
+    q = sub.add_parser(
+        "plot",
+        help="draw error 1 and error 2 vs iteration (K Figure 1) from one or several results files",
+        epilog=PLOT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    q.add_argument(
+        "paths",
+        nargs="+",
+        metavar="path",
+        help="results files written by fisherlab probe (several: overlaid, one dash pattern per run)",
+    )
     q.add_argument("--out", default=None, help="figure path .png or .pdf (default: the first results path with .png)")
-    t = sub.add_parser("train", help="compare optimizers on a problem (K Figure 2, T Figures 2-4)",
-                       epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t = sub.add_parser(
+        "train",
+        help="compare optimizers on a problem (K Figure 2, T Figures 2-4)",
+        epilog=TRAIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     td = TrainConfig()
-    t.add_argument("--problem", default=td.problem, help="curves | mnist | faces | cnn | deeplinear64 | deeplinear14 | resnet18 | resnet34 "
-                   "(default: %(default)s)")
-    t.add_argument("--data-dir", default=None, help="directory with the real data files (default: embedded data, no download)")
-    t.add_argument("--optimizers", type=_csv, default=td.optimizers,
-                   help="comma-separated: sgd, adam, kfac, kpsvd, deflation, lanczos, kfac_corrected, kfac2l_<coarse space>, "
-                        "kfac2l_tko (default: %(default)s)")
+    t.add_argument(
+        "--problem",
+        default=td.problem,
+        help="curves | mnist | faces | cnn | deeplinear64 | deeplinear14 | resnet18 | resnet34 (default: %(default)s)",
+    )
+    t.add_argument(
+        "--data-dir", default=None, help="directory with the real data files (default: embedded data, no download)"
+    )
+    t.add_argument(
+        "--optimizers",
+        type=_csv,
+        default=td.optimizers,
+        help="comma-separated: sgd, adam, kfac, kpsvd, deflation, lanczos, kfac_corrected, kfac2l_<coarse space>, "
+        "kfac2l_tko (default: %(default)s)",
+    )
     t.add_argument("--epochs", type=int, default=td.epochs, help="epochs per optimizer (default: %(default)s)")
-    t.add_argument("--batch-size", type=int, default=None, help="default: the paper's (curves 256, mnist 512, faces 1024)")
-    t.add_argument("--lr", type=_floats, default=(), help="one value, or several for a grid search (default: sgd 1e-2, adam 1e-3, "
-                   "Kronecker methods 1 with KL clipping)")
-    t.add_argument("--damping", type=_floats, default=td.damping, help="one value or a grid, Kronecker methods only (default: %(default)s)")
-    t.add_argument("--weight-decay", type=float, default=td.weight_decay, help="coupled L2 coefficient (default: %(default)s)")
-    t.add_argument("--kl-clip", type=float, default=td.kl_clip, help="KL clipping constant c (K App. E); 0 disables (default: %(default)s)")
+    t.add_argument(
+        "--batch-size", type=int, default=None, help="default: the paper's (curves 256, mnist 512, faces 1024)"
+    )
+    t.add_argument(
+        "--lr",
+        type=_floats,
+        default=(),
+        help="one value, or several for a grid search (default: sgd 1e-2, adam 1e-3, "
+        "Kronecker methods 1 with KL clipping)",
+    )
+    t.add_argument(
+        "--damping",
+        type=_floats,
+        default=td.damping,
+        help="one value or a grid, Kronecker methods only (default: %(default)s)",
+    )
+    t.add_argument(
+        "--weight-decay", type=float, default=td.weight_decay, help="coupled L2 coefficient (default: %(default)s)"
+    )
+    t.add_argument(
+        "--kl-clip",
+        type=float,
+        default=td.kl_clip,
+        help="KL clipping constant c (K App. E); 0 disables (default: %(default)s)",
+    )
     t.add_argument("--t1", type=int, default=td.t1, help="refresh factors every T1 steps (default: %(default)s)")
-    t.add_argument("--t2", type=int, default=td.t2, help="refactorise the damped approximation every T2 steps (default: %(default)s)")
-    t.add_argument("--patience", type=int, default=td.patience, help="early stopping patience in epochs (default: %(default)s)")
-    t.add_argument("--max-batches", type=int, default=None, help="cap on batches per epoch for quick runs (default: a whole epoch)")
-    t.add_argument("--eval-samples", type=int, default=None,
-                   help="training and validation losses on the first N images of each set (default: all; quick runs)")
-    t.add_argument("--device", default=td.device, help="auto | cpu | cuda | cuda:N (default: auto = CUDA when available)")
-    t.add_argument("--seed", type=int, default=td.seed, help="seed of initialisation, data order and MC targets (default: %(default)s)")
-    t.add_argument("--threads", type=int, default=None, help="CPU threads of torch (default: torch's choice, one per core)")
-    t.add_argument("--config", default=None, help="JSON file with the same fields as the flags (flags given explicitly win)")
+    t.add_argument(
+        "--t2",
+        type=int,
+        default=td.t2,
+        help="refactorise the damped approximation every T2 steps (default: %(default)s)",
+    )
+    t.add_argument(
+        "--patience", type=int, default=td.patience, help="early stopping patience in epochs (default: %(default)s)"
+    )
+    t.add_argument(
+        "--max-batches", type=int, default=None, help="cap on batches per epoch for quick runs (default: a whole epoch)"
+    )
+    t.add_argument(
+        "--eval-samples",
+        type=int,
+        default=None,
+        help="training and validation losses on the first N images of each set (default: all; quick runs)",
+    )
+    t.add_argument(
+        "--device", default=td.device, help="auto | cpu | cuda | cuda:N (default: auto = CUDA when available)"
+    )
+    t.add_argument(
+        "--seed",
+        type=int,
+        default=td.seed,
+        help="seed of initialisation, data order and MC targets (default: %(default)s)",
+    )
+    t.add_argument(
+        "--threads", type=int, default=None, help="CPU threads of torch (default: torch's choice, one per core)"
+    )
+    t.add_argument(
+        "--config", default=None, help="JSON file with the same fields as the flags (flags given explicitly win)"
+    )
     t.add_argument("--out", default=None, help="results file .nc (default: data/train-<problem>-<time>.nc)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -206,7 +359,9 @@ def _typed(value: object, hint: object, where: str) -> object:
         ok = True
     if not ok:
         name = getattr(hint, "__name__", str(hint))
-        expected = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}.get(name, name)
+        expected = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}.get(
+            name, name
+        )
         raise FisherlabError(f"{where} must be {expected}; got {json.dumps(value)}")
     return value
 
@@ -233,8 +388,10 @@ def _probe(args: argparse.Namespace) -> int:
             save_figure(two_level_figure(ds), _two_level_path(figure))
     last = ds.isel(iteration=-1)
     parts = [f"{m}={float(last['frobenius_error'].sel({'method': m}).mean()):.3g}" for m in ds["method"].values]
-    print(f"wrote {out} ({ds.sizes['iteration']} snapshots){'' if figure is None else f' and {figure}'}; "
-          f"error 1 at iteration {int(last['iteration'])}: {' '.join(parts)}")
+    print(
+        f"wrote {out} ({ds.sizes['iteration']} snapshots){'' if figure is None else f' and {figure}'}; "
+        f"error 1 at iteration {int(last['iteration'])}: {' '.join(parts)}"
+    )
     return 0
 
 
@@ -279,7 +436,9 @@ def _train(args: argparse.Namespace) -> int:
         print(f"fisherlab: interrupted; finished epochs are in {out}", file=sys.stderr)
         return 130
     figure = save_figure(training_figure(ds), out.with_suffix(".png"))
-    final = " ".join(f"{o}={float(ds['train_loss'].sel({'optimizer': o}).dropna('epoch')[-1]):.4g}" for o in ds["optimizer"].values)
+    final = " ".join(
+        f"{o}={float(ds['train_loss'].sel({'optimizer': o}).dropna('epoch')[-1]):.4g}" for o in ds["optimizer"].values
+    )
     print(f"wrote {out} and {figure}; final training loss: {final}")
     return 0
 
@@ -292,8 +451,14 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: object = None,
-                      line: str | None = None) -> None:
+def _one_line_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: object = None,
+    line: str | None = None,
+) -> None:
     """Show a warning as one ``fisherlab: warning: ...`` line on stderr (no source line)."""
     print(f"fisherlab: warning: {message}", file=sys.stderr)
 

@@ -54,7 +54,9 @@ def _enum_value(kind: type[Enum], value: object) -> Enum:
     try:
         return kind(value)
     except ValueError:
-        raise FisherlabError(f"unknown {kind.__name__} {value!r}; choose one of: {', '.join(e.value for e in kind)}") from None  # type: ignore[attr-defined]
+        raise FisherlabError(
+            f"unknown {kind.__name__} {value!r}; choose one of: {', '.join(e.value for e in kind)}"
+        ) from None  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -104,7 +106,9 @@ class ProbeConfig:
     @property
     def approx(self) -> ApproxConfig:
         """The solver settings of the approximations."""
-        return ApproxConfig(tol=self.tol, max_iter=self.max_iter, lanczos_rank=self.lanczos_rank, krylov_dim=self.krylov_dim)
+        return ApproxConfig(
+            tol=self.tol, max_iter=self.max_iter, lanczos_rank=self.lanczos_rank, krylov_dim=self.krylov_dim
+        )
 
     def check(self) -> None:
         """Validate values that do not depend on the model.
@@ -118,7 +122,10 @@ class ProbeConfig:
         if self.every < 1:
             raise FisherlabError(f"--every must be a positive integer, got {self.every}")
         if self.every > self.iterations:
-            raise FisherlabError(f"--every ({self.every}) is larger than --iterations ({self.iterations}): only iteration 0 would be probed")
+            raise FisherlabError(
+                f"--every ({self.every}) is larger than --iterations ({self.iterations}): "
+                "only iteration 0 would be probed"
+            )
         if self.mc_samples < 1:
             raise FisherlabError(f"--mc-samples must be at least 1, got {self.mc_samples}")
         _ = self.approx  # tolerance and caps
@@ -128,14 +135,19 @@ class ProbeConfig:
             raise FisherlabError(f"--batch-size must be positive, got {self.batch_size}")
         bad_metrics = [m for m in self.metrics if m not in ERROR_METRICS]
         if bad_metrics or "frobenius_error" not in self.metrics:
-            raise FisherlabError(f"--metrics must include frobenius_error and may add {', '.join(ERROR_METRICS[1:])}; got {list(self.metrics)}")
+            raise FisherlabError(
+                f"--metrics must include frobenius_error and may add {', '.join(ERROR_METRICS[1:])}; "
+                f"got {list(self.metrics)}"
+            )
         if not (math.isfinite(self.damping) and self.damping > 0):
             raise FisherlabError(f"--damping must be finite and positive, got {self.damping}")
         if self.taylor_order < 1:
             raise FisherlabError(f"--taylor-order must be at least 1, got {self.taylor_order}")
         missing = [name for name in self.store_factors if name not in self.layers]
         if missing:
-            raise FisherlabError(f"--store-factors names layers {missing} that are not probed ({', '.join(self.layers)})")
+            raise FisherlabError(
+                f"--store-factors names layers {missing} that are not probed ({', '.join(self.layers)})"
+            )
         _check_threads(self.threads)
 
 

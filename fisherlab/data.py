@@ -86,7 +86,10 @@ def curves_images(n: int, *, seed: int = 0, size: int = 28, width: float = 0.8) 
 
 def _bundled(name: str) -> dict[str, np.ndarray]:
     """Arrays of a bundled stand-in file (``fisherlab/standins/``), read without pickle."""
-    with resources.files("fisherlab").joinpath("standins", name).open("rb") as fh, np.load(fh, allow_pickle=False) as npz:
+    with (
+        resources.files("fisherlab").joinpath("standins", name).open("rb") as fh,
+        np.load(fh, allow_pickle=False) as npz,
+    ):
         return {key: npz[key] for key in npz.files}
 
 
@@ -100,7 +103,9 @@ def _uci_digits() -> tuple[np.ndarray, np.ndarray]:
 def _embedded(problem: str, seed: int) -> ImageData:
     if problem == "curves":
         imgs = curves_images(20_000, seed=seed)
-        return ImageData(imgs[:16_000], imgs[16_000:], "generated CURVES (seeded, faithful to Hinton & Salakhutdinov 2006)")
+        return ImageData(
+            imgs[:16_000], imgs[16_000:], "generated CURVES (seeded, faithful to Hinton & Salakhutdinov 2006)"
+        )
     if problem == "mnist":
         images, target = _uci_digits()
         digits = torch.as_tensor(images, dtype=torch.float32)[:, None] / 16.0
@@ -108,16 +113,32 @@ def _embedded(problem: str, seed: int) -> ImageData:
         imgs = nnf.pad(big, (4, 4, 4, 4)).flatten(1)
         perm = torch.randperm(imgs.shape[0], generator=torch.Generator().manual_seed(seed))
         imgs, labels = imgs[perm], torch.as_tensor(target)[perm]
-        return ImageData(imgs[:1_500], imgs[1_500:], "STAND-IN for MNIST: scikit-learn UCI digits resized to 28x28", labels[:1_500], labels[1_500:],
-                         stand_in=True)
+        return ImageData(
+            imgs[:1_500],
+            imgs[1_500:],
+            "STAND-IN for MNIST: scikit-learn UCI digits resized to 28x28",
+            labels[:1_500],
+            labels[1_500:],
+            stand_in=True,
+        )
     if problem == "cifar10":
         images, target = _uci_digits()
         digits = torch.as_tensor(images, dtype=torch.float32)[:, None] / 16.0
-        rgb = nnf.interpolate(digits, size=(32, 32), mode="bilinear", align_corners=False).clamp(0, 1).expand(-1, 3, -1, -1)
+        rgb = (
+            nnf.interpolate(digits, size=(32, 32), mode="bilinear", align_corners=False)
+            .clamp(0, 1)
+            .expand(-1, 3, -1, -1)
+        )
         perm = torch.randperm(rgb.shape[0], generator=torch.Generator().manual_seed(seed))
         imgs, labels = rgb[perm].reshape(rgb.shape[0], -1), torch.as_tensor(target)[perm]
-        return ImageData(imgs[:1_500], imgs[1_500:], "STAND-IN for CIFAR-10: scikit-learn UCI digits as 3x32x32 images, 10 classes",
-                         labels[:1_500], labels[1_500:], stand_in=True)
+        return ImageData(
+            imgs[:1_500],
+            imgs[1_500:],
+            "STAND-IN for CIFAR-10: scikit-learn UCI digits as 3x32x32 images, 10 classes",
+            labels[:1_500],
+            labels[1_500:],
+            stand_in=True,
+        )
     if problem == "faces":
         faces = torch.as_tensor(_bundled("lfw_faces.npz")["faces"], dtype=torch.float32)
         faces = torch.cat([faces, faces.flip(-1)])
@@ -126,7 +147,12 @@ def _embedded(problem: str, seed: int) -> ImageData:
         imgs = torch.cat(shifted).flatten(1)
         perm = torch.randperm(imgs.shape[0], generator=torch.Generator().manual_seed(seed))
         imgs = imgs[perm]
-        return ImageData(imgs[:1_440], imgs[1_440:], "STAND-IN for FACES: scikit-image LFW subset faces, mirrored and shifted", stand_in=True)
+        return ImageData(
+            imgs[:1_440],
+            imgs[1_440:],
+            "STAND-IN for FACES: scikit-image LFW subset faces, mirrored and shifted",
+            stand_in=True,
+        )
     raise FisherlabError(f"no embedded data for problem {problem!r}")
 
 
@@ -152,10 +178,14 @@ def _read_idx(path: Path, pixels: int) -> np.ndarray:
     if n == 0 or rows * cols == 0:
         raise FisherlabError(f"{path} holds no images (header: {n} images of {rows}x{cols})")
     if rows * cols != pixels:
-        raise FisherlabError(f"{path} has {rows}x{cols} images; this problem needs {pixels} pixels per image (28x28 for MNIST)")
+        raise FisherlabError(
+            f"{path} has {rows}x{cols} images; this problem needs {pixels} pixels per image (28x28 for MNIST)"
+        )
     if len(raw) - 16 < n * rows * cols:
-        raise FisherlabError(f"{path} is truncated: its header announces {n} images of {rows}x{cols} "
-                             f"({n * rows * cols} bytes) but it holds {len(raw) - 16}")
+        raise FisherlabError(
+            f"{path} is truncated: its header announces {n} images of {rows}x{cols} "
+            f"({n * rows * cols} bytes) but it holds {len(raw) - 16}"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=16, count=n * rows * cols).reshape(n, rows * cols).copy()
 
 
@@ -166,10 +196,14 @@ def _mnist_labels(data_dir: Path, n_images: int) -> Tensor | None:
         if path.is_file():
             raw = _read_bytes(path)
             if len(raw) < 8 or int.from_bytes(raw[:4], "big") != 2049:
-                raise FisherlabError(f"{path} is not an MNIST IDX label file (magic number 2049 and an 8-byte header expected)")
+                raise FisherlabError(
+                    f"{path} is not an MNIST IDX label file (magic number 2049 and an 8-byte header expected)"
+                )
             n = int.from_bytes(raw[4:8], "big")
             if n < n_images or len(raw) - 8 < n_images:
-                raise FisherlabError(f"{path} has {min(n, len(raw) - 8)} labels for {n_images} images; one label per image expected")
+                raise FisherlabError(
+                    f"{path} has {min(n, len(raw) - 8)} labels for {n_images} images; one label per image expected"
+                )
             labels = np.frombuffer(raw, dtype=np.uint8, offset=8, count=n_images).astype(np.int64)
             if labels.max() > 9:
                 raise FisherlabError(f"{path} has label {int(labels.max())}; MNIST labels are 0 to 9")
@@ -201,11 +235,15 @@ def _mat_array(path: Path, keys: list[str], pixels: int) -> np.ndarray:
             if arr.ndim == 2 and arr.shape[1] != pixels and arr.shape[0] == pixels:
                 arr = arr.T
             if arr.ndim != 2 or arr.shape[1] != pixels or arr.shape[0] == 0:
-                raise FisherlabError(f"{path}: variable {key!r} has shape {arr.shape}; expected [images, {pixels}] (or its transpose)")
+                raise FisherlabError(
+                    f"{path}: variable {key!r} has shape {arr.shape}; expected [images, {pixels}] (or its transpose)"
+                )
             if not np.isfinite(arr).all():
                 raise FisherlabError(f"{path}: variable {key!r} contains NaN or inf")
             return arr
-    raise FisherlabError(f"{path} has none of the variables {keys}; found {sorted(k for k in mat if not k.startswith('__'))}")
+    raise FisherlabError(
+        f"{path} has none of the variables {keys}; found {sorted(k for k in mat if not k.startswith('__'))}"
+    )
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -215,15 +253,17 @@ class _CifarUnpickler(pickle.Unpickler):
     global except numpy's array reconstruction, so a crafted file fails before running anything.
     """
 
-    ALLOWED = frozenset({
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.numeric", "_frombuffer"),  # numpy arrays at pickle protocol 5
-        ("numpy._core.numeric", "_frombuffer"),
-        ("_codecs", "encode"),  # how Python 3 writes bytes at pickle protocol 2
-    })
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("numpy.core.numeric", "_frombuffer"),  # numpy arrays at pickle protocol 5
+            ("numpy._core.numeric", "_frombuffer"),
+            ("_codecs", "encode"),  # how Python 3 writes bytes at pickle protocol 2
+        }
+    )
 
     def find_class(self, module: str, name: str) -> object:
         if (module, name) in self.ALLOWED:
@@ -245,10 +285,21 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise FisherlabError(f"refusing {path}: not a CIFAR-10 python batch ({exc})") from None
     data = d.get(b"data", d.get("data")) if isinstance(d, dict) else None
     labels = d.get(b"labels", d.get("labels")) if isinstance(d, dict) else None
-    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072 or not isinstance(labels, list | np.ndarray):
-        raise FisherlabError(f"{path} is not a CIFAR-10 python batch: expected a dict with 'data' [n, 3072] and 'labels' [n]")
+    if (
+        not isinstance(data, np.ndarray)
+        or data.ndim != 2
+        or data.shape[1] != 3072
+        or not isinstance(labels, list | np.ndarray)
+    ):
+        raise FisherlabError(
+            f"{path} is not a CIFAR-10 python batch: expected a dict with 'data' [n, 3072] and 'labels' [n]"
+        )
     labels = np.asarray(labels)
-    if labels.shape != (data.shape[0],) or labels.dtype.kind not in "iu" or (labels.size and (labels.min() < 0 or labels.max() > 9)):
+    if (
+        labels.shape != (data.shape[0],)
+        or labels.dtype.kind not in "iu"
+        or (labels.size and (labels.min() < 0 or labels.max() > 9))
+    ):
         raise FisherlabError(f"{path}: 'labels' must hold {data.shape[0]} integers from 0 to 9")
     return data.astype(np.uint8), labels.astype(np.int64)
 
@@ -257,16 +308,25 @@ def _real(problem: str, data_dir: Path) -> ImageData:
     if not data_dir.is_dir():
         raise FisherlabError(f"data directory {data_dir} does not exist")
     if problem == "mnist":
-        path = _find(data_dir, ["train-images-idx3-ubyte", "train-images-idx3-ubyte.gz", "train-images.idx3-ubyte"], problem)
+        path = _find(
+            data_dir, ["train-images-idx3-ubyte", "train-images-idx3-ubyte.gz", "train-images.idx3-ubyte"], problem
+        )
         raw = _read_idx(path, PIXELS["mnist"])
         imgs = torch.as_tensor(raw, dtype=torch.float32) / 255.0
         labels = _mnist_labels(data_dir, raw.shape[0])
-        return ImageData(imgs[:50_000], imgs[50_000:60_000], f"MNIST from {path}",
-                         None if labels is None else labels[:50_000], None if labels is None else labels[50_000:60_000])
+        return ImageData(
+            imgs[:50_000],
+            imgs[50_000:60_000],
+            f"MNIST from {path}",
+            None if labels is None else labels[:50_000],
+            None if labels is None else labels[50_000:60_000],
+        )
     if problem == "cifar10":
         batches = [data_dir / f"data_batch_{i}" for i in range(1, 6)]
         if not all(b.is_file() for b in batches):
-            raise FisherlabError(f"no cifar10 data in {data_dir}: expected data_batch_1 … data_batch_5 (CIFAR-10 python version)")
+            raise FisherlabError(
+                f"no cifar10 data in {data_dir}: expected data_batch_1 … data_batch_5 (CIFAR-10 python version)"
+            )
         pairs = [_cifar_batch(b) for b in batches]
         imgs = torch.as_tensor(np.concatenate([p[0] for p in pairs]), dtype=torch.float32) / 255.0
         labels = torch.as_tensor(np.concatenate([p[1] for p in pairs]))
@@ -298,6 +358,9 @@ def announce_data(source: str, stand_in: bool) -> None:
     """Say on the console which data a run uses; a stand-in is named as such (stderr)."""
     print(f"fisherlab: data: {source}", file=sys.stderr)
     if stand_in:
-        print("fisherlab: warning: this run uses STAND-IN data, not the paper's dataset; its errors are not the paper's "
-              "(e.g. MNIST layer 5: KFAC error 1 peaks near 0.4 on the stand-in, 7.8 on real MNIST); pass --data-dir for the real files",
-              file=sys.stderr)
+        print(
+            "fisherlab: warning: this run uses STAND-IN data, not the paper's dataset; its errors are not the paper's "
+            "(e.g. MNIST layer 5: KFAC error 1 peaks near 0.4 on the stand-in, 7.8 on real MNIST); "
+            "pass --data-dir for the real files",
+            file=sys.stderr,
+        )

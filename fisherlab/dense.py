@@ -23,7 +23,9 @@ __all__ = [
 ]
 
 
-def per_sample_gradients(model: nn.Module, loss: LossKind | str, x: Tensor, y: Tensor, layers: dict[str, nn.Module]) -> dict[str, Tensor]:
+def per_sample_gradients(
+    model: nn.Module, loss: LossKind | str, x: Tensor, y: Tensor, layers: dict[str, nn.Module]
+) -> dict[str, Tensor]:
     """Per-sample gradients ``[N, d_out, d_in]`` (bias as last column) by ``torch.func``.
 
     Args:

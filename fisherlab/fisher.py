@@ -254,7 +254,10 @@ class WholeFisher:
         Args:
             basis: Per layer the coarse columns ``V_i`` as ``[m_i, d_out, d_in]``.
         """
-        cols = [torch.einsum("nvto,koi,nti->nvk", b.factors.g, v, b.factors.a) for b, v in zip(self.blocks, basis, strict=True)]
+        cols = [
+            torch.einsum("nvto,koi,nti->nvk", b.factors.g, v, b.factors.a)
+            for b, v in zip(self.blocks, basis, strict=True)
+        ]
         jr = torch.cat(cols, dim=2).reshape(-1, sum(v.shape[0] for v in basis))
         gram_v = torch.block_diag(*[v.flatten(1) @ v.flatten(1).T for v in basis])
         return jr.T @ jr / self.n_samples + damping * gram_v

@@ -125,7 +125,10 @@ class KronSum:
 
     def trace(self) -> Tensor:
         """``sum_k tr(out_k) tr(in_k)``."""
-        return sum((torch.trace(o) * torch.trace(i) for o, i in zip(self.outs, self.ins, strict=True)), torch.zeros((), dtype=self.outs[0].dtype))
+        return sum(
+            (torch.trace(o) * torch.trace(i) for o, i in zip(self.outs, self.ins, strict=True)),
+            torch.zeros((), dtype=self.outs[0].dtype),
+        )
 
     def eigenvalues(self, *, top: int | None = None, by_magnitude: bool = False) -> Tensor:
         """Eigenvalues (factors must be symmetric), sorted descending.
@@ -193,7 +196,9 @@ class KronSum:
         if self.rank > 2:
             raise FisherlabError("solve supports Kronecker rank 1 and 2 only")
         if not all(bool(torch.isfinite(m).all()) for m in self.outs + self.ins):
-            raise FisherlabError("Kronecker factors contain NaN or inf; the approximation broke down (lower the learning rate)")
+            raise FisherlabError(
+                "Kronecker factors contain NaN or inf; the approximation broke down (lower the learning rate)"
+            )
         out, in_ = pi_damping(self.outs[0], self.ins[0], damping) if damping > 0 else (self.outs[0], self.ins[0])
         if self.rank == 1:
             return KronSolver(torch.linalg.inv(out), torch.linalg.inv(in_).T, None)

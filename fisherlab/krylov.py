@@ -107,7 +107,8 @@ def lanczos_svd(
     Since ``A^T P = Q B^T + β q_{m+1} e_m^T``, the residual of triplet ``k`` is
     ``β |X[m, k]|``; the run stops when it is at most ``tol * σ_1`` for all ``k < rank``
     (checked after every step, so a cycle ends early once converged; the ``k × k`` SVD is
-    negligible next to a product with ``A``). Otherwise it restarts from the sum of the ``rank`` right Ritz vectors (K §3.2.2, step 3).
+    negligible next to a product with ``A``). Otherwise it restarts from the sum of the ``rank``
+    right Ritz vectors (K §3.2.2, step 3).
 
     Args:
         mv: ``Y ↦ mat(A vec(Y))``.
@@ -162,7 +163,11 @@ def lanczos_svd(
             z = z - qmat.T @ (qmat @ z)
             beta = torch.linalg.norm(z)
             exhausted = bool(beta <= _BREAKDOWN * max(alphas)) or len(qs) == n_in
-            if exhausted or j == krylov_dim - 1 or (len(alphas) >= rank and _residual(alphas, betas, beta, rank) <= tol):
+            if (
+                exhausted
+                or j == krylov_dim - 1
+                or (len(alphas) >= rank and _residual(alphas, betas, beta, rank) <= tol)
+            ):
                 break
             betas.append(beta)
             qs.append(z / beta)
@@ -178,7 +183,9 @@ def lanczos_svd(
                 continue
             zeros_out = torch.zeros(out_shape, dtype=dtype, device=device)
             zeros_in = torch.zeros(in_shape, dtype=dtype, device=device)
-            return SingularTriplets(torch.zeros(1, dtype=dtype, device=device), (zeros_out,), (zeros_in,), iterations, True, 0.0)
+            return SingularTriplets(
+                torch.zeros(1, dtype=dtype, device=device), (zeros_out,), (zeros_in,), iterations, True, 0.0
+            )
         n_cols = k + 1 if len(qs) > k else k  # α-breakdown keeps the last q and β (B̃ is k × (k+1))
         xb, sb, ybt = torch.linalg.svd(_bidiagonal(alphas, betas, n_cols), full_matrices=False)
         r = min(rank, k)

@@ -70,11 +70,12 @@ class LayerFactors:
             )
         n, t, _ = self.a.shape
         if n == 0 or self.g.shape[1] == 0:
-            raise FisherlabError(f"factors need at least one sample and one direction, got a {tuple(self.a.shape)}, g {tuple(self.g.shape)}")
-        if self.g.shape[0] != n or self.g.shape[2] != t:
             raise FisherlabError(
-                f"a {tuple(self.a.shape)} and g {tuple(self.g.shape)} disagree in N or T"
+                "factors need at least one sample and one direction, "
+                f"got a {tuple(self.a.shape)}, g {tuple(self.g.shape)}"
             )
+        if self.g.shape[0] != n or self.g.shape[2] != t:
+            raise FisherlabError(f"a {tuple(self.a.shape)} and g {tuple(self.g.shape)} disagree in N or T")
         check_same_device_dtype(a=self.a, g=self.g)
 
     @classmethod

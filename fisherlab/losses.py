@@ -137,11 +137,16 @@ def output_directions(
 def check_targets(loss: LossKind, x: Tensor, y: Tensor | None) -> None:
     """Refuse an empty batch or targets that do not fit ``loss``, saying what was expected."""
     if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[0] == 0:
-        raise FisherlabError(f"the probe needs a batch x of shape [N, ...] with N >= 1, got {getattr(x, 'shape', type(x).__name__)}")
+        raise FisherlabError(
+            f"the probe needs a batch x of shape [N, ...] with N >= 1, got {getattr(x, 'shape', type(x).__name__)}"
+        )
     if y is None:
         return
     if not isinstance(y, Tensor) or y.ndim == 0 or y.shape[0] != x.shape[0]:
-        raise FisherlabError(f"targets y must be a tensor with one row per sample ({x.shape[0]}), got {getattr(y, 'shape', type(y).__name__)}")
+        raise FisherlabError(
+            f"targets y must be a tensor with one row per sample ({x.shape[0]}), "
+            f"got {getattr(y, 'shape', type(y).__name__)}"
+        )
     if loss == LossKind.CE and (y.dtype.is_floating_point or y.dtype == torch.bool or y.ndim != 1):
         raise FisherlabError(f"loss 'ce' needs integer class targets of shape [N], got {y.dtype} {tuple(y.shape)}")
     if loss != LossKind.CE and not y.dtype.is_floating_point:

@@ -156,30 +156,72 @@ class LayerMetric(Variable):
 
 BLOCK_METRICS: tuple[BlockMetric, ...] = (
     BlockMetric(
-        "frobenius_error", PER_METHOD, "error 1 (relative Frobenius)", "1",
-        "||F - F_hat||_F / ||F||_F (K Sec. 4.1); NaN where the block is zero (fisher_frobenius_norm = 0: undefined, a warning says so)",
-        compute=lambda ref, a: float(frobenius_error(ref, a.kron)), error=True, cli_note="always computed",
+        "frobenius_error",
+        PER_METHOD,
+        "error 1 (relative Frobenius)",
+        "1",
+        "||F - F_hat||_F / ||F||_F (K Sec. 4.1); NaN where the block is zero "
+        "(fisher_frobenius_norm = 0: undefined, a warning says so)",
+        compute=lambda ref, a: float(frobenius_error(ref, a.kron)),
+        error=True,
+        cli_note="always computed",
     ),
     BlockMetric(
-        "spectral_error", PER_METHOD, "error 2 (relative spectral)", "1",
+        "spectral_error",
+        PER_METHOD,
+        "error 2 (relative spectral)",
+        "1",
         "||spec(F) - spec(F_hat)||_2 / ||spec(F)||_2, spectra sorted descending (K Sec. 4.1); see attr spectrum; "
         "NaN when not in attr metrics",
-        compute=lambda ref, a: float(spectral_error(ref, a.kron)), error=True,
+        compute=lambda ref, a: float(spectral_error(ref, a.kron)),
+        error=True,
         cli_note="Kronecker-rank-2 methods need the top eigenvalues of a d_out d_in-sided matrix",
     ),
-    BlockMetric("solver_iterations", PER_METHOD, "solver iterations", "1", "products with R(F) (mv+rmv pairs); 0 for kfac",
-                compute=lambda ref, a: a.iterations, dtype="int32"),
-    BlockMetric("converged", PER_METHOD, "solver converged", "1", "1 if every iterative stage met tol, else 0",
-                compute=lambda ref, a: int(a.converged), dtype="int8"),
-    BlockMetric("solver_residual", PER_METHOD, "relative solver residual", "1", "max_k ||R(F)^T x_k - s_k y_k|| / s_1",
-                compute=lambda ref, a: a.residual),
-    BlockMetric("approximation_time", PER_METHOD, "time to build the approximation", "s", "wall clock",
-                compute=lambda ref, a: a.seconds),
+    BlockMetric(
+        "solver_iterations",
+        PER_METHOD,
+        "solver iterations",
+        "1",
+        "products with R(F) (mv+rmv pairs); 0 for kfac",
+        compute=lambda ref, a: a.iterations,
+        dtype="int32",
+    ),
+    BlockMetric(
+        "converged",
+        PER_METHOD,
+        "solver converged",
+        "1",
+        "1 if every iterative stage met tol, else 0",
+        compute=lambda ref, a: int(a.converged),
+        dtype="int8",
+    ),
+    BlockMetric(
+        "solver_residual",
+        PER_METHOD,
+        "relative solver residual",
+        "1",
+        "max_k ||R(F)^T x_k - s_k y_k|| / s_1",
+        compute=lambda ref, a: a.residual,
+    ),
+    BlockMetric(
+        "approximation_time",
+        PER_METHOD,
+        "time to build the approximation",
+        "s",
+        "wall clock",
+        compute=lambda ref, a: a.seconds,
+    ),
 )
 
 LAYER_METRICS: tuple[LayerMetric, ...] = (
-    LayerMetric("fisher_frobenius_norm", PER_LAYER, "||F||_F of the exact block", "1", "||K||_F / N, K the Gram matrix",
-                compute=lambda ref: float(ref.norm_squared.sqrt())),
+    LayerMetric(
+        "fisher_frobenius_norm",
+        PER_LAYER,
+        "||F||_F of the exact block",
+        "1",
+        "||K||_F / N, K the Gram matrix",
+        compute=lambda ref: float(ref.norm_squared.sqrt()),
+    ),
 )
 
 #: Names of the error metrics (``--metrics`` chooses among them; ``frobenius_error`` always).

@@ -79,7 +79,9 @@ class ParamsOperator(Protocol):
 
 def dot(x: Params, y: Params) -> Tensor:
     """Euclidean inner product of two parameter vectors."""
-    return sum((torch.sum(a * b) for a, b in zip(x, y, strict=True)), torch.zeros((), dtype=x[0].dtype, device=x[0].device))
+    return sum(
+        (torch.sum(a * b) for a, b in zip(x, y, strict=True)), torch.zeros((), dtype=x[0].dtype, device=x[0].device)
+    )
 
 
 def axpy(alpha: float | Tensor, x: Params, y: Params) -> Params:

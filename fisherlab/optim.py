@@ -141,7 +141,9 @@ class KroneckerOptimizer(torch.optim.Optimizer):
 
     # -- the step ----------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None, *, inputs: Tensor | None = None, targets: Tensor | None = None) -> float | None:  # type: ignore[override]
+    def step(
+        self, closure: Callable[[], float] | None = None, *, inputs: Tensor | None = None, targets: Tensor | None = None
+    ) -> float | None:  # type: ignore[override]
         """One preconditioned step; ``inputs`` (the batch) is needed when factors refresh.
 
         ``targets`` are needed only with ``fisher="empirical"`` (the MC Fisher samples its own).
@@ -211,7 +213,9 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             st["warm"] = list(new.warm_start)
             st["refreshes"] = refreshes
 
-    def _coarse_correction(self, zeta: dict[str, Tensor], grads: dict[str, Tensor], damping: float) -> dict[str, Tensor]:
+    def _coarse_correction(
+        self, zeta: dict[str, Tensor], grads: dict[str, Tensor], damping: float
+    ) -> dict[str, Tensor]:
         """``ζ + R₀ᵀβ``: β* (T eq. 3.11) or β_TKO (eq. 4.7b with F_coarse of eq. 3.18)."""
         assert self._snapshot is not None and self.two_level is not None
         names = list(self.layers)
@@ -220,13 +224,23 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         g = [grads[n].to(dt) for n in names]
         zk = [zeta[n].to(dt) for n in names]
         kfacs = [kfac_factors(b) for b in fisher.blocks]
-        residual = g if self.two_level == TKO else [gi - fi for gi, fi in zip(g, fisher.matvec(zk, damping=damping), strict=True)]
+        residual = (
+            g
+            if self.two_level == TKO
+            else [gi - fi for gi, fi in zip(g, fisher.matvec(zk, damping=damping), strict=True)]
+        )
         basis, beta = coarse_step(self.two_level, fisher, kfacs, g, residual, damping=damping)
         corr = prolong(basis, beta)
         return {n: zeta[n] + c.to(zeta[n].dtype) for n, c in zip(names, corr, strict=True)}
 
 
-OPTIMIZER_NAMES = ("sgd", "adam", *(m.value for m in Method), *(f"kfac2l_{c.value}" for c in CoarseSpace), f"kfac2l_{TKO}")
+OPTIMIZER_NAMES = (
+    "sgd",
+    "adam",
+    *(m.value for m in Method),
+    *(f"kfac2l_{c.value}" for c in CoarseSpace),
+    f"kfac2l_{TKO}",
+)
 
 
 def make_optimizer(name: str, model: nn.Module, loss: LossKind | str, **kwargs: Any) -> torch.optim.Optimizer:
@@ -251,4 +265,3 @@ def make_optimizer(name: str, model: nn.Module, loss: LossKind | str, **kwargs: 
     if name in {m.value for m in Method}:
         return KroneckerOptimizer(model, loss, method=name, lr=lr, **kwargs)
     raise FisherlabError(f"unknown optimizer {name!r}; choose from: {', '.join(OPTIMIZER_NAMES)}")
-

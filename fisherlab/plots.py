@@ -87,14 +87,20 @@ def error_figure(runs: xr.Dataset | dict[str, xr.Dataset], *, metrics: tuple[str
     for label, ds in datasets.items():
         missing = [m for m in metrics if m not in ds]
         if missing:
-            raise FisherlabError(f"dataset {label or ''} has no {', '.join(missing)}: not a fisherlab probe file?".replace("  ", " "))
-    metrics = tuple(m for m in metrics if any(bool(ds[m].notnull().any()) for ds in datasets.values()))  # skip metrics not computed
+            raise FisherlabError(
+                f"dataset {label or ''} has no {', '.join(missing)}: not a fisherlab probe file?".replace("  ", " ")
+            )
+    metrics = tuple(
+        m for m in metrics if any(bool(ds[m].notnull().any()) for ds in datasets.values())
+    )  # skip metrics not computed
     if not metrics:
         raise FisherlabError("the dataset holds no computed error values to plot")
     layers = list(dict.fromkeys(str(x) for ds in datasets.values() for x in ds["layer"].values))
     canonical = list(dict.fromkeys(str(m) for ds in datasets.values() for m in ds["method"].values))
     methods = sorted(canonical, key=lambda m: -_WIDTH.get(m, 1.4))  # wide lines first, narrower coincident ones on top
-    fig, axes = plt.subplots(len(metrics), len(layers), figsize=(4.2 * len(layers) + 2.0, 3.2 * len(metrics)), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(
+        len(metrics), len(layers), figsize=(4.2 * len(layers) + 2.0, 3.2 * len(metrics)), squeeze=False, sharex=True
+    )
     for row, metric in enumerate(metrics):
         log = any(_spans_decades(ds[metric].values) for ds in datasets.values())
         for col, layer in enumerate(layers):
@@ -112,9 +118,17 @@ def error_figure(runs: xr.Dataset | dict[str, xr.Dataset], *, metrics: tuple[str
                     it = ds["iteration"].values
                     # offset markers per method so coincident curves show both markers
                     every = max(1, len(it) // 12)
-                    ax.plot(it, series.values, color=color, marker=marker, markersize=4, lw=_WIDTH.get(method, 1.4),
-                            dashes=dashes, markevery=(methods.index(method) % every, every),
-                            label=f"{method} ({label})" if label else method)
+                    ax.plot(
+                        it,
+                        series.values,
+                        color=color,
+                        marker=marker,
+                        markersize=4,
+                        lw=_WIDTH.get(method, 1.4),
+                        dashes=dashes,
+                        markevery=(methods.index(method) % every, every),
+                        label=f"{method} ({label})" if label else method,
+                    )
             if log:
                 ax.set_yscale("log")
             ax.set_ylabel(_LONG_NAMES.get(metric, metric))
@@ -124,15 +138,23 @@ def error_figure(runs: xr.Dataset | dict[str, xr.Dataset], *, metrics: tuple[str
     handles, labels = axes[0, -1].get_legend_handles_labels()
     rank = {m: i for i, m in enumerate(canonical)}
     order = sorted(range(len(labels)), key=lambda i: (rank.get(labels[i].split(" (")[0], len(rank)), labels[i]))
-    axes[0, -1].legend([handles[i] for i in order], [labels[i] for i in order], title="method" + (" (run)" if len(datasets) > 1 else ""),
-                       loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    axes[0, -1].legend(
+        [handles[i] for i in order],
+        [labels[i] for i in order],
+        title="method" + (" (run)" if len(datasets) > 1 else ""),
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+    )
     first = next(iter(datasets.values()))
     if len(datasets) == 1:
-        title = (f"Fisher approximation errors: {first.attrs.get('problem', '?')} ({data_label(first)}), "
-                 f"Fisher: {first.attrs.get('fisher', '?')}, spectrum: {first.attrs.get('spectrum', '?')}")
+        title = (
+            f"Fisher approximation errors: {first.attrs.get('problem', '?')} ({data_label(first)}), "
+            f"Fisher: {first.attrs.get('fisher', '?')}, spectrum: {first.attrs.get('spectrum', '?')}"
+        )
     else:
-        title = "Fisher approximation errors: " + "; ".join(f"{label} = {ds.attrs.get('problem', '?')} ({data_label(ds)})"
-                                                               for label, ds in datasets.items())
+        title = "Fisher approximation errors: " + "; ".join(
+            f"{label} = {ds.attrs.get('problem', '?')} ({data_label(ds)})" for label, ds in datasets.items()
+        )
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -145,8 +167,20 @@ def _lines(ax: plt.Axes, da: xr.DataArray, dim: str, *, log: bool) -> None:
     palette = {m: METHOD_STYLE[m][0] for m in order} if known else None
     markers = {m: METHOD_STYLE[m][1] for m in order} if known else True
     dashes = {m: METHOD_STYLE[m][2] or "" for m in order} if known else True
-    sns.lineplot(data=df, x="iteration", y=da.name, hue=dim, style=dim, hue_order=order, style_order=order,
-                 palette=palette, markers=markers, dashes=dashes, markersize=4, ax=ax)
+    sns.lineplot(
+        data=df,
+        x="iteration",
+        y=da.name,
+        hue=dim,
+        style=dim,
+        hue_order=order,
+        style_order=order,
+        palette=palette,
+        markers=markers,
+        dashes=dashes,
+        markersize=4,
+        ax=ax,
+    )
     if log and _spans_decades(np.abs(da.values)):
         ax.set_yscale("log")
     ax.set_xlabel("training iteration")
@@ -179,8 +213,10 @@ def two_level_figure(ds: xr.Dataset) -> Figure:
     axes[1].set_title("two-level increments vs exact ζ")
     _lines(axes[2], ds["block_energy_error"], "method", log=True)
     axes[2].set_title("block-diagonal increments vs exact ζ")
-    fig.suptitle(f"Two-level KFAC: {ds.attrs.get('problem', '?')} ({data_label(ds)}), damping {ds.attrs.get('damping', '?')}, "
-                 f"Fisher: {ds.attrs.get('fisher', '?')}")
+    fig.suptitle(
+        f"Two-level KFAC: {ds.attrs.get('problem', '?')} ({data_label(ds)}), damping {ds.attrs.get('damping', '?')}, "
+        f"Fisher: {ds.attrs.get('fisher', '?')}"
+    )
     fig.tight_layout()
     return fig
 
@@ -196,13 +232,37 @@ def training_figure(ds: xr.Dataset) -> Figure:
     df = ds[["train_loss", "valid_loss", "wall_time"]].to_dataframe().reset_index()
     order = [str(o) for o in ds["optimizer"].values]
     fig, axes = plt.subplots(1, 4, figsize=(20, 4))
-    panels = [("epoch", "train_loss"), ("wall_time", "train_loss"), ("epoch", "valid_loss"), ("wall_time", "valid_loss")]
+    panels = [
+        ("epoch", "train_loss"),
+        ("wall_time", "train_loss"),
+        ("epoch", "valid_loss"),
+        ("wall_time", "valid_loss"),
+    ]
     for ax, (x, y) in zip(axes, panels, strict=True):
         panel = df.dropna(subset=[x, y])
         if panel.empty:
-            ax.text(0.5, 0.5, "no validation data" if y == "valid_loss" else "no data", ha="center", va="center", transform=ax.transAxes)
-        sns.lineplot(data=panel, x=x, y=y, hue="optimizer", style="optimizer", hue_order=order, style_order=order,
-                     markers=True, dashes=False, markersize=4, ax=ax, legend=ax is axes[-1])
+            ax.text(
+                0.5,
+                0.5,
+                "no validation data" if y == "valid_loss" else "no data",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+            )
+        sns.lineplot(
+            data=panel,
+            x=x,
+            y=y,
+            hue="optimizer",
+            style="optimizer",
+            hue_order=order,
+            style_order=order,
+            markers=True,
+            dashes=False,
+            markersize=4,
+            ax=ax,
+            legend=ax is axes[-1],
+        )
         if _spans_decades(ds[y].values):
             ax.set_yscale("log")
         ax.set_xlabel("epoch" if x == "epoch" else "time (s)")

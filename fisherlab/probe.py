@@ -157,7 +157,9 @@ class Probe:
                     losses = per_sample_loss(self.loss, z, y)
                     check_finite("loss", losses)
                     true_g = torch.autograd.grad(losses.sum(), outs, retain_graph=True)
-                directions = output_directions(self.loss, self.fisher, z, y, generator=self._gen(z.device), mc_samples=self.mc_samples)
+                directions = output_directions(
+                    self.loss, self.fisher, z, y, generator=self._gen(z.device), mc_samples=self.mc_samples
+                )
                 gs: list[list[Tensor]] = [[] for _ in outs]  # per call, per direction
                 for k, d in enumerate(directions):
                     grads = torch.autograd.grad(z, outs, grad_outputs=d, retain_graph=k < len(directions) - 1)
@@ -178,7 +180,9 @@ class Probe:
             module, calls = self.layers[name], range(first, first + len(outputs[name]))
             first += len(calls)
             a = torch.cat(inputs[name], dim=1).to(dt)
-            g = torch.stack([_positions(module, [gs[c][k] for c in calls]) for k in range(len(directions))], dim=1).to(dt)
+            g = torch.stack([_positions(module, [gs[c][k] for c in calls]) for k in range(len(directions))], dim=1).to(
+                dt
+            )
             check_finite(f"pre-activation derivatives of layer {name!r}", g)
             check_finite(f"activations of layer {name!r}", a)
             factors[name] = LayerFactors(a, g)

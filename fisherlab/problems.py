@@ -33,7 +33,18 @@ from fisherlab.data import ImageData, load_images
 from fisherlab.layers import probeable_layers
 from fisherlab.losses import LossKind
 
-__all__ = ["PROBLEMS", "AutoEncoder", "BasicBlock", "ConvNet", "DeepLinear", "Problem", "ResNet", "batch_indices", "get_problem", "training_batches"]
+__all__ = [
+    "PROBLEMS",
+    "AutoEncoder",
+    "BasicBlock",
+    "ConvNet",
+    "DeepLinear",
+    "Problem",
+    "ResNet",
+    "batch_indices",
+    "get_problem",
+    "training_batches",
+]
 
 
 class AutoEncoder(nn.Module):
@@ -139,7 +150,9 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(64)
         layers, c_in = [], 64
         for i, (n, c_out) in enumerate(zip(blocks, (64, 128, 256, 512), strict=True)):
-            stage = [BasicBlock(c_in if j == 0 else c_out, c_out, (1 if i == 0 else 2) if j == 0 else 1) for j in range(n)]
+            stage = [
+                BasicBlock(c_in if j == 0 else c_out, c_out, (1 if i == 0 else 2) if j == 0 else 1) for j in range(n)
+            ]
             layers.append(nn.Sequential(*stage))
             c_in = c_out
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
@@ -181,7 +194,9 @@ class Problem:
         with torch.device("meta"):
             return list(probeable_layers(self.model(device="meta")))
 
-    def model(self, *, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
+    def model(
+        self, *, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> nn.Module:
         """A freshly initialised network (PyTorch default init, seeded)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -204,8 +219,12 @@ class Problem:
         if self.kind == "teacher":
             gen = torch.Generator().manual_seed(seed)
             x = torch.randn(12_000, self.sizes[0], generator=gen)
-            return ImageData(x[:10_000], x[10_000:], "generated: Gaussian inputs, targets from a fixed random linear teacher")
-        source = {"cnn": "cifar10", "resnet18": "cifar10", "resnet34": "cifar10", "deeplinear14": "mnist"}.get(self.name, self.name)
+            return ImageData(
+                x[:10_000], x[10_000:], "generated: Gaussian inputs, targets from a fixed random linear teacher"
+            )
+        source = {"cnn": "cifar10", "resnet18": "cifar10", "resnet34": "cifar10", "deeplinear14": "mnist"}.get(
+            self.name, self.name
+        )
         data = load_images(source, data_dir, seed=seed)
         if self.kind == "classifier" and data.train_labels is None:
             raise FisherlabError(f"{self.name} needs class labels: add train-labels-idx1-ubyte[.gz] to {data_dir}")
@@ -225,8 +244,15 @@ class Problem:
         teacher = torch.randn(self.sizes[0], self.sizes[-1], generator=gen).to(x) / self.sizes[0] ** 0.5
         return x @ teacher
 
-    def batches(self, data: ImageData, *, batch_size: int | None = None, seed: int = 0,
-                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Iterator[tuple[Tensor, Tensor]]:
+    def batches(
+        self,
+        data: ImageData,
+        *,
+        batch_size: int | None = None,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Iterator[tuple[Tensor, Tensor]]:
         """Endless training batches ``(x, y)`` for this problem (targets per ``kind``, :meth:`targets`)."""
         x = data.train.to(device=device, dtype=dtype)
         y = self.targets(x, data.train_labels, seed=seed)
@@ -236,15 +262,52 @@ class Problem:
 PROBLEMS: dict[str, Problem] = {
     p.name: p
     for p in (
-        Problem("curves", (784, 400, 200, 100, 50, 25, 6, 25, 50, 100, 200, 400, 784), LossKind.BCE, 256, "CURVES auto-encoder"),
+        Problem(
+            "curves",
+            (784, 400, 200, 100, 50, 25, 6, 25, 50, 100, 200, 400, 784),
+            LossKind.BCE,
+            256,
+            "CURVES auto-encoder",
+        ),
         Problem("mnist", (784, 1000, 500, 250, 30, 250, 500, 1000, 784), LossKind.BCE, 512, "MNIST auto-encoder"),
         Problem("faces", (625, 2000, 1000, 500, 30, 500, 1000, 2000, 625), LossKind.MSE, 1024, "FACES auto-encoder"),
         Problem("cnn", (3, 32), LossKind.CE, 256, "cuda-convnet on CIFAR-10 (T §4.2)", "classifier", ("2",)),
-        Problem("resnet18", (3, 32), LossKind.CE, 128, "ResNet-18 (T §4.2; CIFAR-100 there, CIFAR-10 stand-in here)", "classifier", ("fc",)),
-        Problem("resnet34", (3, 32), LossKind.CE, 512, "ResNet-34 (T §4.2; SVHN there, CIFAR-10 stand-in here)", "classifier", ("fc",)),
-        Problem("deeplinear64", (10,) * 65, LossKind.MSE, 512, "64 linear layers of 10 units with batch norm (T §4.3)", "teacher", ("32",)),
-        Problem("deeplinear14", (784, 1000, 900, 800, 700, 600, 500, 400, 300, 200, 100, 50, 20, 10), LossKind.CE, 512,
-                "784-1000-…-20-10 linear network with batch norm on MNIST (T §4.3)", "classifier", ("10",)),
+        Problem(
+            "resnet18",
+            (3, 32),
+            LossKind.CE,
+            128,
+            "ResNet-18 (T §4.2; CIFAR-100 there, CIFAR-10 stand-in here)",
+            "classifier",
+            ("fc",),
+        ),
+        Problem(
+            "resnet34",
+            (3, 32),
+            LossKind.CE,
+            512,
+            "ResNet-34 (T §4.2; SVHN there, CIFAR-10 stand-in here)",
+            "classifier",
+            ("fc",),
+        ),
+        Problem(
+            "deeplinear64",
+            (10,) * 65,
+            LossKind.MSE,
+            512,
+            "64 linear layers of 10 units with batch norm (T §4.3)",
+            "teacher",
+            ("32",),
+        ),
+        Problem(
+            "deeplinear14",
+            (784, 1000, 900, 800, 700, 600, 500, 400, 300, 200, 100, 50, 20, 10),
+            LossKind.CE,
+            512,
+            "784-1000-…-20-10 linear network with batch norm on MNIST (T §4.3)",
+            "classifier",
+            ("10",),
+        ),
     )
 }
 

@@ -50,7 +50,13 @@ __all__ = [
 
 #: Variables of every probe snapshot besides the registered metrics: the training run itself.
 RUN_VARIABLES: tuple[Variable, ...] = (
-    Variable("train_loss", ("iteration",), "training loss", "1", "mean over the batch of the per-sample loss (summed over outputs)"),
+    Variable(
+        "train_loss",
+        ("iteration",),
+        "training loss",
+        "1",
+        "mean over the batch of the per-sample loss (summed over outputs)",
+    ),
     Variable("wall_time", ("iteration",), "wall time since start", "s", "wall clock at the end of the snapshot"),
     Variable("probe_time", ("iteration",), "probe pass time", "s", "forward + backward passes of the probe"),
 )
@@ -58,8 +64,16 @@ RUN_VARIABLES: tuple[Variable, ...] = (
 #: Variables of ``fisherlab train`` (dims ``optimizer``, ``epoch``).
 TRAIN_VARIABLES: tuple[Variable, ...] = (
     Variable("train_loss", ("optimizer", "epoch"), "training loss", "1", "mean per-sample loss over the training set"),
-    Variable("valid_loss", ("optimizer", "epoch"), "validation loss", "1", "NaN when the data leave no validation images"),
-    Variable("wall_time", ("optimizer", "epoch"), "training time", "s", "wall clock of the optimizer steps, evaluation excluded"),
+    Variable(
+        "valid_loss", ("optimizer", "epoch"), "validation loss", "1", "NaN when the data leave no validation images"
+    ),
+    Variable(
+        "wall_time",
+        ("optimizer", "epoch"),
+        "training time",
+        "s",
+        "wall clock of the optimizer steps, evaluation excluded",
+    ),
     Variable("lr", ("optimizer",), "learning rate chosen (NaN: optimizer default)", "1", "best grid point"),
     Variable("damping", ("optimizer",), "damping chosen", "1", "best grid point; NaN for sgd and adam"),
 )
@@ -143,7 +157,9 @@ class ResultsWriter:
         try:
             self._lock.acquire(timeout=0)
         except Timeout:
-            raise FisherlabError(f"another fisherlab run is writing {self.path} (lock {self.path}.lock held); choose another --out") from None
+            raise FisherlabError(
+                f"another fisherlab run is writing {self.path} (lock {self.path}.lock held); choose another --out"
+            ) from None
         except OSError as exc:
             raise FisherlabError(f"cannot lock {self.path}: {exc.strerror}") from None
         if self.path.exists() and not overwrite:
@@ -274,7 +290,9 @@ def snapshot_dataset(
     return xr.Dataset(data_vars, coords=all_coords)
 
 
-def run_attrs(config: ProbeConfig, device: torch.device, data_source: str, loss: LossKind, *, stand_in: bool = False) -> dict[str, str | int | float]:
+def run_attrs(
+    config: ProbeConfig, device: torch.device, data_source: str, loss: LossKind, *, stand_in: bool = False
+) -> dict[str, str | int | float]:
     """Provenance attributes of a probe run: the whole configuration, versions, device, conventions."""
     from fisherlab import __version__
 
@@ -301,11 +319,14 @@ def run_attrs(config: ProbeConfig, device: torch.device, data_source: str, loss:
         "python_version": platform.python_version(),
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "kronecker_order": "out (d_out x d_out) kron in (d_in x d_in), acting on W.flatten() of W [d_out, d_in] with the bias as last column",
-        "symmetric_factors": "every Kronecker factor is symmetric; for conv layers (T > 1) deflation, lanczos and kfac_corrected are the "
-                             "best Kronecker-rank-k approximations with symmetric factors (an antisymmetric pair can do better there); "
-                             "for Linear layers (T = 1) they are the best of all",
-        "fisher_scaling": "F = (1/N) sum_n sum_v vec(DW_nv) vec(DW_nv)^T; per-sample loss summed over outputs; mc directions scaled by 1/sqrt(V)",
+        "kronecker_order": "out (d_out x d_out) kron in (d_in x d_in), acting on W.flatten() of W [d_out, d_in] "
+        "with the bias as last column",
+        "symmetric_factors": "every Kronecker factor is symmetric; for conv layers (T > 1) deflation, lanczos and "
+        "kfac_corrected are the "
+        "best Kronecker-rank-k approximations with symmetric factors (an antisymmetric pair can do better there); "
+        "for Linear layers (T = 1) they are the best of all",
+        "fisher_scaling": "F = (1/N) sum_n sum_v vec(DW_nv) vec(DW_nv)^T; per-sample loss summed over outputs; "
+        "mc directions scaled by 1/sqrt(V)",
     }
 
 

@@ -35,11 +35,16 @@ from fisherlab.twolevel import TWO_LEVEL_METRICS, two_level_metrics
 __all__ = ["probe_training", "run_probe"]
 
 
-def _step(model: nn.Module, loss: LossKind, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, iteration: int) -> float:
+def _step(
+    model: nn.Module, loss: LossKind, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, iteration: int
+) -> float:
     optimizer.zero_grad(set_to_none=True)
     value = per_sample_loss(loss, model(x), y).mean()
     if not torch.isfinite(value):
-        raise FisherlabError(f"training loss became {float(value.detach())} at iteration {iteration}; lower --lr (snapshots so far are saved)")
+        raise FisherlabError(
+            f"training loss became {float(value.detach())} at iteration {iteration}; "
+            "lower --lr (snapshots so far are saved)"
+        )
     value.backward()
     optimizer.step()
     return float(value.detach())
@@ -86,8 +91,10 @@ def probe_training(
             try:
                 x, y = next(batches)
             except StopIteration:
-                raise FisherlabError(f"the batch iterator ended after {it} batches; a run of {config.iterations} iterations needs "
-                                     f"{config.iterations + 1} (pass an endless iterator, e.g. itertools.cycle(loader))") from None
+                raise FisherlabError(
+                    f"the batch iterator ended after {it} batches; a run of {config.iterations} iterations needs "
+                    f"{config.iterations + 1} (pass an endless iterator, e.g. itertools.cycle(loader))"
+                ) from None
             if it % config.every == 0:
                 ds, snap = _snapshot(it, probe, x, y, names, config, previous, t0)
                 if writer is not None:
@@ -108,9 +115,17 @@ def probe_training(
         assert ds is not None
         return ds  # writer.append returned the whole dataset, attributes included
     ds = annotate(xr.concat(snapshots, dim="iteration"))
-    ds.attrs.update({"problem": type(model).__name__, "data_source": "user data (probe_training)", "fisher": config.fisher.value,
-                     "spectrum": config.spectrum.value, "metrics": ",".join(config.metrics), "loss": loss.value,
-                     "config_json": config_json(config)})
+    ds.attrs.update(
+        {
+            "problem": type(model).__name__,
+            "data_source": "user data (probe_training)",
+            "fisher": config.fisher.value,
+            "spectrum": config.spectrum.value,
+            "metrics": ",".join(config.metrics),
+            "loss": loss.value,
+            "config_json": config_json(config),
+        }
+    )
     return ds
 
 
@@ -135,10 +150,19 @@ def _snapshot(
         for name in snap.factors:
             if name not in names:
                 block = ExactBlock(snap.factors[name])
-                previous[name] = approximate_all(block, methods, config.approx, warm=warm_starts(previous.get(name)), layer=name)
+                previous[name] = approximate_all(
+                    block, methods, config.approx, warm=warm_starts(previous.get(name)), layer=name
+                )
     for li, name in enumerate(names):
-        ev = evaluate_block(ExactBlock(snap.factors[name]), methods, config.approx, spectrum=config.spectrum, metrics=config.metrics,
-                            warm=warm_starts(previous.get(name)), layer=name)
+        ev = evaluate_block(
+            ExactBlock(snap.factors[name]),
+            methods,
+            config.approx,
+            spectrum=config.spectrum,
+            metrics=config.metrics,
+            warm=warm_starts(previous.get(name)),
+            layer=name,
+        )
         previous[name] = ev.approximations
         for metric, values in ev.values.items():
             per_method[metric][li] = [values[m] for m in methods]
@@ -150,8 +174,14 @@ def _snapshot(
     if config.two_level:
         order = list(snap.factors)
         diagonals = {m: BlockDiagonal(tuple(previous[n][m].kron for n in order)) for m in methods}
-        values, spaces = two_level_metrics(snap.whole_fisher(order), [snap.gradients[n] for n in order], diagonals,
-                                           damping=config.damping, spaces=config.coarse_spaces, taylor_order=config.taylor_order)
+        values, spaces = two_level_metrics(
+            snap.whole_fisher(order),
+            [snap.gradients[n] for n in order],
+            diagonals,
+            damping=config.damping,
+            spaces=config.coarse_spaces,
+            taylor_order=config.taylor_order,
+        )
         for variable in TWO_LEVEL_METRICS:
             if len(variable.dims) == 1:
                 scalars[variable.name] = float(values[variable.name])  # type: ignore[arg-type]
@@ -188,4 +218,13 @@ def run_probe(config: ProbeConfig, out: str | Path, *, overwrite: bool = False, 
         else:
             optimizer = torch.optim.SGD(model.parameters(), lr=config.lr or 1e-2, momentum=0.9)
         batches = problem.batches(data, batch_size=config.batch_size, seed=config.seed, device=device, dtype=dtype)
-        return probe_training(model, problem.loss, batches, optimizer, config, layers=list(config.layers), writer=writer, progress=progress)
+        return probe_training(
+            model,
+            problem.loss,
+            batches,
+            optimizer,
+            config,
+            layers=list(config.layers),
+            writer=writer,
+            progress=progress,
+        )

@@ -43,14 +43,27 @@ def _mean_loss(model: torch.nn.Module, problem: Problem, x: torch.Tensor, y: tor
     return total / x.shape[0]
 
 
-def _train_one(name: str, problem: Problem, config: TrainConfig, lr: float | None, damping: float, data: dict, device: torch.device,
-               progress: bool, on_epoch: Callable[[dict[str, np.ndarray]], None] = lambda _: None) -> dict[str, np.ndarray]:
+def _train_one(
+    name: str,
+    problem: Problem,
+    config: TrainConfig,
+    lr: float | None,
+    damping: float,
+    data: dict,
+    device: torch.device,
+    progress: bool,
+    on_epoch: Callable[[dict[str, np.ndarray]], None] = lambda _: None,
+) -> dict[str, np.ndarray]:
     """Train one optimizer setting; returns per-epoch arrays (NaN after early stopping).
 
     ``on_epoch`` sees the arrays after every epoch (the caller writes them to disk).
     """
     model = problem.model(seed=config.seed, device=device)
-    kw = {} if name in ("sgd", "adam") else {"damping": damping, "kl_clip": config.kl_clip, "t1": config.t1, "t2": config.t2, "seed": config.seed}
+    kw = (
+        {}
+        if name in ("sgd", "adam")
+        else {"damping": damping, "kl_clip": config.kl_clip, "t1": config.t1, "t2": config.t2, "seed": config.seed}
+    )
     opt = make_optimizer(name, model, problem.loss, lr=lr, weight_decay=config.weight_decay, **kw)
     n_train = data["images"].train.shape[0]
     n_batches = n_train // min(config.batch_size or problem.batch_size, n_train)
@@ -69,7 +82,9 @@ def _train_one(name: str, problem: Problem, config: TrainConfig, lr: float | Non
             opt.zero_grad(set_to_none=True)
             loss = per_sample_loss(problem.loss, model(x), y).mean()
             if not torch.isfinite(loss):
-                raise FisherlabError(f"{name} diverged (loss {float(loss.detach())}) at epoch {epoch}; lower --lr or raise --damping")
+                raise FisherlabError(
+                    f"{name} diverged (loss {float(loss.detach())}) at epoch {epoch}; lower --lr or raise --damping"
+                )
             loss.backward()
             opt.step(inputs=x) if isinstance(opt, KroneckerOptimizer) else opt.step()
         clock += time.perf_counter() - start
@@ -107,15 +122,32 @@ def run_training(config: TrainConfig, out: str | Path, *, overwrite: bool = Fals
         images = problem.data(config.data_dir, seed=config.seed)
         announce_data(images.source, images.stand_in)
         if images.valid.shape[0] == 0:
-            print(f"fisherlab: warning: {images.source} leaves no validation images; valid_loss is recorded as NaN", file=sys.stderr)
+            print(
+                f"fisherlab: warning: {images.source} leaves no validation images; valid_loss is recorded as NaN",
+                file=sys.stderr,
+            )
         x = images.train[: config.eval_samples].to(device)  # the losses are measured on these (all by default)
         vx = images.valid[: config.eval_samples].to(device)
-        data = {"images": images, "x": x, "y": problem.targets(x, images.train_labels, seed=config.seed),
-                "vx": vx, "vy": problem.targets(vx, images.valid_labels, seed=config.seed)}
-        writer.attrs.update({"title": f"fisherlab train: {problem.name}", "problem": problem.name, "data_source": images.source,
-                             "stand_in": int(images.stand_in), "config_json": config_json(config),
-                             "fisherlab_version": __version__, "torch_version": torch.__version__, "device": str(device),
-                             "complete": 0})
+        data = {
+            "images": images,
+            "x": x,
+            "y": problem.targets(x, images.train_labels, seed=config.seed),
+            "vx": vx,
+            "vy": problem.targets(vx, images.valid_labels, seed=config.seed),
+        }
+        writer.attrs.update(
+            {
+                "title": f"fisherlab train: {problem.name}",
+                "problem": problem.name,
+                "data_source": images.source,
+                "stand_in": int(images.stand_in),
+                "config_json": config_json(config),
+                "fisherlab_version": __version__,
+                "torch_version": torch.__version__,
+                "device": str(device),
+                "complete": 0,
+            }
+        )
         results: dict[str, tuple[dict[str, np.ndarray], float, float]] = {}  # optimizer -> (arrays, lr, damping)
 
         def save() -> xr.Dataset:
@@ -126,9 +158,14 @@ def run_training(config: TrainConfig, out: str | Path, *, overwrite: bool = Fals
             dampings = config.damping if name not in ("sgd", "adam") else (config.damping[0],)
             best: tuple[float, dict, float | None, float] | None = None
             for lr, damping in itertools.product(lrs, dampings):
-                chosen_lr, chosen_damping = np.nan if lr is None else lr, damping if name not in ("sgd", "adam") else np.nan
+                chosen_lr, chosen_damping = (
+                    np.nan if lr is None else lr,
+                    damping if name not in ("sgd", "adam") else np.nan,
+                )
                 # until a grid point of this optimizer has finished, the file shows the running one
-                on_epoch = partial(_show_running, results, save, name, chosen_lr, chosen_damping) if best is None else _ignore
+                on_epoch = (
+                    partial(_show_running, results, save, name, chosen_lr, chosen_damping) if best is None else _ignore
+                )
                 try:
                     res = _train_one(name, problem, config, lr, damping, data, device, progress, on_epoch)
                 except FisherlabError:
@@ -146,7 +183,9 @@ def run_training(config: TrainConfig, out: str | Path, *, overwrite: bool = Fals
         return save()
 
 
-def _show_running(results: dict, save: Callable[[], object], name: str, lr: float, damping: float, arrays: dict[str, np.ndarray]) -> None:
+def _show_running(
+    results: dict, save: Callable[[], object], name: str, lr: float, damping: float, arrays: dict[str, np.ndarray]
+) -> None:
     results[name] = (arrays, lr, damping)
     save()
 
@@ -155,13 +194,20 @@ def _ignore(arrays: dict[str, np.ndarray]) -> None:
     del arrays
 
 
-def _training_dataset(config: TrainConfig, results: dict[str, tuple[dict[str, np.ndarray], float, float]]) -> xr.Dataset:
+def _training_dataset(
+    config: TrainConfig, results: dict[str, tuple[dict[str, np.ndarray], float, float]]
+) -> xr.Dataset:
     """The comparison dataset (dims ``optimizer``, ``epoch``) of the optimizers trained so far."""
     names = [n for n in config.optimizers if n in results]
     ds = xr.Dataset(
-        {k: (("optimizer", "epoch"), np.stack([results[n][0][k] for n in names])) for k in ("train_loss", "valid_loss", "wall_time")}
-        | {"lr": (("optimizer",), np.array([results[n][1] for n in names], dtype=np.float64)),
-           "damping": (("optimizer",), np.array([results[n][2] for n in names], dtype=np.float64))},
+        {
+            k: (("optimizer", "epoch"), np.stack([results[n][0][k] for n in names]))
+            for k in ("train_loss", "valid_loss", "wall_time")
+        }
+        | {
+            "lr": (("optimizer",), np.array([results[n][1] for n in names], dtype=np.float64)),
+            "damping": (("optimizer",), np.array([results[n][2] for n in names], dtype=np.float64)),
+        },
         coords={"optimizer": np.array(names, dtype=object), "epoch": np.arange(config.epochs + 1, dtype=np.int32)},
     )
     return annotate(ds)

@@ -168,7 +168,9 @@ def coarse_solve(f_coarse: Tensor, rhs: Tensor) -> Tensor:
     return torch.linalg.pinv((f_coarse + f_coarse.T) / 2, hermitian=True, rtol=rtol) @ rhs
 
 
-def tko_coarse_operator(fisher: WholeFisher, kfacs: Sequence[KronSum], basis: list[Tensor], *, damping: float) -> Tensor:
+def tko_coarse_operator(
+    fisher: WholeFisher, kfacs: Sequence[KronSum], basis: list[Tensor], *, damping: float
+) -> Tensor:
     """``R₀ F̄• R₀ᵀ`` with F̄• of T eq. 3.18: damped KFAC blocks on the diagonal and
     ``E[g_i g_jᵀ] ⊗ E[ā_i ā_jᵀ]`` off it (Tselepidis, Kohler & Orvieto 2020).
 
@@ -298,7 +300,9 @@ def two_level(
 def energy_error(fisher: WholeFisher, increment: Params, zeta: Params, *, damping: float) -> float:
     """``‖ζ_method - ζ‖_{F•} / ‖ζ‖_{F•}``."""
     err = axpy(-1.0, zeta, increment)
-    return float(torch.sqrt(fisher.energy_inner(err, err, damping=damping) / fisher.energy_inner(zeta, zeta, damping=damping)))
+    return float(
+        torch.sqrt(fisher.energy_inner(err, err, damping=damping) / fisher.energy_inner(zeta, zeta, damping=damping))
+    )
 
 
 def cosine(x: Params, y: Params) -> float:
@@ -313,17 +317,40 @@ _PER_METHOD = ("iteration", "method")
 
 #: Stored variables of two-level runs (``--two-level``); ``coarse_space`` includes ``tko``.
 TWO_LEVEL_METRICS: tuple[Variable, ...] = (
-    Variable("gap", _PER_SPACE, "E(beta*) - E(0)", "1",
-             "<F_coarse beta, beta> - 2 <R0^T beta, r_KFAC> (T eq. 4.6); beta_TKO for coarse_space tko"),
-    Variable("energy_error", _PER_SPACE, "relative energy-norm error of the two-level increment", "1",
-             "||zeta_2L - zeta||_F* / ||zeta||_F*, zeta = (F + lambda I)^-1 grad h exact (Woodbury)"),
-    Variable("cosine", _PER_SPACE, "cosine(zeta_2L, zeta)", "1", "Euclidean cosine with the exact damped natural gradient"),
+    Variable(
+        "gap",
+        _PER_SPACE,
+        "E(beta*) - E(0)",
+        "1",
+        "<F_coarse beta, beta> - 2 <R0^T beta, r_KFAC> (T eq. 4.6); beta_TKO for coarse_space tko",
+    ),
+    Variable(
+        "energy_error",
+        _PER_SPACE,
+        "relative energy-norm error of the two-level increment",
+        "1",
+        "||zeta_2L - zeta||_F* / ||zeta||_F*, zeta = (F + lambda I)^-1 grad h exact (Woodbury)",
+    ),
+    Variable(
+        "cosine", _PER_SPACE, "cosine(zeta_2L, zeta)", "1", "Euclidean cosine with the exact damped natural gradient"
+    ),
     Variable("energy_two_level", _PER_SPACE, "E(beta*)", "1", "||zeta_2L - zeta||^2_F* computed directly"),
-    Variable("block_energy_error", _PER_METHOD, "relative energy-norm error, block-diagonal method", "1",
-             "||zeta_m - zeta||_F* / ||zeta||_F*, zeta_m[i] = (approximation_i + pi-damping)^-1 grad_i h"),
+    Variable(
+        "block_energy_error",
+        _PER_METHOD,
+        "relative energy-norm error, block-diagonal method",
+        "1",
+        "||zeta_m - zeta||_F* / ||zeta||_F*, zeta_m[i] = (approximation_i + pi-damping)^-1 grad_i h",
+    ),
     Variable("block_cosine", _PER_METHOD, "cosine(zeta_m, zeta), block-diagonal method", "1", "Euclidean cosine"),
     Variable("energy_kfac", ("iteration",), "E(0)", "1", "||zeta_KFAC - zeta||^2_F* (T eq. 4.2)"),
-    Variable("energy_natural_gradient", ("iteration",), "||zeta||^2_F*", "1", "squared energy norm of the exact damped natural gradient"),
+    Variable(
+        "energy_natural_gradient",
+        ("iteration",),
+        "||zeta||^2_F*",
+        "1",
+        "squared energy norm of the exact damped natural gradient",
+    ),
 )
 
 

@@ -1,4 +1,5 @@
 """Regenerate the notebooks (outputs empty) from the cell sources below: python notebooks/_make_notebooks.py"""
+
 from pathlib import Path
 
 import nbformat
@@ -19,83 +20,139 @@ OUT.mkdir(exist_ok=True)"""
 
 NOTEBOOKS = {
     "01_probe_one_layer.ipynb": [
-        ("md", "# Probe a model and inspect one layer\n\nThe exact Fisher block of layer 5 of the CURVES auto-encoder next to KFAC and the four approximations of Koroko et al. (K): heatmaps, spectra, error 1 and error 2."),
+        (
+            "md",
+            "# Probe a model and inspect one layer\n\nThe exact Fisher block of layer 5 of the CURVES auto-encoder next to KFAC and the four approximations of Koroko et al. (K): heatmaps, spectra, error 1 and error 2.",
+        ),
         ("code", SETUP),
-        ("code", """problem = fl.get_problem("curves")
+        (
+            "code",
+            """problem = fl.get_problem("curves")
 model = problem.model(seed=0, dtype=torch.float64)
 data = problem.data(seed=0)
 x = data.train[: 64 if SMOKE else 256].double()
 snap = fl.Probe(model, problem.loss, layers=["5"], fisher="mc")(x, x)
 block = snap.blocks()["5"]
-print(block.factors.a.shape, block.factors.g.shape, "block side", block.dim)"""),
-        ("code", """approx = fl.approximate_all(block, list(fl.Method))
+print(block.factors.a.shape, block.factors.g.shape, "block side", block.dim)""",
+        ),
+        (
+            "code",
+            """approx = fl.approximate_all(block, list(fl.Method))
 ref = fl.BlockReference.of(block)
 for m, a in approx.items():
     print(f"{m.value:15s} error 1 {float(fl.frobenius_error(ref, a.kron)):.4f}   error 2 {float(fl.spectral_error(ref, a.kron)):.4f}   "
-          f"iterations {a.iterations}  converged {a.converged}")"""),
-        ("code", """dense = {m.value: a.kron.as_dense() for m, a in approx.items()}
-fig = plots.block_heatmaps(block.as_dense(), dense, max_side=200)"""),
-        ("code", """spectra = {"exact": ref.eigenvalues} | {m.value: a.kron.eigenvalues() for m, a in approx.items()}
-fig = plots.spectra_figure(spectra)"""),
+          f"iterations {a.iterations}  converged {a.converged}")""",
+        ),
+        (
+            "code",
+            """dense = {m.value: a.kron.as_dense() for m, a in approx.items()}
+fig = plots.block_heatmaps(block.as_dense(), dense, max_side=200)""",
+        ),
+        (
+            "code",
+            """spectra = {"exact": ref.eigenvalues} | {m.value: a.kron.eigenvalues() for m, a in approx.items()}
+fig = plots.spectra_figure(spectra)""",
+        ),
     ],
     "02_error_vs_iteration.ipynb": [
-        ("md", "# Error vs iteration (K Figure 1)\n\nTrain the CURVES auto-encoder with Adam and probe layer 5 every 10 iterations; the dataset is an ordinary xarray object."),
+        (
+            "md",
+            "# Error vs iteration (K Figure 1)\n\nTrain the CURVES auto-encoder with Adam and probe layer 5 every 10 iterations; the dataset is an ordinary xarray object.",
+        ),
         ("code", SETUP),
-        ("code", """config = fl.ProbeConfig(problem="curves", layers=("5",), iterations=20 if SMOKE else 500, every=5 if SMOKE else 10)
+        (
+            "code",
+            """config = fl.ProbeConfig(problem="curves", layers=("5",), iterations=20 if SMOKE else 500, every=5 if SMOKE else 10)
 ds = fl.run_probe(config, OUT / "nb_fig1.nc", overwrite=True, progress=not SMOKE)
-ds"""),
+ds""",
+        ),
         ("code", """fig = plots.error_figure(ds)"""),
-        ("code", """# dim "method" collides with .sel's own keyword: select with a dict
+        (
+            "code",
+            """# dim "method" collides with .sel's own keyword: select with a dict
 err = ds.frobenius_error.sel({"layer": "5"})
-(err.sel({"method": "kfac"}) >= err).all("method").mean().item()   # fraction of snapshots where KFAC is the worst"""),
+(err.sel({"method": "kfac"}) >= err).all("method").mean().item()   # fraction of snapshots where KFAC is the worst""",
+        ),
     ],
     "03_two_level.ipynb": [
-        ("md", "# Two-level KFAC: gaps and energy errors (T Figure 5)\n\nE(β*) − E(0) for each coarse space and TKO, and the distance of every increment to the exact damped natural gradient (Woodbury)."),
+        (
+            "md",
+            "# Two-level KFAC: gaps and energy errors (T Figure 5)\n\nE(β*) − E(0) for each coarse space and TKO, and the distance of every increment to the exact damped natural gradient (Woodbury).",
+        ),
         ("code", SETUP),
-        ("code", """config = fl.ProbeConfig(problem="curves", two_level=True, damping=1e-3, metrics=("frobenius_error",),
+        (
+            "code",
+            """config = fl.ProbeConfig(problem="curves", two_level=True, damping=1e-3, metrics=("frobenius_error",),
                         iterations=2 if SMOKE else 200, every=1 if SMOKE else 20, batch_size=32 if SMOKE else None,
                         methods=("kfac", "deflation") if SMOKE else tuple(fl.Method))
 ds = fl.run_probe(config, OUT / "nb_gap.nc", overwrite=True, progress=not SMOKE)
-ds.gap.to_pandas()"""),
+ds.gap.to_pandas()""",
+        ),
         ("code", """fig = plots.two_level_figure(ds)"""),
-        ("code", """(ds.energy_two_level / ds.energy_kfac).to_pandas()   # E(β*) / E(0): how much closer each correction gets"""),
+        (
+            "code",
+            """(ds.energy_two_level / ds.energy_kfac).to_pandas()   # E(β*) / E(0): how much closer each correction gets""",
+        ),
     ],
     "04_optimizers.ipynb": [
-        ("md", "# The methods as optimizers (K Figure 2, T Figures 2–4)\n\nA short comparison that finishes in a few minutes on a laptop CPU "
-               "(3 epochs of 20 batches each). For the papers' figures run `fisherlab train` or `analyses/fig2_optimizers.py` with full epochs."),
+        (
+            "md",
+            (
+                "# The methods as optimizers (K Figure 2, T Figures 2–4)\n\nA short comparison that finishes in a few minutes on a laptop CPU "
+                "(3 epochs of 20 batches each). For the papers' figures run `fisherlab train` or `analyses/fig2_optimizers.py` with full epochs."
+            ),
+        ),
         ("code", SETUP),
-        ("code", """from fisherlab.config import TrainConfig
+        (
+            "code",
+            """from fisherlab.config import TrainConfig
 from fisherlab.train import run_training
 config = TrainConfig(problem="curves", optimizers=("sgd", "adam", "kfac", "kpsvd", "kfac2l_residuals"),
                      epochs=1 if SMOKE else 3, max_batches=3 if SMOKE else 20, eval_samples=512 if SMOKE else None)
 ds = run_training(config, OUT / "nb_train.nc", overwrite=True, progress=not SMOKE)
-ds.train_loss.to_pandas()"""),
+ds.train_loss.to_pandas()""",
+        ),
         ("code", """fig = plots.training_figure(ds)"""),
     ],
     "05_bring_your_own_model.ipynb": [
-        ("md", "# Bring your own model and data\n\nAny `nn.Module` built from Linear/Conv2d layers, any loss among mse / bce / ce, any batch iterator."),
+        (
+            "md",
+            "# Bring your own model and data\n\nAny `nn.Module` built from Linear/Conv2d layers, any loss among mse / bce / ce, any batch iterator.",
+        ),
         ("code", SETUP),
-        ("code", """import itertools
+        (
+            "code",
+            """import itertools
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 7 * 7, 10))
 digits = fl.get_problem("mnist").data()   # bundled stand-in: UCI digits on a 28x28 canvas, with labels
 x = torch.nn.functional.avg_pool2d(digits.train.reshape(-1, 1, 28, 28), 4)   # your own images would go here: [N, 1, 7, 7]
 y = digits.train_labels
 batches = ((x[i], y[i]) for i in itertools.cycle(torch.randperm(len(x)).split(64)[:-1]))
-optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)"""),
-        ("code", """config = fl.ProbeConfig(iterations=6 if SMOKE else 200, every=3 if SMOKE else 20, fisher="exact")
+optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)""",
+        ),
+        (
+            "code",
+            """config = fl.ProbeConfig(iterations=6 if SMOKE else 200, every=3 if SMOKE else 20, fisher="exact")
 ds = fl.probe_training(model, "ce", batches, optimizer, config, layers=["0", "3"], progress=not SMOKE)
-ds.frobenius_error.sel({"layer": "3"}).to_pandas()"""),
+ds.frobenius_error.sel({"layer": "3"}).to_pandas()""",
+        ),
         ("code", """fig = plots.error_figure(ds)"""),
-        ("code", """# factors captured elsewhere: build the exact Fisher straight from tensors
+        (
+            "code",
+            """# factors captured elsewhere: build the exact Fisher straight from tensors
 a, g = torch.randn(32, 1, 6, dtype=torch.float64), torch.randn(32, 1, 1, 4, dtype=torch.float64)
 block = fl.ExactBlock(fl.LayerFactors(a, g))
-fl.frobenius_error(fl.BlockReference.of(block), fl.kpsvd(block).kron)"""),
+fl.frobenius_error(fl.BlockReference.of(block), fl.kpsvd(block).kron)""",
+        ),
     ],
 }
 
 for name, cells in NOTEBOOKS.items():
-    nb = new_notebook(cells=[new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in cells])
+    made = [new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in cells]
+    for index, cell in enumerate(made):
+        cell["id"] = f"cell-{index}"  # stable ids: regenerating does not churn the files
+    nb = new_notebook(cells=made)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, str(Path(__file__).parent / name))
 print("ok")

@@ -88,7 +88,10 @@ def test_rank2_recovers_exact_kronecker_rank2_block() -> None:
     Two samples, one direction: F = (1/2)(g1g1ᵀ⊗a1a1ᵀ + g2g2ᵀ⊗a2a2ᵀ) has Kronecker rank 2.
     """
     gen = torch.Generator().manual_seed(7)
-    f = LayerFactors(torch.randn(2, 1, 4, generator=gen, dtype=torch.float64), torch.randn(2, 1, 1, 3, generator=gen, dtype=torch.float64))
+    f = LayerFactors(
+        torch.randn(2, 1, 4, generator=gen, dtype=torch.float64),
+        torch.randn(2, 1, 1, 3, generator=gen, dtype=torch.float64),
+    )
     block = ExactBlock(f)
     ref = BlockReference.of(block)
     approx = _all(block)
@@ -116,7 +119,15 @@ def test_lanczos_svd_restarts_on_random_matrix() -> None:
     v, _ = torch.linalg.qr(torch.randn(20, 20, generator=gen, dtype=torch.float64))
     s = torch.tensor([10.0, 9.0, 8.5] + [1.0 / (i + 1) for i in range(17)], dtype=torch.float64)
     m = u[:, :20] @ torch.diag(s) @ v.T
-    trip = lanczos_svd(lambda y: m @ y, lambda x: m.T @ x, torch.ones(20, dtype=torch.float64), rank=3, krylov_dim=6, tol=1e-10, max_restarts=500)
+    trip = lanczos_svd(
+        lambda y: m @ y,
+        lambda x: m.T @ x,
+        torch.ones(20, dtype=torch.float64),
+        rank=3,
+        krylov_dim=6,
+        tol=1e-10,
+        max_restarts=500,
+    )
     assert trip.converged and trip.iterations > 6  # needed restarts
     torch.testing.assert_close(trip.sigmas, s[:3], rtol=1e-9, atol=0)
 
@@ -129,7 +140,9 @@ def test_power_svd_matches_svd() -> None:
     u, s, vt = torch.linalg.svd(m)
     assert trip.converged
     torch.testing.assert_close(trip.sigmas[0], s[0], rtol=1e-10, atol=0)
-    torch.testing.assert_close(torch.outer(trip.lefts[0], trip.rights[0]), torch.outer(u[:, 0], vt[0]), rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        torch.outer(trip.lefts[0], trip.rights[0]), torch.outer(u[:, 0], vt[0]), rtol=0, atol=1e-9
+    )
 
 
 def test_non_convergence_is_warned_and_stored() -> None:
@@ -202,8 +215,12 @@ def test_lanczos_exact_on_kronecker_rank_one_blocks(name: str, rank: int) -> Non
 def test_lanczos_rank_above_rank_of_rearrangement(rank: int) -> None:
     """R(F) of two Linear samples has rank 2; asking for rank 3 or 5 gives the exact block."""
     gen = torch.Generator().manual_seed(7)
-    block = ExactBlock(LayerFactors(torch.randn(2, 1, 4, generator=gen, dtype=torch.float64),
-                                    torch.randn(2, 1, 1, 3, generator=gen, dtype=torch.float64)))
+    block = ExactBlock(
+        LayerFactors(
+            torch.randn(2, 1, 4, generator=gen, dtype=torch.float64),
+            torch.randn(2, 1, 1, 3, generator=gen, dtype=torch.float64),
+        )
+    )
     approx = lanczos(block, rank=rank)
     assert approx.converged and approx.kron.rank == rank
     assert float(frobenius_error(BlockReference.of(block), approx.kron)) <= 1e-7

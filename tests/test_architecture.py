@@ -9,10 +9,29 @@ import fisherlab
 
 #: Pipeline stages, first to last. Leaves first; ``cli`` and ``__init__`` may import anything.
 STAGES = [
-    "_errors", "layers", "kron", "krylov", "operators", "losses", "data",  # leaves
-    "fisher", "probe", "approximations", "metrics", "twolevel", "optim",  # the science
-    "config", "problems", "results", "run", "train", "plots", "dense",  # runs, files, figures, dense twins
-    "cli", "__main__", "__init__",
+    "_errors",
+    "layers",
+    "kron",
+    "krylov",
+    "operators",
+    "losses",
+    "data",  # leaves
+    "fisher",
+    "probe",
+    "approximations",
+    "metrics",
+    "twolevel",
+    "optim",  # the science
+    "config",
+    "problems",
+    "results",
+    "run",
+    "train",
+    "plots",
+    "dense",  # runs, files, figures, dense twins
+    "cli",
+    "__main__",
+    "__init__",
 ]
 
 
@@ -31,7 +50,12 @@ def test_no_import_from_a_later_stage() -> None:
     package = Path(fisherlab.__file__).parent
     modules = {p.stem: _imports(p) for p in package.glob("*.py")}
     assert set(modules) <= set(STAGES), f"place new modules in STAGES: {set(modules) - set(STAGES)}"
-    backward = [f"{m} -> {d}" for m, deps in modules.items() for d in deps if m != "__init__" and STAGES.index(d) > STAGES.index(m)]
+    backward = [
+        f"{m} -> {d}"
+        for m, deps in modules.items()
+        for d in deps
+        if m != "__init__" and STAGES.index(d) > STAGES.index(m)
+    ]
     assert not backward, backward
 
 

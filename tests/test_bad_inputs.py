@@ -88,26 +88,52 @@ class _RunsCode:
 BAD_PROBE_INPUTS: list[tuple[str, Setup, str]] = [
     # MNIST IDX
     ("mnist-truncated", _mnist(_idx_images(30, data_bytes=1000)), "is truncated"),
-    ("mnist-header-exceeds-data", _mnist(_idx_images(3)[:16].replace((3).to_bytes(4, "big"), (60000).to_bytes(4, "big"), 1)), "is truncated"),
+    (
+        "mnist-header-exceeds-data",
+        _mnist(_idx_images(3)[:16].replace((3).to_bytes(4, "big"), (60000).to_bytes(4, "big"), 1)),
+        "is truncated",
+    ),
     ("mnist-zero-images", _mnist(_idx_images(0)), "holds no images"),
     ("mnist-10x10-images", _mnist(_idx_images(30, 10, 10)), "10x10 images"),
     ("mnist-not-idx", _mnist(b"hello world, not an idx file"), "magic number 2051"),
-    ("mnist-bad-gzip", lambda d: ((d / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip"), ["--problem", "mnist", "--data-dir", str(d)])[1],
-     "cannot read"),
+    (
+        "mnist-bad-gzip",
+        lambda d: (
+            (d / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip"),
+            ["--problem", "mnist", "--data-dir", str(d)],
+        )[1],
+        "cannot read",
+    ),
     ("mnist-labels-too-short", _mnist(_idx_images(30), _idx_labels(20), "deeplinear14"), "20 labels for 30 images"),
-    ("mnist-labels-bad-magic", _mnist(_idx_images(30), _idx_labels(30, magic=1234), "deeplinear14"), "magic number 2049"),
+    (
+        "mnist-labels-bad-magic",
+        _mnist(_idx_images(30), _idx_labels(30, magic=1234), "deeplinear14"),
+        "magic number 2049",
+    ),
     ("mnist-labels-out-of-range", _mnist(_idx_images(30), _idx_labels(30, top=200), "deeplinear14"), "label 200"),
     ("mnist-no-labels-for-classifier", _mnist(_idx_images(30), None, "deeplinear14"), "needs class labels"),
     # CURVES .mat
     ("curves-wrong-shape", _curves(lambda p: savemat(p, {"bdata": np.zeros((10, 50))})), "has shape (10, 50)"),
     ("curves-empty-file", _curves(lambda p: p.write_bytes(b"")), "cannot read"),
-    ("curves-truncated", _curves(lambda p: (savemat(p, {"bdata": np.zeros((20, 784))}), p.write_bytes(p.read_bytes()[:300]))), "cannot read"),
-    ("curves-wrong-variable", _curves(lambda p: savemat(p, {"images": np.zeros((20, 784))})), "none of the variables ['bdata']"),
+    (
+        "curves-truncated",
+        _curves(lambda p: (savemat(p, {"bdata": np.zeros((20, 784))}), p.write_bytes(p.read_bytes()[:300]))),
+        "cannot read",
+    ),
+    (
+        "curves-wrong-variable",
+        _curves(lambda p: savemat(p, {"images": np.zeros((20, 784))})),
+        "none of the variables ['bdata']",
+    ),
     ("curves-not-numeric", _curves(lambda p: savemat(p, {"bdata": np.array(["a", "b"])})), "bdata"),
     # CIFAR-10 python batches
     ("cifar-garbage", _cifar(b"\x00\x01garbage bytes"), "not a CIFAR-10 python batch"),
     ("cifar-wrong-structure", _cifar(pickle.dumps({b"images": [1, 2, 3]}, protocol=2)), "expected a dict with 'data'"),
-    ("cifar-wrong-labels", _cifar(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 42]}, protocol=2)), "from 0 to 9"),
+    (
+        "cifar-wrong-labels",
+        _cifar(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 42]}, protocol=2)),
+        "from 0 to 9",
+    ),
     # --config values
     ("config-iterations-string", _config({"iterations": "two"}), "field 'iterations' must be an integer"),
     ("config-iterations-float", _config({"iterations": 2.7}), "field 'iterations' must be an integer"),
@@ -116,7 +142,11 @@ BAD_PROBE_INPUTS: list[tuple[str, Setup, str]] = [
     ("config-unknown-field", _config({"iteratons": 3}), "unknown fields ['iteratons']"),
     ("config-not-object", _config([1, 2]), "must hold a JSON object"),
     ("config-bool-as-int", _config({"seed": True}), "field 'seed' must be an integer"),
-    ("config-not-json", lambda d: ((d / "c.json").write_text("{iterations: 3"), ["--config", str(d / "c.json")])[1], "cannot read --config"),
+    (
+        "config-not-json",
+        lambda d: ((d / "c.json").write_text("{iterations: 3"), ["--config", str(d / "c.json")])[1],
+        "cannot read --config",
+    ),
     # nonsense numbers
     ("damping-inf", _flags("--two-level", "--damping", "inf"), "--damping must be finite and positive"),
     ("damping-nan", _flags("--damping", "nan"), "--damping must be finite and positive"),
@@ -133,10 +163,14 @@ BAD_PROBE_INPUTS: list[tuple[str, Setup, str]] = [
 
 
 @pytest.mark.parametrize(("setup", "message"), [c[1:] for c in BAD_PROBE_INPUTS], ids=[c[0] for c in BAD_PROBE_INPUTS])
-def test_bad_probe_input_gives_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], setup: Setup, message: str) -> None:
+def test_bad_probe_input_gives_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], setup: Setup, message: str
+) -> None:
     extra = setup(tmp_path)
     out = tmp_path / "r.nc"
-    status = cli.main(["probe", "--iterations", "2", "--every", "1", "--out", str(out), "--no-progress", "--figure", "none", *extra])
+    status = cli.main(
+        ["probe", "--iterations", "2", "--every", "1", "--out", str(out), "--no-progress", "--figure", "none", *extra]
+    )
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("fisherlab: error:")]
     assert status == 2, err
@@ -155,7 +189,9 @@ BAD_TRAIN_INPUTS: list[tuple[str, list[str], str]] = [
 
 
 @pytest.mark.parametrize(("args", "message"), [c[1:] for c in BAD_TRAIN_INPUTS], ids=[c[0] for c in BAD_TRAIN_INPUTS])
-def test_bad_train_input_gives_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
+def test_bad_train_input_gives_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
     out = tmp_path / "t.nc"
     assert cli.main(["train", "--out", str(out), "--no-progress", *args]) == 2
     err = capsys.readouterr().err
@@ -173,7 +209,9 @@ def test_crafted_cifar_batch_runs_no_code(tmp_path: Path, capsys: pytest.Capture
     target = tmp_path / "created-by-pickle"
     evil = pickle.dumps({b"data": _RunsCode(target), b"labels": [0]})
     extra = _cifar(evil)(tmp_path)
-    status = cli.main(["probe", "--iterations", "2", "--every", "1", "--out", str(tmp_path / "r.nc"), "--no-progress", *extra])
+    status = cli.main(
+        ["probe", "--iterations", "2", "--every", "1", "--out", str(tmp_path / "r.nc"), "--no-progress", *extra]
+    )
     err = capsys.readouterr().err
     assert status == 2 and err.count("fisherlab: error:") == 1 and "data_batch_1" in err and "io.open" in err
     assert not target.exists()
@@ -187,7 +225,12 @@ def test_real_cifar_layout_loads(tmp_path: Path) -> None:
     from fisherlab.data import load_images
 
     for i in range(1, 6):
-        d = {b"batch_label": b"training batch", b"labels": [i % 10] * 3, b"data": np.full((3, 3072), i, np.uint8), b"filenames": [b"x"] * 3}
+        d = {
+            b"batch_label": b"training batch",
+            b"labels": [i % 10] * 3,
+            b"data": np.full((3, 3072), i, np.uint8),
+            b"filenames": [b"x"] * 3,
+        }
         (tmp_path / f"data_batch_{i}").write_bytes(pickle.dumps(d, protocol=2 if i % 2 else 5))
     data = load_images("cifar10", tmp_path)
     assert data.train.shape == (15, 3072) and not data.stand_in

@@ -21,8 +21,22 @@ from tests.cases import SmallConvNet, small_mlp
 def test_probe_end_to_end(tmp_path, capsys) -> None:
     """`fisherlab probe` on the default problem writes a valid dataset, a figure and stored factors."""
     out = tmp_path / "r.nc"
-    status = cli.main(["probe", "--iterations", "4", "--every", "2", "--layers", "5,6", "--store-factors", "5",
-                       "--out", str(out), "--no-progress"])
+    status = cli.main(
+        [
+            "probe",
+            "--iterations",
+            "4",
+            "--every",
+            "2",
+            "--layers",
+            "5,6",
+            "--store-factors",
+            "5",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert status == 0
     ds = load(out)
     validate(ds)
@@ -46,7 +60,12 @@ def test_config_file_and_flags(tmp_path) -> None:
     cfg = tmp_path / "c.json"
     cfg.write_text('{"iterations": 2, "every": 1, "methods": ["kfac", "kpsvd"], "fisher": "empirical"}')
     out = tmp_path / "r.nc"
-    assert cli.main(["probe", "--config", str(cfg), "--every", "2", "--out", str(out), "--no-progress", "--figure", "none"]) == 0
+    assert (
+        cli.main(
+            ["probe", "--config", str(cfg), "--every", "2", "--out", str(out), "--no-progress", "--figure", "none"]
+        )
+        == 0
+    )
     ds = load(out)
     assert list(ds["iteration"].values) == [0, 2] and ds.attrs["fisher"] == "empirical"
     assert list(ds["method"].values) == ["kfac", "kpsvd"]
@@ -89,7 +108,12 @@ def test_existing_and_unwritable_outputs(tmp_path, capsys) -> None:
     assert "already exists" in capsys.readouterr().err and out.read_text() == "earlier results"
     blocker = tmp_path / "plain-file"  # a directory that cannot exist, for root too (chmod does not stop root)
     blocker.write_text("x")
-    assert cli.main(["probe", "--iterations", "2", "--every", "1", "--out", str(blocker / "sub" / "r.nc"), "--no-progress"]) == 2
+    assert (
+        cli.main(
+            ["probe", "--iterations", "2", "--every", "1", "--out", str(blocker / "sub" / "r.nc"), "--no-progress"]
+        )
+        == 2
+    )
     assert "cannot create directory" in capsys.readouterr().err
 
 
@@ -118,14 +142,18 @@ def test_diverging_training_is_reported() -> None:
         model[0].weight[0, 0] = float("nan")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(FisherlabError, match="training loss became nan"):
-        run_module._step(model, LossKind.MSE, opt, torch.randn(3, 4, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64), 7)
+        run_module._step(
+            model, LossKind.MSE, opt, torch.randn(3, 4, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64), 7
+        )
 
 
 def test_probe_training_on_user_conv_model() -> None:
     """The Python API probes a user's Conv2d/Linear model with its own loss and data, in memory."""
     torch.manual_seed(0)
     model = SmallConvNet(4).double()
-    data = itertools.cycle([(torch.randn(8, 2, 5, 5, dtype=torch.float64), torch.randint(0, 4, (8,))) for _ in range(3)])
+    data = itertools.cycle(
+        [(torch.randn(8, 2, 5, 5, dtype=torch.float64), torch.randint(0, 4, (8,))) for _ in range(3)]
+    )
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     config = ProbeConfig(iterations=4, every=2, fisher="exact", tol=1e-10)
     ds = probe_training(model, "ce", data, opt, config, progress=False)
@@ -139,7 +167,23 @@ def test_probe_training_on_user_conv_model() -> None:
 def test_frobenius_only_run(tmp_path) -> None:
     """--metrics frobenius_error skips error 2 (NaN, recorded in attrs) and still plots error 1."""
     out = tmp_path / "r.nc"
-    assert cli.main(["probe", "--iterations", "2", "--every", "1", "--metrics", "frobenius_error", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "probe",
+                "--iterations",
+                "2",
+                "--every",
+                "1",
+                "--metrics",
+                "frobenius_error",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     ds = load(out)
     assert ds.attrs["metrics"] == "frobenius_error"
     assert bool(ds["spectral_error"].isnull().all()) and bool(ds["frobenius_error"].notnull().all())
@@ -149,8 +193,25 @@ def test_frobenius_only_run(tmp_path) -> None:
 def test_two_level_end_to_end(tmp_path) -> None:
     """--two-level probes every layer, stores gaps / energy errors per coarse space and draws T Fig. 5."""
     out = tmp_path / "gap.nc"
-    status = cli.main(["probe", "--two-level", "--damping", "1e-2", "--iterations", "1", "--every", "1", "--batch-size", "32",
-                       "--coarse-spaces", "nicolaides,residuals,taylor", "--out", str(out), "--no-progress"])
+    status = cli.main(
+        [
+            "probe",
+            "--two-level",
+            "--damping",
+            "1e-2",
+            "--iterations",
+            "1",
+            "--every",
+            "1",
+            "--batch-size",
+            "32",
+            "--coarse-spaces",
+            "nicolaides,residuals,taylor",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert status == 0
     ds = load(out)
     validate(ds)
@@ -161,7 +222,9 @@ def test_two_level_end_to_end(tmp_path) -> None:
     assert bool((gaps <= 1e-9 * ds["energy_kfac"]).all())  # β* never increases the F•-error (T eq. 3.19)
     torch.testing.assert_close(
         torch.as_tensor(ds["energy_two_level"].values - ds["energy_kfac"].values[:, None]),
-        torch.as_tensor(ds["gap"].values), rtol=1e-6, atol=1e-9 * float(ds["energy_kfac"].max()),
+        torch.as_tensor(ds["gap"].values),
+        rtol=1e-6,
+        atol=1e-9 * float(ds["energy_kfac"].max()),
     )
     assert bool(ds["block_energy_error"].notnull().all())
     assert (tmp_path / "gap-twolevel.png").exists()

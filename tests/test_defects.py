@@ -58,10 +58,12 @@ def test_module_called_twice_is_weight_sharing(fisher: str) -> None:
         jac = psg.reshape(7, -1)
         torch.testing.assert_close(block.as_dense(), jac.T @ jac / 7, rtol=1e-12, atol=1e-14)
     else:  # MSE: the exact Fisher is JᵀJ over the output units, the Gauss-Newton matrix
-        jac = torch.func.jacrev(lambda w: torch.func.functional_call(model, {**dict(model.named_parameters()), "shared.weight": w}, (x,)))(
-            model.shared.weight.detach())
-        jb = torch.func.jacrev(lambda b: torch.func.functional_call(model, {**dict(model.named_parameters()), "shared.bias": b}, (x,)))(
-            model.shared.bias.detach())
+        jac = torch.func.jacrev(
+            lambda w: torch.func.functional_call(model, {**dict(model.named_parameters()), "shared.weight": w}, (x,))
+        )(model.shared.weight.detach())
+        jb = torch.func.jacrev(
+            lambda b: torch.func.functional_call(model, {**dict(model.named_parameters()), "shared.bias": b}, (x,))
+        )(model.shared.bias.detach())
         j = torch.cat([jac, jb[..., None]], -1).reshape(7 * 3, -1)
         torch.testing.assert_close(block.as_dense(), j.T @ j / 7, rtol=1e-10, atol=1e-12)
 
@@ -98,8 +100,24 @@ def test_second_writer_of_the_same_output_is_refused(tmp_path) -> None:
 def test_overwrite_removes_the_old_runs_factors(tmp_path) -> None:
     """--overwrite with --store-factors keeps only the new run's factor files, read back safely."""
     out = tmp_path / "r.nc"
-    base = ["probe", "--iterations", "2", "--layers", "6", "--methods", "kfac", "--metrics", "frobenius_error",
-            "--store-factors", "6", "--out", str(out), "--no-progress", "--figure", "none"]
+    base = [
+        "probe",
+        "--iterations",
+        "2",
+        "--layers",
+        "6",
+        "--methods",
+        "kfac",
+        "--metrics",
+        "frobenius_error",
+        "--store-factors",
+        "6",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--figure",
+        "none",
+    ]
     assert cli.main([*base, "--every", "1"]) == 0
     assert len(list((tmp_path / "r.nc.factors").glob("*.pt"))) == 3
     assert cli.main([*base, "--every", "2", "--overwrite"]) == 0
@@ -125,13 +143,17 @@ def test_train_writes_every_epoch_and_survives_ctrl_c(tmp_path, monkeypatch, cap
     calls = itertools.count()
 
     def interrupting(*args: object) -> float:
-        if next(calls) == 10:  # sgd: 3 evaluations x (train, valid); adam: initial and epoch 1 done, epoch 2 interrupted
+        if (
+            next(calls) == 10
+        ):  # sgd: 3 evaluations x (train, valid); adam: initial and epoch 1 done, epoch 2 interrupted
             raise KeyboardInterrupt
         return real(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(train, "_mean_loss", interrupting)
     out = tmp_path / "t.nc"
-    status = cli.main(["train", "--optimizers", "sgd,adam", "--epochs", "2", "--max-batches", "2", "--out", str(out), "--no-progress"])
+    status = cli.main(
+        ["train", "--optimizers", "sgd,adam", "--epochs", "2", "--max-batches", "2", "--out", str(out), "--no-progress"]
+    )
     assert status == 130 and capsys.readouterr().err.strip().endswith(f"interrupted; finished epochs are in {out}")
     ds = load(out)
     assert list(ds["optimizer"].values) == ["sgd", "adam"] and ds.attrs["complete"] == 0
@@ -145,8 +167,24 @@ def test_no_validation_data_is_nan_and_said(tmp_path, capsys) -> None:
 
     (tmp_path / "train-images-idx3-ubyte").write_bytes(_idx_images(40))
     out = tmp_path / "t.nc"
-    status = cli.main(["train", "--problem", "mnist", "--data-dir", str(tmp_path), "--optimizers", "sgd", "--epochs", "1",
-                       "--batch-size", "20", "--out", str(out), "--no-progress"])
+    status = cli.main(
+        [
+            "train",
+            "--problem",
+            "mnist",
+            "--data-dir",
+            str(tmp_path),
+            "--optimizers",
+            "sgd",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "20",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert status == 0
     assert "no validation images; valid_loss is recorded as NaN" in capsys.readouterr().err
     ds = load(out)
@@ -163,13 +201,20 @@ def test_stand_in_is_named_on_console_and_in_titles(capsys) -> None:
     announce_data(data.source, data.stand_in)
     assert "STAND-IN data, not the paper's dataset" in capsys.readouterr().err
     values = np.full((1, 1, 1), 0.5)
-    ds = xr.Dataset({"frobenius_error": (("iteration", "layer", "method"), values),
-                     "spectral_error": (("iteration", "layer", "method"), values)},
-                    coords={"iteration": [0], "layer": ["5"], "method": ["kfac"]},
-                    attrs={"problem": "mnist", "data_source": data.source, "stand_in": 1})
+    ds = xr.Dataset(
+        {
+            "frobenius_error": (("iteration", "layer", "method"), values),
+            "spectral_error": (("iteration", "layer", "method"), values),
+        },
+        coords={"iteration": [0], "layer": ["5"], "method": ["kfac"]},
+        attrs={"problem": "mnist", "data_source": data.source, "stand_in": 1},
+    )
     assert "STAND-IN" in error_figure(ds)._suptitle.get_text()
-    train = xr.Dataset({k: (("optimizer", "epoch"), np.ones((1, 2))) for k in ("train_loss", "valid_loss", "wall_time")},
-                       coords={"optimizer": ["sgd"], "epoch": [0, 1]}, attrs={"problem": "mnist", "data_source": data.source})
+    train = xr.Dataset(
+        {k: (("optimizer", "epoch"), np.ones((1, 2))) for k in ("train_loss", "valid_loss", "wall_time")},
+        coords={"optimizer": ["sgd"], "epoch": [0, 1]},
+        attrs={"problem": "mnist", "data_source": data.source},
+    )
     assert "STAND-IN" in training_figure(train)._suptitle.get_text()
     import matplotlib.pyplot as plt
 
@@ -182,8 +227,15 @@ def test_probe_of_several_layers_with_a_large_learning_rate() -> None:
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3)).double()
     gen = torch.Generator().manual_seed(0)
-    batches = itertools.cycle([(torch.randn(16, 6, generator=gen, dtype=torch.float64), torch.rand(16, 3, generator=gen, dtype=torch.float64))
-                               for _ in range(3)])
+    batches = itertools.cycle(
+        [
+            (
+                torch.randn(16, 6, generator=gen, dtype=torch.float64),
+                torch.rand(16, 3, generator=gen, dtype=torch.float64),
+            )
+            for _ in range(3)
+        ]
+    )
     opt = torch.optim.SGD(model.parameters(), lr=30.0)
     config = ProbeConfig(iterations=6, every=1, metrics=("frobenius_error",), tol=1e-8)
     with warnings.catch_warnings(record=True) as caught:
@@ -219,7 +271,14 @@ def test_python_api_bad_inputs() -> None:
         Probe(model, "mse")(x[:0], None)
     short = [(x, torch.zeros(5, 3, dtype=torch.float64))] * 2
     with pytest.raises(ValueError, match="batch iterator ended after 2 batches"):
-        probe_training(model, "mse", short, torch.optim.SGD(model.parameters(), lr=0.1), ProbeConfig(iterations=3, every=1), progress=False)
+        probe_training(
+            model,
+            "mse",
+            short,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            ProbeConfig(iterations=3, every=1),
+            progress=False,
+        )
 
 
 def test_spectral_vector_is_deterministic_for_a_repeated_eigenvalue() -> None:

@@ -33,10 +33,15 @@ def _pi_damped(out: torch.Tensor, in_: torch.Tensor, damping: float) -> torch.Te
     """(out + √λ/π I) ⊗ (in + √λ π I), π² = (tr in / d_in) / (tr out / d_out), written out densely."""
     pi = ((torch.trace(in_) / in_.shape[0]) / (torch.trace(out) / out.shape[0])) ** 0.5
     root = damping**0.5
-    return torch.kron(out + root / pi * torch.eye(out.shape[0], dtype=out.dtype), in_ + root * pi * torch.eye(in_.shape[0], dtype=in_.dtype))
+    return torch.kron(
+        out + root / pi * torch.eye(out.shape[0], dtype=out.dtype),
+        in_ + root * pi * torch.eye(in_.shape[0], dtype=in_.dtype),
+    )
 
 
-def _factor_pair(vec_out: torch.Tensor, vec_in: torch.Tensor, sigma: torch.Tensor, d_out: int, d_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _factor_pair(
+    vec_out: torch.Tensor, vec_in: torch.Tensor, sigma: torch.Tensor, d_out: int, d_in: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """√σ MAT(u) and √σ MAT(v), signed so that tr(in) ≥ 0 (the convention of K Prop. 3.2)."""
     out, in_ = sigma.sqrt() * vec_out.reshape(d_out, d_out), sigma.sqrt() * vec_in.reshape(d_in, d_in)
     return (-out, -in_) if torch.trace(in_) < 0 else (out, in_)
@@ -73,7 +78,9 @@ def _inputs(model: nn.Sequential, x: torch.Tensor) -> list[torch.Tensor]:
 
 def _first_step(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, **kw: object) -> dict[str, torch.Tensor]:
     """Take one empirical-Fisher step; return the update per layer (W_before - W_after) / lr."""
-    opt = KroneckerOptimizer(model, "mse", lr=0.5, damping=DAMPING, fisher="empirical", tol=1e-12, max_iter=20_000, **kw)  # type: ignore[arg-type]
+    opt = KroneckerOptimizer(
+        model, "mse", lr=0.5, damping=DAMPING, fisher="empirical", tol=1e-12, max_iter=20_000, **kw
+    )  # type: ignore[arg-type]
     model.zero_grad()
     per_sample_loss("mse", model(x), y).mean().backward()  # type: ignore[arg-type]
     before = {n: layer_gradient(m, "data").clone() for n, m in opt.layers.items()}
@@ -125,8 +132,15 @@ def test_two_level_optimizer_step_matches_dense_twin(space: str) -> None:
 def _random_fisher(conv: bool) -> tuple[WholeFisher, list[torch.Tensor]]:
     gen = torch.Generator().manual_seed(11)
     shapes = [(4, 5, 3), (3, 4, 2)] if conv else [(1, 5, 3), (1, 4, 2)]  # (T, d_in, d_out)
-    blocks = [ExactBlock(LayerFactors(torch.randn(6, t, di, generator=gen, dtype=torch.float64),
-                                      torch.randn(6, 2, t, do, generator=gen, dtype=torch.float64))) for t, di, do in shapes]
+    blocks = [
+        ExactBlock(
+            LayerFactors(
+                torch.randn(6, t, di, generator=gen, dtype=torch.float64),
+                torch.randn(6, 2, t, do, generator=gen, dtype=torch.float64),
+            )
+        )
+        for t, di, do in shapes
+    ]
     grads = [torch.randn(do, di, generator=gen, dtype=torch.float64) for _, di, do in shapes]
     return WholeFisher(tuple(blocks)), grads
 
@@ -146,7 +160,12 @@ def test_beta_tko_matches_eq_4_7b(conv: bool) -> None:
                 f = bi.factors
                 t = f.n_positions
                 a_fac = sum(torch.outer(f.a[m, s], f.a[m, s]) for m in range(n) for s in range(t)) / n
-                g_fac = sum(torch.outer(f.g[m, v, s], f.g[m, v, s]) for m in range(n) for v in range(f.n_directions) for s in range(t)) / (n * t)
+                g_fac = sum(
+                    torch.outer(f.g[m, v, s], f.g[m, v, s])
+                    for m in range(n)
+                    for v in range(f.n_directions)
+                    for s in range(t)
+                ) / (n * t)
                 row.append(_pi_damped(g_fac, a_fac, DAMPING))
             else:
                 g_i, g_j = bi.factors.g.sum(2), bj.factors.g.sum(2)
@@ -175,8 +194,13 @@ def test_stored_two_level_metrics_match_dense() -> None:
     approximations = {n: approximate_all(ExactBlock(f), methods, config) for n, f in snap.factors.items()}
     names = list(snap.factors)
     diagonals = {m: BlockDiagonal(tuple(approximations[n][m].kron for n in names)) for m in methods}
-    values, spaces = two_level_metrics(snap.whole_fisher(names), [snap.gradients[n] for n in names], diagonals, damping=DAMPING,
-                                       spaces=["nicolaides", "residuals"])
+    values, spaces = two_level_metrics(
+        snap.whole_fisher(names),
+        [snap.gradients[n] for n in names],
+        diagonals,
+        damping=DAMPING,
+        spaces=["nicolaides", "residuals"],
+    )
     extra = {k: (None, v) for k, v in values.items()}
     coords = {"coarse_space": spaces}
     jac = torch.cat([ExactBlock(snap.factors[n]).jacobian() for n in names], 1)
@@ -194,12 +218,19 @@ def test_stored_two_level_metrics_match_dense() -> None:
         dense_blocks = []
         for n in names:
             k = approximations[n][m].kron
-            dense_blocks.append(_pi_damped(k.outs[0], k.ins[0], DAMPING) + sum(torch.kron(o, i) for o, i in zip(k.outs[1:], k.ins[1:], strict=True)))
+            dense_blocks.append(
+                _pi_damped(k.outs[0], k.ins[0], DAMPING)
+                + sum(torch.kron(o, i) for o, i in zip(k.outs[1:], k.ins[1:], strict=True))
+            )
         z_m = torch.linalg.solve(torch.block_diag(*dense_blocks), grad)
         assert float(extra["block_energy_error"][1][mi]) == pytest.approx(energy_error(z_m), rel=1e-8)
         assert float(extra["block_cosine"][1][mi]) == pytest.approx(cos(z_m), rel=1e-8)
-    res = two_level(WholeFisher(tuple(ExactBlock(snap.factors[n]) for n in names)), [snap.gradients[n] for n in names],
-                    damping=DAMPING, spaces=["nicolaides", "residuals"])
+    res = two_level(
+        WholeFisher(tuple(ExactBlock(snap.factors[n]) for n in names)),
+        [snap.gradients[n] for n in names],
+        damping=DAMPING,
+        spaces=["nicolaides", "residuals"],
+    )
     kfac_blocks = []
     for n in names:
         k = kfac_factors(ExactBlock(snap.factors[n]))

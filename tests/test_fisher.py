@@ -101,25 +101,36 @@ def test_kfac_exact_for_one_sample() -> None:
 def test_kfac_not_exact_for_many_samples() -> None:
     """Sanity check that the previous oracle can fail: KFAC differs from F for N > 1."""
     block = ExactBlock(make_factors(FACTOR_CASES[2]))
-    assert torch.linalg.matrix_norm(kfac_factors(block).as_dense() - block.as_dense()) > 1e-3 * torch.linalg.matrix_norm(block.as_dense())
+    assert torch.linalg.matrix_norm(
+        kfac_factors(block).as_dense() - block.as_dense()
+    ) > 1e-3 * torch.linalg.matrix_norm(block.as_dense())
 
 
 def test_cross_blocks_assemble_full_fisher() -> None:
     """Diagonal blocks of the full F are the layer blocks; off-diagonal ones are F_ij = J_i^T J_j / N."""
     gen = torch.Generator().manual_seed(4)
-    a1, a2 = torch.randn(6, 1, 3, generator=gen, dtype=torch.float64), torch.randn(6, 1, 4, generator=gen, dtype=torch.float64)
-    g1, g2 = torch.randn(6, 2, 1, 2, generator=gen, dtype=torch.float64), torch.randn(6, 2, 1, 3, generator=gen, dtype=torch.float64)
+    a1, a2 = (
+        torch.randn(6, 1, 3, generator=gen, dtype=torch.float64),
+        torch.randn(6, 1, 4, generator=gen, dtype=torch.float64),
+    )
+    g1, g2 = (
+        torch.randn(6, 2, 1, 2, generator=gen, dtype=torch.float64),
+        torch.randn(6, 2, 1, 3, generator=gen, dtype=torch.float64),
+    )
     b1, b2 = ExactBlock(LayerFactors(a1, g1)), ExactBlock(LayerFactors(a2, g2))
     full = full_fisher_dense([b1, b2])
     d1 = b1.dim
     torch.testing.assert_close(full[:d1, :d1], b1.as_dense(), **EXACT64)
     torch.testing.assert_close(full[d1:, d1:], b2.as_dense(), **EXACT64)
     torch.testing.assert_close(full[:d1, d1:], cross_block_dense(b1, b2), **EXACT64)
-    manual = sum(
-        torch.outer(torch.outer(g1[n, v, 0], a1[n, 0]).flatten(), torch.outer(g2[n, v, 0], a2[n, 0]).flatten())
-        for n in range(6)
-        for v in range(2)
-    ) / 6
+    manual = (
+        sum(
+            torch.outer(torch.outer(g1[n, v, 0], a1[n, 0]).flatten(), torch.outer(g2[n, v, 0], a2[n, 0]).flatten())
+            for n in range(6)
+            for v in range(2)
+        )
+        / 6
+    )
     torch.testing.assert_close(cross_block_dense(b1, b2), manual, **EXACT64)
 
 
@@ -129,13 +140,17 @@ def test_kfac_factors_follow_t_eq_2_27(case: dict) -> None:
     f = make_factors(case)
     n, v, t, _ = f.g.shape
     a_loop = sum(torch.outer(f.a[i, s], f.a[i, s]) for i in range(n) for s in range(t)) / n
-    g_loop = sum(torch.outer(f.g[i, j, s], f.g[i, j, s]) for i in range(n) for j in range(v) for s in range(t)) / (n * t)
+    g_loop = sum(torch.outer(f.g[i, j, s], f.g[i, j, s]) for i in range(n) for j in range(v) for s in range(t)) / (
+        n * t
+    )
     kfac = kfac_factors(ExactBlock(f))
     torch.testing.assert_close(kfac.ins[0], a_loop, **EXACT64)
     torch.testing.assert_close(kfac.outs[0], g_loop, **EXACT64)
 
 
-@pytest.mark.parametrize("case", [c for c in FACTOR_CASES if c["t"] > 1], ids=ids([c for c in FACTOR_CASES if c["t"] > 1]))
+@pytest.mark.parametrize(
+    "case", [c for c in FACTOR_CASES if c["t"] > 1], ids=ids([c for c in FACTOR_CASES if c["t"] > 1])
+)
 def test_conv_position_pair_route_matches_dense(case: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """With per-sample gradients disabled, the all-position-pairs formulas still equal the dense twin."""
     from fisherlab import fisher as fisher_module

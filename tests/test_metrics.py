@@ -24,9 +24,19 @@ def test_errors_match_dense(case: dict, spectrum: Spectrum) -> None:
     dense = block.as_dense()
     for method, approx in approximate_all(block, list(Method), ApproxConfig(tol=1e-8)).items():
         f_hat = approx.kron.as_dense()
-        torch.testing.assert_close(frobenius_error(ref, approx.kron), dense_frobenius_error(dense, f_hat), rtol=1e-8, atol=1e-10, msg=method.value)
         torch.testing.assert_close(
-            spectral_error(ref, approx.kron, spectrum=spectrum), dense_spectral_error(dense, f_hat, spectrum), rtol=1e-8, atol=1e-10, msg=method.value
+            frobenius_error(ref, approx.kron),
+            dense_frobenius_error(dense, f_hat),
+            rtol=1e-8,
+            atol=1e-10,
+            msg=method.value,
+        )
+        torch.testing.assert_close(
+            spectral_error(ref, approx.kron, spectrum=spectrum),
+            dense_spectral_error(dense, f_hat, spectrum),
+            rtol=1e-8,
+            atol=1e-10,
+            msg=method.value,
         )
 
 
@@ -34,7 +44,9 @@ def test_spectrum_conventions_differ_for_indefinite_approximation() -> None:
     """Eigenvalue and singular-value error 2 differ when F̂ has negative eigenvalues, and agree when PSD."""
     f = LayerFactors(torch.eye(2, dtype=torch.float64)[:, None, :], torch.ones(2, 1, 1, 1, dtype=torch.float64))
     ref = BlockReference.of(ExactBlock(f))  # F = diag(0.5, 0.5)
-    indefinite = KronSum((torch.ones(1, 1, dtype=torch.float64),), (torch.diag(torch.tensor([0.5, -0.5], dtype=torch.float64)),))
+    indefinite = KronSum(
+        (torch.ones(1, 1, dtype=torch.float64),), (torch.diag(torch.tensor([0.5, -0.5], dtype=torch.float64)),)
+    )
     ev = float(spectral_error(ref, indefinite, spectrum=Spectrum.EIGENVALUES))
     sv = float(spectral_error(ref, indefinite, spectrum=Spectrum.SINGULAR_VALUES))
     assert ev == pytest.approx(2**0.5)  # spectra (0.5, 0.5) vs (0.5, -0.5): ||(0, 1)|| / ||(0.5, 0.5)||

@@ -55,7 +55,9 @@ def test_every_optimizer_lowers_the_loss(name: str) -> None:
     model = small_mlp((4, 8, 3))
     x, y = _data(1)
     lr = {"sgd": 0.05, "adam": 0.01}.get(name, 0.2)
-    opt = make_optimizer(name, model, "mse", lr=lr, **({} if name in ("sgd", "adam") else {"damping": 1e-1, "max_iter": 5000}))
+    opt = make_optimizer(
+        name, model, "mse", lr=lr, **({} if name in ("sgd", "adam") else {"damping": 1e-1, "max_iter": 5000})
+    )
     first = _backward(model, x, y)
     for _ in range(20):
         _backward(model, x, y)

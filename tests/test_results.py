@@ -12,11 +12,20 @@ from fisherlab.results import ResultsWriter, load, snapshot_dataset, validate
 
 def _snap(it: int) -> xr.Dataset:
     shape = (2, 3)
-    per_method = {name: np.full(shape, it + 0.5) for name in ("frobenius_error", "spectral_error", "solver_residual", "approximation_time")}
+    per_method = {
+        name: np.full(shape, it + 0.5)
+        for name in ("frobenius_error", "spectral_error", "solver_residual", "approximation_time")
+    }
     per_method["solver_iterations"] = np.full(shape, it, dtype=np.int32)
     per_method["converged"] = np.ones(shape, dtype=np.int8)
-    return snapshot_dataset(it, ["1", "5"], ["kfac", "kpsvd", "lanczos"], per_method, {"fisher_frobenius_norm": np.ones(2)},
-                            {"train_loss": 1.0, "wall_time": 2.0, "probe_time": 0.1})
+    return snapshot_dataset(
+        it,
+        ["1", "5"],
+        ["kfac", "kpsvd", "lanczos"],
+        per_method,
+        {"fisher_frobenius_norm": np.ones(2)},
+        {"train_loss": 1.0, "wall_time": 2.0, "probe_time": 0.1},
+    )
 
 
 def test_round_trip_and_schema(tmp_path) -> None:

@@ -14,8 +14,22 @@ from fisherlab.train import run_training
 def test_train_end_to_end(tmp_path, capsys) -> None:
     """Every optimizer lowers the training loss; the dataset and the four-panel figure are written."""
     out = tmp_path / "t.nc"
-    status = cli.main(["train", "--optimizers", "adam,kfac,kpsvd,deflation,kfac2l_tko", "--epochs", "2", "--max-batches", "4", "--eval-samples", "512",
-                       "--out", str(out), "--no-progress"])
+    status = cli.main(
+        [
+            "train",
+            "--optimizers",
+            "adam,kfac,kpsvd,deflation,kfac2l_tko",
+            "--epochs",
+            "2",
+            "--max-batches",
+            "4",
+            "--eval-samples",
+            "512",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert status == 0, capsys.readouterr().err
     ds = load(out)
     assert ds.sizes == {"optimizer": 5, "epoch": 3}
@@ -31,7 +45,11 @@ def test_grid_search_keeps_best_and_early_stopping(tmp_path) -> None:
     config = TrainConfig(optimizers=("sgd",), epochs=3, max_batches=3, lr=(1e-6, 1e-2), patience=1, eval_samples=512)
     ds = run_training(config, tmp_path / "g.nc", progress=False)
     assert float(ds["lr"].sel({"optimizer": "sgd"})) == 1e-2
-    tiny = run_training(TrainConfig(optimizers=("sgd",), epochs=4, max_batches=1, lr=(1e-12,), patience=1, eval_samples=256), tmp_path / "s.nc", progress=False)
+    tiny = run_training(
+        TrainConfig(optimizers=("sgd",), epochs=4, max_batches=1, lr=(1e-12,), patience=1, eval_samples=256),
+        tmp_path / "s.nc",
+        progress=False,
+    )
     assert np.isnan(tiny["train_loss"].values[0, -1])  # stopped before the last epoch
 
 

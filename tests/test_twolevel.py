@@ -122,7 +122,9 @@ def test_tko_gap_matches_direct_and_coarse_operator_matches_dense() -> None:
         blocks.append(torch.cat(row, dim=1))
     f_bar = torch.cat(blocks)
     r0t = _dense_r0t(basis)
-    torch.testing.assert_close(tko_coarse_operator(fisher, kfacs, basis, damping=DAMPING), r0t.T @ f_bar @ r0t, **EXACT64)
+    torch.testing.assert_close(
+        tko_coarse_operator(fisher, kfacs, basis, damping=DAMPING), r0t.T @ f_bar @ r0t, **EXACT64
+    )
     dense = fisher.as_dense(damping=DAMPING)
     zeta = torch.linalg.solve(dense, _flat(grads))
     zk = _flat(res.zeta_kfac)
@@ -138,7 +140,9 @@ def test_residual_space_contains_kfac_correction(fisher: WholeFisher) -> None:
     kfacs = [kfac_factors(b) for b in fisher.blocks]
     basis = coarse_basis("residuals", kfacs, res.residual, damping=DAMPING)
     expected = damped_kfac_solve(kfacs, res.residual, damping=DAMPING)
-    torch.testing.assert_close(_dense_r0t(basis) @ torch.ones(len(basis), dtype=torch.float64), _flat(expected), **EXACT64)
+    torch.testing.assert_close(
+        _dense_r0t(basis) @ torch.ones(len(basis), dtype=torch.float64), _flat(expected), **EXACT64
+    )
 
 
 def test_spectral_vector_is_smallest_eigenvector(fisher: WholeFisher) -> None:
