@@ -1,0 +1,84 @@
+"""The shared operator protocols and the block-diagonal container, against dense twins (float64)."""
+
+from __future__ import annotations
+
+import torch
+
+from fisherlab.approximations import kfac_factors
+from fisherlab.fisher import ExactBlock, WholeFisher
+from fisherlab.kron import KronSum
+from fisherlab.layers import LayerFactors
+from fisherlab.operators import BlockDiagonal, BlockOperator, ParamsOperator, axpy, dot
+from fisherlab.twolevel import coarse_solve
+from tests.tolerances import EXACT64
+
+
+def _factors(n: int, d_in: int, d_out: int, t: int = 1, v: int = 2, seed: int = 0) -> LayerFactors:
+    gen = torch.Generator().manual_seed(seed)
+    return LayerFactors(torch.randn(n, t, d_in, generator=gen, dtype=torch.float64), torch.randn(n, v, t, d_out, generator=gen, dtype=torch.float64))
+
+
+def _kron(d_out: int, d_in: int, rank: int, seed: int) -> KronSum:
+    gen = torch.Generator().manual_seed(seed)
+
+    def sym(d: int) -> torch.Tensor:
+        m = torch.randn(d, d, generator=gen, dtype=torch.float64)
+        return m @ m.T / d + torch.eye(d, dtype=torch.float64)
+
+    return KronSum(tuple(sym(d_out) for _ in range(rank)), tuple(sym(d_in) for _ in range(rank)))
+
+
+def test_operators_satisfy_the_protocols() -> None:
+    block = ExactBlock(_factors(5, 4, 3))
+    kron = kfac_factors(block)
+    assert isinstance(block, BlockOperator) and isinstance(kron, BlockOperator)
+    assert isinstance(WholeFisher((block,)), ParamsOperator) and isinstance(BlockDiagonal((kron,)), ParamsOperator)
+
+
+def test_block_operator_methods_match_their_dense_views() -> None:
+    """matvec, inner and frobenius_norm of ExactBlock (conv-like T = 3) and KronSum equal the dense definitions."""
+    block = ExactBlock(_factors(6, 4, 3, t=3))
+    kron = _kron(3, 4, 2, seed=1)
+    w = torch.randn(3, 4, dtype=torch.float64)
+    for op in (block, kron):
+        dense = op.as_dense()
+        torch.testing.assert_close(op.matvec(w).flatten(), dense @ w.flatten(), **EXACT64)
+        torch.testing.assert_close(op.inner(kron), torch.sum(dense * kron.as_dense()), **EXACT64)
+        torch.testing.assert_close(op.frobenius_norm(), torch.linalg.matrix_norm(dense), **EXACT64)
+    ev = torch.linalg.eigvalsh(block.as_dense()).flip(0)
+    torch.testing.assert_close(block.eigenvalues(top=4), ev[:4], rtol=1e-9, atol=1e-10)
+
+
+def test_block_diagonal_matvec_solve_and_dense() -> None:
+    """BlockDiagonal.solve is (B_i + π-damping)⁻¹ per layer, as the dense block-diagonal solve."""
+    blocks = (_kron(3, 4, 1, seed=2), _kron(2, 5, 2, seed=3))
+    diag = BlockDiagonal(blocks)
+    u = [torch.randn(3, 4, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)]
+    flat = torch.cat([x.flatten() for x in u])
+    torch.testing.assert_close(torch.cat([x.flatten() for x in diag.matvec(u)]), diag.as_dense() @ flat, **EXACT64)
+    damping = 1e-2
+    solved = diag.solve(u, damping=damping)
+    for b, x, s in zip(blocks, u, solved, strict=True):
+        torch.testing.assert_close(b.solve(x, damping=damping), s, **EXACT64)
+    torch.testing.assert_close(dot(u, u), flat @ flat, **EXACT64)
+    torch.testing.assert_close(torch.cat([x.flatten() for x in axpy(2.0, u, u)]), 3 * flat, **EXACT64)
+
+
+def test_whole_fisher_matvec_matches_dense_with_cross_blocks() -> None:
+    f1, f2 = _factors(7, 4, 3, seed=4), _factors(7, 3, 2, t=1, seed=5)
+    fisher = WholeFisher((ExactBlock(f1), ExactBlock(f2)))
+    u = [torch.randn(3, 4, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)]
+    flat = torch.cat([x.flatten() for x in u])
+    got = torch.cat([x.flatten() for x in fisher.matvec(u, damping=0.1)])
+    torch.testing.assert_close(got, fisher.as_dense(damping=0.1) @ flat, **EXACT64)
+
+
+def test_coarse_solve_is_the_minimum_norm_solution() -> None:
+    """β = F⁺ r for a rank-deficient PSD F (a vanished coarse column), as numpy's lstsq gives."""
+    gen = torch.Generator().manual_seed(6)
+    v = torch.randn(4, 2, generator=gen, dtype=torch.float64)
+    f = torch.zeros(5, 5, dtype=torch.float64)
+    f[:4, :4] = v @ v.T  # rank 2 in a 5x5 system
+    r = torch.randn(5, generator=gen, dtype=torch.float64)
+    expected = torch.linalg.lstsq(f, r, rcond=1e-12, driver="gelsd").solution
+    torch.testing.assert_close(coarse_solve(f, r), expected, rtol=1e-9, atol=1e-12)
