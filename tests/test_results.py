@@ -7,23 +7,20 @@ import pytest
 import xarray as xr
 
 from fisherlab._errors import FisherlabError
+from fisherlab.metrics import BLOCK_METRICS, LAYER_METRICS
 from fisherlab.results import ResultsWriter, load, snapshot_dataset, validate
 
 
 def _snap(it: int) -> xr.Dataset:
     shape = (2, 3)
-    per_method = {
-        name: np.full(shape, it + 0.5)
-        for name in ("frobenius_error", "spectral_error", "solver_residual", "approximation_time")
-    }
-    per_method["solver_iterations"] = np.full(shape, it, dtype=np.int32)
+    per_method = {m.name: np.full(shape, it + 0.5).astype(m.dtype) for m in BLOCK_METRICS}  # every registered metric
     per_method["converged"] = np.ones(shape, dtype=np.int8)
     return snapshot_dataset(
         it,
         ["1", "5"],
         ["kfac", "kpsvd", "lanczos"],
         per_method,
-        {"fisher_frobenius_norm": np.ones(2)},
+        {m.name: np.ones(2) for m in LAYER_METRICS},
         {"train_loss": 1.0, "wall_time": 2.0, "probe_time": 0.1},
     )
 
