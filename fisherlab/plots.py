@@ -73,26 +73,33 @@ def data_label(ds: xr.Dataset) -> str:
     return source.split(" (")[0].split(":")[0] if source else "data not recorded"
 
 
-def error_figure(runs: xr.Dataset | dict[str, xr.Dataset], *, metrics: tuple[str, ...] = ERROR_METRICS) -> Figure:
-    """Error 1 and error 2 vs iteration per layer (rows: metrics, columns: layers), K Fig. 1.
+def error_figure(runs: xr.Dataset | dict[str, xr.Dataset], *, metrics: tuple[str, ...] | None = None) -> Figure:
+    """Error metrics vs iteration per layer (rows: metrics, columns: layers), K Fig. 1.
 
     Each method has its own colour, marker and dash pattern. Several runs (a dict of
     datasets by label) are overlaid: colour and marker still say the method, the dash
     pattern says the run. A metric's axis is logarithmic when its values span more than a decade.
 
+    Args:
+        runs: One dataset, or several by label.
+        metrics: Variables to draw; default every registered error metric the datasets hold
+            (a file written before a metric was added still plots).
+
     Raises:
-        FisherlabError: When the datasets lack the metrics.
+        FisherlabError: When the datasets lack the metrics asked for, or hold none.
     """
     datasets = runs if isinstance(runs, dict) else {"": runs}
-    for label, ds in datasets.items():
-        missing = [m for m in metrics if m not in ds]
-        if missing:
-            raise FisherlabError(
-                f"dataset {label or ''} has no {', '.join(missing)}: not a fisherlab probe file?".replace("  ", " ")
-            )
-    metrics = tuple(
-        m for m in metrics if any(bool(ds[m].notnull().any()) for ds in datasets.values())
-    )  # skip metrics not computed
+    if metrics is None:
+        metrics = tuple(m for m in ERROR_METRICS if any(m in ds for ds in datasets.values()))
+        if not metrics:
+            raise FisherlabError("the dataset has no error metric: not a fisherlab probe file?")
+    else:
+        for label, ds in datasets.items():
+            missing = [m for m in metrics if m not in ds]
+            if missing:
+                raise FisherlabError(f"dataset {label} has no {', '.join(missing)}: not a fisherlab probe file?")
+    computed = [m for m in metrics if any(m in ds and bool(ds[m].notnull().any()) for ds in datasets.values())]
+    metrics = tuple(computed)  # skip metrics not computed (e.g. --metrics frobenius_error)
     if not metrics:
         raise FisherlabError("the dataset holds no computed error values to plot")
     layers = list(dict.fromkeys(str(x) for ds in datasets.values() for x in ds["layer"].values))
@@ -102,11 +109,11 @@ def error_figure(runs: xr.Dataset | dict[str, xr.Dataset], *, metrics: tuple[str
         len(metrics), len(layers), figsize=(4.2 * len(layers) + 2.0, 3.2 * len(metrics)), squeeze=False, sharex=True
     )
     for row, metric in enumerate(metrics):
-        log = any(_spans_decades(ds[metric].values) for ds in datasets.values())
+        log = any(_spans_decades(ds[metric].values) for ds in datasets.values() if metric in ds)
         for col, layer in enumerate(layers):
             ax = axes[row, col]
             for run_index, (label, ds) in enumerate(datasets.items()):
-                if layer not in [str(x) for x in ds["layer"].values]:
+                if layer not in [str(x) for x in ds["layer"].values] or metric not in ds:
                     continue
                 for method in methods:
                     if method not in [str(m) for m in ds["method"].values]:

@@ -15,7 +15,8 @@ from tests.tolerances import EXACT64
 
 def _factors(n: int, d_in: int, d_out: int, t: int = 1, v: int = 2, seed: int = 0) -> LayerFactors:
     gen = torch.Generator().manual_seed(seed)
-    return LayerFactors(torch.randn(n, t, d_in, generator=gen, dtype=torch.float64), torch.randn(n, v, t, d_out, generator=gen, dtype=torch.float64))
+    a = torch.randn(n, t, d_in, generator=gen, dtype=torch.float64)
+    return LayerFactors(a, torch.randn(n, v, t, d_out, generator=gen, dtype=torch.float64))
 
 
 def _kron(d_out: int, d_in: int, rank: int, seed: int) -> KronSum:
