@@ -178,18 +178,6 @@ BLOCK_METRICS: tuple[BlockMetric, ...] = (
         cli_note="Kronecker-rank-2 methods need the top eigenvalues of a d_out d_in-sided matrix",
     ),
     BlockMetric(
-        "trace_error",
-        PER_METHOD,
-        "relative trace error",
-        "1",
-        "|tr F - tr F_hat| / tr F (tr F = tr K / N)",
-        compute=lambda ref, a: float(
-            abs(torch.trace(ref.block.gram()) / ref.block.factors.n_samples - a.kron.trace())
-            / (torch.trace(ref.block.gram()) / ref.block.factors.n_samples)
-        ),
-        error=True,
-    ),
-    BlockMetric(
         "solver_iterations",
         PER_METHOD,
         "solver iterations",

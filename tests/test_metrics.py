@@ -52,36 +52,3 @@ def test_spectrum_conventions_differ_for_indefinite_approximation() -> None:
     assert ev == pytest.approx(2**0.5)  # spectra (0.5, 0.5) vs (0.5, -0.5): ||(0, 1)|| / ||(0.5, 0.5)||
     assert sv == pytest.approx(0.0, abs=1e-12)  # |eigenvalues| (0.5, 0.5) match exactly
     assert float(frobenius_error(ref, indefinite)) == pytest.approx(2**0.5)  # ||diag(0, 1)|| / ||diag(.5, .5)||
-
-
-def test_trace_error_matches_dense() -> None:
-    """The toy registry entry: |tr F - tr F_hat| / tr F, against dense matrices; stored by a probe run."""
-    from fisherlab.config import ProbeConfig
-    from fisherlab.metrics import evaluate_block
-    from fisherlab.run import probe_training
-    from tests.cases import small_mlp
-
-    gen = torch.Generator().manual_seed(3)
-    block = ExactBlock(
-        LayerFactors(
-            torch.randn(9, 2, 4, generator=gen, dtype=torch.float64),
-            torch.randn(9, 1, 2, 3, generator=gen, dtype=torch.float64),
-        )
-    )
-    ev = evaluate_block(block, list(Method))
-    for m, a in ev.approximations.items():
-        dense, f_hat = block.as_dense(), a.kron.as_dense()
-        expected = abs(torch.trace(dense) - torch.trace(f_hat)) / torch.trace(dense)
-        assert ev.values["trace_error"][m] == pytest.approx(float(expected), rel=1e-10)
-    model = small_mlp((3, 4, 2))
-    batches = iter([(torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64))] * 3)
-    ds = probe_training(
-        model,
-        "mse",
-        batches,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        ProbeConfig(iterations=2, every=1),
-        progress=False,
-    )
-    assert ds["trace_error"].dims == ("iteration", "layer", "method") and bool(ds["trace_error"].notnull().all())
-    assert ds["trace_error"].attrs["long_name"] == "relative trace error"
