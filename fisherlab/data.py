@@ -116,7 +116,7 @@ def _embedded(problem: str, seed: int) -> ImageData:
         return ImageData(
             imgs[:1_500],
             imgs[1_500:],
-            "STAND-IN for MNIST: scikit-learn UCI digits resized to 28x28",
+            "STAND-IN for MNIST: UCI digits (bundled) resized to 28x28",
             labels[:1_500],
             labels[1_500:],
             stand_in=True,
@@ -134,7 +134,7 @@ def _embedded(problem: str, seed: int) -> ImageData:
         return ImageData(
             imgs[:1_500],
             imgs[1_500:],
-            "STAND-IN for CIFAR-10: scikit-learn UCI digits as 3x32x32 images, 10 classes",
+            "STAND-IN for CIFAR-10: UCI digits (bundled) as 3x32x32 images, 10 classes",
             labels[:1_500],
             labels[1_500:],
             stand_in=True,
@@ -150,7 +150,7 @@ def _embedded(problem: str, seed: int) -> ImageData:
         return ImageData(
             imgs[:1_440],
             imgs[1_440:],
-            "STAND-IN for FACES: scikit-image LFW subset faces, mirrored and shifted",
+            "STAND-IN for FACES: LFW face crops (bundled), mirrored and shifted",
             stand_in=True,
         )
     raise FisherlabError(f"no embedded data for problem {problem!r}")
