@@ -37,7 +37,7 @@ from fisherlab.operators import BlockDiagonal
 from fisherlab.probe import Probe, ProbeSnapshot
 from fisherlab.problems import PROBLEMS, get_problem
 from fisherlab.results import load
-from fisherlab.run import probe_training, run_probe
+from fisherlab.run import FisherProbe, probe_training, run_probe
 
 __version__ = "0.1.0"
 
@@ -80,6 +80,7 @@ __all__ = [  # noqa: RUF022 (grouped by pipeline stage, not sorted)
     "evaluate_block",
     # runs and results
     "PROBLEMS",
+    "FisherProbe",
     "ProbeConfig",
     "TrainConfig",
     "get_problem",

@@ -111,28 +111,38 @@ class ProbeConfig:
         )
 
     def check(self) -> None:
-        """Validate values that do not depend on the model.
+        """Validate values that do not depend on the model (the whole run: loop and probe).
 
         Raises:
             FisherlabError: The first nonsensical value, with what was expected.
         """
-        self.__post_init__()  # fields may have been reassigned since construction
+        self.check_probe()
         if self.iterations < 1:
             raise FisherlabError(f"--iterations must be a positive integer, got {self.iterations}")
-        if self.every < 1:
-            raise FisherlabError(f"--every must be a positive integer, got {self.every}")
         if self.every > self.iterations:
             raise FisherlabError(
                 f"--every ({self.every}) is larger than --iterations ({self.iterations}): "
                 "only iteration 0 would be probed"
             )
-        if self.mc_samples < 1:
-            raise FisherlabError(f"--mc-samples must be at least 1, got {self.mc_samples}")
-        _ = self.approx  # tolerance and caps
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise FisherlabError(f"--lr must be finite and positive, got {self.lr}")
         if self.batch_size is not None and self.batch_size < 1:
             raise FisherlabError(f"--batch-size must be positive, got {self.batch_size}")
+        _check_threads(self.threads)
+
+    def check_probe(self) -> None:
+        """Validate the probe and analysis settings only: what :class:`~fisherlab.run.FisherProbe`
+        uses inside a loop it does not drive (``iterations``, ``lr``, ``batch_size`` are not its).
+
+        Raises:
+            FisherlabError: The first nonsensical value, with what was expected.
+        """
+        self.__post_init__()  # fields may have been reassigned since construction
+        if self.every < 1:
+            raise FisherlabError(f"--every must be a positive integer, got {self.every}")
+        if self.mc_samples < 1:
+            raise FisherlabError(f"--mc-samples must be at least 1, got {self.mc_samples}")
+        _ = self.approx  # tolerance and caps
         bad_metrics = [m for m in self.metrics if m not in ERROR_METRICS]
         if bad_metrics or "frobenius_error" not in self.metrics:
             raise FisherlabError(
@@ -148,7 +158,6 @@ class ProbeConfig:
             raise FisherlabError(
                 f"--store-factors names layers {missing} that are not probed ({', '.join(self.layers)})"
             )
-        _check_threads(self.threads)
 
 
 @dataclass

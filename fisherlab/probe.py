@@ -4,8 +4,11 @@ Forward hooks on the chosen ``nn.Linear``/``nn.Conv2d`` modules record each laye
 (unfolded and bias-augmented, :mod:`fisherlab.layers`) and keep its output ``s``; the
 derivatives ``g = dL/ds`` then come from ``torch.autograd.grad`` with respect to those
 outputs, one backward per output direction. Parameters' ``.grad`` are never touched, the
-sampling uses the probe's own ``torch.Generator``, and buffers (batch-norm running
-statistics) are restored afterwards, so a probe pass leaves training undisturbed.
+sampling uses the probe's own ``torch.Generator``, the global RNG state (dropout masks) and
+buffers (batch-norm running statistics) are restored afterwards, ``torch.autocast`` is switched
+off inside the pass (the Fisher is taken in full precision) and the model's mode is left as it
+is, so a probe pass leaves training undisturbed. Layers whose weights do not require grad are
+probed too (their Fisher is defined all the same).
 
 Which output directions are backpropagated (the Fisher kind) and the losses are in
 :mod:`fisherlab.losses`; this module only captures.
@@ -134,18 +137,23 @@ class Probe:
         outputs: dict[str, list[Tensor]] = {n: [] for n in self.layers}
 
         def hook(name: str) -> object:
-            def fn(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
+            def fn(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor:
                 # a module called several times per forward shares its weight across the calls:
                 # every call adds positions, as conv positions do (weight-sharing format)
                 inputs[name].append(layer_input_factors(module, args[0].detach()))
+                if not out.requires_grad:  # frozen weights and input: give the output a place in the graph
+                    out = out + torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
                 outputs[name].append(out)
+                return out
 
             return fn
 
         buffers = {k: b.clone() for k, b in self.model.named_buffers()}
         handles = [m.register_forward_hook(hook(n)) for n, m in self.layers.items()]  # type: ignore[arg-type]
+        cuda = [x.device.index or 0] if x.device.type == "cuda" else []
         try:
-            with torch.enable_grad():
+            # the global RNG (dropout) is restored afterwards, autocast is off (the Fisher in full precision)
+            with torch.random.fork_rng(devices=cuda), torch.autocast(x.device.type, enabled=False), torch.enable_grad():
                 z = self.model(x)
                 check_finite("model output", z)
                 missing = [n for n in self.layers if not outputs[n]]

@@ -1,5 +1,8 @@
-"""The probe loop: train a network and, every ``every`` iterations, probe the exact Fisher,
-build every approximation, compute every registered metric and append it to the results.
+"""The probe loop: every ``every`` steps of a training run, probe the exact Fisher, build every
+approximation, compute every registered metric and append it to the results.
+
+:class:`FisherProbe` does it inside any training loop; :func:`probe_training` and
+:func:`run_probe` (``fisherlab probe``) are loops of their own around it.
 
 One probe pass feeds every method and metric of a snapshot; the pass happens on the batch
 the next training step uses, before that step, and does not disturb it. The metrics are
@@ -11,7 +14,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,15 +29,18 @@ from fisherlab.approximations import Approximation, Method, approximate_all, war
 from fisherlab.config import ProbeConfig, apply_threads, select_device
 from fisherlab.data import announce_data
 from fisherlab.fisher import ExactBlock
-from fisherlab.losses import LossKind, per_sample_loss
+from fisherlab.losses import LossKind, as_enum, per_sample_loss
 from fisherlab.metrics import BLOCK_METRICS, LAYER_METRICS, evaluate_block
 from fisherlab.operators import BlockDiagonal
 from fisherlab.probe import Probe, ProbeSnapshot
 from fisherlab.problems import get_problem
-from fisherlab.results import ResultsWriter, annotate, config_json, run_attrs, snapshot_dataset
+from fisherlab.results import ResultsWriter, annotate, run_attrs, snapshot_dataset
 from fisherlab.twolevel import TWO_LEVEL_METRICS, two_level_metrics
 
-__all__ = ["probe_training", "run_probe"]
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = ["FisherProbe", "probe_training", "run_probe"]
 
 
 def _step(
@@ -50,6 +58,133 @@ def _step(
     return float(value.detach())
 
 
+class FisherProbe:
+    """Probe the exact Fisher inside any training loop: every ``every`` steps one probe pass,
+    every approximation and every registered metric, appended to the results.
+
+    The probe pass leaves training undisturbed (:class:`~fisherlab.probe.Probe`: no ``.grad``
+    written, RNG streams and batch-norm statistics restored, autocast off inside, the model's
+    mode untouched); the dataset has the schema ``fisherlab probe`` writes. ``probe_training``
+    and ``fisherlab probe`` are this class inside a loop of their own.
+
+    Args:
+        model: Any ``nn.Module`` built from Linear/Conv2d layers (others are listed as skipped).
+        loss: Its negative log-likelihood, ``"mse"``, ``"bce"`` or ``"ce"``.
+        every: Probe when ``step % every == 0`` (default ``config.every``).
+        layers: Module paths to measure (default: every Linear and Conv2d layer).
+        methods: Method names (default ``config.methods``: all five).
+        out: A ``.nc`` file to append every snapshot to (locked until :meth:`close`); ``None``
+            keeps the snapshots in memory only.
+        config: Every other setting (Fisher kind, metrics, tolerances, two-level, ...);
+            loop fields (``iterations``, ``lr``, ``batch_size``, ``problem``) are ignored.
+        overwrite: Replace an existing ``out``.
+        writer: An open :class:`~fisherlab.results.ResultsWriter` instead of ``out`` (its
+            owner closes it and sets its attributes).
+
+    Example:
+        >>> probe = FisherProbe(model, "ce", every=10, layers=["fc"], out="runs/probe.nc")  # doctest: +SKIP
+        >>> for step, (x, y) in enumerate(loader):                                          # doctest: +SKIP
+        ...     probe.step(step, x, y)          # before or after the user's own step       # doctest: +SKIP
+        >>> ds = probe.close()                                                              # doctest: +SKIP
+
+    Raises:
+        FisherlabError: Unknown layers or methods, bad settings, an existing or locked ``out``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: LossKind | str,
+        *,
+        every: int | None = None,
+        layers: list[str] | dict[str, nn.Module] | None = None,
+        methods: list[str] | list[Method] | None = None,
+        out: str | Path | None = None,
+        config: ProbeConfig | None = None,
+        overwrite: bool = False,
+        writer: ResultsWriter | None = None,
+    ) -> None:
+        config = replace(config or ProbeConfig(), every=every or (config or ProbeConfig()).every)
+        if methods is not None:
+            config.methods = tuple(methods)  # type: ignore[assignment]
+        self.loss = as_enum(LossKind, loss, "loss")
+        kwargs = {"fisher": config.fisher, "mc_samples": config.mc_samples, "seed": config.seed + 1}
+        self.names = list(Probe(model, self.loss, layers=layers, **kwargs).layers)  # type: ignore[arg-type]
+        if layers is not None or writer is None:
+            config.layers = tuple(self.names)
+        config.check_probe()
+        self.config = config
+        self.model = model
+        self.probe = Probe(model, self.loss, layers=None if config.two_level else layers, **kwargs)  # type: ignore[arg-type]
+        self._owns_writer = writer is None and out is not None
+        self.writer = ResultsWriter(out, {}, overwrite=overwrite) if self._owns_writer else writer  # type: ignore[arg-type]
+        probed = {
+            f"{n}.{p}" if n else p for n, m in self.probe.layers.items() for p, _ in m.named_parameters(recurse=False)
+        }
+        skipped = [n for n, _ in model.named_parameters() if n not in probed]
+        self.attrs: dict[str, str | int | float] = {}
+        if writer is None:  # a loop fisherlab does not drive: say so in the provenance
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            self.attrs.update(run_attrs(replace(config, problem=type(model).__name__), device, USER_LOOP, self.loss))
+        self.attrs.update(
+            {"probed_layers": ",".join(self.probe.layers), "skipped_parameters": ",".join(skipped) or "none"}
+        )
+        if self.writer is not None:
+            self.writer.attrs.update(self.attrs)
+        self._previous: dict[str, dict[Method, Approximation]] = {}
+        self._snapshots: list[xr.Dataset] = []
+        self._dataset: xr.Dataset | None = None
+        self._t0 = time.perf_counter()
+
+    def step(self, step: int, x: Tensor, y: Tensor | None) -> xr.Dataset | None:
+        """Probe the batch ``(x, y)`` when ``step % every == 0``; returns that snapshot, else ``None``.
+
+        ``y`` are the true targets (for the training loss and ``∇h``); the MC Fisher samples its own.
+        """
+        if step % self.config.every:
+            return None
+        ds, snap = _snapshot(step, self.probe, x, y, self.names, self.config, self._previous, self._t0)  # type: ignore[arg-type]
+        if self.writer is not None:
+            for name in self.config.store_factors:
+                self.writer.store_factors(step, name, snap.factors[name].a, snap.factors[name].g)
+            self._dataset = self.writer.append(ds)
+        else:
+            self._snapshots.append(ds)
+            self._dataset = None
+        return ds
+
+    @property
+    def dataset(self) -> xr.Dataset:
+        """Every snapshot so far, with the run's attributes.
+
+        Raises:
+            FisherlabError: Before the first snapshot.
+        """
+        if self._dataset is None:
+            if not self._snapshots:
+                raise FisherlabError("no snapshot yet: call step() with a step that is a multiple of every")
+            self._dataset = annotate(xr.concat(self._snapshots, dim="iteration"))
+            self._dataset.attrs.update(self.attrs)
+        return self._dataset
+
+    def close(self) -> xr.Dataset | None:
+        """Release the output (when this probe opened it); returns the dataset (``None`` if never probed)."""
+        if self._owns_writer and self.writer is not None:
+            self.writer.close()
+            self._owns_writer = False
+        return self.dataset if (self._dataset is not None or self._snapshots) else None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+#: ``data_source`` of a run whose data fisherlab did not choose.
+USER_LOOP = "user data (your own training loop)"
+
+
 def probe_training(
     model: nn.Module,
     loss: LossKind | str,
@@ -61,7 +196,8 @@ def probe_training(
     writer: ResultsWriter | None = None,
     progress: bool = True,
 ) -> xr.Dataset:
-    """Train ``model`` for ``config.iterations`` steps, probing every ``config.every``.
+    """Train ``model`` for ``config.iterations`` steps, probing every ``config.every``: a plain
+    training loop around :class:`FisherProbe`.
 
     Works for any model built from Linear/Conv2d layers and any batch iterator; the CLI
     calls it through :func:`run_probe`. Uses ``config`` for the probe and analysis
@@ -71,21 +207,10 @@ def probe_training(
         The dataset of all snapshots (also on disk when ``writer`` is given).
     """
     config.check()
-    loss = LossKind(loss)
+    loss = as_enum(LossKind, loss, "loss")
     batches = iter(batches)
-    kwargs = {"fisher": config.fisher, "mc_samples": config.mc_samples, "seed": config.seed + 1}
-    names = list(Probe(model, loss, layers=layers, **kwargs).layers)  # type: ignore[arg-type]
-    probe = Probe(model, loss, layers=None if config.two_level else layers, **kwargs)  # type: ignore[arg-type]
-    if writer is not None:
-        probed = {f"{n}.{p}" if n else p for n, m in probe.layers.items() for p, _ in m.named_parameters(recurse=False)}
-        skipped = [n for n, _ in model.named_parameters() if n not in probed]
-        writer.attrs["probed_layers"] = ",".join(probe.layers)
-        writer.attrs["skipped_parameters"] = ",".join(skipped) or "none"
-    previous: dict[str, dict[Method, Approximation]] = {}
-    snapshots: list[xr.Dataset] = []  # without a writer; with one, the writer keeps them
-    t0 = time.perf_counter()
+    fisher_probe = FisherProbe(model, loss, layers=layers, config=config, writer=writer)
     bar = tqdm(total=config.iterations, desc="probe", unit="it", disable=not progress, dynamic_ncols=True)
-    ds: xr.Dataset | None = None
     try:
         for it in range(config.iterations + 1):
             try:
@@ -95,15 +220,9 @@ def probe_training(
                     f"the batch iterator ended after {it} batches; a run of {config.iterations} iterations needs "
                     f"{config.iterations + 1} (pass an endless iterator, e.g. itertools.cycle(loader))"
                 ) from None
-            if it % config.every == 0:
-                ds, snap = _snapshot(it, probe, x, y, names, config, previous, t0)
-                if writer is not None:
-                    for name in config.store_factors:
-                        writer.store_factors(it, name, snap.factors[name].a, snap.factors[name].g)
-                    ds = writer.append(ds)
-                else:
-                    snapshots.append(ds)
-                latest = ds.isel(iteration=-1, layer=0)
+            snapshot = fisher_probe.step(it, x, y)
+            if snapshot is not None:
+                latest = snapshot.isel(iteration=-1, layer=0)
                 summary = {m.value: f"{float(latest['frobenius_error'][i]):.3f}" for i, m in enumerate(config.methods)}
                 bar.set_postfix(loss=f"{float(latest['train_loss']):.4g}", **summary)
             if it < config.iterations:
@@ -111,22 +230,7 @@ def probe_training(
                 bar.update(1)
     finally:
         bar.close()
-    if writer is not None:
-        assert ds is not None
-        return ds  # writer.append returned the whole dataset, attributes included
-    ds = annotate(xr.concat(snapshots, dim="iteration"))
-    ds.attrs.update(
-        {
-            "problem": type(model).__name__,
-            "data_source": "user data (probe_training)",
-            "fisher": config.fisher.value,
-            "spectrum": config.spectrum.value,
-            "metrics": ",".join(config.metrics),
-            "loss": loss.value,
-            "config_json": config_json(config),
-        }
-    )
-    return ds
+    return fisher_probe.dataset
 
 
 def _snapshot(
