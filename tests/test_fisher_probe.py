@@ -1,0 +1,123 @@
+"""FisherProbe inside a loop it does not drive (issue 10, part 1): training is undisturbed, the
+dataset has the probe schema, frozen layers and autocast are handled."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import fisherlab as fl
+from fisherlab.results import load, validate
+from fisherlab.run import USER_LOOP
+
+
+def _net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 3))
+
+
+def _train(model: nn.Module, probe: fl.FisherProbe | None, steps: int = 5) -> list[float]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for step in range(steps):
+        x, y = torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+        opt.zero_grad(set_to_none=True)
+        if probe is not None:
+            probe.step(step, x, y)
+            assert all(p.grad is None for p in model.parameters()), "the probe wrote .grad"
+            assert model.training
+        loss = nn.functional.cross_entropy(model(x), y)  # dropout draws from the global RNG
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_probing_leaves_training_bitwise_unchanged(tmp_path: Path) -> None:
+    """Same losses, parameters, batch-norm statistics and global RNG state with and without the probe."""
+    plain, probed = _net(), _net()
+    torch.manual_seed(123)
+    expected = _train(plain, None)
+    rng_plain = torch.get_rng_state()
+    torch.manual_seed(123)
+    probe = fl.FisherProbe(probed, "ce", every=2, methods=["kfac", "kpsvd"], out=tmp_path / "p.nc")
+    got = _train(probed, probe)
+    probe.close()
+    assert got == expected
+    assert torch.equal(torch.get_rng_state(), rng_plain)
+    for (name, a), b in zip(plain.state_dict().items(), probed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    ds = load(tmp_path / "p.nc")
+    validate(ds)
+    assert list(ds["iteration"].values) == [0, 2, 4] and list(ds["method"].values) == ["kfac", "kpsvd"]
+    assert ds.attrs["data_source"] == USER_LOOP and ds.attrs["problem"] == "Sequential"
+    assert ds.attrs["skipped_parameters"] == "1.weight,1.bias"  # batch norm is not probed
+    assert not (tmp_path / "p.nc.lock").exists()
+
+
+def test_the_issue_snippet_runs_as_written(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4))
+    probe = fl.FisherProbe(
+        model,
+        loss="ce",
+        every=10,
+        layers=["0", "3"],
+        methods=["kfac", "kpsvd", "deflation"],
+        out=str(tmp_path / "probe.nc"),
+    )
+    loader = [(torch.randn(8, 1, 6, 6), torch.randint(0, 4, (8,))) for _ in range(12)]
+    for step, (x, y) in enumerate(loader):
+        probe.step(step, x, y)
+    ds = probe.close()
+    assert ds is not None and ds.sizes["iteration"] == 2 and list(ds["layer"].values) == ["0", "3"]
+    assert bool(
+        (ds["frobenius_error"].sel({"method": "kpsvd"}) <= ds["frobenius_error"].sel({"method": "kfac"}) + 1e-9).all()
+    )
+
+
+def test_autocast_does_not_change_the_measured_fisher() -> None:
+    """Inside torch.autocast the probe pass runs in full precision: the same errors as outside."""
+    model = _net().eval()
+    x, y = torch.randn(12, 6), torch.randint(0, 3, (12,))
+    config = fl.ProbeConfig(tol=1e-10, max_iter=5000)
+    outside = fl.FisherProbe(model, "ce", every=1, config=config).step(0, x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = fl.FisherProbe(model, "ce", every=1, config=config).step(0, x, y)
+    assert outside is not None and inside is not None
+    torch.testing.assert_close(
+        torch.as_tensor(inside["frobenius_error"].values),
+        torch.as_tensor(outside["frobenius_error"].values),
+        rtol=1e-8,
+        atol=1e-12,
+    )
+
+
+def test_frozen_layers_are_probed_like_trainable_ones() -> None:
+    """Parameters that do not require grad: the exact factors are those of a trainable copy."""
+    frozen = _net().eval()
+    trainable = copy.deepcopy(frozen)
+    for p in frozen[0].parameters():
+        p.requires_grad_(False)
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    got = fl.Probe(frozen, "ce", fisher="exact")(x, y)
+    expected = fl.Probe(trainable, "ce", fisher="exact")(x, y)
+    for name in ("0", "4"):
+        torch.testing.assert_close(got.factors[name].g, expected.factors[name].g, rtol=0, atol=0)
+        torch.testing.assert_close(got.gradients[name], expected.gradients[name], rtol=0, atol=0)
+
+
+def test_bad_arguments_are_one_clear_error(tmp_path: Path) -> None:
+    model = _net()
+    with pytest.raises(fl.FisherlabError, match="unknown layer"):
+        fl.FisherProbe(model, "ce", layers=["nope"])
+    with pytest.raises(fl.FisherlabError, match="unknown methods"):
+        fl.FisherProbe(model, "ce", methods=["shampoo"])
+    with pytest.raises(fl.FisherlabError, match="unknown loss"):
+        fl.FisherProbe(model, "hinge")
+    with pytest.raises(fl.FisherlabError, match="no snapshot yet"):
+        _ = fl.FisherProbe(model, "ce", every=3).dataset
