@@ -94,3 +94,12 @@ __all__ = [  # noqa: RUF022 (grouped by pipeline stage, not sorted)
     "ConvergenceWarning",
     "FisherlabError",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``fisherlab.lightning`` on first use, so that ``import fisherlab`` never imports Lightning."""
+    if name == "lightning":
+        import importlib
+
+        return importlib.import_module("fisherlab.lightning")
+    raise AttributeError(f"module 'fisherlab' has no attribute {name!r}")

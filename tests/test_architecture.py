@@ -26,6 +26,7 @@ STAGES = [
     "problems",
     "results",
     "run",
+    "lightning",  # optional extra: a callback around run.FisherProbe
     "train",
     "plots",
     "dense",  # runs, files, figures, dense twins
@@ -70,3 +71,15 @@ def test_core_modules_do_not_import_heavy_optional_packages() -> None:
             elif isinstance(node, ast.ImportFrom) and node.module:
                 imported.add(node.module.split(".")[0])
     assert not imported & {"sklearn", "skimage"}
+
+
+def test_import_fisherlab_does_not_import_lightning() -> None:
+    """The Lightning callback is an optional extra: the core never imports Lightning."""
+    import subprocess
+    import sys
+
+    code = "import sys, fisherlab, fisherlab.cli, fisherlab.train; print('lightning' in sys.modules)"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )

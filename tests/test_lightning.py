@@ -1,0 +1,67 @@
+"""The Lightning callback with a real Trainer on CPU (issue 10, part 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+pl = pytest.importorskip("lightning.pytorch")
+
+import fisherlab as fl
+from fisherlab.results import load, validate
+
+
+class _Classifier(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit(callbacks: list, seed: int = 0) -> _Classifier:
+    torch.manual_seed(seed)
+    module = _Classifier()
+    gen = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 5, generator=gen), torch.randint(0, 3, (64,), generator=gen))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    trainer = pl.Trainer(
+        max_steps=5,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    trainer.fit(module, loader)
+    return module
+
+
+# Lightning's own advice (num_workers, ...) and deprecations inside it are not under test
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
+def test_callback_probes_every_k_steps_and_leaves_training_unchanged(tmp_path: Path) -> None:
+    callback = fl.lightning.FisherProbeCallback(
+        "ce", every=2, out=tmp_path / "pl.nc", layers=["net.0", "net.2"], methods=["kfac", "deflation"]
+    )
+    probed = _fit([callback])
+    plain = _fit([])
+    for (name, a), b in zip(plain.state_dict().items(), probed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    ds = load(tmp_path / "pl.nc")
+    validate(ds)
+    assert list(ds["iteration"].values) == [0, 2, 4] and list(ds["layer"].values) == ["net.0", "net.2"]
+    assert bool(ds["frobenius_error"].notnull().all()) and not (tmp_path / "pl.nc.lock").exists()
+    assert callback.dataset.sizes["iteration"] == 3
