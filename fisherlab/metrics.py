@@ -38,15 +38,18 @@ __all__ = [
     "LAYER_METRICS",
     "PER_LAYER",
     "PER_METHOD",
+    "SPECTRAL_MEMORY_LIMIT",
     "BlockEvaluation",
     "BlockMetric",
     "BlockReference",
     "LayerMetric",
+    "SpectralError",
     "Spectrum",
     "Variable",
     "evaluate_block",
     "frobenius_error",
     "spectral_error",
+    "spectral_error_bounded",
 ]
 
 PER_METHOD = ("iteration", "layer", "method")
@@ -74,19 +77,24 @@ class BlockReference:
         norm_squared: ``||F||_F²``.
         eigenvalues: The ``r = block.max_rank`` largest eigenvalues of ``F``, descending.
         spectrum: What error 2 compares (:class:`Spectrum`).
+        layer: Layer name used in warnings.
     """
 
     block: ExactBlock
     norm_squared: Tensor
     eigenvalues: Tensor
     spectrum: Spectrum = Spectrum.EIGENVALUES
+    layer: str = ""
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def of(cls, block: ExactBlock, *, spectrum: Spectrum | str = Spectrum.EIGENVALUES) -> BlockReference:
+    def of(
+        cls, block: ExactBlock, *, spectrum: Spectrum | str = Spectrum.EIGENVALUES, layer: str = ""
+    ) -> BlockReference:
         """Compute the Gram matrix once; derive ``||F||_F²`` and the spectrum from it."""
         gram = block.gram()
         n = block.factors.n_samples
-        return cls(block, torch.sum(gram * gram) / n**2, block.eigenvalues(), Spectrum(spectrum))
+        return cls(block, torch.sum(gram * gram) / n**2, block.eigenvalues(), Spectrum(spectrum), layer)
 
 
 def frobenius_error(ref: BlockReference, approx: KronSum) -> Tensor:
@@ -98,24 +106,131 @@ def frobenius_error(ref: BlockReference, approx: KronSum) -> Tensor:
     return torch.sqrt(torch.clamp(sq, min=0) / ref.norm_squared)
 
 
+#: Memory (bytes) the eigenvalues of error 2 may take: a dense ``D x D`` block or an ARPACK
+#: basis of ``2m + 1`` vectors of length ``D``. Beyond it error 2 is bounded, never a crash.
+SPECTRAL_MEMORY_LIMIT = 2 * 2**30
+
+
+@dataclass(frozen=True)
+class SpectralError:
+    """Error 2 with a guarantee: ``|value - exact| <= bound``.
+
+    Args:
+        value: Error 2 (the midpoint of the interval known to hold it).
+        bound: Half-width of that interval; 0 when every needed eigenvalue was computed,
+            ``inf`` (and ``value`` NaN) when none fit in the memory limit.
+        eigenvalues: How many eigenvalues of ``F̂`` were computed.
+        note: Why the value is bounded or missing (empty when exact).
+    """
+
+    value: float
+    bound: float
+    eigenvalues: int
+    note: str = ""
+
+
+def _error_interval(lam: Tensor, mu: Tensor, norm_squared: float, *, by_magnitude: bool) -> tuple[float, float]:
+    """Bounds of ``||spec F - spec F̂||²`` from the ``m`` largest eigenvalues ``mu`` of ``F̂``.
+
+    With ``λ`` the ``r`` largest eigenvalues of ``F`` (all others 0) and ``μ`` those of ``F̂``,
+    both descending, the squared distance is
+    ``Σ_{i≤m} (λ_i - μ_i)² + Σ_{m<i≤r} (λ_i² - 2 λ_i μ_i) + (||F̂||² - Σ_{i≤m} μ_i²)``;
+    only ``X = Σ_{m<i≤r} λ_i μ_i`` is unknown, and ``μ_i ≤ μ_m`` with ``Σ_{i>m} μ_i² = ||F̂||² -
+    Σ_{i≤m} μ_i²`` bound it (Cauchy-Schwarz). For ``m = r`` both bounds are the exact value.
+    """
+    m, r = mu.numel(), lam.numel()
+    head = float(torch.sum((lam[:m] - mu) ** 2))
+    rest = max(norm_squared - float(torch.sum(mu**2)), 0.0)
+    tail = lam[m:r]
+    s1, s2 = float(tail.sum()), float(torch.sum(tail**2))
+    cauchy = math.sqrt(s2 * rest)
+    x_high = min(max(float(mu[-1]), 0.0) * s1, cauchy) if m else cauchy
+    x_low = 0.0 if by_magnitude else -cauchy
+    return max(head + s2 - 2 * x_high + rest, 0.0), max(head + s2 - 2 * x_low + rest, 0.0)
+
+
+def spectral_error_bounded(
+    ref: BlockReference,
+    approx: KronSum,
+    *,
+    spectrum: Spectrum | None = None,
+    rtol: float = 1e-9,
+    memory_limit: int | None = None,
+) -> SpectralError:
+    """Error 2 within a memory limit: exact where the needed eigenvalues fit, else bounded.
+
+    Needs the ``r = min(N V, D)`` largest eigenvalues of ``F̂`` (:func:`_error_interval`). One
+    Kronecker term: all of them exactly, from the factors' eigenvalues. More terms: dense when
+    the block fits (``D <= kron.symmetric_eig_dense_limit`` and ``D²`` within the limit), else
+    the ``m`` largest by ARPACK on the Kronecker matvec, ``m`` doubling from 16 until the
+    interval is narrower than ``rtol`` (relative) or ``m = r`` (exact) or the ARPACK basis
+    reaches ``memory_limit`` (default :data:`SPECTRAL_MEMORY_LIMIT`).
+    """
+    from fisherlab import kron as kron_module
+
+    spectrum = ref.spectrum if spectrum is None else Spectrum(spectrum)
+    by_magnitude = spectrum == Spectrum.SINGULAR_VALUES
+    limit = SPECTRAL_MEMORY_LIMIT if memory_limit is None else memory_limit
+    lam = ref.eigenvalues.clamp(min=0)
+    den = float(torch.sum(lam**2))
+    r, dim, itemsize = lam.numel(), approx.dim, 8
+    norm_squared = float(approx.frobenius_norm_squared())
+
+    def result(mu: Tensor, note: str = "") -> SpectralError:
+        low, high = _error_interval(lam, mu, norm_squared, by_magnitude=by_magnitude)
+        lo, hi = math.sqrt(low / den), math.sqrt(high / den)
+        return SpectralError((lo + hi) / 2, (hi - lo) / 2, mu.numel(), note)
+
+    dense_fits = dim <= kron_module.symmetric_eig_dense_limit and dim * dim * itemsize <= limit
+    if approx.rank == 1 or dense_fits or r >= dim - 1:
+        if approx.rank > 1 and not dense_fits:  # r >= D - 1 but the block does not fit: ARPACK cannot either
+            return SpectralError(
+                math.nan, math.inf, 0, f"needs all {dim} eigenvalues of F_hat; {dim * dim * 8 / 2**30:.1f} GiB"
+            )
+        return result(approx.eigenvalues(top=r, by_magnitude=by_magnitude))
+    m_max = min(r, int(limit // (dim * itemsize)) // 2 - 1)
+    if m_max < 1:
+        need = 3 * dim * itemsize / 2**30
+        return SpectralError(math.nan, math.inf, 0, f"even 1 eigenvalue of F_hat (D = {dim}) needs {need:.1f} GiB")
+    m = min(16, m_max)
+    while True:
+        res = result(approx.eigenvalues(top=m, by_magnitude=by_magnitude))
+        if m >= r or res.bound <= rtol * max(res.value, 1e-12):
+            return res
+        if m >= m_max:
+            return SpectralError(res.value, res.bound, m, f"{m} of the {r} eigenvalues fit in {limit / 2**30:.1f} GiB")
+        m = min(2 * m, m_max)
+
+
 def spectral_error(ref: BlockReference, approx: KronSum, *, spectrum: Spectrum | None = None) -> Tensor:
     """Error 2, ``||spec(F) - spec(F̂)||_2 / ||spec(F)||_2`` (K §4.1), sorted descending.
 
-    Only the ``r`` largest eigenvalues of ``F̂`` are computed (exact products of factor
-    eigenvalues for a single Kronecker product).
+    Only the ``r`` largest eigenvalues of ``F̂`` are needed (exact products of factor
+    eigenvalues for a single Kronecker product); see :func:`spectral_error_bounded` for the
+    memory limit and the bound stored beside the value.
 
     Args:
         ref: The exact block's norm and spectrum.
         approx: The approximation.
         spectrum: Eigenvalues (the paper's text) or singular values; default ``ref.spectrum``.
     """
-    spectrum = ref.spectrum if spectrum is None else Spectrum(spectrum)
-    lam = ref.eigenvalues.clamp(min=0)
-    mu = approx.eigenvalues(top=lam.numel(), by_magnitude=spectrum == Spectrum.SINGULAR_VALUES)
-    r = mu.numel()
-    head = torch.sum((lam[:r] - mu) ** 2) + torch.sum(lam[r:] ** 2)
-    tail = torch.clamp(approx.frobenius_norm_squared() - torch.sum(mu**2), min=0)
-    return torch.sqrt((head + tail) / torch.sum(lam**2))
+    return torch.tensor(_spectral(ref, approx, spectrum).value, dtype=ref.eigenvalues.dtype)
+
+
+def _spectral(ref: BlockReference, approx: KronSum, spectrum: Spectrum | None = None) -> SpectralError:
+    """:func:`spectral_error_bounded`, computed once per (reference, approximation, spectrum)."""
+    key = ("spectral_error", id(approx), spectrum)
+    if key not in ref.cache:
+        res = spectral_error_bounded(ref, approx, spectrum=spectrum)
+        if res.note:
+            warnings.warn(
+                f"error 2 of layer {ref.layer!r}: {res.note}; stored as {res.value:.6g} with spectral_error_bound "
+                f"{res.bound:.2g}",
+                UndefinedMetricWarning,
+                stacklevel=3,
+            )
+        ref.cache[key] = (approx, res)  # the approximation is kept alive so that its id stays unique
+    return ref.cache[key][1]
 
 
 # -- the registry -------------------------------------------------------------------------
@@ -145,6 +260,7 @@ class BlockMetric(Variable):
     compute: Callable[[BlockReference, Approximation], float] = field(default=lambda ref, a: math.nan, repr=False)
     error: bool = False
     cli_note: str = ""
+    accompanies: str = ""  # an error metric this one belongs to: NaN whenever that one is skipped
 
 
 @dataclass(frozen=True)
@@ -173,9 +289,19 @@ BLOCK_METRICS: tuple[BlockMetric, ...] = (
         "1",
         "||spec(F) - spec(F_hat)||_2 / ||spec(F)||_2, spectra sorted descending (K Sec. 4.1); see attr spectrum; "
         "NaN when not in attr metrics",
-        compute=lambda ref, a: float(spectral_error(ref, a.kron)),
+        compute=lambda ref, a: _spectral(ref, a.kron).value,
         error=True,
-        cli_note="Kronecker-rank-2 methods need the top eigenvalues of a d_out d_in-sided matrix",
+        cli_note="Kronecker-rank-2 methods need the top eigenvalues of a d_out d_in-sided matrix; bounded in memory",
+    ),
+    BlockMetric(
+        "spectral_error_bound",
+        PER_METHOD,
+        "bound on the error of error 2",
+        "1",
+        "|spectral_error - exact| <= this; 0 when every needed eigenvalue of F_hat was computed, > 0 when only the "
+        f"largest fit in {SPECTRAL_MEMORY_LIMIT / 2**30:.0f} GiB (a warning says so), inf when none did (value NaN)",
+        compute=lambda ref, a: _spectral(ref, a.kron).bound,
+        accompanies="spectral_error",
     ),
     BlockMetric(
         "solver_iterations",
@@ -282,7 +408,7 @@ def evaluate_block(
     (:class:`UndefinedMetricWarning`) and gives NaN errors.
     """
     methods = list(Method) if methods is None else [Method(m) for m in methods]
-    ref = BlockReference.of(block, spectrum=spectrum)
+    ref = BlockReference.of(block, spectrum=spectrum, layer=layer)
     approx = approximate_all(block, methods, config, warm=warm, layer=layer)
     zero = not float(ref.norm_squared) > 0
     if zero:
@@ -293,8 +419,9 @@ def evaluate_block(
             stacklevel=2,
         )
     values: dict[str, dict[Method, float]] = {}
+    skipped = {m.name for m in BLOCK_METRICS if m.error and (zero or m.name not in metrics)}
     for metric in BLOCK_METRICS:
-        skip = metric.error and (zero or metric.name not in metrics)
+        skip = metric.name in skipped or metric.accompanies in skipped
         values[metric.name] = {m: math.nan if skip else float(metric.compute(ref, a)) for m, a in approx.items()}
     layer_values = {metric.name: float(metric.compute(ref)) for metric in LAYER_METRICS}
     return BlockEvaluation(approx, values, layer_values)

@@ -3,6 +3,8 @@ both spectrum conventions, on MLP and conv cases; a hand-made example checks the
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -52,3 +54,62 @@ def test_spectrum_conventions_differ_for_indefinite_approximation() -> None:
     assert ev == pytest.approx(2**0.5)  # spectra (0.5, 0.5) vs (0.5, -0.5): ||(0, 1)|| / ||(0.5, 0.5)||
     assert sv == pytest.approx(0.0, abs=1e-12)  # |eigenvalues| (0.5, 0.5) match exactly
     assert float(frobenius_error(ref, indefinite)) == pytest.approx(2**0.5)  # ||diag(0, 1)|| / ||diag(.5, .5)||
+
+
+def _rank2_case(seed: int = 0) -> tuple[BlockReference, KronSum, torch.Tensor]:
+    """A Linear block (D = 12 x 31, N V = 40) and its deflation; the dense error 2 as reference."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(40, 1, 31, generator=gen, dtype=torch.float64) * torch.linspace(2, 0.1, 31, dtype=torch.float64)
+    block = ExactBlock(LayerFactors(a, torch.randn(40, 1, 1, 12, generator=gen, dtype=torch.float64)))
+    kron = approximate_all(block, [Method.DEFLATION], ApproxConfig(tol=1e-10, max_iter=5000))[Method.DEFLATION].kron
+    return BlockReference.of(block), kron, dense_spectral_error(block.as_dense(), kron.as_dense())
+
+
+@pytest.mark.parametrize("spectrum", list(Spectrum))
+def test_iterative_error_2_matches_dense(monkeypatch: pytest.MonkeyPatch, spectrum: Spectrum) -> None:
+    """Beyond the dense limit, the m largest eigenvalues by ARPACK (m doubling) give error 2 to 1e-8."""
+    from fisherlab import kron as kron_module
+    from fisherlab.metrics import spectral_error_bounded
+
+    ref, kron, _ = _rank2_case()
+    dense = dense_spectral_error(ref.block.as_dense(), kron.as_dense(), spectrum)
+    monkeypatch.setattr(kron_module, "symmetric_eig_dense_limit", 10)
+    res = spectral_error_bounded(ref, kron, spectrum=spectrum)
+    assert res.value == pytest.approx(float(dense), rel=1e-8) and res.bound <= 1e-8 * res.value and not res.note
+    assert res.eigenvalues < ref.block.dim  # not every eigenvalue was needed
+
+
+def test_error_2_under_a_memory_limit_is_bounded_and_the_bound_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With room for 3 eigenvalues only: the interval [value - bound, value + bound] holds the dense error 2;
+    with room for none: NaN, an infinite bound and the reason."""
+    from fisherlab import kron as kron_module
+    from fisherlab.metrics import spectral_error_bounded
+
+    ref, kron, dense = _rank2_case(1)
+    monkeypatch.setattr(kron_module, "symmetric_eig_dense_limit", 10)
+    res = spectral_error_bounded(ref, kron, memory_limit=(2 * 3 + 2) * kron.dim * 8)
+    assert res.eigenvalues == 3 and res.bound > 0 and "fit in" in res.note
+    assert res.value - res.bound <= float(dense) <= res.value + res.bound
+    none = spectral_error_bounded(ref, kron, memory_limit=kron.dim * 8)
+    assert math.isnan(none.value) and none.bound == math.inf and "needs" in none.note
+
+
+def test_bounded_error_2_is_stored_with_its_bound_and_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fisherlab import kron as kron_module
+    from fisherlab import metrics as metrics_module
+    from fisherlab.metrics import evaluate_block
+
+    ref, _, _ = _rank2_case(2)
+    monkeypatch.setattr(kron_module, "symmetric_eig_dense_limit", 10)
+    monkeypatch.setattr(metrics_module, "SPECTRAL_MEMORY_LIMIT", 8 * ref.block.dim * 8)
+    with pytest.warns(metrics_module.UndefinedMetricWarning, match="error 2 of layer 'x'") as record:
+        ev = evaluate_block(
+            ref.block, [Method.KFAC, Method.DEFLATION], ApproxConfig(tol=1e-10, max_iter=5000), layer="x"
+        )
+    assert len(record) == 1  # deflation only: KFAC's single Kronecker product is exact
+    assert (
+        ev.values["spectral_error_bound"][Method.KFAC] == 0.0
+        and ev.values["spectral_error_bound"][Method.DEFLATION] > 0
+    )
+    skipped = evaluate_block(ref.block, [Method.KFAC], metrics=("frobenius_error",))
+    assert math.isnan(skipped.values["spectral_error_bound"][Method.KFAC])  # not computed with its error metric
