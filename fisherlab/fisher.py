@@ -19,6 +19,7 @@ Both operators here satisfy the protocols of :mod:`fisherlab.operators`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -35,7 +36,9 @@ __all__ = ["ExactBlock", "WholeFisher", "cross_block_dense", "full_fisher_dense"
 _GRAM_CHUNK_ELEMENTS = 2**25
 #: Conv layers keep their per-sample gradients when ``N V d_out d_in`` is at most this
 #: (float64: 256 MiB); products then cost ``O(N V d_out d_in (d_out + d_in))`` instead of
-#: ``O(N V T² (d_out + d_in))`` for the position-pair formulas.
+#: ``O(N V T² (d_out + d_in))`` for the position-pair formulas. Above it, per-sample gradients
+#: are formed again for every product in chunks of samples of at most this many elements,
+#: when that costs fewer operations than the position pairs (large ``T``, small ``d_out d_in``).
 PER_SAMPLE_GRADIENT_LIMIT = 2**25
 
 
@@ -74,23 +77,49 @@ class ExactBlock:
         return min(f.n_samples * f.n_directions, f.dim)
 
     @cached_property
+    def route(self) -> str:
+        """How products of a conv layer are computed: ``linear`` (``T = 1``), ``cached`` (per-sample
+        gradients kept), ``chunks`` (formed again per product, chunk by chunk of samples) or
+        ``pairs`` (all position pairs), whichever is cheapest within :data:`PER_SAMPLE_GRADIENT_LIMIT`."""
+        f = self.factors
+        t, d_in, d_out, v = f.n_positions, f.d_in, f.d_out, f.n_directions
+        if t == 1:
+            return "linear"
+        if f.n_samples * v * f.dim <= PER_SAMPLE_GRADIENT_LIMIT:
+            return "cached"
+        per_sample = v * f.dim * (t + d_in + d_out)  # form DW, then DW Y DWᵀ
+        pairs = t * d_in * d_in + t * t * d_in + v * (t * t * d_out + t * d_out * d_out)
+        return "chunks" if per_sample < pairs else "pairs"
+
+    @cached_property
     def _dw(self) -> Tensor | None:
         """Per-sample gradients ``[N V, d_out, d_in]`` of a conv layer when small enough, else None."""
         f = self.factors
-        if f.n_positions == 1 or f.n_samples * f.n_directions * f.dim > PER_SAMPLE_GRADIENT_LIMIT:
+        if self.route != "cached":
             return None
         return f.per_sample_gradients().reshape(-1, f.d_out, f.d_in)
+
+    def _dw_chunks(self) -> Iterator[Tensor]:
+        """Per-sample gradients ``[c V, d_out, d_in]`` of consecutive chunks of samples (bounded memory)."""
+        f = self.factors
+        chunk = max(1, PER_SAMPLE_GRADIENT_LIMIT // (f.n_directions * f.dim))
+        for start in range(0, f.n_samples, chunk):
+            part = LayerFactors(f.a[start : start + chunk], f.g[start : start + chunk])
+            yield part.per_sample_gradients().reshape(-1, f.d_out, f.d_in)
 
     def rearranged_matvec(self, y: Tensor) -> Tensor:
         """``R(F) vec(Y) = (1/N) sum_{n,v} DW_nv Y DW_nv^T``, a ``[d_out, d_out]`` matrix.
 
         For ``T = 1`` this is ``(1/N) sum (a^T Y a) g g^T`` (K Prop. 3.1); for conv layers it
-        sums over all position pairs, through the per-sample gradients when they are small.
+        goes through the per-sample gradients (kept, or formed chunk by chunk) or sums over all
+        position pairs, whichever :attr:`route` says is cheaper.
         """
         a, g = self.factors.a, self.factors.g
         n = a.shape[0]
         if self._dw is not None:
             return torch.einsum("moi,ij,mpj->op", self._dw, y, self._dw) / n
+        if self.route == "chunks":
+            return sum(torch.einsum("moi,ij,mpj->op", dw, y, dw) for dw in self._dw_chunks()) / n  # type: ignore[return-value]
         if a.shape[1] == 1:
             c = torch.einsum("ni,ij,nj->n", a[:, 0], y, a[:, 0])
             return torch.einsum("nvo,n,nvp->op", g[:, :, 0], c, g[:, :, 0]) / n
@@ -103,6 +132,8 @@ class ExactBlock:
         n = a.shape[0]
         if self._dw is not None:
             return torch.einsum("moi,op,mpj->ij", self._dw, x, self._dw) / n
+        if self.route == "chunks":
+            return sum(torch.einsum("moi,op,mpj->ij", dw, x, dw) for dw in self._dw_chunks()) / n  # type: ignore[return-value]
         if a.shape[1] == 1:
             c = torch.einsum("nvo,op,nvp->n", g[:, :, 0], x, g[:, :, 0])
             return torch.einsum("ni,n,nj->ij", a[:, 0], c, a[:, 0]) / n
@@ -128,6 +159,13 @@ class ExactBlock:
         if self._dw is not None:
             flat = self._dw.flatten(1)
             return flat @ flat.T
+        if self.route == "chunks":  # row block i against every column block j, forming the chunks again
+            return torch.cat(
+                [
+                    torch.cat([di.flatten(1) @ dj.flatten(1).T for dj in self._dw_chunks()], 1)
+                    for di in self._dw_chunks()
+                ]
+            )
         if t == 1:
             aa = a[:, 0] @ a[:, 0].T
             gf = g[:, :, 0].reshape(n * v, -1)

@@ -151,13 +151,17 @@ def test_kfac_factors_follow_t_eq_2_27(case: dict) -> None:
 @pytest.mark.parametrize(
     "case", [c for c in FACTOR_CASES if c["t"] > 1], ids=ids([c for c in FACTOR_CASES if c["t"] > 1])
 )
-def test_conv_position_pair_route_matches_dense(case: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With per-sample gradients disabled, the all-position-pairs formulas still equal the dense twin."""
+@pytest.mark.parametrize("route", ["pairs", "chunks"])
+def test_conv_position_pair_route_matches_dense(case: dict, route: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above the per-sample-gradient limit, the all-position-pairs formulas and the chunked
+    per-sample gradients (chunks of 2 samples) equal the dense twin."""
     from fisherlab import fisher as fisher_module
 
-    monkeypatch.setattr(fisher_module, "PER_SAMPLE_GRADIENT_LIMIT", 0)
-    block = ExactBlock(make_factors(case))
-    assert block._dw is None
+    factors = make_factors(case)
+    monkeypatch.setattr(fisher_module, "PER_SAMPLE_GRADIENT_LIMIT", 2 * factors.n_directions * factors.dim)
+    block = ExactBlock(factors)
+    assert block.route in ("pairs", "chunks") and block._dw is None
+    block.__dict__["route"] = route  # both routes, whichever the cost model prefers here
     f = block.factors
     r = rearrange(_dense_from_definition(f), f.d_out, f.d_in)
     gen = torch.Generator().manual_seed(0)
@@ -167,3 +171,18 @@ def test_conv_position_pair_route_matches_dense(case: dict, monkeypatch: pytest.
     torch.testing.assert_close(block.rearranged_rmatvec(x).flatten(), r.T @ x.flatten(), **EXACT64)
     jac = block.jacobian()
     torch.testing.assert_close(block.gram(), jac @ jac.T, **EXACT64)
+
+
+def test_route_follows_the_operation_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above the limit: many positions and small layers go through chunked per-sample gradients
+    (ResNet's first stages at a large batch), few positions and wide layers through position pairs."""
+    from fisherlab import fisher as fisher_module
+
+    monkeypatch.setattr(fisher_module, "PER_SAMPLE_GRADIENT_LIMIT", 100)
+
+    def route(t: int, d_in: int, d_out: int) -> str:
+        return ExactBlock(LayerFactors(torch.zeros(3, t, d_in), torch.zeros(3, 1, t, d_out))).route
+
+    assert route(64, 10, 4) == "chunks" and route(4, 50, 40) == "pairs" and route(1, 50, 40) == "linear"
+    monkeypatch.setattr(fisher_module, "PER_SAMPLE_GRADIENT_LIMIT", 2**25)
+    assert route(64, 10, 4) == "cached"
