@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from fisherlab._errors import ConvergenceWarning, FisherlabError
+from fisherlab.distributed import all_reduce_sum
 from fisherlab.fisher import ExactBlock
 from fisherlab.kron import KronSum
 from fisherlab.krylov import SingularTriplets, lanczos_svd, power_svd
@@ -130,8 +131,7 @@ def _start(block: ExactBlock, warm: tuple[Tensor, ...], index: int = 0) -> Tenso
         return warm[index]
     ref = block.factors.a
     if index == 0:
-        a = ref.reshape(-1, d_in)
-        return a.T @ a / a.shape[0]
+        return kfac_factors(block).ins[0] / block.factors.n_positions
     gen = torch.Generator().manual_seed(index)
     m = torch.randn(d_in, d_in, generator=gen, dtype=torch.float64).to(dtype=ref.dtype, device=ref.device)
     return m + m.T
@@ -179,10 +179,11 @@ def kfac_factors(block: ExactBlock | LayerFactors) -> KronSum:
     """
     factors = block.factors if isinstance(block, ExactBlock) else block
     a, g = factors.a, factors.g
-    n, t = a.shape[0], a.shape[1]
+    n, t = factors.n_samples, a.shape[1]
     a2 = a.reshape(-1, a.shape[-1])
     g2 = g.reshape(-1, g.shape[-1])
-    return KronSum((g2.T @ g2 / (n * t),), (a2.T @ a2 / n,))
+    gg, aa = all_reduce_sum(g2.T @ g2, factors.shard), all_reduce_sum(a2.T @ a2, factors.shard)
+    return KronSum((gg / (n * t),), (aa / n,))
 
 
 def kfac(block: ExactBlock) -> Approximation:

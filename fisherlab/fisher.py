@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from fisherlab._errors import FisherlabError
+from fisherlab.distributed import Shard, all_reduce_sum
 from fisherlab.kron import KronSum
 from fisherlab.layers import LayerFactors
 from fisherlab.operators import Params, axpy, dot
@@ -85,7 +86,7 @@ class ExactBlock:
         t, d_in, d_out, v = f.n_positions, f.d_in, f.d_out, f.n_directions
         if t == 1:
             return "linear"
-        if f.n_samples * v * f.dim <= PER_SAMPLE_GRADIENT_LIMIT:
+        if f.n_local * v * f.dim <= PER_SAMPLE_GRADIENT_LIMIT:
             return "cached"
         per_sample = v * f.dim * (t + d_in + d_out)  # form DW, then DW Y DWᵀ
         pairs = t * d_in * d_in + t * t * d_in + v * (t * t * d_out + t * d_out * d_out)
@@ -103,7 +104,7 @@ class ExactBlock:
         """Per-sample gradients ``[c V, d_out, d_in]`` of consecutive chunks of samples (bounded memory)."""
         f = self.factors
         chunk = max(1, PER_SAMPLE_GRADIENT_LIMIT // (f.n_directions * f.dim))
-        for start in range(0, f.n_samples, chunk):
+        for start in range(0, f.n_local, chunk):
             part = LayerFactors(f.a[start : start + chunk], f.g[start : start + chunk])
             yield part.per_sample_gradients().reshape(-1, f.d_out, f.d_in)
 
@@ -112,37 +113,40 @@ class ExactBlock:
 
         For ``T = 1`` this is ``(1/N) sum (a^T Y a) g g^T`` (K Prop. 3.1); for conv layers it
         goes through the per-sample gradients (kept, or formed chunk by chunk) or sums over all
-        position pairs, whichever :attr:`route` says is cheaper.
+        position pairs, whichever :attr:`route` says is cheaper. Sharded: summed over processes.
         """
         a, g = self.factors.a, self.factors.g
-        n = a.shape[0]
         if self._dw is not None:
-            return torch.einsum("moi,ij,mpj->op", self._dw, y, self._dw) / n
-        if self.route == "chunks":
-            return sum(torch.einsum("moi,ij,mpj->op", dw, y, dw) for dw in self._dw_chunks()) / n  # type: ignore[return-value]
-        if a.shape[1] == 1:
+            local = torch.einsum("moi,ij,mpj->op", self._dw, y, self._dw)
+        elif self.route == "chunks":
+            local = sum(torch.einsum("moi,ij,mpj->op", dw, y, dw) for dw in self._dw_chunks())  # type: ignore[assignment]
+        elif a.shape[1] == 1:
             c = torch.einsum("ni,ij,nj->n", a[:, 0], y, a[:, 0])
-            return torch.einsum("nvo,n,nvp->op", g[:, :, 0], c, g[:, :, 0]) / n
-        c = torch.einsum("nti,ij,nsj->nts", a, y, a)
-        return torch.einsum("nvto,nts,nvsp->op", g, c, g) / n
+            local = torch.einsum("nvo,n,nvp->op", g[:, :, 0], c, g[:, :, 0])
+        else:
+            c = torch.einsum("nti,ij,nsj->nts", a, y, a)
+            local = torch.einsum("nvto,nts,nvsp->op", g, c, g)
+        return all_reduce_sum(local, self.factors.shard) / self.factors.n_samples
 
     def rearranged_rmatvec(self, x: Tensor) -> Tensor:
         """``R(F)^T vec(X) = (1/N) sum_{n,v} DW_nv^T X DW_nv``, a ``[d_in, d_in]`` matrix."""
         a, g = self.factors.a, self.factors.g
-        n = a.shape[0]
         if self._dw is not None:
-            return torch.einsum("moi,op,mpj->ij", self._dw, x, self._dw) / n
-        if self.route == "chunks":
-            return sum(torch.einsum("moi,op,mpj->ij", dw, x, dw) for dw in self._dw_chunks()) / n  # type: ignore[return-value]
-        if a.shape[1] == 1:
+            local = torch.einsum("moi,op,mpj->ij", self._dw, x, self._dw)
+        elif self.route == "chunks":
+            local = sum(torch.einsum("moi,op,mpj->ij", dw, x, dw) for dw in self._dw_chunks())  # type: ignore[assignment]
+        elif a.shape[1] == 1:
             c = torch.einsum("nvo,op,nvp->n", g[:, :, 0], x, g[:, :, 0])
-            return torch.einsum("ni,n,nj->ij", a[:, 0], c, a[:, 0]) / n
-        c = torch.einsum("nvto,op,nvsp->nts", g, x, g)
-        return torch.einsum("nti,nts,nsj->ij", a, c, a) / n
+            local = torch.einsum("ni,n,nj->ij", a[:, 0], c, a[:, 0])
+        else:
+            c = torch.einsum("nvto,op,nvsp->nts", g, x, g)
+            local = torch.einsum("nti,nts,nsj->ij", a, c, a)
+        return all_reduce_sum(local, self.factors.shard) / self.factors.n_samples
 
     def matvec(self, w: Tensor) -> Tensor:
         """``F vec(W)`` as a ``[d_out, d_in]`` matrix: ``(1/N) sum DW <DW, W> = Jᵀ(J w) / N``."""
-        return vjp(self.factors, jvp(self.factors, w)) / self.factors.n_samples
+        local = vjp(self.factors, jvp(self.factors, w))
+        return all_reduce_sum(local, self.factors.shard) / self.factors.n_samples
 
     def gram(self) -> Tensor:
         """Gram matrix ``K[(n,v),(m,w)] = <DW_nv, DW_mw>`` of shape ``[N V, N V]``, computed once per block.
@@ -154,29 +158,21 @@ class ExactBlock:
 
     @cached_property
     def _gram(self) -> Tensor:
-        a, g = self.factors.a, self.factors.g
-        n, v, t, _ = g.shape
-        if self._dw is not None:
-            flat = self._dw.flatten(1)
-            return flat @ flat.T
-        if self.route == "chunks":  # row block i against every column block j, forming the chunks again
-            return torch.cat(
-                [
-                    torch.cat([di.flatten(1) @ dj.flatten(1).T for dj in self._dw_chunks()], 1)
-                    for di in self._dw_chunks()
-                ]
-            )
-        if t == 1:
-            aa = a[:, 0] @ a[:, 0].T
-            gf = g[:, :, 0].reshape(n * v, -1)
-            return (gf @ gf.T) * aa.repeat_interleave(v, 0).repeat_interleave(v, 1)
-        rows = []
-        chunk = max(1, _GRAM_CHUNK_ELEMENTS // max(1, n * v * v * t * t))
-        for start in range(0, n, chunk):
-            aa = torch.einsum("nti,msi->nmts", a[start : start + chunk], a)
-            gg = torch.einsum("nvto,mwso->nvmwts", g[start : start + chunk], g)
-            rows.append(torch.einsum("nmts,nvmwts->nvmw", aa, gg).reshape(-1, n * v))
-        return torch.cat(rows)
+        shard = self.factors.shard
+        if shard is None and self.route == "chunks":  # row block i against every column block j, formed again
+            chunks = self._dw_chunks
+            return torch.cat([torch.cat([di.flatten(1) @ dj.flatten(1).T for dj in chunks()], 1) for di in chunks()])
+        if shard is None:
+            return _cross_gram(self.factors, self.factors, self._dw, self._dw)
+        # rows of this process against one visiting shard at a time, then every rank's rows
+        f = self.factors
+        cols = []
+        for src in range(shard.world_size):
+            count = shard.counts[src]
+            a = shard.broadcast(f.a if src == shard.rank else None, src, (count, *f.a.shape[1:]), f.a)
+            g = shard.broadcast(f.g if src == shard.rank else None, src, (count, *f.g.shape[1:]), f.g)
+            cols.append(_cross_gram(LayerFactors(f.a, f.g), LayerFactors(a, g), self._dw, None))
+        return shard.gather_rows(torch.cat(cols, dim=1))  # rows [n_local V, N V] of every rank
 
     def frobenius_norm(self) -> Tensor:
         """``||F||_F = ||K||_F / N``."""
@@ -200,7 +196,7 @@ class ExactBlock:
     def jacobian(self) -> Tensor:
         """Per-sample gradients as rows, ``[N V, d_out d_in]`` (``F = J^T J / N``); dense."""
         f = self.factors
-        return f.per_sample_gradients().reshape(f.n_samples * f.n_directions, -1)
+        return f.per_sample_gradients().reshape(f.n_local * f.n_directions, -1)
 
     def as_dense(self) -> Tensor:
         """The dense ``[d_out d_in, d_out d_in]`` block; small layers, tests and notebooks only."""
@@ -212,6 +208,33 @@ class ExactBlock:
         d_out, d_in = self.factors.d_out, self.factors.d_in
         f = self.as_dense().reshape(d_out, d_in, d_out, d_in)
         return f.permute(0, 2, 1, 3).reshape(d_out * d_out, d_in * d_in)
+
+
+def _cross_gram(first: LayerFactors, second: LayerFactors, dw_first: Tensor | None, dw_second: Tensor | None) -> Tensor:
+    """``[<DW_nv, DW'_mw>]`` of shape ``[n V, m V']`` between two sets of samples of one layer.
+
+    ``T = 1``: ``(a_n·a'_m)(g_nv·g'_mw)``; conv layers: through per-sample gradients when both
+    are given or small, else over all position pairs in chunks of samples to bound memory.
+    """
+    a, g, a2, g2 = first.a, first.g, second.a, second.g
+    n, v, t, _ = g.shape
+    m, v2 = g2.shape[0], g2.shape[1]
+    if t == 1:
+        aa = a[:, 0] @ a2[:, 0].T
+        gg = g[:, :, 0].reshape(n * v, -1) @ g2[:, :, 0].reshape(m * v2, -1).T
+        return gg * aa.repeat_interleave(v, 0).repeat_interleave(v2, 1)
+    if dw_first is not None:
+        if dw_second is None and m * v2 * first.dim <= PER_SAMPLE_GRADIENT_LIMIT:
+            dw_second = second.per_sample_gradients().reshape(-1, first.d_out, first.d_in)
+        if dw_second is not None:
+            return dw_first.flatten(1) @ dw_second.flatten(1).T
+    rows = []
+    chunk = max(1, _GRAM_CHUNK_ELEMENTS // max(1, m * v * v2 * t * t))
+    for start in range(0, n, chunk):
+        aa = torch.einsum("nti,msi->nmts", a[start : start + chunk], a2)
+        gg = torch.einsum("nvto,mwso->nvmwts", g[start : start + chunk], g2)
+        rows.append(torch.einsum("nmts,nvmwts->nvmw", aa, gg).reshape(-1, m * v2))
+    return torch.cat(rows)
 
 
 def jvp(factors: LayerFactors, w: Tensor) -> Tensor:
@@ -256,9 +279,14 @@ class WholeFisher:
         """``J u`` as ``[N, V]``: the sum over layers of :func:`jvp`."""
         return sum(jvp(b.factors, ui) for b, ui in zip(self.blocks, u, strict=True))  # type: ignore[return-value]
 
+    @property
+    def shard(self) -> Shard | None:
+        """The processes the batch is spread over (``None``: this process holds it all)."""
+        return self.blocks[0].factors.shard
+
     def vjp(self, c: Tensor) -> Params:
-        """``Jᵀ c`` per layer for ``c [N, V]``."""
-        return [vjp(b.factors, c) for b in self.blocks]
+        """``Jᵀ c`` per layer for ``c [N, V]`` (this process's rows of it when sharded; summed over processes)."""
+        return [all_reduce_sum(vjp(b.factors, c), self.shard) for b in self.blocks]
 
     def matvec(self, u: Params, *, damping: float = 0.0) -> Params:
         """``F• u = Jᵀ(J u) / N + λ u`` (T App. A.2)."""
@@ -267,7 +295,8 @@ class WholeFisher:
 
     def energy_inner(self, x: Params, y: Params, *, damping: float) -> Tensor:
         """``⟨x, y⟩_{F•} = (Jx)·(Jy) / N + λ x·y``."""
-        return torch.sum(self.jvp(x) * self.jvp(y)) / self.n_samples + damping * dot(x, y)
+        local = torch.sum(self.jvp(x) * self.jvp(y))
+        return all_reduce_sum(local, self.shard) / self.n_samples + damping * dot(x, y)
 
     def gram(self) -> Tensor:
         """``J Jᵀ = Σ_i K_i`` of shape ``[N V, N V]`` (sum of the per-layer Gram matrices)."""
@@ -282,8 +311,13 @@ class WholeFisher:
             raise FisherlabError("the exact natural gradient needs a positive damping λ")
         gram = self.gram()
         eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-        jg = self.jvp(grads).reshape(-1)
-        c = torch.linalg.solve(self.n_samples * damping * eye + gram, jg).reshape(self.n_samples, self.n_directions)
+        jg = self.jvp(grads)
+        jg = jg if self.shard is None else self.shard.gather_rows(jg)  # [N, V] of the global batch
+        c = torch.linalg.solve(self.n_samples * damping * eye + gram, jg.reshape(-1)).reshape(
+            self.n_samples, self.n_directions
+        )
+        if self.shard is not None:
+            c = c[self.shard.start : self.shard.start + self.shard.n_local]
         return [(g - jc) / damping for g, jc in zip(grads, self.vjp(c), strict=True)]
 
     def coarse_operator(self, basis: list[Tensor], *, damping: float) -> Tensor:
@@ -298,7 +332,7 @@ class WholeFisher:
         ]
         jr = torch.cat(cols, dim=2).reshape(-1, sum(v.shape[0] for v in basis))
         gram_v = torch.block_diag(*[v.flatten(1) @ v.flatten(1).T for v in basis])
-        return jr.T @ jr / self.n_samples + damping * gram_v
+        return all_reduce_sum(jr.T @ jr, self.shard) / self.n_samples + damping * gram_v
 
     def jacobian(self) -> Tensor:
         """``J`` as ``[N V, p]``, the layers' :meth:`ExactBlock.jacobian` side by side; dense."""

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.nn import functional as nnf
 
 from fisherlab._errors import FisherlabError, check_same_device_dtype
+from fisherlab.distributed import Shard
 
 __all__ = [
     "LayerFactors",
@@ -54,6 +55,8 @@ class LayerFactors:
     Args:
         a: Layer inputs, bias column included when the layer has a bias.
         g: Pre-activation derivatives, scaled so that ``F = (1/N) sum vec(DW) vec(DW)^T``.
+        shard: When the batch is spread over processes, which rows of the global batch these
+            are (:mod:`fisherlab.distributed`); ``N`` is then the global batch size.
 
     Raises:
         FisherlabError: On inconsistent shapes, dtypes or devices.
@@ -61,6 +64,7 @@ class LayerFactors:
 
     a: Tensor
     g: Tensor
+    shard: Shard | None = None
 
     def __post_init__(self) -> None:
         if self.a.ndim != 3 or self.g.ndim != 4:
@@ -94,7 +98,12 @@ class LayerFactors:
 
     @property
     def n_samples(self) -> int:
-        """``N``, the number of samples the Fisher averages over."""
+        """``N``, the number of samples the Fisher averages over (the global batch when sharded)."""
+        return self.a.shape[0] if self.shard is None else self.shard.n_total
+
+    @property
+    def n_local(self) -> int:
+        """Samples held here (``N`` unless the batch is sharded over processes)."""
         return self.a.shape[0]
 
     @property
@@ -124,7 +133,7 @@ class LayerFactors:
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LayerFactors:
         """Return the factors cast to ``dtype`` and/or moved to ``device``."""
-        return LayerFactors(self.a.to(device=device, dtype=dtype), self.g.to(device=device, dtype=dtype))
+        return LayerFactors(self.a.to(device=device, dtype=dtype), self.g.to(device=device, dtype=dtype), self.shard)
 
     def per_sample_gradients(self) -> Tensor:
         """Weight gradients ``DW_nv = sum_t g_nvt a_nt^T`` of shape ``[N, V, d_out, d_in]``.

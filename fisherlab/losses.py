@@ -82,13 +82,28 @@ def output_gradient(loss: LossKind, z: Tensor, y: Tensor) -> Tensor:
     return torch.softmax(z, dim=-1) - nnf.one_hot(y, z.shape[-1]).to(z.dtype)
 
 
-def sample_targets(loss: LossKind, z: Tensor, generator: torch.Generator) -> Tensor:
-    """Draw ``y ~ p(y | z)`` with ``generator`` (never the global RNG)."""
+def sample_targets(
+    loss: LossKind, z: Tensor, generator: torch.Generator, *, n_total: int | None = None, start: int = 0
+) -> Tensor:
+    """Draw ``y ~ p(y | z)`` with ``generator`` (never the global RNG).
+
+    The random numbers are drawn for a global batch of ``n_total`` samples (default: this one)
+    and rows ``start, start + 1, …`` are used, so that the target of sample ``n`` does not depend
+    on how a batch is split over processes (:mod:`fisherlab.distributed`): inverse-CDF sampling
+    from uniforms for ``ce`` and ``bce``, Gaussian noise for ``mse``.
+    """
+    n = z.shape[0]
+    total = n if n_total is None else n_total
+    rows = slice(start, start + n)
     if loss == LossKind.MSE:
-        return z + torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        noise = torch.randn((total, *z.shape[1:]), generator=generator, device=z.device, dtype=z.dtype)[rows]
+        return z + noise
     if loss == LossKind.BCE:
-        return torch.bernoulli(torch.sigmoid(z), generator=generator)
-    return torch.multinomial(torch.softmax(z, dim=-1), 1, generator=generator)[:, 0]
+        u = torch.rand((total, *z.shape[1:]), generator=generator, device=z.device, dtype=z.dtype)[rows]
+        return (u < torch.sigmoid(z)).to(z.dtype)
+    u = torch.rand(total, generator=generator, device=z.device, dtype=z.dtype)[rows]
+    cdf = torch.cumsum(torch.softmax(z, dim=-1), dim=-1)
+    return torch.searchsorted(cdf, u[:, None]).squeeze(1).clamp(max=z.shape[-1] - 1)
 
 
 def output_fisher_sqrt(loss: LossKind, z: Tensor) -> Tensor:
@@ -116,11 +131,14 @@ def output_directions(
     *,
     generator: torch.Generator,
     mc_samples: int = 1,
+    n_total: int | None = None,
+    start: int = 0,
 ) -> list[Tensor]:
     """Output-space vectors ``[N, *out]`` to backpropagate, one per direction ``v``.
 
     ``Σ_v d_v d_vᵀ`` is, per sample, ``∇L ∇Lᵀ`` for the true target (empirical), an
     ``mc_samples``-draw estimate of its expectation (mc), or the expectation itself (exact).
+    ``n_total`` and ``start`` place this batch in a global one (see :func:`sample_targets`).
     """
     zd = z.detach()
     if fisher == FisherKind.EMPIRICAL:
@@ -129,7 +147,8 @@ def output_directions(
         return [output_gradient(loss, zd, y)]
     if fisher == FisherKind.MC:
         scale = mc_samples**-0.5
-        return [scale * output_gradient(loss, zd, sample_targets(loss, zd, generator)) for _ in range(mc_samples)]
+        draws = (sample_targets(loss, zd, generator, n_total=n_total, start=start) for _ in range(mc_samples))
+        return [scale * output_gradient(loss, zd, y_v) for y_v in draws]
     root = output_fisher_sqrt(loss, zd)
     return [root[:, :, c].reshape(zd.shape) for c in range(root.shape[2])]
 

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from fisherlab._errors import FisherlabError, check_finite
+from fisherlab.distributed import Shard, all_reduce_sum
 from fisherlab.fisher import ExactBlock, WholeFisher
 from fisherlab.layers import LayerFactors, layer_input_factors, layer_output_factors, probeable_layers, weight_gradient
 from fisherlab.losses import FisherKind, LossKind, as_enum, check_targets, output_directions, per_sample_loss
@@ -120,8 +121,12 @@ class Probe:
         self._generator = torch.Generator(device=device)
         self._generator.set_state(state.cpu().to(torch.uint8))
 
-    def __call__(self, x: Tensor, y: Tensor | None) -> ProbeSnapshot:
+    def __call__(self, x: Tensor, y: Tensor | None, *, shard: Shard | None = None) -> ProbeSnapshot:
         """Run one probe pass on the batch ``(x, y)``.
+
+        With ``shard`` the batch is this process's rows of a global batch
+        (:mod:`fisherlab.distributed`): the factors are marked with it, MC targets depend on the
+        global sample index only, and the loss and ``∇h`` are those of the global batch.
 
         ``y`` (true targets) gives the batch loss and gradient ``∇h``; it may be ``None`` for
         ``mc`` and ``exact`` Fisher kinds (then ``loss`` is NaN and ``gradients`` empty).
@@ -166,7 +171,14 @@ class Probe:
                     check_finite("loss", losses)
                     true_g = torch.autograd.grad(losses.sum(), outs, retain_graph=True)
                 directions = output_directions(
-                    self.loss, self.fisher, z, y, generator=self._gen(z.device), mc_samples=self.mc_samples
+                    self.loss,
+                    self.fisher,
+                    z,
+                    y,
+                    generator=self._gen(z.device),
+                    mc_samples=self.mc_samples,
+                    n_total=None if shard is None else shard.n_total,
+                    start=0 if shard is None else shard.start,
                 )
                 gs: list[list[Tensor]] = [[] for _ in outs]  # per call, per direction
                 for k, d in enumerate(directions):
@@ -180,7 +192,7 @@ class Probe:
                 for k, b in self.model.named_buffers():
                     b.copy_(buffers[k])
         dt = self.accumulate_dtype
-        n = x.shape[0]
+        n = x.shape[0] if shard is None else shard.n_total
         factors: dict[str, LayerFactors] = {}
         gradients: dict[str, Tensor] = {}
         first = 0  # index of the layer's first call among ``outs``
@@ -193,11 +205,11 @@ class Probe:
             )
             check_finite(f"pre-activation derivatives of layer {name!r}", g)
             check_finite(f"activations of layer {name!r}", a)
-            factors[name] = LayerFactors(a, g)
+            factors[name] = LayerFactors(a, g, shard)
             if y is not None:
                 g_true = _positions(module, [true_g[c] for c in calls]).to(dt)
-                gradients[name] = weight_gradient(a, g_true) / n
-        loss = float(losses.detach().mean()) if y is not None else float("nan")
+                gradients[name] = all_reduce_sum(weight_gradient(a, g_true), shard) / n
+        loss = float(all_reduce_sum(losses.detach().sum().to(dt), shard)) / n if y is not None else float("nan")
         return ProbeSnapshot(factors, loss, gradients, self.fisher)
 
 

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from fisherlab._errors import FisherlabError
 from fisherlab.approximations import Method, kfac_factors
+from fisherlab.distributed import all_reduce_sum
 from fisherlab.fisher import WholeFisher
 from fisherlab.kron import KronSum, pi_damping
 from fisherlab.metrics import Variable
@@ -189,8 +190,8 @@ def tko_coarse_operator(
             if i == j:
                 o, a = pi_damping(kfacs[i].outs[0], kfacs[i].ins[0], damping)
             else:
-                o = torch.einsum("nvo,nvp->op", g_sum[i], g_sum[j]) / n
-                a = a_bar[i].T @ a_bar[j] / n
+                o = all_reduce_sum(torch.einsum("nvo,nvp->op", g_sum[i], g_sum[j]), fisher.shard) / n
+                a = all_reduce_sum(a_bar[i].T @ a_bar[j], fisher.shard) / n
             block = torch.einsum("koi,op,lpj,ij->kl", vi, o, vj, a)
             out[offs[i] : offs[i] + sizes[i], offs[j] : offs[j] + sizes[j]] = block
     return out

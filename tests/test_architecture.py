@@ -10,6 +10,7 @@ import fisherlab
 #: Pipeline stages, first to last. Leaves first; ``cli`` and ``__init__`` may import anything.
 STAGES = [
     "_errors",
+    "distributed",  # process groups: sums over samples, shards of a global batch
     "layers",
     "kron",
     "krylov",
