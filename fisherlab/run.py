@@ -12,9 +12,13 @@ those of the registry (:data:`fisherlab.metrics.BLOCK_METRICS`, ``LAYER_METRICS`
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,18 +26,20 @@ import numpy as np
 import torch
 import xarray as xr
 from torch import Tensor, nn
+from torch import distributed as dist
 from tqdm.auto import tqdm
 
 from fisherlab._errors import FisherlabError
 from fisherlab.approximations import Approximation, Method, approximate_all, warm_starts
 from fisherlab.config import ProbeConfig, apply_threads, select_device
-from fisherlab.data import announce_data
+from fisherlab.data import ImageData, announce_data
+from fisherlab.distributed import Shard, all_reduce_sum, shard_of_batch
 from fisherlab.fisher import ExactBlock
 from fisherlab.losses import LossKind, as_enum, per_sample_loss
 from fisherlab.metrics import BLOCK_METRICS, LAYER_METRICS, evaluate_block
 from fisherlab.operators import BlockDiagonal
 from fisherlab.probe import Probe, ProbeSnapshot
-from fisherlab.problems import get_problem
+from fisherlab.problems import Problem, get_problem
 from fisherlab.results import ResultsWriter, annotate, run_attrs, snapshot_dataset
 from fisherlab.twolevel import TWO_LEVEL_METRICS, two_level_metrics
 
@@ -44,18 +50,41 @@ __all__ = ["FisherProbe", "probe_training", "run_probe"]
 
 
 def _step(
-    model: nn.Module, loss: LossKind, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, iteration: int
+    model: nn.Module,
+    loss: LossKind,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    iteration: int,
+    shard: Shard | None = None,
 ) -> float:
+    """One training step on the batch; with ``shard``, on this process's rows of the global batch,
+    the gradients summed over processes (every process takes the same step as one process would)."""
     optimizer.zero_grad(set_to_none=True)
-    value = per_sample_loss(loss, model(x), y).mean()
-    if not torch.isfinite(value):
+    n = x.shape[0] if shard is None else shard.n_total
+    total = per_sample_loss(loss, model(x), y).sum()
+    value = float(all_reduce_sum(total.detach(), shard)) / n
+    if not math.isfinite(value):
         raise FisherlabError(
-            f"training loss became {float(value.detach())} at iteration {iteration}; "
-            "lower --lr (snapshots so far are saved)"
+            f"training loss became {value} at iteration {iteration}; lower --lr (snapshots so far are saved)"
         )
-    value.backward()
+    (total / n).backward()
+    if shard is not None:
+        for p in model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=shard.group)
     optimizer.step()
-    return float(value.detach())
+    return value
+
+
+def _rows(x: Tensor, shard: Shard | None) -> Tensor:
+    return x if shard is None else x[shard.start : shard.start + shard.n_local]
+
+
+def _split(n: int) -> int:
+    """This process's number of rows of a global batch of ``n`` (contiguous, as ``torch.tensor_split``)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    return n // world + (1 if rank < n % world else 0)
 
 
 class FisherProbe:
@@ -104,6 +133,11 @@ class FisherProbe:
         overwrite: bool = False,
         writer: ResultsWriter | None = None,
     ) -> None:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module  # probe the network itself: DDP's reducer expects a backward after each forward
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        out = out if rank == 0 else None  # one writer: global rank 0
+        writer = writer if rank == 0 else None
         config = replace(config or ProbeConfig(), every=every or (config or ProbeConfig()).every)
         if methods is not None:
             config.methods = tuple(methods)  # type: ignore[assignment]
@@ -143,7 +177,8 @@ class FisherProbe:
         """
         if step % self.config.every:
             return None
-        ds, snap = _snapshot(step, self.probe, x, y, self.names, self.config, self._previous, self._t0)  # type: ignore[arg-type]
+        shard = shard_of_batch(x.shape[0], x.device)  # collective under torch.distributed: every rank probes its rows
+        ds, snap = _snapshot(step, self.probe, x, y, self.names, self.config, self._previous, self._t0, shard)  # type: ignore[arg-type]
         if self.writer is not None:
             for name in self.config.store_factors:
                 self.writer.store_factors(step, name, snap.factors[name].a, snap.factors[name].g)
@@ -199,6 +234,10 @@ def probe_training(
     """Train ``model`` for ``config.iterations`` steps, probing every ``config.every``: a plain
     training loop around :class:`FisherProbe`.
 
+    Under ``torch.distributed`` every process's ``batches`` must yield the same global batches;
+    each process probes and trains on its contiguous rows (gradients summed over processes), so
+    the run equals one process on the global batch; only rank 0 writes.
+
     Works for any model built from Linear/Conv2d layers and any batch iterator; the CLI
     calls it through :func:`run_probe`. Uses ``config`` for the probe and analysis
     settings (problem fields are ignored).
@@ -210,7 +249,9 @@ def probe_training(
     loss = as_enum(LossKind, loss, "loss")
     batches = iter(batches)
     fisher_probe = FisherProbe(model, loss, layers=layers, config=config, writer=writer)
-    bar = tqdm(total=config.iterations, desc="probe", unit="it", disable=not progress, dynamic_ncols=True)
+    distributed = dist.is_available() and dist.is_initialized()
+    leader = not distributed or dist.get_rank() == 0
+    bar = tqdm(total=config.iterations, desc="probe", unit="it", disable=not (progress and leader), dynamic_ncols=True)
     try:
         for it in range(config.iterations + 1):
             try:
@@ -220,13 +261,15 @@ def probe_training(
                     f"the batch iterator ended after {it} batches; a run of {config.iterations} iterations needs "
                     f"{config.iterations + 1} (pass an endless iterator, e.g. itertools.cycle(loader))"
                 ) from None
+            shard = shard_of_batch(_split(x.shape[0]), x.device) if distributed else None
+            x, y = _rows(x, shard), _rows(y, shard)  # every process is handed the global batch: its rows
             snapshot = fisher_probe.step(it, x, y)
             if snapshot is not None:
                 latest = snapshot.isel(iteration=-1, layer=0)
                 summary = {m.value: f"{float(latest['frobenius_error'][i]):.3f}" for i, m in enumerate(config.methods)}
                 bar.set_postfix(loss=f"{float(latest['train_loss']):.4g}", **summary)
             if it < config.iterations:
-                _step(model, loss, optimizer, x, y, it)
+                _step(model, loss, optimizer, x, y, it, shard)
                 bar.update(1)
     finally:
         bar.close()
@@ -242,10 +285,11 @@ def _snapshot(
     config: ProbeConfig,
     previous: dict[str, dict[Method, Approximation]],
     t0: float,
+    shard: Shard | None = None,
 ) -> tuple[xr.Dataset, ProbeSnapshot]:
     """One snapshot: probe pass, every registered metric of every probed layer and method."""
     start = time.perf_counter()
-    snap = probe(x, y)
+    snap = probe(x, y, shard=shard)
     probe_time = time.perf_counter() - start
     methods = list(config.methods)
     per_method = {m.name: np.zeros((len(names), len(methods)), dtype=m.dtype) for m in BLOCK_METRICS}
@@ -311,24 +355,58 @@ def run_probe(config: ProbeConfig, out: str | Path, *, overwrite: bool = False, 
         listing = f"1 to {known[-1]}" if all(n.isdigit() for n in known) else ", ".join(known)
         raise FisherlabError(f"unknown layers {bad} for {problem.name}: it has layers {listing}")
     device = select_device(config.device)
+    started = _init_distributed(device)
+    if dist.is_available() and dist.is_initialized() and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    leader = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     dtype = config.dtype.dtype
-    with ResultsWriter(out, {}, overwrite=overwrite) as writer:  # refuses an existing or locked output before any work
-        data = problem.data(config.data_dir, seed=config.seed)
-        announce_data(data.source, data.stand_in)
-        writer.attrs.update(run_attrs(config, device, data.source, problem.loss, stand_in=data.stand_in))
-        model = problem.model(seed=config.seed, dtype=dtype, device=device)
-        if config.optimizer == "adam":
-            optimizer: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=config.lr or 1e-3)
-        else:
-            optimizer = torch.optim.SGD(model.parameters(), lr=config.lr or 1e-2, momentum=0.9)
-        batches = problem.batches(data, batch_size=config.batch_size, seed=config.seed, device=device, dtype=dtype)
-        return probe_training(
-            model,
-            problem.loss,
-            batches,
-            optimizer,
-            config,
-            layers=list(config.layers),
-            writer=writer,
-            progress=progress,
-        )
+    try:
+        # rank 0 refuses an existing or locked output before any work; other ranks write nothing
+        with ResultsWriter(out, {}, overwrite=overwrite) if leader else contextlib.nullcontext() as writer:
+            data = problem.data(config.data_dir, seed=config.seed)
+            if writer is not None:
+                announce_data(data.source, data.stand_in)
+                writer.attrs.update(run_attrs(config, device, data.source, problem.loss, stand_in=data.stand_in))
+            return _train_problem(problem, data, config, device, dtype, writer, progress)
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def _init_distributed(device: torch.device) -> bool:
+    """Join the process group that ``torchrun`` describes (gloo on CPU, NCCL on CUDA); ``True`` when this call did."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=timedelta(seconds=int(os.environ.get("FISHERLAB_DIST_TIMEOUT", "300"))))
+    return True
+
+
+def _train_problem(
+    problem: Problem,
+    data: ImageData,
+    config: ProbeConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    writer: ResultsWriter | None,
+    progress: bool,
+) -> xr.Dataset:
+    """The paper problem's model, optimizer and batches, trained and probed by :func:`probe_training`."""
+    model = problem.model(seed=config.seed, dtype=dtype, device=device)
+    if config.optimizer == "adam":
+        optimizer: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=config.lr or 1e-3)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr or 1e-2, momentum=0.9)
+    batches = problem.batches(data, batch_size=config.batch_size, seed=config.seed, device=device, dtype=dtype)
+    return probe_training(
+        model,
+        problem.loss,
+        batches,
+        optimizer,
+        config,
+        layers=list(config.layers),
+        writer=writer,
+        progress=progress,
+    )

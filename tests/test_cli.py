@@ -121,10 +121,10 @@ def test_interrupted_run_keeps_finished_snapshots(tmp_path, monkeypatch, capsys)
     """Ctrl-C after the snapshot at iteration 4: the file holds iterations 0, 2, 4 and is valid."""
     real_step = run_module._step
 
-    def step(model, loss, optimizer, x, y, iteration):  # type: ignore[no-untyped-def]
+    def step(model, loss, optimizer, x, y, iteration, *rest):  # type: ignore[no-untyped-def]
         if iteration == 5:
             raise KeyboardInterrupt
-        return real_step(model, loss, optimizer, x, y, iteration)
+        return real_step(model, loss, optimizer, x, y, iteration, *rest)
 
     monkeypatch.setattr(run_module, "_step", step)
     out = tmp_path / "r.nc"
