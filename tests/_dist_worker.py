@@ -1,0 +1,76 @@
+"""One rank of the distributed tests: ``python -m tests._dist_worker MODE WORLD RANK INIT_FILE OUT``.
+
+MODE ``snapshot``: probe one global batch with every method, both errors and two-level; rank 0
+writes the dataset to OUT. MODE ``die``: probe every step of a short run writing OUT; rank 1
+dies after the first snapshot.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from torch import distributed as dist
+
+import fisherlab as fl
+from tests.cases import small_mlp
+
+GLOBAL_BATCH = 11  # not divisible by 2 or 3: shards of different sizes
+
+
+def config() -> fl.ProbeConfig:
+    return fl.ProbeConfig(
+        two_level=True,
+        tol=1e-12,
+        max_iter=20_000,
+        krylov_dim=30,
+        damping=1e-2,
+        coarse_spaces=("nicolaides", "residuals", "taylor"),
+    )
+
+
+def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    return torch.randn(GLOBAL_BATCH, 4, generator=gen, dtype=torch.float64), torch.randn(
+        GLOBAL_BATCH, 3, generator=gen, dtype=torch.float64
+    )
+
+
+def rows(world: int, rank: int) -> slice:
+    sizes = [len(p) for p in torch.arange(GLOBAL_BATCH).tensor_split(world)]
+    return slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+
+
+def snapshot(world: int, rank: int, out: str | None) -> fl.FisherProbe:
+    """The snapshot at step 0 of this rank's rows (the whole batch without a process group)."""
+    x, y = global_batch()
+    part = rows(world, rank)
+    probe = fl.FisherProbe(small_mlp((4, 5, 3)), "mse", every=1, config=config(), out=out)
+    probe.step(0, x[part], y[part])
+    return probe
+
+
+def main() -> int:
+    mode, world, rank, init, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", world_size=world, rank=rank)
+    try:
+        if mode == "snapshot":
+            snapshot(world, rank, out).close()
+        else:
+            x, y = global_batch()
+            probe = fl.FisherProbe(small_mlp((4, 5, 3)), "mse", every=1, methods=["kfac", "kpsvd"], out=out)
+            for step in range(4):
+                probe.step(step, x[rows(world, rank)], y[rows(world, rank)])
+                if rank == 1 and step == 1:
+                    os._exit(3)  # a rank that dies mid-run
+            probe.close()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
