@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import typing
 import warnings
@@ -382,6 +383,8 @@ def _probe(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"fisherlab: interrupted; finished snapshots are in {out}", file=sys.stderr)
         return 130
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 writes, draws and reports
+        return 0
     if figure is not None:
         save_figure(error_figure(ds), figure)
         if config.two_level:

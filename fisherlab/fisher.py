@@ -164,19 +164,31 @@ class ExactBlock:
             return torch.cat([torch.cat([di.flatten(1) @ dj.flatten(1).T for dj in chunks()], 1) for di in chunks()])
         if shard is None:
             return _cross_gram(self.factors, self.factors, self._dw, self._dw)
-        # rows of this process against one visiting shard at a time, then every rank's rows
-        f = self.factors
+        return shard.gather_rows(self._gram_rows)  # rows [n_local V, N V] of every rank
+
+    @cached_property
+    def _gram_rows(self) -> Tensor:
+        """This process's rows of the Gram matrix: its samples against one visiting shard at a time."""
+        shard, f = self.factors.shard, self.factors
+        assert shard is not None
         cols = []
         for src in range(shard.world_size):
             count = shard.counts[src]
             a = shard.broadcast(f.a if src == shard.rank else None, src, (count, *f.a.shape[1:]), f.a)
             g = shard.broadcast(f.g if src == shard.rank else None, src, (count, *f.g.shape[1:]), f.g)
             cols.append(_cross_gram(LayerFactors(f.a, f.g), LayerFactors(a, g), self._dw, None))
-        return shard.gather_rows(torch.cat(cols, dim=1))  # rows [n_local V, N V] of every rank
+        return torch.cat(cols, dim=1)
+
+    def frobenius_norm_squared(self) -> Tensor:
+        """``||F||_F² = ||K||_F² / N²`` (sharded: each process's rows of ``K``, summed; no full ``K``)."""
+        shard, n = self.factors.shard, self.factors.n_samples
+        if shard is None:
+            return torch.sum(self.gram() ** 2) / n**2
+        return shard.sum(torch.sum(self._gram_rows**2)) / n**2
 
     def frobenius_norm(self) -> Tensor:
         """``||F||_F = ||K||_F / N``."""
-        return torch.linalg.matrix_norm(self.gram()) / self.factors.n_samples
+        return self.frobenius_norm_squared().sqrt()
 
     def eigenvalues(self, *, top: int | None = None) -> Tensor:
         """The ``top`` (default ``max_rank``) largest eigenvalues of ``F``, descending (those of ``K / N``).

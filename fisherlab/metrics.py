@@ -75,14 +75,12 @@ class BlockReference:
     Args:
         block: The exact block.
         norm_squared: ``||F||_F²``.
-        eigenvalues: The ``r = block.max_rank`` largest eigenvalues of ``F``, descending.
         spectrum: What error 2 compares (:class:`Spectrum`).
         layer: Layer name used in warnings.
     """
 
     block: ExactBlock
     norm_squared: Tensor
-    eigenvalues: Tensor
     spectrum: Spectrum = Spectrum.EIGENVALUES
     layer: str = ""
     cache: dict = field(default_factory=dict, compare=False, repr=False)
@@ -91,10 +89,16 @@ class BlockReference:
     def of(
         cls, block: ExactBlock, *, spectrum: Spectrum | str = Spectrum.EIGENVALUES, layer: str = ""
     ) -> BlockReference:
-        """Compute the Gram matrix once; derive ``||F||_F²`` and the spectrum from it."""
-        gram = block.gram()
-        n = block.factors.n_samples
-        return cls(block, torch.sum(gram * gram) / n**2, block.eigenvalues(), Spectrum(spectrum), layer)
+        """Compute the Gram matrix once; derive ``||F||_F²`` from it (and the spectrum when asked)."""
+        return cls(block, block.frobenius_norm_squared(), Spectrum(spectrum), layer)
+
+    @property
+    def eigenvalues(self) -> Tensor:
+        """The ``r = block.max_rank`` largest eigenvalues of ``F``, descending (from the Gram
+        matrix, computed on first use: error 1 alone never needs them)."""
+        if "eigenvalues" not in self.cache:
+            self.cache["eigenvalues"] = self.block.eigenvalues()
+        return self.cache["eigenvalues"]
 
 
 def frobenius_error(ref: BlockReference, approx: KronSum) -> Tensor:

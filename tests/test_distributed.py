@@ -37,7 +37,7 @@ def _spawn(mode: str, world: int, tmp_path: Path, out: Path) -> list[subprocess.
     ]
     results = []
     for p in procs:
-        stdout, stderr = p.communicate(timeout=300)
+        stdout, stderr = p.communicate(timeout=120)
         results.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
     return results
 
