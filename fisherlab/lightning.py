@@ -4,7 +4,7 @@ Nothing else in fisherlab imports Lightning; ``fisherlab.lightning`` is imported
 
 Example:
     >>> import lightning, fisherlab as fl                                          # doctest: +SKIP
-    >>> probe = fl.lightning.FisherProbeCallback("ce", every=10, out="runs/probe.nc")  # doctest: +SKIP
+    >>> probe = fl.lightning.FisherProbeCallback(every=10, out="runs/probe.nc")  # loss "ce"  # doctest: +SKIP
     >>> lightning.Trainer(callbacks=[probe]).fit(module, loader)                  # doctest: +SKIP
 """
 
@@ -48,7 +48,8 @@ class FisherProbeCallback(Callback):
     ``ce`` and ``bce``). With several processes only global rank 0 writes ``out``.
 
     Args:
-        loss: The negative log-likelihood of the module's output: ``"mse"``, ``"bce"`` or ``"ce"``.
+        loss: The negative log-likelihood of the module's output: ``"ce"`` (default, a classifier's
+            logits), ``"bce"`` or ``"mse"``.
         every: Probe when ``trainer.global_step % every == 0`` (once per step under gradient accumulation).
         out: The ``.nc`` file every snapshot is appended to (``None``: kept in memory, see :attr:`dataset`).
         layers: Module paths inside the LightningModule (default: every Linear/Conv2d).
@@ -60,7 +61,7 @@ class FisherProbeCallback(Callback):
 
     def __init__(
         self,
-        loss: LossKind | str,
+        loss: LossKind | str = LossKind.CE,
         *,
         every: int = 10,
         out: str | Path | None = None,
