@@ -54,7 +54,7 @@ def _fit(callbacks: list, seed: int = 0) -> _Classifier:
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
 def test_callback_probes_every_k_steps_and_leaves_training_unchanged(tmp_path: Path) -> None:
     callback = fl.lightning.FisherProbeCallback(
-        "ce", every=2, out=tmp_path / "pl.nc", layers=["net.0", "net.2"], methods=["kfac", "deflation"]
+        every=2, out=tmp_path / "pl.nc", layers=["net.0", "net.2"], methods=["kfac", "deflation"]
     )
     probed = _fit([callback])
     plain = _fit([])
