@@ -205,6 +205,8 @@ def test_two_level_end_to_end(tmp_path) -> None:
             "1",
             "--batch-size",
             "32",
+            "--methods",
+            "kfac,deflation",
             "--coarse-spaces",
             "nicolaides,residuals,taylor",
             "--out",

@@ -152,7 +152,8 @@ def test_train_writes_every_epoch_and_survives_ctrl_c(tmp_path, monkeypatch, cap
     monkeypatch.setattr(train, "_mean_loss", interrupting)
     out = tmp_path / "t.nc"
     status = cli.main(
-        ["train", "--optimizers", "sgd,adam", "--epochs", "2", "--max-batches", "2", "--out", str(out), "--no-progress"]
+        ["train", "--optimizers", "sgd,adam", "--epochs", "2", "--max-batches", "2", "--eval-samples", "256"]
+        + ["--out", str(out), "--no-progress"]
     )
     assert status == 130 and capsys.readouterr().err.strip().endswith(f"interrupted; finished epochs are in {out}")
     ds = load(out)

@@ -25,6 +25,8 @@ def test_train_end_to_end(tmp_path, capsys) -> None:
             "4",
             "--eval-samples",
             "512",
+            "--batch-size",
+            "64",
             "--out",
             str(out),
             "--no-progress",
