@@ -25,6 +25,7 @@ __all__ = [
     "FisherKind",
     "LossKind",
     "as_enum",
+    "check_output_targets",
     "check_targets",
     "output_directions",
     "output_fisher_sqrt",
@@ -47,7 +48,9 @@ class LossKind(str, Enum):
 
     ``mse``: Gaussian with unit variance, ``L = ½||y - z||²``; ``bce``: independent
     Bernoulli with ``p = sigmoid(z)`` (a sigmoid output layer with binary cross entropy);
-    ``ce``: categorical with ``p = softmax(z)``, integer targets.
+    ``ce``: categorical with ``p = softmax(z)`` over the last dim, integer targets; a sequence
+    model's logits ``[N, T, C]`` with targets ``[N, T]`` are ``T`` categoricals per sample
+    (next-token prediction), their losses summed.
     """
 
     MSE = "mse"
@@ -70,6 +73,8 @@ def per_sample_loss(loss: LossKind, z: Tensor, y: Tensor) -> Tensor:
         return 0.5 * ((z - y) ** 2).flatten(1).sum(1)
     if loss == LossKind.BCE:
         return nnf.binary_cross_entropy_with_logits(z, y, reduction="none").flatten(1).sum(1)
+    if z.ndim > 2:  # [N, T, C] sequences: classes on the last dim, losses summed over positions
+        return nnf.cross_entropy(z.flatten(0, -2), y.flatten(), reduction="none").reshape(y.shape).flatten(1).sum(1)
     return nnf.cross_entropy(z, y, reduction="none")
 
 
@@ -101,9 +106,9 @@ def sample_targets(
     if loss == LossKind.BCE:
         u = torch.rand((total, *z.shape[1:]), generator=generator, device=z.device, dtype=z.dtype)[rows]
         return (u < torch.sigmoid(z)).to(z.dtype)
-    u = torch.rand(total, generator=generator, device=z.device, dtype=z.dtype)[rows]
+    u = torch.rand((total, *z.shape[1:-1]), generator=generator, device=z.device, dtype=z.dtype)[rows]
     cdf = torch.cumsum(torch.softmax(z, dim=-1), dim=-1)
-    return torch.searchsorted(cdf, u[:, None]).squeeze(1).clamp(max=z.shape[-1] - 1)
+    return torch.searchsorted(cdf, u[..., None].contiguous()).squeeze(-1).clamp(max=z.shape[-1] - 1)
 
 
 def output_fisher_sqrt(loss: LossKind, z: Tensor) -> Tensor:
@@ -113,6 +118,10 @@ def output_fisher_sqrt(loss: LossKind, z: Tensor) -> Tensor:
     """
     flat = z.flatten(1)
     eye = torch.eye(flat.shape[1], dtype=z.dtype, device=z.device)
+    if loss == LossKind.CE and z.ndim > 2:
+        raise FisherlabError(
+            "the exact Fisher of a sequence model's ce loss is not supported; use --fisher mc or empirical"
+        )
     if loss == LossKind.MSE:
         return eye.expand(flat.shape[0], -1, -1)
     if loss == LossKind.BCE:
@@ -166,7 +175,20 @@ def check_targets(loss: LossKind, x: Tensor, y: Tensor | None) -> None:
             f"targets y must be a tensor with one row per sample ({x.shape[0]}), "
             f"got {getattr(y, 'shape', type(y).__name__)}"
         )
-    if loss == LossKind.CE and (y.dtype.is_floating_point or y.dtype == torch.bool or y.ndim != 1):
-        raise FisherlabError(f"loss 'ce' needs integer class targets of shape [N], got {y.dtype} {tuple(y.shape)}")
+    if loss == LossKind.CE and (y.dtype.is_floating_point or y.dtype == torch.bool):
+        raise FisherlabError(
+            f"loss 'ce' needs integer class targets of shape [N] (or [N, T]), got {y.dtype} {tuple(y.shape)}"
+        )
     if loss != LossKind.CE and not y.dtype.is_floating_point:
         raise FisherlabError(f"loss {loss.value!r} needs floating-point targets shaped like the output, got {y.dtype}")
+
+
+def check_output_targets(loss: LossKind, z: Tensor, y: Tensor) -> None:
+    """Refuse targets whose shape does not fit the output ``z`` (after the forward pass)."""
+    expected = tuple(z.shape[:-1]) if loss == LossKind.CE else tuple(z.shape)
+    if tuple(y.shape) != expected:
+        kind = "integer class targets" if loss == LossKind.CE else "targets"
+        raise FisherlabError(
+            f"loss {loss.value!r} needs {kind} of shape {list(expected)} for output {list(z.shape)}, "
+            f"got {list(y.shape)}"
+        )

@@ -31,7 +31,15 @@ from fisherlab._errors import FisherlabError, check_finite
 from fisherlab.distributed import Shard, all_reduce_sum
 from fisherlab.fisher import ExactBlock, WholeFisher
 from fisherlab.layers import LayerFactors, layer_input_factors, layer_output_factors, probeable_layers, weight_gradient
-from fisherlab.losses import FisherKind, LossKind, as_enum, check_targets, output_directions, per_sample_loss
+from fisherlab.losses import (
+    FisherKind,
+    LossKind,
+    as_enum,
+    check_output_targets,
+    check_targets,
+    output_directions,
+    per_sample_loss,
+)
 
 __all__ = ["Probe", "ProbeSnapshot", "probeable_layers"]
 
@@ -167,6 +175,7 @@ class Probe:
                 names = list(self.layers)
                 outs = [o for n in names for o in outputs[n]]
                 if y is not None:
+                    check_output_targets(self.loss, z, y)
                     losses = per_sample_loss(self.loss, z, y)
                     check_finite("loss", losses)
                     true_g = torch.autograd.grad(losses.sum(), outs, retain_graph=True)
