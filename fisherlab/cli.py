@@ -81,7 +81,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p.add_argument(
         "--problem",
         default=d.problem,
-        help="curves | mnist | faces | cnn | deeplinear64 | deeplinear14 | resnet18 | resnet34 "
+        help="curves | mnist | faces | cnn | deeplinear64 | deeplinear14 | resnet18 | resnet34 | transformer "
         "(default: %(default)s; embedded data, no download)",
     )
     p.add_argument(

@@ -84,6 +84,34 @@ def curves_images(n: int, *, seed: int = 0, size: int = 28, width: float = 0.8) 
     return torch.cat(out) if out else torch.zeros(0, size * size)
 
 
+#: Characters per training sequence of the text stand-in (inputs; targets are shifted by one).
+SEQUENCE_LENGTH = 128
+
+
+def stdlib_text() -> str:
+    """ASCII text that every Python installation carries: the docstrings of a fixed list of
+    standard-library modules and of their public classes and functions, in a fixed order."""
+    import argparse
+    import collections
+    import dataclasses
+    import functools
+    import inspect
+    import itertools
+    import json
+    import pathlib
+    import re
+    import textwrap
+
+    parts = []
+    for module in (argparse, collections, dataclasses, functools, itertools, json, pathlib, re, textwrap):
+        parts.append(module.__doc__ or "")
+        for name in sorted(vars(module)):
+            obj = getattr(module, name)
+            if not name.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj)) and obj.__doc__:
+                parts.append(inspect.cleandoc(obj.__doc__))
+    return "".join(c for c in "\n\n".join(parts) if 9 <= ord(c) < 128)
+
+
 def _bundled(name: str) -> dict[str, np.ndarray]:
     """Arrays of a bundled stand-in file (``fisherlab/standins/``), read without pickle."""
     with (
@@ -137,6 +165,18 @@ def _embedded(problem: str, seed: int) -> ImageData:
             "STAND-IN for CIFAR-10: UCI digits (bundled) as 3x32x32 images, 10 classes",
             labels[:1_500],
             labels[1_500:],
+            stand_in=True,
+        )
+    if problem == "text":
+        codes = torch.tensor(list(stdlib_text().encode("ascii")), dtype=torch.int64)
+        starts = torch.arange(0, codes.numel() - SEQUENCE_LENGTH - 1, SEQUENCE_LENGTH // 2)
+        windows = codes[starts[:, None] + torch.arange(SEQUENCE_LENGTH + 1)]  # [n, T + 1] character codes
+        windows = windows[torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))]
+        n_valid = max(1, windows.shape[0] // 10)
+        return ImageData(
+            windows[n_valid:],
+            windows[:n_valid],
+            "STAND-IN text: docstrings of Python's standard library, ASCII characters, 129-character windows",
             stand_in=True,
         )
     if problem == "faces":

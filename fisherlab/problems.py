@@ -166,17 +166,70 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(nnf.adaptive_avg_pool2d(x, 1), 1))
 
 
+class TransformerBlock(nn.Module):
+    """Pre-norm block: ``x + proj(causal attention(qkv(ln1 x)))``, then ``x + fc2(gelu(fc1(ln2 x)))``."""
+
+    def __init__(self, d_model: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.fc1 = nn.Linear(d_model, 4 * d_model)
+        self.fc2 = nn.Linear(4 * d_model, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[N, T, d]`` to ``[N, T, d]``."""
+        n, t, d = x.shape
+        q, k, v = (
+            z.reshape(n, t, self.heads, d // self.heads).transpose(1, 2) for z in self.qkv(self.ln1(x)).split(d, -1)
+        )
+        attended = nnf.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(attended.transpose(1, 2).reshape(n, t, d))
+        return x + self.fc2(nnf.gelu(self.fc1(self.ln2(x))))
+
+
+class Transformer(nn.Module):
+    """A small decoder-only (GPT-style) character model: token and position embeddings, pre-norm
+    blocks with causal attention, a final layer norm and a Linear head to the vocabulary logits.
+
+    The Linear layers (``blocks.<i>.qkv``, ``.proj``, ``.fc1``, ``.fc2``, ``head``) act on every
+    position: their per-sample Fisher factors have ``T`` = sequence length (weight sharing).
+    Embeddings and layer norms are not probed (``skipped_parameters``).
+    """
+
+    def __init__(
+        self, vocab: int = 128, d_model: int = 64, heads: int = 4, n_blocks: int = 2, length: int = 128
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        self.position = nn.Embedding(length, d_model)
+        self.blocks = nn.ModuleList(TransformerBlock(d_model, heads) for _ in range(n_blocks))
+        self.ln = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Logits ``[N, T, vocab]`` of the next token at every position of ``tokens [N, T]``."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.embed(tokens) + self.position(positions)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x))
+
+
 @dataclass(frozen=True)
 class Problem:
     """One of the papers' benchmark problems.
 
     Args:
         name: CLI name.
-        sizes: Layer widths of the MLPs (input first); for ``cnn`` the input ``(C, H, W)``.
+        sizes: Layer widths of the MLPs (input first); for ``cnn`` the input ``(C, H, W)``; for
+            ``transformer`` ``(vocabulary, d_model, heads, blocks, sequence length)``.
         loss: Negative log-likelihood of the output.
         batch_size: The paper's batch size.
         description: One line for help texts.
-        kind: ``autoencoder`` (targets are the inputs), ``classifier`` (data labels) or
+        kind: ``autoencoder`` (targets are the inputs), ``classifier`` (data labels), ``language``
+            (next-character targets of text windows) or
             ``teacher`` (targets from a fixed random linear map of Gaussian inputs).
         default_layers: Layers probed when ``--layers`` is not given.
     """
@@ -204,6 +257,8 @@ class Problem:
                 net: nn.Module = ConvNet(*self.sizes[:2])
             elif self.name.startswith("resnet"):
                 net = ResNet((2, 2, 2, 2) if self.name == "resnet18" else (3, 4, 6, 3))
+            elif self.name == "transformer":
+                net = Transformer(*self.sizes)
             elif self.name.startswith("deeplinear"):
                 net = DeepLinear(list(self.sizes))
             else:
@@ -216,6 +271,8 @@ class Problem:
         Raises:
             FisherlabError: Missing files, or real files without the labels a classifier needs.
         """
+        if self.kind == "language":
+            return load_images("text", data_dir, seed=seed)
         if self.kind == "teacher":
             gen = torch.Generator().manual_seed(seed)
             x = torch.randn(12_000, self.sizes[0], generator=gen)
@@ -236,6 +293,8 @@ class Problem:
         the same map for training and validation data)."""
         if self.kind == "autoencoder":
             return x
+        if self.kind == "language":  # next-token targets of character windows [N, T + 1]
+            return x[:, 1:]
         if self.kind == "classifier":
             if labels is None:
                 raise FisherlabError(f"{self.name} needs class labels")
@@ -254,14 +313,28 @@ class Problem:
         dtype: torch.dtype = torch.float32,
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Endless training batches ``(x, y)`` for this problem (targets per ``kind``, :meth:`targets`)."""
-        x = data.train.to(device=device, dtype=dtype)
+        x = data.train.to(device=device, dtype=None if self.kind == "language" else dtype)  # tokens stay integers
         y = self.targets(x, data.train_labels, seed=seed)
+        x = self.inputs(x)
         return ((x[i], y[i]) for i in batch_indices(x.shape[0], batch_size or self.batch_size, seed=seed))
+
+    def inputs(self, x: Tensor) -> Tensor:
+        """The network's input for data rows ``x``: all but the last token of a character window, else ``x``."""
+        return x[:, :-1] if self.kind == "language" else x
 
 
 PROBLEMS: dict[str, Problem] = {
     p.name: p
     for p in (
+        Problem(
+            "transformer",
+            (128, 64, 4, 2, 128),
+            LossKind.CE,
+            32,
+            "small pre-norm transformer: 2 blocks, d 64, 4 heads, causal attention, 128-character sequences",
+            "language",
+            ("blocks.1.fc1",),
+        ),
         Problem(
             "curves",
             (784, 400, 200, 100, 50, 25, 6, 25, 50, 100, 200, 400, 784),

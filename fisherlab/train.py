@@ -130,9 +130,9 @@ def run_training(config: TrainConfig, out: str | Path, *, overwrite: bool = Fals
         vx = images.valid[: config.eval_samples].to(device)
         data = {
             "images": images,
-            "x": x,
+            "x": problem.inputs(x),
             "y": problem.targets(x, images.train_labels, seed=config.seed),
-            "vx": vx,
+            "vx": problem.inputs(vx),
             "vy": problem.targets(vx, images.valid_labels, seed=config.seed),
         }
         writer.attrs.update(
