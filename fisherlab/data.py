@@ -127,7 +127,7 @@ def _uci_digits() -> tuple[np.ndarray, np.ndarray]:
     return arrays["images"].astype(np.float32), arrays["labels"].astype(np.int64)
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=16)
 def _embedded(problem: str, seed: int) -> ImageData:
     if problem == "curves":
         imgs = curves_images(20_000, seed=seed)

@@ -54,9 +54,7 @@ def test_transformer_problem_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "t.nc"
     args = ["probe", "--problem", "transformer", "--iterations", "1", "--every", "1", "--batch-size", "2"]
     assert (
-        cli.main(
-            [*args, "--layers", "blocks.0.proj", "--methods", "kfac,deflation", "--out", str(out), "--no-progress"]
-        )
+        cli.main([*args, "--layers", "blocks.0.qkv", "--methods", "kfac,deflation", "--out", str(out), "--no-progress"])
         == 0
     )
     ds = load(out)
