@@ -77,13 +77,12 @@ class Shard:
         return buf
 
     def gather_rows(self, t: Tensor) -> Tensor:
-        """Every rank's ``t`` (rows proportional to its sample count) stacked in rank order, on every rank."""
-        per_sample = t.shape[0] // max(self.n_local, 1) if self.n_local else 0
-        rows = [c * per_sample for c in self.counts] if self.n_local else None
-        if rows is None:
-            raise FisherlabError("a rank without samples cannot take part in the distributed Fisher")
+        """Every rank's ``t`` stacked in rank order, on every rank; ``t`` has the same number of
+        rows per sample on every rank (e.g. ``V`` rows of a Gram matrix per sample)."""
+        per_sample = t.shape[0] // self.n_local
         parts = [
-            self.broadcast(t if r == self.rank else None, r, (rows[r], *t.shape[1:]), t) for r in range(self.world_size)
+            self.broadcast(t if r == self.rank else None, r, (c * per_sample, *t.shape[1:]), t)
+            for r, c in enumerate(self.counts)
         ]
         return torch.cat(parts)
 

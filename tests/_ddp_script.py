@@ -23,4 +23,6 @@ for step in range(5):
     opt.step()
     probe.step(step, x, y)
 probe.close()
+dist.barrier()  # nobody tears the group down while another rank still finishes its last step
+del model
 dist.destroy_process_group()

@@ -58,6 +58,7 @@ def main() -> int:
     try:
         if mode == "snapshot":
             snapshot(world, rank, out).close()
+            dist.barrier()
         else:
             x, y = global_batch()
             probe = fl.FisherProbe(small_mlp((4, 5, 3)), "mse", every=1, methods=["kfac", "kpsvd"], out=out)
