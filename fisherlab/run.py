@@ -367,7 +367,10 @@ def run_probe(config: ProbeConfig, out: str | Path, *, overwrite: bool = False, 
             if writer is not None:
                 announce_data(data.source, data.stand_in)
                 writer.attrs.update(run_attrs(config, device, data.source, problem.loss, stand_in=data.stand_in))
-            return _train_problem(problem, data, config, device, dtype, writer, progress)
+            result = _train_problem(problem, data, config, device, dtype, writer, progress)
+        if started:
+            dist.barrier()  # no rank tears the group down while another finishes its last step
+        return result
     finally:
         if started:
             dist.destroy_process_group()
