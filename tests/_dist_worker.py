@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from datetime import timedelta
 
 import torch
 from torch import distributed as dist
@@ -54,7 +55,8 @@ def snapshot(world: int, rank: int, out: str | None) -> fl.FisherProbe:
 def main() -> int:
     mode, world, rank, init, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", world_size=world, rank=rank)
+    timeout = timedelta(seconds=60)  # a dead peer is usually seen at once (closed socket); never wait longer
+    dist.init_process_group("gloo", init_method=f"file://{init}", world_size=world, rank=rank, timeout=timeout)
     try:
         if mode == "snapshot":
             snapshot(world, rank, out).close()
