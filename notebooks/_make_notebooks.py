@@ -139,6 +139,21 @@ ds.frobenius_error.sel({"layer": "3"}).to_pandas()""",
         ),
         ("code", """fig = plots.error_figure(ds)"""),
         (
+            "md",
+            "Or keep your own training loop: `FisherProbe.step` probes every `every` steps and leaves training untouched.",
+        ),
+        (
+            "code",
+            """probe = fl.FisherProbe(model, loss="ce", every=2, layers=["3"], methods=["kfac", "kpsvd", "deflation"])
+for step in range(5 if SMOKE else 50):
+    xb, yb = next(batches)
+    optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(model(xb), yb).backward()
+    optimizer.step()
+    probe.step(step, xb, yb)
+probe.close().frobenius_error.sel({"layer": "3"}).to_pandas()""",
+        ),
+        (
             "code",
             """# factors captured elsewhere: build the exact Fisher straight from tensors
 a, g = torch.randn(32, 1, 6, dtype=torch.float64), torch.randn(32, 1, 1, 4, dtype=torch.float64)
