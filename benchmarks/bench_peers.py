@@ -1,0 +1,102 @@
+"""KFAC factors of every layer of the MNIST auto-encoder (MC Fisher, 1 sample, batch 512):
+fisherlab side by side with its peers, each as a ratio to a training step measured in the
+same run (issue 9, part 3).
+
+Peers are optional; install them without their dependencies (a plain install pulls a CUDA torch):
+
+    pip install --no-deps curvlinops-for-pytorch einconv linear_operator opt-einsum backpack-for-pytorch einops unfoldNd
+    python -m benchmarks.bench_peers [--repeats 5] [--device cuda]
+
+A peer that is not installed, or fails on this loss, is listed with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from benchmarks.bench_probe import timed
+from fisherlab.approximations import kfac_factors
+from fisherlab.config import select_device
+from fisherlab.losses import per_sample_loss
+from fisherlab.probe import Probe
+from fisherlab.problems import get_problem
+
+
+def _fisherlab(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Callable[[], object]:
+    probe = Probe(model, "bce", fisher="mc", accumulate_dtype=dtype)
+    return lambda: [kfac_factors(f) for f in probe(x, None).factors.values()]
+
+
+def _curvlinops(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    from curvlinops import KFACLinearOperator
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = nn.BCEWithLogitsLoss(reduction="sum")
+
+    def run() -> object:
+        op = KFACLinearOperator(model, loss, params, [(x, x)], fisher_type="mc", check_deterministic=False)
+        op.compute_kronecker_factors()  # lazy otherwise: the first product would compute them
+        return op
+
+    return run
+
+
+def _backpack(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    from backpack import backpack, extend
+    from backpack.extensions import KFAC
+
+    net = extend(model)
+    loss = extend(nn.BCEWithLogitsLoss(reduction="sum"))
+    binary = (x > 0.5).to(x.dtype)  # BackPACK's MC check wants 0/1 targets; the MC Fisher does not use them
+
+    def run() -> object:
+        net.zero_grad()
+        with backpack(KFAC(mc_samples=1)):
+            loss(net(x), binary).backward()
+        return [p.kfac for p in net.parameters() if p.ndim == 2]
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    device = select_device(args.device)
+    problem = get_problem("mnist")
+    model = problem.model(seed=0, device=device)
+    x = problem.data(seed=0).train[: problem.batch_size].to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def train_step() -> None:
+        opt.zero_grad()
+        per_sample_loss(problem.loss, model(x), x).mean().backward()
+        opt.step()
+
+    step, _ = timed(train_step, device, args.repeats)
+    print(f"MNIST auto-encoder, batch {x.shape[0]}, all 8 layers, KFAC factors (MC, 1 sample), device {device}")
+    print(f"{'training step (baseline)':<38} {step * 1e3:8.1f} ms   1.00x")
+    rows: list[tuple[str, Callable[[], Callable[[], object]]]] = [
+        ("fisherlab (float64 accumulation)", lambda: _fisherlab(model, x, torch.float64)),
+        ("fisherlab (float32 accumulation)", lambda: _fisherlab(model, x, torch.float32)),
+        ("curvlinops KFACLinearOperator", lambda: _curvlinops(model, x)),
+        ("BackPACK KFAC", lambda: _backpack(problem.model(seed=0, device=device), x)),
+    ]
+    for name, make in rows:
+        try:
+            t, _ = timed(make(), device, args.repeats)
+        except Exception as exc:  # noqa: BLE001 - a peer that is missing or refuses this loss is reported, not fatal
+            print(f"{name:<38} {'—':>8}      (unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:80]})")
+            continue
+        print(f"{name:<38} {t * 1e3:8.1f} ms  {t / step:5.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
