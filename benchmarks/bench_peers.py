@@ -19,12 +19,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from benchmarks.bench_probe import timed
+from benchmarks.bench_probe import timed, trained_problem
 from fisherlab.approximations import kfac_factors
 from fisherlab.config import select_device
-from fisherlab.losses import per_sample_loss
 from fisherlab.probe import Probe
-from fisherlab.problems import get_problem
 
 
 def _fisherlab(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Callable[[], object]:
@@ -69,16 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     device = select_device(args.device)
-    problem = get_problem("mnist")
-    model = problem.model(seed=0, device=device)
-    x = problem.data(seed=0).train[: problem.batch_size].to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def train_step() -> None:
-        opt.zero_grad()
-        per_sample_loss(problem.loss, model(x), x).mean().backward()
-        opt.step()
-
+    problem, model, x, train_step = trained_problem("mnist", device)
     step, _ = timed(train_step, device, args.repeats)
     print(f"MNIST auto-encoder, batch {x.shape[0]}, all 8 layers, KFAC factors (MC, 1 sample), device {device}")
     print(f"{'training step (baseline)':<38} {step * 1e3:8.1f} ms   1.00x")

@@ -70,6 +70,10 @@ class KronSum:
     def __post_init__(self) -> None:
         if len(self.outs) != len(self.ins) or not self.outs:
             raise FisherlabError("KronSum needs as many out factors as in factors, at least one")
+        # row-major factors: einsum may return transposed views (it does when opt_einsum is
+        # installed), on which torch.kron and other view-based code fail
+        object.__setattr__(self, "outs", tuple(o.contiguous() for o in self.outs))
+        object.__setattr__(self, "ins", tuple(i.contiguous() for i in self.ins))
 
     @property
     def rank(self) -> int:

@@ -81,10 +81,11 @@ def _rows(x: Tensor, shard: Shard | None) -> Tensor:
     return x if shard is None else x[shard.start : shard.start + shard.n_local]
 
 
-def _split(n: int) -> int:
-    """This process's number of rows of a global batch of ``n`` (contiguous, as ``torch.tensor_split``)."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    return n // world + (1 if rank < n % world else 0)
+def _split(n: int) -> Shard:
+    """This process's contiguous rows of a global batch of ``n`` (as ``torch.tensor_split``),
+    known on every rank without communication."""
+    world = dist.get_world_size()
+    return Shard(tuple(n // world + (1 if r < n % world else 0) for r in range(world)), dist.get_rank())
 
 
 class FisherProbe:
@@ -170,14 +171,17 @@ class FisherProbe:
         self._dataset: xr.Dataset | None = None
         self._t0 = time.perf_counter()
 
-    def step(self, step: int, x: Tensor, y: Tensor | None) -> xr.Dataset | None:
+    def step(self, step: int, x: Tensor, y: Tensor | None, *, shard: Shard | None = None) -> xr.Dataset | None:
         """Probe the batch ``(x, y)`` when ``step % every == 0``; returns that snapshot, else ``None``.
 
         ``y`` are the true targets (for the training loss and ``∇h``); the MC Fisher samples its own.
+        Under ``torch.distributed`` ``(x, y)`` are this rank's rows of the global batch; ``shard``
+        says which when the caller knows (else every rank's row count is exchanged).
         """
         if step % self.config.every:
             return None
-        shard = shard_of_batch(x.shape[0], x.device)  # collective under torch.distributed: every rank probes its rows
+        if shard is None:  # collective under torch.distributed: every rank probes its own rows
+            shard = shard_of_batch(x.shape[0], x.device)
         ds, snap = _snapshot(step, self.probe, x, y, self.names, self.config, self._previous, self._t0, shard)  # type: ignore[arg-type]
         if self.writer is not None:
             for name in self.config.store_factors:
@@ -261,9 +265,9 @@ def probe_training(
                     f"the batch iterator ended after {it} batches; a run of {config.iterations} iterations needs "
                     f"{config.iterations + 1} (pass an endless iterator, e.g. itertools.cycle(loader))"
                 ) from None
-            shard = shard_of_batch(_split(x.shape[0]), x.device) if distributed else None
+            shard = _split(x.shape[0]) if distributed else None
             x, y = _rows(x, shard), _rows(y, shard)  # every process is handed the global batch: its rows
-            snapshot = fisher_probe.step(it, x, y)
+            snapshot = fisher_probe.step(it, x, y, shard=shard)
             if snapshot is not None:
                 latest = snapshot.isel(iteration=-1, layer=0)
                 summary = {m.value: f"{float(latest['frobenius_error'][i]):.3f}" for i, m in enumerate(config.methods)}
