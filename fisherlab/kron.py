@@ -11,16 +11,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from scipy.sparse import linalg as sparse_linalg
 from torch import Tensor
 
 from fisherlab._errors import FisherlabError
 
 __all__ = ["KronSolver", "KronSum", "pi_damping", "symmetric_eig_dense_limit"]
 
-#: Above this side length, eigenvalues of a multi-term ``KronSum`` use ARPACK when few are asked.
+#: Above this side length error 2 never forms a multi-term ``KronSum`` densely.
 symmetric_eig_dense_limit = 12_000
 
 
@@ -100,7 +98,8 @@ class KronSum:
         return KronSum(self.outs + other.outs, self.ins + other.ins)
 
     def matvec(self, w: Tensor) -> Tensor:
-        """``(sum_k out_k ⊗ in_k) vec(W)`` returned as a ``[d_out, d_in]`` matrix."""
+        """``(sum_k out_k ⊗ in_k) vec(W)`` returned as a ``[d_out, d_in]`` matrix (batched over
+        leading dims of ``w``)."""
         return sum((o @ w @ i.T for o, i in zip(self.outs, self.ins, strict=True)), torch.zeros_like(w))
 
     def as_dense(self) -> Tensor:
@@ -138,8 +137,9 @@ class KronSum:
         """Eigenvalues (factors must be symmetric), sorted descending.
 
         One term: all products ``λ_i(out) λ_j(in)``, exactly, in ``O(d_out^3 + d_in^3)``.
-        More terms: dense ``eigvalsh`` up to :data:`symmetric_eig_dense_limit`; beyond, ARPACK
-        on the Kronecker matvec when ``top`` is at most a quarter of the dimension.
+        More terms: dense ``eigvalsh`` (for large blocks, the largest few come from
+        :func:`~fisherlab.krylov.subspace_eigenvalues` on :meth:`matvec`, see
+        :func:`~fisherlab.metrics.spectral_error_bounded`).
 
         Args:
             top: Return only the ``top`` largest (all when ``None``).
@@ -152,25 +152,11 @@ class KronSum:
         top = self.dim if top is None else min(top, self.dim)
         if self.rank == 1:
             ev = torch.outer(torch.linalg.eigvalsh(self.outs[0]), torch.linalg.eigvalsh(self.ins[0])).flatten()
-        elif self.dim <= symmetric_eig_dense_limit or 4 * top > self.dim:
-            ev = torch.linalg.eigvalsh(self.as_dense())
         else:
-            ev = self._arpack_eigenvalues(top, by_magnitude)
+            ev = torch.linalg.eigvalsh(self.as_dense())
         if by_magnitude:
             ev = ev.abs()
         return torch.sort(ev, descending=True).values[:top]
-
-    def _arpack_eigenvalues(self, top: int, by_magnitude: bool) -> Tensor:
-        ref = self.outs[0]
-        shape = (self.d_out, self.d_in)
-
-        def mv(v: np.ndarray) -> np.ndarray:
-            w = torch.as_tensor(np.asarray(v).reshape(shape), dtype=ref.dtype, device=ref.device)
-            return self.matvec(w).flatten().cpu().numpy()
-
-        op = sparse_linalg.LinearOperator((self.dim, self.dim), matvec=mv, dtype=np.float64)
-        ev = sparse_linalg.eigsh(op, k=top, which="LM" if by_magnitude else "LA", return_eigenvectors=False)
-        return torch.as_tensor(ev, dtype=ref.dtype)
 
     def solve(self, v: Tensor, *, damping: float = 0.0) -> Tensor:
         """Solve ``(K + damping) vec(U) = vec(V)`` for ``U`` of shape ``[d_out, d_in]``.

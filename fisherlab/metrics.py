@@ -31,6 +31,7 @@ from fisherlab._errors import UndefinedMetricWarning
 from fisherlab.approximations import ApproxConfig, Approximation, Method, WarmStarts, approximate_all
 from fisherlab.fisher import ExactBlock
 from fisherlab.kron import KronSum
+from fisherlab.krylov import RitzValues, subspace_eigenvalues
 
 __all__ = [
     "BLOCK_METRICS",
@@ -38,7 +39,10 @@ __all__ = [
     "LAYER_METRICS",
     "PER_LAYER",
     "PER_METHOD",
+    "SPECTRAL_ATOL",
+    "SPECTRAL_DENSE_SIDE",
     "SPECTRAL_MEMORY_LIMIT",
+    "SPECTRAL_RTOL",
     "BlockEvaluation",
     "BlockMetric",
     "BlockReference",
@@ -110,9 +114,22 @@ def frobenius_error(ref: BlockReference, approx: KronSum) -> Tensor:
     return torch.sqrt(torch.clamp(sq, min=0) / ref.norm_squared)
 
 
-#: Memory (bytes) the eigenvalues of error 2 may take: a dense ``D x D`` block or an ARPACK
-#: basis of ``2m + 1`` vectors of length ``D``. Beyond it error 2 is bounded, never a crash.
+#: Memory (bytes) the eigenvalues of error 2 may take: a dense ``D x D`` block, or the
+#: eigensolver's block of vectors of length ``D``. Beyond it error 2 is bounded, never a crash.
 SPECTRAL_MEMORY_LIMIT = 2 * 2**30
+
+#: The eigensolver stops growing its block once the error-2 interval's half-width is within
+#: ``max(SPECTRAL_RTOL * value, SPECTRAL_ATOL)`` (error 2 is itself relative, so the absolute
+#: part is a tenth of the 1e-8 the dense twins are compared at).
+SPECTRAL_RTOL = 1e-6
+SPECTRAL_ATOL = 1e-9
+
+#: Up to this side a multi-term ``F̂`` is diagonalised densely (cheaper than iterating).
+SPECTRAL_DENSE_SIDE = 1024
+
+#: Vectors of length ``D`` the eigensolver holds per block vector (block, images, Ritz vectors,
+#: their images, QR workspace): the block size is ``memory_limit / (5 D itemsize)``.
+_SOLVER_COPIES = 5
 
 
 @dataclass(frozen=True)
@@ -124,7 +141,7 @@ class SpectralError:
         bound: Half-width of that interval; 0 when every needed eigenvalue was computed,
             ``inf`` (and ``value`` NaN) when none fit in the memory limit.
         eigenvalues: How many eigenvalues of ``F̂`` were computed.
-        note: Why the value is bounded or missing (empty when exact).
+        note: Why the value is bounded or missing (empty when within tolerance).
     """
 
     value: float
@@ -133,24 +150,49 @@ class SpectralError:
     note: str = ""
 
 
-def _error_interval(lam: Tensor, mu: Tensor, norm_squared: float, *, by_magnitude: bool) -> tuple[float, float]:
+def _error_interval(
+    lam: Tensor, mu: Tensor, norm_squared: float, *, by_magnitude: bool, mu_next: float | None = None
+) -> tuple[float, float]:
     """Bounds of ``||spec F - spec F̂||²`` from the ``m`` largest eigenvalues ``mu`` of ``F̂``.
 
     With ``λ`` the ``r`` largest eigenvalues of ``F`` (all others 0) and ``μ`` those of ``F̂``,
     both descending, the squared distance is
     ``Σ_{i≤m} (λ_i - μ_i)² + Σ_{m<i≤r} (λ_i² - 2 λ_i μ_i) + (||F̂||² - Σ_{i≤m} μ_i²)``;
-    only ``X = Σ_{m<i≤r} λ_i μ_i`` is unknown, and ``μ_i ≤ μ_m`` with ``Σ_{i>m} μ_i² = ||F̂||² -
-    Σ_{i≤m} μ_i²`` bound it (Cauchy-Schwarz). For ``m = r`` both bounds are the exact value.
+    only ``X = Σ_{m<i≤r} λ_i μ_i`` is unknown, and ``μ_i ≤ mu_next`` (default ``μ_m``) with
+    ``Σ_{i>m} μ_i² = ||F̂||² - Σ_{i≤m} μ_i²`` bound it (Cauchy-Schwarz). For ``m ≥ r`` both
+    bounds are the exact value.
     """
+    mu = mu[: lam.numel()]
     m, r = mu.numel(), lam.numel()
     head = float(torch.sum((lam[:m] - mu) ** 2))
     rest = max(norm_squared - float(torch.sum(mu**2)), 0.0)
     tail = lam[m:r]
     s1, s2 = float(tail.sum()), float(torch.sum(tail**2))
     cauchy = math.sqrt(s2 * rest)
-    x_high = min(max(float(mu[-1]), 0.0) * s1, cauchy) if m else cauchy
+    if mu_next is None and m:
+        mu_next = float(mu[-1])
+    x_high = min(max(mu_next, 0.0) * s1, cauchy) if mu_next is not None else cauchy
     x_low = 0.0 if by_magnitude else -cauchy
     return max(head + s2 - 2 * x_high + rest, 0.0), max(head + s2 - 2 * x_low + rest, 0.0)
+
+
+def _leading_eigenvalues(ritz: RitzValues, *, by_magnitude: bool, dim: int) -> tuple[Tensor, float | None]:
+    """The largest eigenvalues the converged Ritz values determine, and a bound on all others.
+
+    The ``c`` converged values are the ``c`` largest in magnitude, so every other eigenvalue
+    has ``|μ| <= τ = |θ_c|``. By magnitude: ``|θ_1..θ_c|`` and ``τ``. Algebraically: the
+    positive ones among them are the largest eigenvalues (every positive eigenvalue above
+    ``τ`` is among them) and the rest are ``<= τ``.
+    """
+    c = ritz.converged
+    values = ritz.values[:c]
+    if c == 0:
+        return values, None
+    if by_magnitude:
+        mu = values.abs()
+    else:
+        mu = torch.sort(values if c == dim else values[values > 0], descending=True).values
+    return mu, (None if c == dim else float(values[-1].abs()))
 
 
 def spectral_error_bounded(
@@ -158,52 +200,77 @@ def spectral_error_bounded(
     approx: KronSum,
     *,
     spectrum: Spectrum | None = None,
-    rtol: float = 1e-9,
+    rtol: float | None = None,
+    atol: float | None = None,
     memory_limit: int | None = None,
 ) -> SpectralError:
     """Error 2 within a memory limit: exact where the needed eigenvalues fit, else bounded.
 
-    Needs the ``r = min(N V, D)`` largest eigenvalues of ``F̂`` (:func:`_error_interval`). One
-    Kronecker term: all of them exactly, from the factors' eigenvalues. More terms: dense when
-    the block fits (``D <= kron.symmetric_eig_dense_limit`` and ``D²`` within the limit), else
-    the ``m`` largest by ARPACK on the Kronecker matvec, ``m`` doubling from 16 until the
-    interval is narrower than ``rtol`` (relative) or ``m = r`` (exact) or the ARPACK basis
-    reaches ``memory_limit`` (default :data:`SPECTRAL_MEMORY_LIMIT`).
+    Needs the ``r = min(N V, D)`` largest eigenvalues of ``F̂`` (:func:`_error_interval`), and
+    far fewer when the spectra decay (the unknown rest is bounded). One Kronecker term: all of
+    them exactly, from the factors' eigenvalues. More terms: dense up to
+    :data:`SPECTRAL_DENSE_SIDE`; beyond, the largest by subspace iteration on the batched
+    Kronecker product (:func:`~fisherlab.krylov.subspace_eigenvalues`, on the factors'
+    device), the block doubling from 64 (warm-started) until the interval's half-width is
+    within ``max(rtol value, atol)`` or all ``r`` are known. When the block reaches
+    ``memory_limit`` (default :data:`SPECTRAL_MEMORY_LIMIT`) first: dense if ``F̂`` fits there
+    (``D <= kron.symmetric_eig_dense_limit``), else the bounded value with a note.
     """
     from fisherlab import kron as kron_module
 
     spectrum = ref.spectrum if spectrum is None else Spectrum(spectrum)
     by_magnitude = spectrum == Spectrum.SINGULAR_VALUES
     limit = SPECTRAL_MEMORY_LIMIT if memory_limit is None else memory_limit
+    rtol = SPECTRAL_RTOL if rtol is None else rtol
+    atol = SPECTRAL_ATOL if atol is None else atol
     lam = ref.eigenvalues.clamp(min=0)
     den = float(torch.sum(lam**2))
-    r, dim, itemsize = lam.numel(), approx.dim, 8
+    r, dim = lam.numel(), approx.dim
+    like = approx.outs[0]
+    itemsize = like.element_size()
     norm_squared = float(approx.frobenius_norm_squared())
 
-    def result(mu: Tensor, note: str = "") -> SpectralError:
-        low, high = _error_interval(lam, mu, norm_squared, by_magnitude=by_magnitude)
+    def result(mu: Tensor, mu_next: float | None = None, note: str = "") -> SpectralError:
+        low, high = _error_interval(lam, mu, norm_squared, by_magnitude=by_magnitude, mu_next=mu_next)
         lo, hi = math.sqrt(low / den), math.sqrt(high / den)
         return SpectralError((lo + hi) / 2, (hi - lo) / 2, mu.numel(), note)
 
-    dense_fits = dim <= kron_module.symmetric_eig_dense_limit and dim * dim * itemsize <= limit
-    if approx.rank == 1 or dense_fits or r >= dim - 1:
-        if approx.rank > 1 and not dense_fits:  # r >= D - 1 but the block does not fit: ARPACK cannot either
-            return SpectralError(
-                math.nan, math.inf, 0, f"needs all {dim} eigenvalues of F_hat; {dim * dim * 8 / 2**30:.1f} GiB"
-            )
+    def dense() -> SpectralError:
         return result(approx.eigenvalues(top=r, by_magnitude=by_magnitude))
-    m_max = min(r, int(limit // (dim * itemsize)) // 2 - 1)
-    if m_max < 1:
-        need = 3 * dim * itemsize / 2**30
+
+    dense_fits = dim <= kron_module.symmetric_eig_dense_limit and dim * dim * itemsize <= limit
+    if approx.rank == 1 or (dense_fits and dim <= SPECTRAL_DENSE_SIDE):
+        return dense()
+    block_max = min(dim, int(limit // (_SOLVER_COPIES * dim * itemsize)))
+    if block_max < 1:
+        need = _SOLVER_COPIES * dim * itemsize / 2**30
         return SpectralError(math.nan, math.inf, 0, f"even 1 eigenvalue of F_hat (D = {dim}) needs {need:.1f} GiB")
-    m = min(16, m_max)
+    tol = max(1e-10, 50 * torch.finfo(like.dtype).eps)
+    gen = torch.Generator().manual_seed(0)
+    wanted, basis = min(64, r), None
     while True:
-        res = result(approx.eigenvalues(top=m, by_magnitude=by_magnitude))
-        if m >= r or res.bound <= rtol * max(res.value, 1e-12):
+        k = min(block_max, wanted + max(16, wanted // 4))
+        wanted = min(wanted, max(1, k - max(2, k // 5)))  # a capped block keeps some oversampling
+        start = torch.randn(k, approx.d_out, approx.d_in, generator=gen, dtype=torch.float64)
+        start = start.to(dtype=like.dtype, device=like.device)
+        if basis is not None:
+            start[: basis.shape[0]] = basis
+        ritz = subspace_eigenvalues(approx.matvec, start, wanted, tol=tol)
+        res = result(*_leading_eigenvalues(ritz, by_magnitude=by_magnitude, dim=dim))
+        if res.bound <= max(rtol * res.value, atol):
             return res
-        if m >= m_max:
-            return SpectralError(res.value, res.bound, m, f"{m} of the {r} eigenvalues fit in {limit / 2**30:.1f} GiB")
-        m = min(2 * m, m_max)
+        grown = min(2 * wanted, r + r // 4, block_max)  # algebraic order: negative eigenvalues interleave
+        if k >= block_max or grown <= wanted:
+            break
+        wanted, basis = grown, ritz.basis
+    if dense_fits:
+        return dense()
+    return SpectralError(
+        res.value,
+        res.bound,
+        res.eigenvalues,
+        f"{res.eigenvalues} of the {r} eigenvalues fit in {limit / 2**30:.1f} GiB",
+    )
 
 
 def spectral_error(ref: BlockReference, approx: KronSum, *, spectrum: Spectrum | None = None) -> Tensor:

@@ -1,12 +1,11 @@
 """Kronecker sums vs dense: matvec, Frobenius norm, eigenvalues (one and two terms, dense and
-ARPACK paths), and the damped solves of K §3.4."""
+subspace-iteration paths), and the damped solves of K §3.4."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fisherlab import kron as kron_module
 from fisherlab.kron import KronSum, pi_damping
 from tests.tolerances import EXACT64
 
@@ -51,13 +50,22 @@ def test_eigenvalues_match_dense(rank: int, by_magnitude: bool) -> None:
     torch.testing.assert_close(k.eigenvalues(top=5, by_magnitude=by_magnitude), expected[:5], **EXACT64)
 
 
-def test_eigenvalues_arpack_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Above the dense limit, ARPACK on the Kronecker matvec gives the same top eigenvalues."""
+@pytest.mark.parametrize("wanted", [1, 6])
+def test_subspace_iteration_finds_the_largest_magnitude_eigenvalues(wanted: int) -> None:
+    """Subspace iteration on the batched Kronecker product: converged Ritz values are the largest-magnitude
+    eigenvalues of the dense matrix, residuals within the tolerance."""
+    from fisherlab.krylov import subspace_eigenvalues
+
     gen = torch.Generator().manual_seed(3)
-    k = KronSum((_spd(10, gen), 0.2 * _sym(10, gen)), (_spd(8, gen), _sym(8, gen)))
-    expected = torch.sort(torch.linalg.eigvalsh(k.as_dense()), descending=True).values[:6]
-    monkeypatch.setattr(kron_module, "symmetric_eig_dense_limit", 10)
-    torch.testing.assert_close(k.eigenvalues(top=6), expected, rtol=1e-8, atol=1e-10)
+    k = KronSum((_spd(10, gen), -0.8 * _spd(10, gen)), (_spd(8, gen), _sym(8, gen)))  # indefinite
+    ev = torch.linalg.eigvalsh(k.as_dense())
+    expected = ev[torch.argsort(ev.abs(), descending=True)][:wanted]
+    start = torch.randn(wanted + 8, 10, 8, generator=gen, dtype=torch.float64)
+    ritz = subspace_eigenvalues(k.matvec, start, wanted, tol=1e-12, max_iter=500)
+    assert ritz.converged >= wanted and bool((ritz.residuals[:wanted] <= 1e-12 * ritz.values[0].abs()).all())
+    torch.testing.assert_close(ritz.values[:wanted], expected, rtol=1e-10, atol=1e-12)
+    basis = ritz.basis.reshape(wanted + 8, -1)
+    torch.testing.assert_close(basis @ basis.T, torch.eye(wanted + 8, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
 def test_pi_damping_balances_traces() -> None:
