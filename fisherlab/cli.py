@@ -183,7 +183,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "--store-factors",
         type=_csv,
         default=(),
-        help="layers whose per-sample factors are saved at each snapshot (<out>.factors/)",
+        help="layers whose per-sample factors are stored at each snapshot, compressed, in the results file",
     )
     p.add_argument(
         "--config", default=None, help="JSON file with the same fields as the flags (flags given explicitly win)"

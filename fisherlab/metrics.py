@@ -209,8 +209,8 @@ def spectral_error_bounded(
     Needs the ``r = min(N V, D)`` largest eigenvalues of ``F̂`` (:func:`_error_interval`), and
     far fewer when the spectra decay (the unknown rest is bounded). One Kronecker term: all of
     them exactly, from the factors' eigenvalues. More terms: dense up to
-    :data:`SPECTRAL_DENSE_SIDE`; beyond, the largest by subspace iteration on the batched
-    Kronecker product (:func:`~fisherlab.krylov.subspace_eigenvalues`, on the factors'
+    :data:`SPECTRAL_DENSE_SIDE` or when ``r > D / 4`` (and ``F̂`` fits); otherwise the largest
+    by subspace iteration on the batched Kronecker product (:func:`~fisherlab.krylov.subspace_eigenvalues`, on the factors'
     device), the block doubling from 64 (warm-started) until the interval's half-width is
     within ``max(rtol value, atol)`` or all ``r`` are known. When the block reaches
     ``memory_limit`` (default :data:`SPECTRAL_MEMORY_LIMIT`) first: dense if ``F̂`` fits there
@@ -239,7 +239,7 @@ def spectral_error_bounded(
         return result(approx.eigenvalues(top=r, by_magnitude=by_magnitude))
 
     dense_fits = dim <= kron_module.symmetric_eig_dense_limit and dim * dim * itemsize <= limit
-    if approx.rank == 1 or (dense_fits and dim <= SPECTRAL_DENSE_SIDE):
+    if approx.rank == 1 or (dense_fits and (dim <= SPECTRAL_DENSE_SIDE or 4 * r > dim)):
         return dense()
     block_max = min(dim, int(limit // (_SOLVER_COPIES * dim * itemsize)))
     if block_max < 1:

@@ -1,11 +1,12 @@
 """The results dataset: schema (generated from the metric registry), provenance attributes,
 appending snapshot by snapshot, stored factors, reading.
 
-One ``xarray.Dataset`` per run with dims ``iteration``, ``layer``, ``method``. After every
-snapshot the whole dataset is rewritten to a temporary file that then replaces the output
-(``os.replace`` is atomic), so an interrupted run keeps every finished snapshot and a
-reader never sees a half-written file. Files are netCDF3 written by scipy (no extra
-dependency); open them with ``xarray.open_dataset(path)`` or :func:`load`.
+One ``xarray.Dataset`` per run with dims ``iteration``, ``layer``, ``method``. A probe run
+appends each snapshot to a netCDF4 file (:class:`~fisherlab.store.AppendStore`: ``O(1)``
+I/O per snapshot, every finished snapshot survives ``kill -9``), with stored per-sample
+factors in the same file, compressed. ``fisherlab train`` results (small, written whole)
+are netCDF3 by scipy, replaced atomically. Open either with :func:`load` (or
+``xarray.open_dataset(path)`` once the run has finished).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import h5py
 import numpy as np
 import torch
 import xarray as xr
@@ -27,6 +29,7 @@ from fisherlab._errors import FisherlabError
 from fisherlab.config import ProbeConfig, TrainConfig
 from fisherlab.losses import LossKind
 from fisherlab.metrics import BLOCK_METRICS, LAYER_METRICS, Variable
+from fisherlab.store import WRITTEN, AppendStore, is_hdf5, read
 from fisherlab.twolevel import TKO, TWO_LEVEL_METRICS
 
 if TYPE_CHECKING:
@@ -40,7 +43,7 @@ __all__ = [
     "ResultsWriter",
     "annotate",
     "config_json",
-    "factors_dir",
+    "factor_variables",
     "load",
     "load_factors",
     "run_attrs",
@@ -107,8 +110,14 @@ def validate(ds: xr.Dataset) -> None:
                 raise FisherlabError(f"two-level dataset lacks variable {name!r} with dims {dims}")
 
 
-def load(path: str | Path) -> xr.Dataset:
+def load(path: str | Path, *, factors: bool = False) -> xr.Dataset:
     """Read a results file fully into memory (the file is closed afterwards).
+
+    A probe file whose run died or still runs reads as of its last finished snapshot.
+
+    Args:
+        path: A ``.nc`` file of ``fisherlab probe`` or ``fisherlab train``.
+        factors: Also read stored per-sample factors (``factors_a_<layer>``, ``factors_g_<layer>``).
 
     Raises:
         FisherlabError: Missing or unreadable file.
@@ -117,14 +126,16 @@ def load(path: str | Path) -> xr.Dataset:
     if not path.is_file():
         raise FisherlabError(f"no such results file: {path}")
     try:
+        if is_hdf5(path):
+            return read(path, drop_factors=not factors)
         with xr.open_dataset(path, engine="scipy") as ds:
             return ds.load()
-    except (ValueError, OSError, TypeError) as exc:
+    except (ValueError, OSError, TypeError, KeyError) as exc:
         raise FisherlabError(f"cannot read {path} as a netCDF dataset: {exc}") from None
 
 
 class ResultsWriter:
-    """Accumulates snapshot datasets and keeps the file on disk up to date.
+    """Appends snapshot datasets to the file on disk (or writes a whole dataset).
 
     The writer holds a lock on ``<path>.lock`` (``filelock``; released by :meth:`close`, on
     leaving a ``with`` block, or when the process dies), so a second run with the same
@@ -133,8 +144,7 @@ class ResultsWriter:
     Args:
         path: Output file (``.nc``).
         attrs: Run attributes (str/int/float only); may be completed before the first write.
-        overwrite: Replace an existing file (and the stored factors of the earlier run);
-            otherwise an existing path is an error.
+        overwrite: Replace an existing file; otherwise an existing path is an error.
 
     Raises:
         FisherlabError: Existing path without ``overwrite``, unwritable directory, another
@@ -153,6 +163,7 @@ class ResultsWriter:
             raise FisherlabError(f"cannot create directory {self.path.parent}: {exc.strerror}") from None
         if not os.access(self.path.parent, os.W_OK):
             raise FisherlabError(f"output directory {self.path.parent} is not writable")
+        self._store: AppendStore | None = None
         self._lock = FileLock(str(self.path) + ".lock")
         try:
             self._lock.acquire(timeout=0)
@@ -165,10 +176,7 @@ class ResultsWriter:
         if self.path.exists() and not overwrite:
             self.close()
             raise FisherlabError(f"output {self.path} already exists; choose another --out or pass --overwrite")
-        if overwrite:
-            self._clear_stored_factors()
         self.attrs = attrs
-        self.snapshots: list[xr.Dataset] = []
 
     def __enter__(self) -> Self:
         return self
@@ -177,35 +185,25 @@ class ResultsWriter:
         self.close()
 
     def close(self) -> None:
-        """Release the output lock (the file stays as last written)."""
+        """Close the file and release the output lock (the file keeps every appended snapshot)."""
+        if self._store is not None:
+            self._store.close()
+            self._store = None
         self._lock.release()
         Path(self._lock.lock_file).unlink(missing_ok=True)
 
-    @property
-    def factors_dir(self) -> Path:
-        """Where ``--store-factors`` puts per-snapshot factors: ``<out>.factors/``."""
-        return factors_dir(self.path)
+    def append(self, snapshot: xr.Dataset, factors: dict[str, tuple[Tensor, Tensor]] | None = None) -> None:
+        """Append one snapshot (and the per-sample factors ``{layer: (a, g)}`` to store) to the file.
 
-    def store_factors(self, iteration: int, layer: str, a: Tensor, g: Tensor) -> Path:
-        """Save one layer's per-sample factors ``a``, ``g`` of one snapshot as a tensors-only
-        ``.pt`` file (read it back with :func:`load_factors`)."""
-        folder = self.factors_dir
-        folder.mkdir(exist_ok=True)
-        path = folder / f"iter{iteration:06d}_layer{layer}.pt"
-        torch.save({"a": a.cpu(), "g": g.cpu(), "iteration": iteration, "layer": layer}, path)
-        return path
-
-    def _clear_stored_factors(self) -> None:
-        folder = self.factors_dir
-        if folder.is_dir():
-            for old in folder.glob("iter*_layer*.pt"):
-                old.unlink()
-
-    def append(self, snapshot: xr.Dataset) -> xr.Dataset:
-        """Add one snapshot and rewrite the file; returns the whole dataset so far."""
-        self.snapshots.append(snapshot)
-        ds = xr.concat(self.snapshots, dim="iteration") if len(self.snapshots) > 1 else snapshot
-        return self.write(annotate(ds))
+        The first snapshot fixes the file's layout; the run attributes are written with it.
+        """
+        snapshot = annotate(snapshot.copy())
+        for name, (a, g) in (factors or {}).items():
+            snapshot = snapshot.assign(factor_variables(name, a, g))
+        if self._store is None:
+            self._store = AppendStore(self.path, snapshot, dict(self.attrs))
+        else:
+            self._store.append(snapshot)
 
     def write(self, ds: xr.Dataset) -> xr.Dataset:
         """Write a whole dataset with the run attributes: temporary file, then ``os.replace``."""
@@ -230,32 +228,46 @@ def annotate(ds: xr.Dataset) -> xr.Dataset:
     return ds
 
 
-def factors_dir(out: str | Path) -> Path:
-    """Where ``--store-factors`` puts the factors of the run writing ``out``: ``<out>.factors/``."""
-    out = Path(out)
-    return out.with_name(out.name + ".factors")
+def factor_variables(layer: str, a: Tensor, g: Tensor) -> dict[str, xr.DataArray]:
+    """One snapshot's per-sample factors of ``layer`` as variables ``factors_a_<layer>``
+    ``[iteration, sample, position, d_in]`` and ``factors_g_<layer>``
+    ``[iteration, sample, direction, position, d_out]`` (K eq. (2.4): ``DW = g aᵀ`` per position)."""
+    pos, d_in, direction, d_out = (f"{d}_{layer}" for d in ("position", "d_in", "direction", "d_out"))
+    return {
+        f"factors_a_{layer}": xr.DataArray(a.detach().cpu().numpy()[None], dims=("iteration", "sample", pos, d_in)),
+        f"factors_g_{layer}": xr.DataArray(
+            g.detach().cpu().numpy()[None], dims=("iteration", "sample", direction, pos, d_out)
+        ),
+    }
 
 
-def load_factors(path: str | Path) -> dict[str, Tensor | int | str]:
-    """Read a stored-factors file with ``torch.load(weights_only=True)``: tensors, ints and
-    strings only, so a crafted file cannot run code.
+def load_factors(path: str | Path, iteration: int, layer: str) -> dict[str, Tensor | int | str]:
+    """Read the per-sample factors of one layer at one iteration from a results file
+    (stored with ``--store-factors``); only that slice is read.
 
     Returns:
         ``{"a": [N, T, d_in], "g": [N, V, T, d_out], "iteration": int, "layer": str}``.
 
     Raises:
-        FisherlabError: Missing file, or a file that is not a tensors-only factors file.
+        FisherlabError: Missing file, or no factors of that layer or iteration in it.
     """
     path = Path(path)
     if not path.is_file():
-        raise FisherlabError(f"no such factors file: {path}")
+        raise FisherlabError(f"no such results file: {path}")
+    names = (f"factors_a_{layer}", f"factors_g_{layer}")
+    if not is_hdf5(path):
+        raise FisherlabError(f"{path} holds no stored factors (not a netCDF4 probe file)")
     try:
-        d = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a user file: any failure becomes one error; torch raises UnpicklingError, RuntimeError, EOFError, ... on bad files
-        raise FisherlabError(f"cannot read {path} as a fisherlab factors file: {str(exc).splitlines()[0]}") from None
-    if not isinstance(d, dict) or not isinstance(d.get("a"), Tensor) or not isinstance(d.get("g"), Tensor):
-        raise FisherlabError(f"{path} is not a fisherlab factors file (expected a dict with tensors 'a' and 'g')")
-    return d
+        with h5py.File(path, "r", swmr=True) as h5:
+            if not all(n in h5 for n in names):
+                raise FisherlabError(f"{path} holds no stored factors of layer {layer!r} (--store-factors)")
+            rows = np.flatnonzero((h5["iteration"][:] == iteration) & (h5[WRITTEN][:] == 1))
+            if not rows.size:
+                raise FisherlabError(f"{path} has no snapshot at iteration {iteration}")
+            a, g = (torch.from_numpy(h5[n][int(rows[0])]) for n in names)
+    except (OSError, ValueError, KeyError) as exc:
+        raise FisherlabError(f"cannot read factors from {path}: {exc}") from None
+    return {"a": a, "g": g, "iteration": iteration, "layer": layer}
 
 
 def snapshot_dataset(

@@ -184,12 +184,10 @@ class FisherProbe:
             shard = shard_of_batch(x.shape[0], x.device)
         ds, snap = _snapshot(step, self.probe, x, y, self.names, self.config, self._previous, self._t0, shard)  # type: ignore[arg-type]
         if self.writer is not None:
-            for name in self.config.store_factors:
-                self.writer.store_factors(step, name, snap.factors[name].a, snap.factors[name].g)
-            self._dataset = self.writer.append(ds)
-        else:
-            self._snapshots.append(ds)
-            self._dataset = None
+            stored = {name: (snap.factors[name].a, snap.factors[name].g) for name in self.config.store_factors}
+            self.writer.append(ds, factors=stored)
+        self._snapshots.append(ds)
+        self._dataset = None
         return ds
 
     @property
@@ -203,7 +201,7 @@ class FisherProbe:
             if not self._snapshots:
                 raise FisherlabError("no snapshot yet: call step() with a step that is a multiple of every")
             self._dataset = annotate(xr.concat(self._snapshots, dim="iteration"))
-            self._dataset.attrs.update(self.attrs)
+            self._dataset.attrs.update(self.writer.attrs if self.writer is not None else self.attrs)
         return self._dataset
 
     def close(self) -> xr.Dataset | None:

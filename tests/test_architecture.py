@@ -16,7 +16,8 @@ STAGES = [
     "krylov",
     "operators",
     "losses",
-    "data",  # leaves
+    "data",
+    "store",  # leaves
     "fisher",
     "probe",
     "approximations",

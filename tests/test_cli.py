@@ -48,7 +48,7 @@ def test_probe_end_to_end(tmp_path, capsys) -> None:
     assert bool((err.sel({"method": "kpsvd"}) <= err.sel({"method": "kfac"}) * (1 + 1e-8)).all())
     assert ds.attrs["fisher"] == "mc" and ds.attrs["spectrum"] == "eigenvalues" and "torch_version" in ds.attrs
     assert (tmp_path / "r.png").stat().st_size > 10_000
-    assert len(list((tmp_path / "r.nc.factors").glob("*.pt"))) == 3
+    assert load(out, factors=True)["factors_g_5"].sizes["iteration"] == 3  # --store-factors 5, in the same file
     assert "wrote" in capsys.readouterr().out
     assert cli.main(["plot", str(out), "--out", str(tmp_path / "f.pdf")]) == 0
     assert (tmp_path / "f.pdf").exists()

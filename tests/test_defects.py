@@ -97,8 +97,9 @@ def test_second_writer_of_the_same_output_is_refused(tmp_path) -> None:
         pass
 
 
-def test_overwrite_removes_the_old_runs_factors(tmp_path) -> None:
-    """--overwrite with --store-factors keeps only the new run's factor files, read back safely."""
+def test_stored_factors_live_in_the_results_file_and_overwrite_replaces_them(tmp_path) -> None:
+    """--store-factors puts each snapshot's factors in the results file (compressed); --overwrite keeps only
+    the new run's; load_factors reads one slice back, equal to a fresh probe of the same model."""
     out = tmp_path / "r.nc"
     base = [
         "probe",
@@ -119,20 +120,25 @@ def test_overwrite_removes_the_old_runs_factors(tmp_path) -> None:
         "none",
     ]
     assert cli.main([*base, "--every", "1"]) == 0
-    assert len(list((tmp_path / "r.nc.factors").glob("*.pt"))) == 3
+    assert list(load(out, factors=True)["factors_a_6"]["iteration"].values) == [0, 1, 2]
     assert cli.main([*base, "--every", "2", "--overwrite"]) == 0
-    files = sorted(p.name for p in (tmp_path / "r.nc.factors").glob("*.pt"))
-    assert files == ["iter000000_layer6.pt", "iter000002_layer6.pt"]
-    d = load_factors(tmp_path / "r.nc.factors" / files[0])
+    stored = load(out, factors=True)
+    assert list(stored["iteration"].values) == [0, 2] and "factors_a_6" not in load(out)
+    d = load_factors(out, iteration=2, layer="6")
+    torch.testing.assert_close(d["a"], torch.from_numpy(stored["factors_a_6"].values[1]), rtol=0, atol=0)
     assert ExactBlock(LayerFactors(d["a"], d["g"])).dim == 6 * 26  # type: ignore[arg-type]
+    with pytest.raises(FisherlabError, match="no snapshot at iteration 1"):
+        load_factors(out, iteration=1, layer="6")
+    with pytest.raises(FisherlabError, match="no stored factors of layer '5'"):
+        load_factors(out, iteration=2, layer="5")
 
 
 def test_stored_factor_loader_refuses_code(tmp_path) -> None:
-    """load_factors uses weights_only=True: a file carrying a callable is refused."""
+    """load_factors never unpickles: a crafted .pt handed in is refused with a clear error."""
     path = tmp_path / "evil.pt"
     torch.save({"a": torch.zeros(1), "g": print}, path)
-    with pytest.raises(FisherlabError, match="cannot read"):
-        load_factors(path)
+    with pytest.raises(FisherlabError, match="no stored factors"):
+        load_factors(path, iteration=0, layer="5")
 
 
 def test_train_writes_every_epoch_and_survives_ctrl_c(tmp_path, monkeypatch, capsys) -> None:

@@ -8,7 +8,7 @@ import xarray as xr
 
 from fisherlab._errors import FisherlabError
 from fisherlab.metrics import BLOCK_METRICS, LAYER_METRICS
-from fisherlab.results import ResultsWriter, load, snapshot_dataset, validate
+from fisherlab.results import ResultsWriter, annotate, load, snapshot_dataset, validate
 
 
 def _snap(it: int) -> xr.Dataset:
@@ -27,11 +27,16 @@ def _snap(it: int) -> xr.Dataset:
 
 def test_round_trip_and_schema(tmp_path) -> None:
     """Every snapshot is on disk right after append; the file round-trips identically and validates."""
-    writer = ResultsWriter(tmp_path / "r.nc", {"seed": 3, "fisher": "mc", "tol": 1e-6})
+    attrs = {"seed": 3, "fisher": "mc", "tol": 1e-6}
+    writer = ResultsWriter(tmp_path / "r.nc", attrs)
     for it in (0, 10):
-        ds = writer.append(_snap(it))
-        on_disk = load(tmp_path / "r.nc")
-        xr.testing.assert_identical(on_disk, ds)
+        writer.append(_snap(it))
+        on_disk = load(tmp_path / "r.nc")  # while the writer still has the file open
+        expected = annotate(xr.concat([_snap(i) for i in range(0, it + 1, 10)], dim="iteration"))
+        expected.attrs = attrs
+        xr.testing.assert_identical(on_disk[list(expected.data_vars)], expected)
+    writer.close()
+    xr.testing.assert_identical(xr.open_dataset(tmp_path / "r.nc").load()[list(expected.data_vars)], on_disk)
     validate(on_disk)
     assert on_disk.sizes == {"iteration": 2, "layer": 2, "method": 3}
     assert float(on_disk["frobenius_error"].sel({"method": "kpsvd", "layer": "5", "iteration": 10})) == 10.5

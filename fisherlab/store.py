@@ -1,0 +1,168 @@
+"""A netCDF4 (HDF5) file that grows by one snapshot at a time along an unlimited ``iteration`` dim.
+
+A probe run appends each snapshot instead of rewriting the file: ``O(1)`` I/O per snapshot,
+so a run of thousands of snapshots spends a negligible share of its time writing. The file
+is written in HDF5's single-writer/multiple-reader (SWMR) mode, which orders its metadata
+writes so that the file stays readable whatever moment the writer dies at (``kill -9``
+included); each row gets its ``snapshot_written`` flag only after its data are flushed, and
+:func:`read` keeps only flagged rows. Readers may open the file while a run writes it.
+
+Every variable of the first snapshot fixes the layout (dims, dtypes, attributes); later
+snapshots must match it. Variables named ``factors_*`` (stored per-sample factors) are
+chunked one row at a time and gzip-compressed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5netcdf
+import h5py
+import numpy as np
+import xarray as xr
+
+from fisherlab._errors import FisherlabError
+
+__all__ = ["HDF5_SIGNATURE", "WRITTEN", "AppendStore", "is_hdf5", "read"]
+
+#: The first bytes of every HDF5 (netCDF4) file.
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+#: Per-row flag: 1 once the row's data are on disk (written last).
+WRITTEN = "snapshot_written"
+
+#: Rows per chunk of the small per-snapshot variables.
+_CHUNK_ROWS = 256
+
+
+def is_hdf5(path: str | Path) -> bool:
+    """Whether ``path`` starts with the HDF5 signature (netCDF4 rather than netCDF3)."""
+    with open(path, "rb") as fh:
+        return fh.read(8) == HDF5_SIGNATURE
+
+
+class AppendStore:
+    """Create ``path`` with the layout of ``first`` and append it; :meth:`append` adds more.
+
+    Args:
+        path: The file (replaced if it exists).
+        first: A one-iteration dataset (every data variable has ``iteration`` as first dim).
+        attrs: File attributes (str/int/float).
+
+    Raises:
+        FisherlabError: The file cannot be created.
+    """
+
+    def __init__(self, path: str | Path, first: xr.Dataset, attrs: dict[str, str | int | float]) -> None:
+        self.path = Path(path)
+        try:
+            self._h5 = h5py.File(self.path, "w", libver="latest")
+        except OSError as exc:
+            raise FisherlabError(f"cannot create {self.path}: {exc}") from None
+        self._nc = h5netcdf.File(self._h5, "a")
+        self._layout = {name: (v.dims, v.dtype) for name, v in first.data_vars.items()}
+        nc = self._nc
+        nc.dimensions = {d: (None if d == "iteration" else n) for d, n in first.sizes.items()}
+        for name, coord in first.coords.items():
+            if name == "iteration":
+                continue
+            var = nc.create_variable(name, coord.dims, dtype=_h5_dtype(coord.values))
+            var[...] = coord.values
+        nc.create_variable("iteration", ("iteration",), dtype=first["iteration"].dtype, chunks=(_CHUNK_ROWS,))
+        nc.create_variable(WRITTEN, ("iteration",), dtype="i1", chunks=(_CHUNK_ROWS,), fillvalue=0)
+        nc.variables[WRITTEN].attrs.update(
+            long_name="snapshot completely written", units="1", definition="1 once the row's data are on disk"
+        )
+        for name, var in first.data_vars.items():
+            factors = name.startswith("factors_")
+            rows = 1 if factors else _CHUNK_ROWS
+            created = nc.create_variable(
+                name,
+                var.dims,
+                dtype=var.dtype,
+                chunks=(rows, *var.shape[1:]),
+                compression="gzip" if factors else None,
+                shuffle=factors,
+            )
+            created.attrs.update(_plain(var.attrs))
+        nc.attrs.update(_plain(attrs))
+        self._h5.flush()
+        self._h5.swmr_mode = True  # from here on only appends: the file stays consistent on a crash
+        self.rows = 0
+        self.append(first)
+
+    def append(self, snapshot: xr.Dataset) -> None:
+        """Write one snapshot as the next row and flush it (data first, then its flag).
+
+        Raises:
+            FisherlabError: A variable, dim or size that differs from the first snapshot.
+        """
+        layout = {name: (v.dims, v.dtype) for name, v in snapshot.data_vars.items()}
+        if layout.keys() != self._layout.keys():
+            diff = sorted(set(layout) ^ set(self._layout))
+            raise FisherlabError(f"snapshot variables differ from the first snapshot's: {diff}")
+        for name, var in snapshot.data_vars.items():
+            expected = self._nc.variables[name].shape[1:]
+            if var.dims != self._layout[name][0] or var.shape[1:] != expected:
+                raise FisherlabError(
+                    f"variable {name!r} of iteration {int(snapshot['iteration'][0])} has shape {var.shape[1:]}, the "
+                    f"first snapshot's was {expected} (a results file keeps one layout; stored factors need one batch "
+                    "size)"
+                )
+        row = self.rows
+        self._nc.resize_dimension("iteration", row + 1)
+        self._nc.variables["iteration"][row] = snapshot["iteration"].values[0]
+        for name, var in snapshot.data_vars.items():
+            self._nc.variables[name][row] = var.values[0]
+        self._flush(list(snapshot.data_vars) + ["iteration"])
+        self._nc.variables[WRITTEN][row] = 1
+        self._flush([WRITTEN])
+        self.rows = row + 1
+
+    def _flush(self, names: list[str]) -> None:
+        for name in names:
+            self._h5[name].flush()
+        self._h5.flush()
+
+    def close(self) -> None:
+        """Close the file (it stays readable without SWMR afterwards)."""
+        self._nc.close()
+        self._h5.close()
+
+
+def _plain(attrs: dict) -> dict[str, str | int | float]:
+    """Attributes as Python ``str``/``int``/``float`` (numpy scalars and strings converted)."""
+    out: dict[str, str | int | float] = {}
+    for key, value in attrs.items():
+        if isinstance(value, str):
+            out[key] = str(value)
+        elif isinstance(value, (bool, np.bool_, int, np.integer)):
+            out[key] = int(value)
+        elif isinstance(value, (float, np.floating)):
+            out[key] = float(value)
+    return out
+
+
+def _h5_dtype(values: np.ndarray) -> object:
+    return h5py.string_dtype() if values.dtype.kind in "OUS" else values.dtype
+
+
+def read(path: str | Path, *, drop_factors: bool = True) -> xr.Dataset:
+    """Read a file of :class:`AppendStore` into memory: the rows whose ``snapshot_written`` is 1.
+
+    Opens in SWMR-read mode, so a file whose writer died (or still runs) reads as of its last
+    flushed snapshot.
+
+    Args:
+        path: The file.
+        drop_factors: Leave out stored per-sample factors (read them with
+            :func:`fisherlab.results.load_factors`).
+    """
+    with h5py.File(path, "r", swmr=True) as h5, h5netcdf.File(h5, "r") as nc:
+        drop = [n for n in nc.variables if n.startswith("factors_")] if drop_factors else []
+        with xr.open_dataset(xr.backends.H5NetCDFStore(nc), drop_variables=drop) as ds:
+            ds = ds.load()
+    ds = ds.assign_coords({n: c.astype(object) for n, c in ds.coords.items() if c.dtype.kind == "U"})  # as netCDF3
+    if WRITTEN in ds:
+        ds = ds.isel(iteration=np.flatnonzero(ds[WRITTEN].values == 1)).drop_vars(WRITTEN)
+    return ds
