@@ -20,6 +20,7 @@ def figure_script(
     default_problem: str,
     compute: Callable[[argparse.Namespace, Path], None],
     draw: Callable[[xr.Dataset], object],
+    options: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> int:
     """Parse the common options, compute the dataset when missing (or asked), draw the figure."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,6 +34,8 @@ def figure_script(
     parser.add_argument(
         "--smoke", "--quick", dest="smoke", action="store_true", help="tiny configuration (used by the tests)"
     )
+    if options is not None:
+        options(parser)
     args = parser.parse_args(argv)
     data = Path(args.input or f"data/{default_stem}_{args.problem}.nc")
     figure = Path(args.output or data.with_suffix(".png"))

@@ -168,7 +168,13 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p.add_argument(
         "--dtype",
         default=d.dtype.value,
-        help="training dtype float32 | float64; the probe always accumulates in float64",
+        help="training dtype float32 | float64 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--accumulate",
+        default=d.accumulate.value,
+        help="dtype of the probe's factors and of every metric: float64 | float32 (faster, but error 1 then has a "
+        "floor near 1e-3; default: %(default)s)",
     )
     p.add_argument(
         "--seed",

@@ -32,7 +32,7 @@ class BaseOptimizer(str, Enum):
 
 
 class Precision(str, Enum):
-    """Training dtype (the probe accumulates in float64 regardless)."""
+    """A floating-point precision: of training (``dtype``) or of the probe's factors (``accumulate``)."""
 
     FLOAT32 = "float32"
     FLOAT64 = "float64"
@@ -86,6 +86,7 @@ class ProbeConfig:
     krylov_dim: int = 20
     device: str = "auto"
     dtype: Precision = Precision.FLOAT32
+    accumulate: Precision = Precision.FLOAT64
     seed: int = 0
     store_factors: tuple[str, ...] = field(default=())
     two_level: bool = False
@@ -99,6 +100,7 @@ class ProbeConfig:
         self.fisher = _enum_value(FisherKind, self.fisher)  # type: ignore[assignment]
         self.spectrum = _enum_value(Spectrum, self.spectrum)  # type: ignore[assignment]
         self.dtype = _enum_value(Precision, self.dtype)  # type: ignore[assignment]
+        self.accumulate = _enum_value(Precision, self.accumulate)  # type: ignore[assignment]
         self.methods = _enum_tuple(Method, tuple(self.methods), "methods")
         if self.coarse_spaces:
             self.coarse_spaces = _enum_tuple(CoarseSpace, tuple(self.coarse_spaces), "coarse spaces")

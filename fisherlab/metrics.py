@@ -151,16 +151,22 @@ class SpectralError:
 
 
 def _error_interval(
-    lam: Tensor, mu: Tensor, norm_squared: float, *, by_magnitude: bool, mu_next: float | None = None
+    lam: Tensor,
+    mu: Tensor,
+    norm_squared: float,
+    *,
+    by_magnitude: bool,
+    mu_next: float | None = None,
+    mu_floor: float | None = None,
 ) -> tuple[float, float]:
     """Bounds of ``||spec F - spec F̂||²`` from the ``m`` largest eigenvalues ``mu`` of ``F̂``.
 
     With ``λ`` the ``r`` largest eigenvalues of ``F`` (all others 0) and ``μ`` those of ``F̂``,
     both descending, the squared distance is
     ``Σ_{i≤m} (λ_i - μ_i)² + Σ_{m<i≤r} (λ_i² - 2 λ_i μ_i) + (||F̂||² - Σ_{i≤m} μ_i²)``;
-    only ``X = Σ_{m<i≤r} λ_i μ_i`` is unknown, and ``μ_i ≤ mu_next`` (default ``μ_m``) with
-    ``Σ_{i>m} μ_i² = ||F̂||² - Σ_{i≤m} μ_i²`` bound it (Cauchy-Schwarz). For ``m ≥ r`` both
-    bounds are the exact value.
+    only ``X = Σ_{m<i≤r} λ_i μ_i`` is unknown, and ``mu_floor <= μ_i ≤ mu_next`` (default
+    ``μ_m``; singular values are ``>= 0``) with ``Σ_{i>m} μ_i² = ||F̂||² - Σ_{i≤m} μ_i²`` bound
+    it (Cauchy-Schwarz). For ``m ≥ r`` both bounds are the exact value.
     """
     mu = mu[: lam.numel()]
     m, r = mu.numel(), lam.numel()
@@ -172,27 +178,37 @@ def _error_interval(
     if mu_next is None and m:
         mu_next = float(mu[-1])
     x_high = min(max(mu_next, 0.0) * s1, cauchy) if mu_next is not None else cauchy
-    x_low = 0.0 if by_magnitude else -cauchy
+    x_low = 0.0 if by_magnitude else (-cauchy if mu_floor is None else max(-cauchy, min(mu_floor, 0.0) * s1))
     return max(head + s2 - 2 * x_high + rest, 0.0), max(head + s2 - 2 * x_low + rest, 0.0)
 
 
-def _leading_eigenvalues(ritz: RitzValues, *, by_magnitude: bool, dim: int) -> tuple[Tensor, float | None]:
-    """The largest eigenvalues the converged Ritz values determine, and a bound on all others.
+def _leading_eigenvalues(
+    ritz: RitzValues, *, by_magnitude: bool, dim: int, r: int
+) -> tuple[Tensor, float | None, float | None]:
+    """The largest eigenvalues the converged Ritz values determine, and bounds on the others.
 
     The ``c`` converged values are the ``c`` largest in magnitude, so every other eigenvalue
     has ``|μ| <= τ = |θ_c|``. By magnitude: ``|θ_1..θ_c|`` and ``τ``. Algebraically: the
     positive ones among them are the largest eigenvalues (every positive eigenvalue above
-    ``τ`` is among them) and the rest are ``<= τ``.
+    ``τ`` is among them), the rest are ``<= τ``, and the ``i``-th largest is ``>= -τ`` for
+    ``i <= D - (converged negatives)``, so for all ``i <= r`` when ``r`` is within that.
+
+    Returns:
+        ``(mu, mu_next, mu_floor)`` for :func:`_error_interval`.
     """
     c = ritz.converged
     values = ritz.values[:c]
     if c == 0:
-        return values, None
+        return values, None, None
+    if c == dim:
+        mu = values.abs() if by_magnitude else values
+        return torch.sort(mu, descending=True).values, None, None
+    tau = float(values[-1].abs())
     if by_magnitude:
-        mu = values.abs()
-    else:
-        mu = torch.sort(values if c == dim else values[values > 0], descending=True).values
-    return mu, (None if c == dim else float(values[-1].abs()))
+        return values.abs(), tau, None
+    negatives = int((values < 0).sum())
+    floor = -tau if r <= dim - negatives else None
+    return torch.sort(values[values > 0], descending=True).values, tau, floor
 
 
 def spectral_error_bounded(
@@ -230,10 +246,12 @@ def spectral_error_bounded(
     itemsize = like.element_size()
     norm_squared = float(approx.frobenius_norm_squared())
 
-    def result(mu: Tensor, mu_next: float | None = None, note: str = "") -> SpectralError:
-        low, high = _error_interval(lam, mu, norm_squared, by_magnitude=by_magnitude, mu_next=mu_next)
+    def result(mu: Tensor, mu_next: float | None = None, mu_floor: float | None = None) -> SpectralError:
+        low, high = _error_interval(
+            lam, mu, norm_squared, by_magnitude=by_magnitude, mu_next=mu_next, mu_floor=mu_floor
+        )
         lo, hi = math.sqrt(low / den), math.sqrt(high / den)
-        return SpectralError((lo + hi) / 2, (hi - lo) / 2, mu.numel(), note)
+        return SpectralError((lo + hi) / 2, (hi - lo) / 2, mu.numel())
 
     def dense() -> SpectralError:
         return result(approx.eigenvalues(top=r, by_magnitude=by_magnitude))
@@ -256,7 +274,7 @@ def spectral_error_bounded(
         if basis is not None:
             start[: basis.shape[0]] = basis
         ritz = subspace_eigenvalues(approx.matvec, start, wanted, tol=tol)
-        res = result(*_leading_eigenvalues(ritz, by_magnitude=by_magnitude, dim=dim))
+        res = result(*_leading_eigenvalues(ritz, by_magnitude=by_magnitude, dim=dim, r=r))
         if res.bound <= max(rtol * res.value, atol):
             return res
         grown = min(2 * wanted, r + r // 4, block_max)  # algebraic order: negative eigenvalues interleave

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -164,6 +165,8 @@ class ResultsWriter:
         if not os.access(self.path.parent, os.W_OK):
             raise FisherlabError(f"output directory {self.path.parent} is not writable")
         self._store: AppendStore | None = None
+        self.appended = 0  # snapshots appended
+        self.write_seconds = 0.0  # time spent appending them
         self._lock = FileLock(str(self.path) + ".lock")
         try:
             self._lock.acquire(timeout=0)
@@ -197,6 +200,7 @@ class ResultsWriter:
 
         The first snapshot fixes the file's layout; the run attributes are written with it.
         """
+        start = time.perf_counter()
         snapshot = annotate(snapshot.copy())
         for name, (a, g) in (factors or {}).items():
             snapshot = snapshot.assign(factor_variables(name, a, g))
@@ -204,6 +208,8 @@ class ResultsWriter:
             self._store = AppendStore(self.path, snapshot, dict(self.attrs))
         else:
             self._store.append(snapshot)
+        self.appended += 1
+        self.write_seconds += time.perf_counter() - start
 
     def write(self, ds: xr.Dataset) -> xr.Dataset:
         """Write a whole dataset with the run attributes: temporary file, then ``os.replace``."""
@@ -317,6 +323,7 @@ def run_attrs(
         "seed": config.seed,
         "fisher": config.fisher.value,
         "mc_samples": config.mc_samples,
+        "accumulate": config.accumulate.value,
         "spectrum": config.spectrum.value,
         "metrics": ",".join(config.metrics),
         "two_level": int(config.two_level),

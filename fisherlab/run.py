@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import replace
@@ -143,7 +144,12 @@ class FisherProbe:
         if methods is not None:
             config.methods = tuple(methods)  # type: ignore[assignment]
         self.loss = as_enum(LossKind, loss, "loss")
-        kwargs = {"fisher": config.fisher, "mc_samples": config.mc_samples, "seed": config.seed + 1}
+        kwargs = {
+            "fisher": config.fisher,
+            "mc_samples": config.mc_samples,
+            "seed": config.seed + 1,
+            "accumulate_dtype": config.accumulate.dtype,
+        }
         self.names = list(Probe(model, self.loss, layers=layers, **kwargs).layers)  # type: ignore[arg-type]
         if layers is not None or writer is None:
             config.layers = tuple(self.names)
@@ -369,7 +375,15 @@ def run_probe(config: ProbeConfig, out: str | Path, *, overwrite: bool = False, 
             if writer is not None:
                 announce_data(data.source, data.stand_in)
                 writer.attrs.update(run_attrs(config, device, data.source, problem.loss, stand_in=data.stand_in))
+            t0 = time.perf_counter()
             result = _train_problem(problem, data, config, device, dtype, writer, progress)
+            if writer is not None:
+                total = time.perf_counter() - t0
+                print(
+                    f"fisherlab: results: {writer.appended} snapshots appended in {writer.write_seconds:.2f} s "
+                    f"({100 * writer.write_seconds / max(total, 1e-9):.2f}% of the run's {total:.1f} s)",
+                    file=sys.stderr,
+                )
         if started:
             dist.barrier()  # no rank tears the group down while another finishes its last step
         return result

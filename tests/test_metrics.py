@@ -80,17 +80,22 @@ def test_iterative_error_2_matches_dense(monkeypatch: pytest.MonkeyPatch, spectr
     assert res.eigenvalues < ref.block.dim  # not every eigenvalue was needed
 
 
-def test_error_2_under_a_memory_limit_is_bounded_and_the_bound_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("spectrum", list(Spectrum))
+def test_error_2_under_a_memory_limit_is_bounded_and_the_bound_holds(
+    monkeypatch: pytest.MonkeyPatch, spectrum: Spectrum
+) -> None:
     """With room for a block of 8 vectors only: the interval [value - bound, value + bound] holds the dense
     error 2; with room for none: NaN, an infinite bound and the reason."""
     from fisherlab import kron as kron_module
     from fisherlab.metrics import spectral_error_bounded
 
-    ref, kron, dense = _rank2_case(1)
+    ref, kron, _ = _rank2_case(1)
+    dense = dense_spectral_error(ref.block.as_dense(), kron.as_dense(), spectrum)
     monkeypatch.setattr(kron_module, "symmetric_eig_dense_limit", 10)
-    res = spectral_error_bounded(ref, kron, memory_limit=5 * 8 * kron.dim * 8)
-    assert 0 < res.eigenvalues <= 8 and res.bound > 0 and "fit in" in res.note
-    assert res.value - res.bound <= float(dense) <= res.value + res.bound
+    for block in (2, 8, 16):
+        res = spectral_error_bounded(ref, kron, spectrum=spectrum, memory_limit=5 * block * kron.dim * 8)
+        assert 0 < res.eigenvalues <= block and res.bound > 0 and "fit in" in res.note
+        assert res.value - res.bound <= float(dense) <= res.value + res.bound
     none = spectral_error_bounded(ref, kron, memory_limit=kron.dim * 8)
     assert math.isnan(none.value) and none.bound == math.inf and "needs" in none.note
 
