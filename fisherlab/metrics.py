@@ -226,8 +226,9 @@ def spectral_error_bounded(
     far fewer when the spectra decay (the unknown rest is bounded). One Kronecker term: all of
     them exactly, from the factors' eigenvalues. More terms: dense up to
     :data:`SPECTRAL_DENSE_SIDE` or when ``r > D / 4`` (and ``F̂`` fits); otherwise the largest
-    by subspace iteration on the batched Kronecker product (:func:`~fisherlab.krylov.subspace_eigenvalues`, on the factors'
-    device), the block doubling from 64 (warm-started) until the interval's half-width is
+    by subspace iteration on the batched Kronecker product
+    (:func:`~fisherlab.krylov.subspace_eigenvalues`, on the factors' device), the block
+    doubling from 64 (warm-started) until the interval's half-width is
     within ``max(rtol value, atol)`` or all ``r`` are known. When the block reaches
     ``memory_limit`` (default :data:`SPECTRAL_MEMORY_LIMIT`) first: dense if ``F̂`` fits there
     (``D <= kron.symmetric_eig_dense_limit``), else the bounded value with a note.
