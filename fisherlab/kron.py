@@ -158,6 +158,24 @@ class KronSum:
             ev = ev.abs()
         return torch.sort(ev, descending=True).values[:top]
 
+    def on_ranges(self) -> KronSum:
+        """The sum restricted to the joint ranges of its factors, ``Σ_k (Uᵀ out_k U) ⊗ (Vᵀ in_k V)``.
+
+        ``U`` and ``V`` are orthonormal bases of ``range(Σ_k out_k²)`` and ``range(Σ_k in_k²)``
+        (symmetric factors), so ``self = (U ⊗ V) [restricted] (U ⊗ V)ᵀ`` and the restricted sum
+        has the same eigenvalues except for zeros. Factors built from ``N`` samples have rank at
+        most ``N``: a layer wider than the batch shrinks (FACES layer 1: 2 000 → 1 024 outputs).
+        ``U`` holds the left singular vectors of ``[out_1, out_2, ...]`` above ``side · eps`` of
+        the largest singular value (the numerical rank), ``V`` likewise.
+        """
+
+        def basis(factors: tuple[Tensor, ...]) -> Tensor:
+            u, sv, _ = torch.linalg.svd(torch.cat(factors, dim=1), full_matrices=False)
+            return u[:, sv > factors[0].shape[0] * torch.finfo(sv.dtype).eps * sv[0]]
+
+        u, v = basis(self.outs), basis(self.ins)
+        return KronSum(tuple(u.T @ o @ u for o in self.outs), tuple(v.T @ i @ v for i in self.ins))
+
     def solve(self, v: Tensor, *, damping: float = 0.0) -> Tensor:
         """Solve ``(K + damping) vec(U) = vec(V)`` for ``U`` of shape ``[d_out, d_in]``.
 

@@ -183,7 +183,7 @@ def _error_interval(
 
 
 def _leading_eigenvalues(
-    ritz: RitzValues, *, by_magnitude: bool, dim: int, r: int
+    ritz: RitzValues, *, by_magnitude: bool, dim: int, r: int, zeros: int = 0
 ) -> tuple[Tensor, float | None, float | None]:
     """The largest eigenvalues the converged Ritz values determine, and bounds on the others.
 
@@ -192,6 +192,8 @@ def _leading_eigenvalues(
     positive ones among them are the largest eigenvalues (every positive eigenvalue above
     ``τ`` is among them), the rest are ``<= τ``, and the ``i``-th largest is ``>= -τ`` for
     ``i <= D - (converged negatives)``, so for all ``i <= r`` when ``r`` is within that.
+    ``zeros``: eigenvalues known to be 0 besides the operator's ``dim`` (see
+    :meth:`~fisherlab.kron.KronSum.on_ranges`).
 
     Returns:
         ``(mu, mu_next, mu_floor)`` for :func:`_error_interval`.
@@ -201,13 +203,13 @@ def _leading_eigenvalues(
     if c == 0:
         return values, None, None
     if c == dim:
-        mu = values.abs() if by_magnitude else values
+        mu = torch.cat([values.abs() if by_magnitude else values, values.new_zeros(zeros)])
         return torch.sort(mu, descending=True).values, None, None
     tau = float(values[-1].abs())
     if by_magnitude:
         return values.abs(), tau, None
     negatives = int((values < 0).sum())
-    floor = -tau if r <= dim - negatives else None
+    floor = -tau if r <= dim + zeros - negatives else None
     return torch.sort(values[values > 0], descending=True).values, tau, floor
 
 
@@ -224,7 +226,8 @@ def spectral_error_bounded(
 
     Needs the ``r = min(N V, D)`` largest eigenvalues of ``F̂`` (:func:`_error_interval`), and
     far fewer when the spectra decay (the unknown rest is bounded). One Kronecker term: all of
-    them exactly, from the factors' eigenvalues. More terms: dense up to
+    them exactly, from the factors' eigenvalues. More terms: restricted to the factors' ranges
+    (:meth:`~fisherlab.kron.KronSum.on_ranges`, exact), then dense up to
     :data:`SPECTRAL_DENSE_SIDE` or when ``r > D / 4`` (and ``F̂`` fits); otherwise the largest
     by subspace iteration on the batched Kronecker product
     (:func:`~fisherlab.krylov.subspace_eigenvalues`, on the factors' device), the block
@@ -254,11 +257,17 @@ def spectral_error_bounded(
         lo, hi = math.sqrt(low / den), math.sqrt(high / den)
         return SpectralError((lo + hi) / 2, (hi - lo) / 2, mu.numel())
 
-    def dense() -> SpectralError:
+    if approx.rank == 1:
         return result(approx.eigenvalues(top=r, by_magnitude=by_magnitude))
+    full, approx = dim, approx.on_ranges()  # same eigenvalues but zeros; smaller when the batch is
+    dim, zeros = approx.dim, full - approx.dim
+
+    def dense() -> SpectralError:
+        ev = torch.cat([approx.eigenvalues(by_magnitude=by_magnitude), like.new_zeros(zeros)])
+        return result(torch.sort(ev, descending=True).values[:r])
 
     dense_fits = dim <= kron_module.symmetric_eig_dense_limit and dim * dim * itemsize <= limit
-    if approx.rank == 1 or (dense_fits and (dim <= SPECTRAL_DENSE_SIDE or 4 * r > dim)):
+    if dense_fits and (dim <= SPECTRAL_DENSE_SIDE or 4 * r > dim):
         return dense()
     block_max = min(dim, int(limit // (_SOLVER_COPIES * dim * itemsize)))
     if block_max < 1:
@@ -275,7 +284,7 @@ def spectral_error_bounded(
         if basis is not None:
             start[: basis.shape[0]] = basis
         ritz = subspace_eigenvalues(approx.matvec, start, wanted, tol=tol)
-        res = result(*_leading_eigenvalues(ritz, by_magnitude=by_magnitude, dim=dim, r=r))
+        res = result(*_leading_eigenvalues(ritz, by_magnitude=by_magnitude, dim=dim, r=r, zeros=zeros))
         if res.bound <= max(rtol * res.value, atol):
             return res
         grown = min(2 * wanted, r + r // 4, block_max)  # algebraic order: negative eigenvalues interleave

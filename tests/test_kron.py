@@ -88,3 +88,21 @@ def test_solve_matches_dense(rank: int, damping: float) -> None:
     damped = KronSum((out,) + k.outs[1:], (in_,) + k.ins[1:]).as_dense()
     expected = torch.linalg.solve(damped, v.flatten())
     torch.testing.assert_close(k.solve(v, damping=damping).flatten(), expected, rtol=1e-9, atol=1e-11)
+
+
+def test_restriction_to_the_factor_ranges_keeps_every_nonzero_eigenvalue() -> None:
+    """Out factors of rank 3 (of 10), in factors of rank 5 (of 8): the restricted sum is 3 x 5 and its
+    eigenvalues, padded with zeros, are the dense eigenvalues of the whole sum."""
+    gen = torch.Generator().manual_seed(5)
+    basis_out = torch.randn(10, 3, generator=gen, dtype=torch.float64)
+    low_out = [
+        basis_out @ torch.diag(torch.tensor(d, dtype=torch.float64)) @ basis_out.T for d in ([3, 1, 0.5], [1, -2, 0.1])
+    ]
+    basis_in = torch.randn(8, 5, generator=gen, dtype=torch.float64)
+    low_in = [basis_in @ _sym(5, gen) @ basis_in.T for _ in range(2)]
+    k = KronSum(tuple(low_out), tuple(low_in))
+    small = k.on_ranges()
+    assert (small.d_out, small.d_in) == (3, 5)
+    expected = torch.sort(torch.linalg.eigvalsh(k.as_dense()), descending=True).values
+    got = torch.sort(torch.cat([small.eigenvalues(), torch.zeros(80 - 15, dtype=torch.float64)]), descending=True)
+    torch.testing.assert_close(got.values, expected, rtol=1e-10, atol=1e-10)

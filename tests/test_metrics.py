@@ -56,24 +56,26 @@ def test_spectrum_conventions_differ_for_indefinite_approximation() -> None:
     assert float(frobenius_error(ref, indefinite)) == pytest.approx(2**0.5)  # ||diag(0, 1)|| / ||diag(.5, .5)||
 
 
-def _rank2_case(seed: int = 0) -> tuple[BlockReference, KronSum, torch.Tensor]:
-    """A Linear block (D = 12 x 31, N V = 40) and its deflation; the dense error 2 as reference."""
+def _rank2_case(seed: int = 0, batch: int = 40) -> tuple[BlockReference, KronSum, torch.Tensor]:
+    """A Linear block (D = 12 x 31, N V = batch) and its deflation; the dense error 2 as reference."""
     gen = torch.Generator().manual_seed(seed)
-    a = torch.randn(40, 1, 31, generator=gen, dtype=torch.float64) * torch.linspace(2, 0.1, 31, dtype=torch.float64)
-    block = ExactBlock(LayerFactors(a, torch.randn(40, 1, 1, 12, generator=gen, dtype=torch.float64)))
+    a = torch.randn(batch, 1, 31, generator=gen, dtype=torch.float64) * torch.linspace(2, 0.1, 31, dtype=torch.float64)
+    block = ExactBlock(LayerFactors(a, torch.randn(batch, 1, 1, 12, generator=gen, dtype=torch.float64)))
     kron = approximate_all(block, [Method.DEFLATION], ApproxConfig(tol=1e-10, max_iter=5000))[Method.DEFLATION].kron
     return BlockReference.of(block), kron, dense_spectral_error(block.as_dense(), kron.as_dense())
 
 
+@pytest.mark.parametrize("batch", [40, 6])
 @pytest.mark.parametrize("spectrum", list(Spectrum))
-def test_iterative_error_2_matches_dense(monkeypatch: pytest.MonkeyPatch, spectrum: Spectrum) -> None:
+def test_iterative_error_2_matches_dense(monkeypatch: pytest.MonkeyPatch, spectrum: Spectrum, batch: int) -> None:
     """Beyond the dense limit, the largest eigenvalues by subspace iteration (block doubling) give error 2
     to 1e-8."""
     from fisherlab import kron as kron_module
     from fisherlab.metrics import spectral_error_bounded
 
-    ref, kron, _ = _rank2_case()
+    ref, kron, _ = _rank2_case(batch=batch)  # 6 samples: factors of rank 6 < 12 outputs, restricted to their ranges
     dense = dense_spectral_error(ref.block.as_dense(), kron.as_dense(), spectrum)
+    assert (kron.on_ranges().d_out < kron.d_out) == (batch == 6)
     monkeypatch.setattr(kron_module, "symmetric_eig_dense_limit", 10)
     res = spectral_error_bounded(ref, kron, spectrum=spectrum)
     assert res.value == pytest.approx(float(dense), rel=1e-8) and res.bound <= 1e-8 * res.value and not res.note
