@@ -17,9 +17,9 @@ FACTOR_CASES = [
 _KEYS = {"id", "n", "v", "t", "d_in", "d_out", "seed"}
 
 
-def make_factors(case: dict) -> LayerFactors:
-    """Random float64 factors; the activations are correlated with the derivatives so that
-    KFAC is not accidentally exact."""
+def make_factors(case: dict, device: torch.device | str = "cpu") -> LayerFactors:
+    """Random float64 factors (drawn on the CPU, then moved to ``device``); the activations are
+    correlated with the derivatives so that KFAC is not accidentally exact."""
     unknown = set(case) - _KEYS
     if unknown:
         raise KeyError(f"unknown case keys {unknown}")
@@ -28,7 +28,7 @@ def make_factors(case: dict) -> LayerFactors:
     a = torch.randn(n, t, di, generator=gen, dtype=torch.float64)
     a[..., -1] = 1.0  # bias column
     g = torch.randn(n, v, t, do, generator=gen, dtype=torch.float64) * (1 + a[:, None, :, :1].abs())
-    return LayerFactors(a, g)
+    return LayerFactors(a.to(device), g.to(device))
 
 
 def ids(cases: list[dict]) -> list[str]:

@@ -23,8 +23,8 @@ ALL = list(Method)
 
 
 @pytest.fixture(params=FACTOR_CASES, ids=ids(FACTOR_CASES))
-def block(request: pytest.FixtureRequest) -> ExactBlock:
-    return ExactBlock(make_factors(request.param))
+def block(request: pytest.FixtureRequest, device: torch.device) -> ExactBlock:
+    return ExactBlock(make_factors(request.param, device))
 
 
 def _all(block: ExactBlock, **kw: object) -> dict:

@@ -20,7 +20,7 @@ from tests.tolerances import EXACT64
 def _dense_from_definition(f: LayerFactors) -> torch.Tensor:
     """F = (1/N) sum_{n,v} vec(DW) vec(DW)^T with DW built by explicit loops over positions."""
     n, v, t, _ = f.g.shape
-    dense = torch.zeros(f.dim, f.dim, dtype=f.a.dtype)
+    dense = torch.zeros(f.dim, f.dim, dtype=f.a.dtype, device=f.a.device)
     for i in range(n):
         for j in range(v):
             dw = sum(torch.outer(f.g[i, j, s], f.a[i, s]) for s in range(t))
@@ -29,8 +29,8 @@ def _dense_from_definition(f: LayerFactors) -> torch.Tensor:
 
 
 @pytest.fixture(params=FACTOR_CASES, ids=ids(FACTOR_CASES))
-def block(request: pytest.FixtureRequest) -> ExactBlock:
-    return ExactBlock(make_factors(request.param))
+def block(request: pytest.FixtureRequest, device: torch.device) -> ExactBlock:
+    return ExactBlock(make_factors(request.param, device))
 
 
 def test_as_dense_matches_definition(block: ExactBlock) -> None:

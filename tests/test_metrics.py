@@ -19,9 +19,9 @@ from tests.cases import FACTOR_CASES, ids, make_factors
 
 @pytest.mark.parametrize("case", FACTOR_CASES, ids=ids(FACTOR_CASES))
 @pytest.mark.parametrize("spectrum", list(Spectrum))
-def test_errors_match_dense(case: dict, spectrum: Spectrum) -> None:
-    """frobenius_error and spectral_error equal the dense formulas for all five methods."""
-    block = ExactBlock(make_factors(case))
+def test_errors_match_dense(case: dict, spectrum: Spectrum, device: torch.device) -> None:
+    """frobenius_error and spectral_error equal the dense formulas for all five methods (on each device)."""
+    block = ExactBlock(make_factors(case, device))
     ref = BlockReference.of(block)
     dense = block.as_dense()
     for method, approx in approximate_all(block, list(Method), ApproxConfig(tol=1e-8)).items():
