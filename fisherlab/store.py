@@ -60,7 +60,7 @@ class AppendStore:
         except OSError as exc:
             raise FisherlabError(f"cannot create {self.path}: {exc}") from None
         self._nc = h5netcdf.File(self._h5, "a")
-        self._layout = {name: (v.dims, v.dtype) for name, v in first.data_vars.items()}
+        self._layout = {name: (v.dims, v.shape[1:]) for name, v in first.data_vars.items()}
         nc = self._nc
         nc.dimensions = {d: (None if d == "iteration" else n) for d, n in first.sizes.items()}
         for name, coord in first.coords.items():
@@ -87,46 +87,49 @@ class AppendStore:
             created.attrs.update(_plain(var.attrs))
         nc.attrs.update(_plain(attrs))
         self._h5.flush()
+        self._nc.close()  # the netCDF layout is complete; rows go through h5py (the file stays open)
         self._h5.swmr_mode = True  # from here on only appends: the file stays consistent on a crash
+        self._datasets = {name: self._h5[name] for name in [*first.data_vars, "iteration", WRITTEN]}
         self.rows = 0
         self.append(first)
 
     def append(self, snapshot: xr.Dataset) -> None:
         """Write one snapshot as the next row and flush it (data first, then its flag).
 
+        Rows are appended through h5py directly (``resize`` + write of each dataset that has
+        the ``iteration`` dim); the netCDF metadata made at creation stays valid.
+
         Raises:
             FisherlabError: A variable, dim or size that differs from the first snapshot.
         """
-        layout = {name: (v.dims, v.dtype) for name, v in snapshot.data_vars.items()}
-        if layout.keys() != self._layout.keys():
-            diff = sorted(set(layout) ^ set(self._layout))
+        if set(snapshot.data_vars) != set(self._layout):
+            diff = sorted(set(snapshot.data_vars) ^ set(self._layout))
             raise FisherlabError(f"snapshot variables differ from the first snapshot's: {diff}")
         for name, var in snapshot.data_vars.items():
-            expected = self._nc.variables[name].shape[1:]
-            if var.dims != self._layout[name][0] or var.shape[1:] != expected:
+            dims, shape = self._layout[name]
+            if var.dims != dims or var.shape[1:] != shape:
                 raise FisherlabError(
                     f"variable {name!r} of iteration {int(snapshot['iteration'][0])} has shape {var.shape[1:]}, the "
-                    f"first snapshot's was {expected} (a results file keeps one layout; stored factors need one batch "
+                    f"first snapshot's was {shape} (a results file keeps one layout; stored factors need one batch "
                     "size)"
                 )
-        row = self.rows
-        self._nc.resize_dimension("iteration", row + 1)
-        self._nc.variables["iteration"][row] = snapshot["iteration"].values[0]
+        row, data = self.rows, self._datasets
+        for dataset in data.values():
+            dataset.resize(row + 1, axis=0)
+        data["iteration"][row] = snapshot["iteration"].values[0]
         for name, var in snapshot.data_vars.items():
-            self._nc.variables[name][row] = var.values[0]
-        self._flush(list(snapshot.data_vars) + ["iteration"])
-        self._nc.variables[WRITTEN][row] = 1
-        self._flush([WRITTEN])
-        self.rows = row + 1
-
-    def _flush(self, names: list[str]) -> None:
-        for name in names:
-            self._h5[name].flush()
+            data[name][row] = var.values[0]
+        for name, dataset in data.items():
+            if name != WRITTEN:
+                dataset.flush()
         self._h5.flush()
+        data[WRITTEN][row] = 1
+        data[WRITTEN].flush()
+        self._h5.flush()
+        self.rows = row + 1
 
     def close(self) -> None:
         """Close the file (it stays readable without SWMR afterwards)."""
-        self._nc.close()
         self._h5.close()
 
 

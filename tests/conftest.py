@@ -9,9 +9,7 @@ import torch
 
 torch.set_num_threads(1)
 
-DEVICES = [pytest.param("cpu")] + (
-    [pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else []
-)
+DEVICES = [pytest.param("cpu")] + ([pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(params=DEVICES)
