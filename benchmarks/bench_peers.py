@@ -4,7 +4,8 @@ same run (issue 9, part 3).
 
 Peers are optional; install them without their dependencies (a plain install pulls a CUDA torch):
 
-    pip install --no-deps curvlinops-for-pytorch einconv linear_operator opt-einsum backpack-for-pytorch einops unfoldNd
+    pip install --no-deps curvlinops-for-pytorch einconv linear_operator opt-einsum backpack-for-pytorch einops \
+        unfoldNd nngeometry asdfghjkl
     python -m benchmarks.bench_peers [--repeats 5] [--device cuda]
 
 A peer that is not installed, or fails on this loss, is listed with the reason.
@@ -61,6 +62,37 @@ def _backpack(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     return run
 
 
+def _nngeometry(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """nngeometry's KFAC (PMatKFAC) on its Jacobian backend, with the MC Fisher of the Bernoulli
+    likelihood (1 sample) written as nngeometry's own MC variants are: the log-likelihood of
+    targets sampled from the model (its ``FIM_MonteCarlo`` has no binary variant)."""
+    from nngeometry.backend import TorchHooksJacobianBackend
+    from nngeometry.layercollection import LayerCollection
+    from nngeometry.object import PMatKFAC
+    from torch.utils.data import DataLoader, TensorDataset
+
+    def sampled_log_likelihood(inputs: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
+        logits = model(inputs)
+        targets = torch.bernoulli(torch.sigmoid(logits.detach()))
+        return -nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(1, keepdim=True)
+
+    loader = DataLoader(TensorDataset(x), batch_size=x.shape[0])
+    layers = LayerCollection.from_model(model)
+
+    def run() -> object:
+        backend = TorchHooksJacobianBackend(layer_collection=layers, model=model, function=sampled_log_likelihood)
+        return PMatKFAC(generator=backend, examples=loader)
+
+    return run
+
+
+def _asdl(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    import asdl
+
+    loss_types = [n for n in dir(asdl) if n.startswith("LOSS_")]
+    raise NotImplementedError(f"asdl's Fisher takes {', '.join(loss_types)} only; this problem's loss is BCE")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
@@ -76,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         ("fisherlab (float32 accumulation)", lambda: _fisherlab(model, x, torch.float32)),
         ("curvlinops KFACLinearOperator", lambda: _curvlinops(model, x)),
         ("BackPACK KFAC", lambda: _backpack(problem.model(seed=0, device=device), x)),
+        ("nngeometry PMatKFAC", lambda: _nngeometry(model, x)),
+        ("asdl KFAC", lambda: _asdl(model, x)),
     ]
     for name, make in rows:
         try:

@@ -99,8 +99,15 @@ class KronSum:
 
     def matvec(self, w: Tensor) -> Tensor:
         """``(sum_k out_k ⊗ in_k) vec(W)`` returned as a ``[d_out, d_in]`` matrix (batched over
-        leading dims of ``w``)."""
-        return sum((o @ w @ i.T for o, i in zip(self.outs, self.ins, strict=True)), torch.zeros_like(w))
+        leading dims of ``w``: two GEMMs for all terms and the whole batch)."""
+        if w.ndim == 2:
+            return sum((o @ w @ i.T for o, i in zip(self.outs, self.ins, strict=True)), torch.zeros_like(w))
+        lead, (d_out, d_in), rank = w.shape[:-2], w.shape[-2:], self.rank
+        b = w.reshape(-1, d_out, d_in).shape[0]
+        right = w.reshape(-1, d_in) @ torch.cat([i.T for i in self.ins], dim=1)  # [b d_out, R d_in]: W in_kᵀ
+        right = right.reshape(b, d_out, rank, d_in).permute(2, 1, 0, 3).reshape(rank * d_out, b * d_in)
+        out = torch.cat(self.outs, dim=1) @ right  # Σ_k out_k (W in_kᵀ), every matrix of the batch at once
+        return out.reshape(d_out, b, d_in).transpose(0, 1).reshape(*lead, d_out, d_in)
 
     def as_dense(self) -> Tensor:
         """The ``[d_out*d_in, d_out*d_in]`` matrix; small layers, tests and notebooks only."""

@@ -106,3 +106,12 @@ def test_restriction_to_the_factor_ranges_keeps_every_nonzero_eigenvalue() -> No
     expected = torch.sort(torch.linalg.eigvalsh(k.as_dense()), descending=True).values
     got = torch.sort(torch.cat([small.eigenvalues(), torch.zeros(80 - 15, dtype=torch.float64)]), descending=True)
     torch.testing.assert_close(got.values, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_batched_matvec_equals_one_matrix_at_a_time() -> None:
+    """The batched product (two GEMMs over all terms) equals the per-matrix product, any leading dims."""
+    gen = torch.Generator().manual_seed(7)
+    k = _sum(2)
+    w = torch.randn(2, 3, k.d_out, k.d_in, generator=gen, dtype=torch.float64)
+    expected = torch.stack([torch.stack([k.matvec(m) for m in row]) for row in w])
+    torch.testing.assert_close(k.matvec(w), expected, **EXACT64)
