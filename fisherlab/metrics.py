@@ -43,6 +43,7 @@ __all__ = [
     "SPECTRAL_DENSE_SIDE",
     "SPECTRAL_MEMORY_LIMIT",
     "SPECTRAL_RTOL",
+    "SPECTRAL_WORK_LIMIT",
     "BlockEvaluation",
     "BlockMetric",
     "BlockReference",
@@ -126,6 +127,10 @@ SPECTRAL_ATOL = 1e-9
 
 #: Up to this side a multi-term ``F̂`` is diagonalised densely (cheaper than iterating).
 SPECTRAL_DENSE_SIDE = 1024
+
+#: Floating-point operations the eigensolver may spend on one error 2 (about 40 s on a 2-core
+#: CPU, a fraction of a second on a GPU); beyond, the value is stored with its bound.
+SPECTRAL_WORK_LIMIT = 2e12
 
 #: Vectors of length ``D`` the eigensolver holds per block vector (block, images, Ritz vectors,
 #: their images, QR workspace): the block size is ``memory_limit / (5 D itemsize)``.
@@ -233,8 +238,9 @@ def spectral_error_bounded(
     (:func:`~fisherlab.krylov.subspace_eigenvalues`, on the factors' device), the block
     doubling from 64 (warm-started) until the interval's half-width is
     within ``max(rtol value, atol)`` or all ``r`` are known. When the block reaches
-    ``memory_limit`` (default :data:`SPECTRAL_MEMORY_LIMIT`) first: dense if ``F̂`` fits there
-    (``D <= kron.symmetric_eig_dense_limit``), else the bounded value with a note.
+    ``memory_limit`` (default :data:`SPECTRAL_MEMORY_LIMIT`) or the solver has spent
+    :data:`SPECTRAL_WORK_LIMIT` first: dense if ``F̂`` fits there (``D <=
+    kron.symmetric_eig_dense_limit``), else the bounded value with a note.
     """
     from fisherlab import kron as kron_module
 
@@ -275,7 +281,8 @@ def spectral_error_bounded(
         return SpectralError(math.nan, math.inf, 0, f"even 1 eigenvalue of F_hat (D = {dim}) needs {need:.1f} GiB")
     tol = max(1e-10, 50 * torch.finfo(like.dtype).eps)
     gen = torch.Generator().manual_seed(0)
-    wanted, basis = min(64, r), None
+    per_vector = 2 * approx.rank * (approx.d_out**2 * approx.d_in + approx.d_out * approx.d_in**2)  # flops
+    wanted, basis, spent = min(64, r), None, 0.0
     while True:
         k = min(block_max, wanted + max(16, wanted // 4))
         wanted = min(wanted, max(1, k - max(2, k // 5)))  # a capped block keeps some oversampling
@@ -283,21 +290,25 @@ def spectral_error_bounded(
         start = start.to(dtype=like.dtype, device=like.device)
         if basis is not None:
             start[: basis.shape[0]] = basis
-        ritz = subspace_eigenvalues(approx.matvec, start, wanted, tol=tol)
+        affordable = max(1, int((SPECTRAL_WORK_LIMIT - spent) // (k * per_vector)))
+        ritz = subspace_eigenvalues(approx.matvec, start, wanted, tol=tol, max_iter=min(100, affordable))
+        spent += ritz.iterations * k * per_vector
         res = result(*_leading_eigenvalues(ritz, by_magnitude=by_magnitude, dim=dim, r=r, zeros=zeros))
         if res.bound <= max(rtol * res.value, atol):
             return res
         grown = min(2 * wanted, r + r // 4, block_max)  # algebraic order: negative eigenvalues interleave
-        if k >= block_max or grown <= wanted:
+        if k >= block_max or grown <= wanted or spent >= SPECTRAL_WORK_LIMIT:
             break
         wanted, basis = grown, ritz.basis
     if dense_fits:
         return dense()
+    why = (
+        f"the eigensolver's work limit ({SPECTRAL_WORK_LIMIT:.0e} flops)"
+        if spent >= SPECTRAL_WORK_LIMIT
+        else f"{limit / 2**30:.1f} GiB"
+    )
     return SpectralError(
-        res.value,
-        res.bound,
-        res.eigenvalues,
-        f"{res.eigenvalues} of the {r} eigenvalues fit in {limit / 2**30:.1f} GiB",
+        res.value, res.bound, res.eigenvalues, f"{res.eigenvalues} of the {r} eigenvalues fit in {why}"
     )
 
 

@@ -121,3 +121,19 @@ def test_bounded_error_2_is_stored_with_its_bound_and_one_warning(monkeypatch: p
     )
     skipped = evaluate_block(ref.block, [Method.KFAC], metrics=("frobenius_error",))
     assert math.isnan(skipped.values["spectral_error_bound"][Method.KFAC])  # not computed with its error metric
+
+
+def test_error_2_past_the_work_limit_is_bounded_and_the_bound_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An eigensolver budget of a few block applications: bounded value, the note names the work limit,
+    and the interval holds the dense error 2."""
+    from fisherlab import kron as kron_module
+    from fisherlab import metrics as metrics_module
+    from fisherlab.metrics import spectral_error_bounded
+
+    ref, kron, dense = _rank2_case(3)
+    monkeypatch.setattr(kron_module, "symmetric_eig_dense_limit", 10)
+    per_vector = 2 * 2 * (12**2 * 31 + 12 * 31**2)
+    monkeypatch.setattr(metrics_module, "SPECTRAL_WORK_LIMIT", 3 * 40 * per_vector)  # 3 iterations of 40 vectors
+    res = spectral_error_bounded(ref, kron)
+    assert res.bound > 0 and "work limit" in res.note
+    assert res.value - res.bound <= float(dense) <= res.value + res.bound
