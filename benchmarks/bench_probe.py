@@ -97,9 +97,11 @@ def main() -> None:
     for m, a in approx.items():
         rows.append((f"error 1 {m.value}", timed(lambda a=a: frobenius_error(ref, a.kron), device, args.repeats)[0]))  # type: ignore[arg-type]
         rows.append((f"error 2 {m.value}", timed(lambda a=a: spectral_error(ref, a.kron), device, args.repeats)[0]))  # type: ignore[arg-type]
+    rows.append(("total: probe pass + shared + all methods + both errors", sum(t for _, t in rows)))
     width = max(len(r[0]) for r in rows)
     for name, t in rows:
         print(f"  {name:<{width}}  {t * 1e3:10.1f} ms  {t / t_step:8.2f} x step")
+    print("  (issue 9 target on one H100: total <= 3x a training step)")
     if args.no_dense:
         return
     print("matrix-free vs dense (same layer, float64; dense forms F and F̂ and uses eigvalsh):")

@@ -86,11 +86,11 @@ class ExactBlock:
         t, d_in, d_out, v = f.n_positions, f.d_in, f.d_out, f.n_directions
         if t == 1:
             return "linear"
-        if f.n_local * v * f.dim <= PER_SAMPLE_GRADIENT_LIMIT:
-            return "cached"
-        per_sample = v * f.dim * (t + d_in + d_out)  # form DW, then DW Y DWᵀ
+        product = v * f.dim * (d_in + d_out)  # DW Y DWᵀ per sample, DW kept
         pairs = t * d_in * d_in + t * t * d_in + v * (t * t * d_out + t * d_out * d_out)
-        return "chunks" if per_sample < pairs else "pairs"
+        if f.n_local * v * f.dim <= PER_SAMPLE_GRADIENT_LIMIT and product <= pairs:
+            return "cached"
+        return "chunks" if product + v * f.dim * t < pairs else "pairs"  # chunks form DW again per product
 
     @cached_property
     def _dw(self) -> Tensor | None:

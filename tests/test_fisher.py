@@ -174,8 +174,8 @@ def test_conv_position_pair_route_matches_dense(case: dict, route: str, monkeypa
 
 
 def test_route_follows_the_operation_count(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Above the limit: many positions and small layers go through chunked per-sample gradients
-    (ResNet's first stages at a large batch), few positions and wide layers through position pairs."""
+    """Many positions and small layers go through per-sample gradients (kept below the limit, formed
+    chunk by chunk above it: ResNet's first stages), few positions and wide layers through position pairs."""
     from fisherlab import fisher as fisher_module
 
     monkeypatch.setattr(fisher_module, "PER_SAMPLE_GRADIENT_LIMIT", 100)
@@ -186,3 +186,6 @@ def test_route_follows_the_operation_count(monkeypatch: pytest.MonkeyPatch) -> N
     assert route(64, 10, 4) == "chunks" and route(4, 50, 40) == "pairs" and route(1, 50, 40) == "linear"
     monkeypatch.setattr(fisher_module, "PER_SAMPLE_GRADIENT_LIMIT", 2**25)
     assert route(64, 10, 4) == "cached"
+    # ResNet-18 layer4 conv (16 positions, 4 609 inputs): the per-sample gradients fit at batch 3, but
+    # DW Y DWᵀ costs 35x the position pairs (their rank is only T)
+    assert route(16, 4609, 512) == "pairs"
