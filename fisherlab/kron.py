@@ -165,6 +165,24 @@ class KronSum:
             ev = ev.abs()
         return torch.sort(ev, descending=True).values[:top]
 
+    def restricted(self, u: Tensor | None, v: Tensor | None) -> KronSum | None:
+        """``Σ_k (uᵀ out_k u) ⊗ (vᵀ in_k v)`` for orthonormal columns ``u``, ``v`` (``None``: that side
+        as is), or ``None`` unless every factor lies in those spans (``||f - P f P|| <= side · eps
+        · ||f||``): then its eigenvalues are this sum's, but zeros."""
+
+        def project(factors: tuple[Tensor, ...], basis: Tensor | None) -> tuple[Tensor, ...] | None:
+            if basis is None:
+                return factors
+            small = tuple(basis.T @ f @ basis for f in factors)
+            for f, p in zip(factors, small, strict=True):
+                tol = f.shape[0] * torch.finfo(f.dtype).eps * torch.linalg.norm(f)
+                if torch.linalg.norm(f - basis @ p @ basis.T) > tol:
+                    return None
+            return small
+
+        outs, ins = project(self.outs, u), project(self.ins, v)
+        return None if outs is None or ins is None else KronSum(outs, ins)
+
     def on_ranges(self) -> KronSum:
         """The sum restricted to the joint ranges of its factors, ``Σ_k (Uᵀ out_k U) ⊗ (Vᵀ in_k V)``.
 

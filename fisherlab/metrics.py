@@ -218,6 +218,34 @@ def _leading_eigenvalues(
     return torch.sort(values[values > 0], descending=True).values, tau, floor
 
 
+def _on_sample_span(block: ExactBlock, approx: KronSum) -> KronSum:
+    """``approx`` restricted to the span of the per-sample factors where that is smaller than a side.
+
+    Every factor the methods build is a sum of per-sample products (``Σ g gᵀ``, ``Σ DW Y DWᵀ``, ...),
+    so it lies in ``span{g_nvt}`` (output side) and ``span{a_nt}`` (input side), of dimension at most
+    ``N V T`` and ``N T``: a thin SVD of the factors gives orthonormal bases at ``O(d (N T)²)``,
+    far below the ``O(d³)`` of :meth:`~fisherlab.kron.KronSum.on_ranges` on a wide conv layer.
+    Checked (:meth:`~fisherlab.kron.KronSum.restricted`); any other sum, or a sharded batch (each
+    process holds only its rows), is returned as is.
+    """
+    f = block.factors
+    if f.shard is not None and f.shard.world_size > 1:
+        return approx
+
+    def basis(rows: Tensor, side: int) -> Tensor | None:
+        cols = rows.reshape(-1, side)
+        if cols.shape[0] >= side:
+            return None
+        u, sv, _ = torch.linalg.svd(cols.T, full_matrices=False)
+        return u[:, sv > side * torch.finfo(sv.dtype).eps * sv[0]] if sv[0] > 0 else None
+
+    u, v = basis(f.g.to(approx.outs[0].dtype), f.d_out), basis(f.a.to(approx.ins[0].dtype), f.d_in)
+    if u is None and v is None:
+        return approx
+    restricted = approx.restricted(u, v)
+    return approx if restricted is None else restricted
+
+
 def spectral_error_bounded(
     ref: BlockReference,
     approx: KronSum,
@@ -265,6 +293,7 @@ def spectral_error_bounded(
 
     if approx.rank == 1:
         return result(approx.eigenvalues(top=r, by_magnitude=by_magnitude))
+    approx = _on_sample_span(ref.block, approx)
     full, approx = dim, approx.on_ranges()  # same eigenvalues but zeros; smaller when the batch is
     dim, zeros = approx.dim, full - approx.dim
 

@@ -115,3 +115,18 @@ def test_batched_matvec_equals_one_matrix_at_a_time() -> None:
     w = torch.randn(2, 3, k.d_out, k.d_in, generator=gen, dtype=torch.float64)
     expected = torch.stack([torch.stack([k.matvec(m) for m in row]) for row in w])
     torch.testing.assert_close(k.matvec(w), expected, **EXACT64)
+
+
+def test_restricted_projects_a_sum_inside_the_spans_and_refuses_one_outside() -> None:
+    """Factors inside span(u) x span(v): same eigenvalues but zeros; a factor outside: None."""
+    gen = torch.Generator().manual_seed(9)
+    u = torch.linalg.qr(torch.randn(10, 4, generator=gen, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(8, 3, generator=gen, dtype=torch.float64)).Q
+    k = KronSum(tuple(u @ _sym(4, gen) @ u.T for _ in range(2)), tuple(v @ _sym(3, gen) @ v.T for _ in range(2)))
+    small = k.restricted(u, v)
+    assert small is not None and (small.d_out, small.d_in) == (4, 3)
+    expected = torch.sort(torch.linalg.eigvalsh(k.as_dense()), descending=True).values
+    got = torch.sort(torch.cat([small.eigenvalues(), torch.zeros(80 - 12, dtype=torch.float64)]), descending=True)
+    torch.testing.assert_close(got.values, expected, rtol=1e-10, atol=1e-10)
+    outside = KronSum((k.outs[0] + 1e-3 * torch.eye(10, dtype=torch.float64), k.outs[1]), k.ins)
+    assert outside.restricted(u, v) is None and outside.restricted(None, v) is not None
