@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         t, res = timed(lambda a=approx: spectral_error_bounded(ref, a.kron), device, 1)
         small = approx.kron.on_ranges()
         print(
-            f"  {method.value:<15} on ranges {small.d_out}x{small.d_in}: {t:7.3f} s = {t / 5.0:5.2f}x target  error 2 = {res.value:.6e} ± {res.bound:.1e} "
+            f"  {method.value:<15} on ranges {small.d_out}x{small.d_in}: {t:7.3f} s = {t / 5.0:5.2f}x target  "
+            f"error 2 = {res.value:.6e} ± {res.bound:.1e} "
             f"({res.eigenvalues} eigenvalues){'; ' + res.note if res.note else ''}"
         )
     return 0
