@@ -165,8 +165,8 @@ class ResultsWriter:
         if not os.access(self.path.parent, os.W_OK):
             raise FisherlabError(f"output directory {self.path.parent} is not writable")
         self._store: AppendStore | None = None
-        self.appended = 0  # snapshots appended
-        self.write_seconds = 0.0  # time spent appending them
+        self._appended = 0
+        self.write_seconds = 0.0  # time spent appending snapshots
         self._lock = FileLock(str(self.path) + ".lock")
         try:
             self._lock.acquire(timeout=0)
@@ -186,6 +186,11 @@ class ResultsWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def appended(self) -> int:
+        """Snapshots appended to the file so far."""
+        return self._appended
 
     def close(self) -> None:
         """Close the file and release the output lock (the file keeps every appended snapshot)."""
@@ -208,7 +213,7 @@ class ResultsWriter:
             self._store = AppendStore(self.path, snapshot, dict(self.attrs))
         else:
             self._store.append(snapshot)
-        self.appended += 1
+        self._appended = self._store.rows
         self.write_seconds += time.perf_counter() - start
 
     def write(self, ds: xr.Dataset) -> xr.Dataset:

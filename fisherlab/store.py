@@ -59,9 +59,8 @@ class AppendStore:
             self._h5 = h5py.File(self.path, "w", libver="latest")
         except OSError as exc:
             raise FisherlabError(f"cannot create {self.path}: {exc}") from None
-        self._nc = h5netcdf.File(self._h5, "a")
+        nc = h5netcdf.File(self._h5, "a")
         self._layout = {name: (v.dims, v.shape[1:]) for name, v in first.data_vars.items()}
-        nc = self._nc
         nc.dimensions = {d: (None if d == "iteration" else n) for d, n in first.sizes.items()}
         for name, coord in first.coords.items():
             if name == "iteration":
@@ -87,7 +86,7 @@ class AppendStore:
             created.attrs.update(_plain(var.attrs))
         nc.attrs.update(_plain(attrs))
         self._h5.flush()
-        self._nc.close()  # the netCDF layout is complete; rows go through h5py (the file stays open)
+        nc.close()  # the netCDF layout is complete; rows go through h5py (the file stays open)
         self._h5.swmr_mode = True  # from here on only appends: the file stays consistent on a crash
         self._datasets = {name: self._h5[name] for name in [*first.data_vars, "iteration", WRITTEN]}
         self.rows = 0
