@@ -22,12 +22,18 @@ from torch import nn
 
 from benchmarks.bench_probe import timed, trained_problem
 from fisherlab.approximations import kfac_factors
-from fisherlab.config import select_device
+from fisherlab.config import Accumulation, select_device
 from fisherlab.probe import Probe
 
 
-def _fisherlab(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Callable[[], object]:
-    probe = Probe(model, "bce", fisher="mc", accumulate_dtype=dtype)
+def _fisherlab(model: nn.Module, x: torch.Tensor, accumulate: Accumulation) -> Callable[[], object]:
+    probe = Probe(
+        model,
+        "bce",
+        fisher="mc",
+        accumulate_dtype=accumulate.dtype,
+        moments_in_capture_dtype=accumulate.moments_in_capture_dtype,
+    )
     return lambda: [kfac_factors(f) for f in probe(x, None).factors.values()]
 
 
@@ -104,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"MNIST auto-encoder, batch {x.shape[0]}, all 8 layers, KFAC factors (MC, 1 sample), device {device}")
     print(f"{'training step (baseline)':<38} {step * 1e3:8.1f} ms   1.00x")
     rows: list[tuple[str, Callable[[], Callable[[], object]]]] = [
-        ("fisherlab (float64 accumulation)", lambda: _fisherlab(model, x, torch.float64)),
-        ("fisherlab (float32 accumulation)", lambda: _fisherlab(model, x, torch.float32)),
+        ("fisherlab (default: mixed)", lambda: _fisherlab(model, x, Accumulation.MIXED)),
+        ("fisherlab (--accumulate float64)", lambda: _fisherlab(model, x, Accumulation.FLOAT64)),
+        ("fisherlab (--accumulate float32)", lambda: _fisherlab(model, x, Accumulation.FLOAT32)),
         ("curvlinops KFACLinearOperator", lambda: _curvlinops(model, x)),
         ("BackPACK KFAC", lambda: _backpack(problem.model(seed=0, device=device), x)),
         ("nngeometry PMatKFAC", lambda: _nngeometry(model, x)),

@@ -24,11 +24,17 @@ class UndefinedMetricWarning(UserWarning):
 def check_finite(name: str, *tensors: torch.Tensor | float) -> None:
     """Raise :class:`FisherlabError` naming ``name`` when any value is NaN or infinite."""
     for t in tensors:
-        ok = math.isfinite(t) if isinstance(t, float) else bool(torch.isfinite(t).all())
+        ok = math.isfinite(t) if isinstance(t, float) else _all_finite(t)
         if not ok:
             raise FisherlabError(
                 f"{name} contains NaN or inf values; lower the learning rate, check the data, or use --dtype float64"
             )
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite: one reduction (a NaN or inf makes the sum non-finite);
+    the entrywise test only when the sum overflowed."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def check_same_device_dtype(**tensors: torch.Tensor) -> None:

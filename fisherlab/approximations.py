@@ -131,7 +131,7 @@ def _start(block: ExactBlock, warm: tuple[Tensor, ...], index: int = 0) -> Tenso
         return warm[index]
     ref = block.factors.a
     if index == 0:
-        return kfac_factors(block).ins[0] / block.factors.n_positions
+        return kfac_factors(block).ins[0].to(ref.dtype) / block.factors.n_positions
     gen = torch.Generator().manual_seed(index)
     m = torch.randn(d_in, d_in, generator=gen, dtype=torch.float64).to(dtype=ref.dtype, device=ref.device)
     return m + m.T
@@ -175,15 +175,25 @@ def kfac_factors(block: ExactBlock | LayerFactors) -> KronSum:
     """KFAC ``G ⊗ A`` with ``A = (1/N) sum_{n,t} a a^T``, ``G = (1/(N T)) sum_{n,v,t} g g^T``.
 
     For ``T = 1`` this is ``E[g g^T] ⊗ E[ā ā^T]`` (K eq. 1); for conv layers the KFC
-    factors of Grosse & Martens (2016) as written in T eq. (2.27).
+    factors of Grosse & Martens (2016) as written in T eq. (2.27). The sums run in
+    ``factors.moment_dtype`` when set (the ``mixed`` accumulation) and are returned in the
+    factors' dtype.
     """
     factors = block.factors if isinstance(block, ExactBlock) else block
     a, g = factors.a, factors.g
     n, t = factors.n_samples, a.shape[1]
-    a2 = a.reshape(-1, a.shape[-1])
-    g2 = g.reshape(-1, g.shape[-1])
-    gg, aa = all_reduce_sum(g2.T @ g2, factors.shard), all_reduce_sum(a2.T @ a2, factors.shard)
-    return KronSum((gg / (n * t),), (aa / n,))
+    work = factors.moment_dtype or factors.dtype
+    a2 = a.reshape(-1, a.shape[-1]).to(work)
+    g2 = g.reshape(-1, g.shape[-1]).to(work)
+    with torch.autocast(a.device.type, enabled=False):  # a caller's autocast would sum float32 in bfloat16
+        gg = all_reduce_sum(_scaled_gram(g2, 1 / (n * t)), factors.shard)
+        aa = all_reduce_sum(_scaled_gram(a2, 1 / n), factors.shard)
+    return KronSum((gg,), (aa,))
+
+
+def _scaled_gram(x: Tensor, scale: float) -> Tensor:
+    """``scale · xᵀx`` with the scaling inside the GEMM (no second pass over the ``d × d`` result)."""
+    return torch.addmm(x.new_zeros(()), x.T, x, beta=0, alpha=scale)
 
 
 def kfac(block: ExactBlock) -> Approximation:
@@ -193,7 +203,7 @@ def kfac(block: ExactBlock) -> Approximation:
         Martens & Grosse (2015); Grosse & Martens (2016); Koroko et al. (2022), Sec. 2.2.
     """
     start = time.perf_counter()
-    kron = kfac_factors(block)
+    kron = kfac_factors(block).to(block.factors.dtype)
     return Approximation(Method.KFAC, kron, 0, True, 0.0, seconds=time.perf_counter() - start)
 
 

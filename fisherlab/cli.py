@@ -173,8 +173,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p.add_argument(
         "--accumulate",
         default=d.accumulate.value,
-        help="dtype of the probe's factors and of every metric: float64 | float32 (faster, but error 1 then has a "
-        "floor near 1e-3; default: %(default)s)",
+        help="precision of the probe's factors and sums: mixed (factors and metrics in float64, KFAC's moments "
+        "in the model's precision) | float64 | float32 (fastest, but error 1 then has a floor near 1e-3; "
+        "default: %(default)s)",
     )
     p.add_argument(
         "--seed",

@@ -48,13 +48,19 @@ class ExactBlock:
     """The exact Fisher block ``F_ii`` of one layer, as per-sample factors.
 
     Args:
-        factors: ``a [N, T, d_in]`` and ``g [N, V, T, d_out]`` (see :mod:`fisherlab.layers`).
+        factors: ``a [N, T, d_in]`` and ``g [N, V, T, d_out]`` (see :mod:`fisherlab.layers`),
+            cast once to their ``compute_dtype``.
 
     References:
         Koroko et al. (2022), Sec. 2.1 and Prop. 3.1; Grosse & Martens (2016) for conv layers.
     """
 
     factors: LayerFactors
+
+    def __post_init__(self) -> None:
+        f = self.factors
+        if f.compute_dtype is not None and f.compute_dtype != f.a.dtype:  # stored in the model's precision
+            object.__setattr__(self, "factors", f.to(f.compute_dtype))
 
     @property
     def dim(self) -> int:

@@ -93,6 +93,12 @@ class KronSum:
         """Side of the represented matrix."""
         return self.d_out * self.d_in
 
+    def to(self, dtype: torch.dtype) -> KronSum:
+        """The same sum with its factors cast to ``dtype`` (itself when they are in it)."""
+        if self.outs[0].dtype == dtype:
+            return self
+        return KronSum(tuple(o.to(dtype) for o in self.outs), tuple(i.to(dtype) for i in self.ins))
+
     def __add__(self, other: KronSum) -> KronSum:
         """Concatenate the terms of two sums."""
         return KronSum(self.outs + other.outs, self.ins + other.ins)

@@ -26,6 +26,7 @@ is written ``out ⊗ in_`` with ``out`` of size ``d_out`` and ``in_`` of size ``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,8 +40,10 @@ __all__ = [
     "LayerFactors",
     "conv_patches",
     "layer_input_factors",
+    "layer_inputs",
     "layer_matrix",
     "layer_output_factors",
+    "layer_outputs",
     "probeable_layers",
     "subtract_from_layer",
     "weight_gradient",
@@ -57,6 +60,13 @@ class LayerFactors:
         g: Pre-activation derivatives, scaled so that ``F = (1/N) sum vec(DW) vec(DW)^T``.
         shard: When the batch is spread over processes, which rows of the global batch these
             are (:mod:`fisherlab.distributed`); ``N`` is then the global batch size.
+        compute_dtype: The dtype every sum over the factors runs in (``None``: their own).
+            The probe stores the factors in the precision the model computed them in (a
+            lossless copy, half the memory of float64) and sets this to the accumulation
+            precision; :class:`fisherlab.fisher.ExactBlock` casts to it once.
+        moment_dtype: The dtype KFAC's second moments ``A``, ``G`` are summed in (``None``:
+            ``compute_dtype``). The ``mixed`` accumulation sets the model's precision: the
+            metrics stay in float64 and these two sums run twice as fast.
 
     Raises:
         FisherlabError: On inconsistent shapes, dtypes or devices.
@@ -65,6 +75,8 @@ class LayerFactors:
     a: Tensor
     g: Tensor
     shard: Shard | None = None
+    compute_dtype: torch.dtype | None = None
+    moment_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if self.a.ndim != 3 or self.g.ndim != 4:
@@ -131,9 +143,20 @@ class LayerFactors:
         """``d_out * d_in``, the side of the Fisher block."""
         return self.d_in * self.d_out
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype sums over the factors run in (``compute_dtype``, else the stored one)."""
+        return self.compute_dtype or self.a.dtype
+
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LayerFactors:
-        """Return the factors cast to ``dtype`` and/or moved to ``device``."""
-        return LayerFactors(self.a.to(device=device, dtype=dtype), self.g.to(device=device, dtype=dtype), self.shard)
+        """Return the factors cast to ``dtype`` (stored and computed in it) and/or moved to ``device``."""
+        return LayerFactors(
+            self.a.to(device=device, dtype=dtype),
+            self.g.to(device=device, dtype=dtype),
+            self.shard,
+            None if dtype is not None else self.compute_dtype,
+            self.moment_dtype,
+        )
 
     def per_sample_gradients(self) -> Tensor:
         """Weight gradients ``DW_nv = sum_t g_nvt a_nt^T`` of shape ``[N, V, d_out, d_in]``.
@@ -172,22 +195,57 @@ def conv_patches(conv: nn.Conv2d, x: Tensor) -> Tensor:
 
 def layer_input_factors(module: nn.Module, x: Tensor) -> Tensor:
     """The bias-augmented input ``a [N, T, d_in]`` of a Linear or Conv2d layer."""
+    return layer_inputs(module, [x], x.dtype)
+
+
+def _unaugmented_input(module: nn.Module, x: Tensor) -> Tensor:
     if isinstance(module, nn.Linear):
-        a = x.reshape(x.shape[0], -1, x.shape[-1])
-    elif isinstance(module, nn.Conv2d):
-        a = conv_patches(module, x)
-    else:
-        raise FisherlabError(f"cannot probe {type(module).__name__}: only nn.Linear and nn.Conv2d")
-    if module.bias is not None:
-        a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+    if isinstance(module, nn.Conv2d):
+        return conv_patches(module, x)
+    raise FisherlabError(f"cannot probe {type(module).__name__}: only nn.Linear and nn.Conv2d")
+
+
+def layer_inputs(module: nn.Module, xs: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """The bias-augmented inputs ``a [N, T, d_in]`` of every call ``xs`` of ``module`` in ``dtype``.
+
+    The calls are concatenated along ``T`` (weight sharing); the result is written in one
+    pass into a fresh tensor (no intermediate copies of the cast, the bias column or the calls).
+    """
+    parts = [_unaugmented_input(module, x) for x in xs]
+    n, d = parts[0].shape[0], parts[0].shape[-1]
+    bias = module.bias is not None
+    a = parts[0].new_empty((n, sum(p.shape[1] for p in parts), d + bias), dtype=dtype)
+    start = 0
+    for p in parts:
+        a[:, start : start + p.shape[1], :d].copy_(p)
+        start += p.shape[1]
+    if bias:
+        a[..., d] = 1
     return a
 
 
 def layer_output_factors(module: nn.Module, grad_output: Tensor) -> Tensor:
-    """Bring ``dL/d(output)`` of a Linear or Conv2d layer to the form ``[N, T, d_out]``."""
+    """Bring ``dL/d(output)`` of a Linear or Conv2d layer to the form ``[N, T, d_out]`` (a view)."""
     if isinstance(module, nn.Conv2d):
         return grad_output.flatten(2).transpose(1, 2)
     return grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1])
+
+
+def layer_outputs(module: nn.Module, grads: Sequence[Sequence[Tensor]], dtype: torch.dtype) -> Tensor:
+    """``g [N, V, T, d_out]`` in ``dtype`` from ``grads[v][c]``, ``dL/d(output)`` of call ``c`` for direction ``v``.
+
+    Calls are concatenated along ``T``; one pass into a fresh tensor, as :func:`layer_inputs`.
+    """
+    views = [[layer_output_factors(module, gr) for gr in calls] for calls in grads]
+    first = views[0][0]
+    g = first.new_empty((first.shape[0], len(views), sum(v.shape[1] for v in views[0]), first.shape[-1]), dtype=dtype)
+    for k, calls in enumerate(views):
+        start = 0
+        for v in calls:
+            g[:, k, start : start + v.shape[1]].copy_(v)
+            start += v.shape[1]
+    return g
 
 
 def weight_gradient(a: Tensor, g: Tensor) -> Tensor:

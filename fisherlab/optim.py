@@ -220,10 +220,10 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         assert self._snapshot is not None and self.two_level is not None
         names = list(self.layers)
         fisher = self._snapshot.whole_fisher(names)
-        dt = self._snapshot.factors[names[0]].a.dtype
+        dt = self._snapshot.factors[names[0]].dtype
         g = [grads[n].to(dt) for n in names]
         zk = [zeta[n].to(dt) for n in names]
-        kfacs = [kfac_factors(b) for b in fisher.blocks]
+        kfacs = [kfac_factors(b).to(dt) for b in fisher.blocks]
         residual = (
             g
             if self.two_level == TKO

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from fisherlab._errors import FisherlabError, check_finite
 from fisherlab.distributed import Shard, all_reduce_sum
 from fisherlab.fisher import ExactBlock, WholeFisher
-from fisherlab.layers import LayerFactors, layer_input_factors, layer_output_factors, probeable_layers, weight_gradient
+from fisherlab.layers import LayerFactors, layer_inputs, layer_outputs, probeable_layers, weight_gradient
 from fisherlab.losses import (
     FisherKind,
     LossKind,
@@ -49,7 +49,8 @@ class ProbeSnapshot:
     """What one probe pass captured.
 
     Args:
-        factors: Per-layer factors (``LayerFactors``) in the accumulation dtype.
+        factors: Per-layer factors (``LayerFactors``), stored in the model's precision and
+            summed in the accumulation precision (``compute_dtype``).
         loss: Mean true-target loss of the batch.
         gradients: Per-layer mini-batch gradient ``∇_W h`` with the true targets, shaped
             ``[d_out, d_in]`` (bias column last).
@@ -84,6 +85,9 @@ class Probe:
         mc_samples: ``V``, target draws per input for ``mc``.
         seed: Seed of the probe's own generator (MC targets).
         accumulate_dtype: Dtype of the returned factors (float64 by default).
+        moments_in_capture_dtype: Mark the factors so that KFAC's second moments are summed in
+            the precision the model computed them in (``LayerFactors.moment_dtype``; the
+            ``mixed`` accumulation of :class:`fisherlab.config.Accumulation`).
 
     Raises:
         FisherlabError: Unknown layer names, unsupported layer types, bad options.
@@ -103,6 +107,7 @@ class Probe:
         mc_samples: int = 1,
         seed: int = 0,
         accumulate_dtype: torch.dtype = torch.float64,
+        moments_in_capture_dtype: bool = False,
     ) -> None:
         self.model = model
         self.loss = as_enum(LossKind, loss, "loss")
@@ -111,6 +116,7 @@ class Probe:
             raise FisherlabError(f"mc_samples must be at least 1, got {mc_samples}")
         self.mc_samples = mc_samples
         self.accumulate_dtype = accumulate_dtype
+        self.moments_in_capture_dtype = moments_in_capture_dtype
         self.seed = seed
         self._generator: torch.Generator | None = None
         self.layers = _select_layers(model, layers)
@@ -153,7 +159,7 @@ class Probe:
             def fn(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor:
                 # a module called several times per forward shares its weight across the calls:
                 # every call adds positions, as conv positions do (weight-sharing format)
-                inputs[name].append(layer_input_factors(module, args[0].detach()))
+                inputs[name].append(args[0].detach())  # brought to [N, T, d_in] (and cast) after the pass
                 if not out.requires_grad:  # frozen weights and input: give the output a place in the graph
                     out = out + torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
                 outputs[name].append(out)
@@ -208,23 +214,20 @@ class Probe:
         for name in names:
             module, calls = self.layers[name], range(first, first + len(outputs[name]))
             first += len(calls)
-            a = torch.cat(inputs[name], dim=1).to(dt)
-            g = torch.stack([_positions(module, [gs[c][k] for c in calls]) for k in range(len(directions))], dim=1).to(
-                dt
-            )
+            # stored in the model's precision (lossless) unless a lower one was asked for; summed in ``dt``
+            captured = inputs[name][0].dtype
+            store = captured if captured.itemsize <= dt.itemsize else dt
+            a = layer_inputs(module, inputs[name], store)
+            g = layer_outputs(module, [[gs[c][k] for c in calls] for k in range(len(directions))], store)
             check_finite(f"pre-activation derivatives of layer {name!r}", g)
             check_finite(f"activations of layer {name!r}", a)
-            factors[name] = LayerFactors(a, g, shard)
+            moments = torch.promote_types(store, torch.float32) if self.moments_in_capture_dtype else dt
+            factors[name] = LayerFactors(a, g, shard, compute_dtype=dt, moment_dtype=moments)
             if y is not None:
-                g_true = _positions(module, [true_g[c] for c in calls]).to(dt)
-                gradients[name] = all_reduce_sum(weight_gradient(a, g_true), shard) / n
+                g_true = layer_outputs(module, [[true_g[c] for c in calls]], dt)[:, 0]
+                gradients[name] = all_reduce_sum(weight_gradient(a.to(dt), g_true), shard) / n
         loss = float(all_reduce_sum(losses.detach().sum().to(dt), shard)) / n if y is not None else float("nan")
         return ProbeSnapshot(factors, loss, gradients, self.fisher)
-
-
-def _positions(module: nn.Module, grads: list[Tensor]) -> Tensor:
-    """``dL/d(output)`` of every call of ``module`` as ``[N, T, d_out]``, calls concatenated along ``T``."""
-    return torch.cat([layer_output_factors(module, gr.detach()) for gr in grads], dim=1)
 
 
 def _select_layers(model: nn.Module, layers: Iterable[str] | dict[str, nn.Module] | None) -> dict[str, nn.Module]:

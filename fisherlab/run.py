@@ -149,6 +149,7 @@ class FisherProbe:
             "mc_samples": config.mc_samples,
             "seed": config.seed + 1,
             "accumulate_dtype": config.accumulate.dtype,
+            "moments_in_capture_dtype": config.accumulate.moments_in_capture_dtype,
         }
         self.names = list(Probe(model, self.loss, layers=layers, **kwargs).layers)  # type: ignore[arg-type]
         if layers is not None or writer is None:
@@ -188,7 +189,8 @@ class FisherProbe:
             return None
         if shard is None:  # collective under torch.distributed: every rank probes its own rows
             shard = shard_of_batch(x.shape[0], x.device)
-        ds, snap = _snapshot(step, self.probe, x, y, self.names, self.config, self._previous, self._t0, shard)  # type: ignore[arg-type]
+        with torch.autocast(x.device.type, enabled=False):  # the Fisher and its metrics in full precision
+            ds, snap = _snapshot(step, self.probe, x, y, self.names, self.config, self._previous, self._t0, shard)  # type: ignore[arg-type]
         if self.writer is not None:
             stored = {name: (snap.factors[name].a, snap.factors[name].g) for name in self.config.store_factors}
             self.writer.append(ds, factors=stored)

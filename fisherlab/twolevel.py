@@ -274,7 +274,7 @@ def two_level(
     """
     if damping <= 0:
         raise FisherlabError(f"--damping must be positive, got {damping}")
-    kfacs = [kfac_factors(b) for b in fisher.blocks]
+    kfacs = [kfac_factors(b).to(b.factors.dtype) for b in fisher.blocks]
     zeta = fisher.natural_gradient(grads, damping=damping)
     zeta_k = damped_kfac_solve(kfacs, grads, damping=damping)
     residual = axpy(-1.0, fisher.matvec(zeta_k, damping=damping), grads)
