@@ -3,7 +3,7 @@ a training step and against dense ``eigvalsh``, measured in the same run (issue 
 
 * MNIST auto-encoder layer 5 (30 → 250, D = 7 750), batch 512, MC Fisher: error 2 as fisherlab
   computes it (restricted to the factors' numerical ranges, whose sides are printed, then dense
-  or subspace iteration) vs the dense eigenvalues of the whole F̂ (the former method), both as
+  or block Lanczos) vs the dense eigenvalues of the whole F̂ (the former method), both as
   ratios to a training step; their difference.
 * A 257 × 256 Linear layer (D = 65 792, N = 512; inputs and output derivatives with power-law
   covariances, as in trained networks): error 2 time against the 5 s target; dense is out of

@@ -151,7 +151,7 @@ class KronSum:
 
         One term: all products ``λ_i(out) λ_j(in)``, exactly, in ``O(d_out^3 + d_in^3)``.
         More terms: dense ``eigvalsh`` (for large blocks, the largest few come from
-        :func:`~fisherlab.krylov.subspace_eigenvalues` on :meth:`matvec`, see
+        :func:`~fisherlab.krylov.block_lanczos_eigenvalues` on :meth:`matvec`, see
         :func:`~fisherlab.metrics.spectral_error_bounded`).
 
         Args:

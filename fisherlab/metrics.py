@@ -31,7 +31,7 @@ from fisherlab._errors import UndefinedMetricWarning
 from fisherlab.approximations import ApproxConfig, Approximation, Method, WarmStarts, approximate_all
 from fisherlab.fisher import ExactBlock
 from fisherlab.kron import KronSum
-from fisherlab.krylov import RitzValues, subspace_eigenvalues
+from fisherlab.krylov import RitzValues, block_lanczos_eigenvalues
 
 __all__ = [
     "BLOCK_METRICS",
@@ -132,9 +132,10 @@ SPECTRAL_DENSE_SIDE = 1024
 #: CPU, a fraction of a second on a GPU); beyond, the value is stored with its bound.
 SPECTRAL_WORK_LIMIT = 2e12
 
-#: Vectors of length ``D`` the eigensolver holds per block vector (block, images, Ritz vectors,
-#: their images, QR workspace): the block size is ``memory_limit / (5 D itemsize)``.
-_SOLVER_COPIES = 5
+#: Blocks of vectors of length ``D`` the eigensolver holds besides its basis (the block's
+#: image, the next block, QR and GEMM workspace): the basis is ``memory_limit / (D itemsize)``
+#: vectors less this many blocks.
+_SOLVER_COPIES = 4
 
 
 @dataclass(frozen=True)
@@ -262,13 +263,12 @@ def spectral_error_bounded(
     them exactly, from the factors' eigenvalues. More terms: restricted to the factors' ranges
     (:meth:`~fisherlab.kron.KronSum.on_ranges`, exact), then dense up to
     :data:`SPECTRAL_DENSE_SIDE` or when ``r > D / 4`` (and ``F̂`` fits); otherwise the largest
-    by subspace iteration on the batched Kronecker product
-    (:func:`~fisherlab.krylov.subspace_eigenvalues`, on the factors' device), the block
-    doubling from 64 (warm-started) until the interval's half-width is
-    within ``max(rtol value, atol)`` or all ``r`` are known. When the block reaches
-    ``memory_limit`` (default :data:`SPECTRAL_MEMORY_LIMIT`) or the solver has spent
-    :data:`SPECTRAL_WORK_LIMIT` first: dense if ``F̂`` fits there (``D <=
-    kron.symmetric_eig_dense_limit``), else the bounded value with a note.
+    by block Lanczos on the batched Kronecker product
+    (:func:`~fisherlab.krylov.block_lanczos_eigenvalues`, on the factors' device; its basis
+    fills ``memory_limit``, default :data:`SPECTRAL_MEMORY_LIMIT`, and restarts thick beyond)
+    until the interval's half-width is within ``max(rtol value, atol)`` or all ``r`` are
+    known. When the solver has spent :data:`SPECTRAL_WORK_LIMIT` first: dense if ``F̂`` fits
+    (``D <= kron.symmetric_eig_dense_limit``), else the bounded value with a note.
     """
     from fisherlab import kron as kron_module
 
@@ -304,36 +304,45 @@ def spectral_error_bounded(
     dense_fits = dim <= kron_module.symmetric_eig_dense_limit and dim * dim * itemsize <= limit
     if dense_fits and (dim <= SPECTRAL_DENSE_SIDE or 4 * r > dim):
         return dense()
-    block_max = min(dim, int(limit // (_SOLVER_COPIES * dim * itemsize)))
-    if block_max < 1:
-        need = _SOLVER_COPIES * dim * itemsize / 2**30
-        return SpectralError(math.nan, math.inf, 0, f"even 1 eigenvalue of F_hat (D = {dim}) needs {need:.1f} GiB")
+    vectors = int(limit // (dim * itemsize))  # of length D, within the memory limit
+    # block size: room for eigenvalue clusters, GEMM-sized products, a basis of three blocks at least
+    width = min(64, max(8, r // 8), vectors // (3 + _SOLVER_COPIES))
+    max_dim = min(dim, vectors - _SOLVER_COPIES * width)
+    if width < 1:
+        need = (3 + _SOLVER_COPIES) * dim * itemsize / 2**30
+        return SpectralError(
+            math.nan, math.inf, 0, f"the eigensolver's smallest basis for F_hat (D = {dim}) needs {need:.1f} GiB"
+        )
     tol = max(1e-10, 50 * torch.finfo(like.dtype).eps)
     gen = torch.Generator().manual_seed(0)
     per_vector = 2 * approx.rank * (approx.d_out**2 * approx.d_in + approx.d_out * approx.d_in**2)  # flops
-    wanted, basis, spent = min(64, r), None, 0.0
-    while True:
-        k = min(block_max, wanted + max(16, wanted // 4))
-        wanted = min(wanted, max(1, k - max(2, k // 5)))  # a capped block keeps some oversampling
-        start = torch.randn(k, approx.d_out, approx.d_in, generator=gen, dtype=torch.float64)
-        start = start.to(dtype=like.dtype, device=like.device)
-        if basis is not None:
-            start[: basis.shape[0]] = basis
-        affordable = max(1, int((SPECTRAL_WORK_LIMIT - spent) // (k * per_vector)))
-        ritz = subspace_eigenvalues(approx.matvec, start, wanted, tol=tol, max_iter=min(100, affordable))
-        spent += ritz.iterations * k * per_vector
-        res = result(*_leading_eigenvalues(ritz, by_magnitude=by_magnitude, dim=dim, r=r, zeros=zeros))
-        if res.bound <= max(rtol * res.value, atol):
-            return res
-        grown = min(2 * wanted, r + r // 4, block_max)  # algebraic order: negative eigenvalues interleave
-        if k >= block_max or grown <= wanted or spent >= SPECTRAL_WORK_LIMIT:
-            break
-        wanted, basis = grown, ritz.basis
+    start = torch.randn(width, approx.d_out, approx.d_in, generator=gen, dtype=torch.float64)
+
+    def interval(ritz: RitzValues) -> SpectralError:
+        return result(*_leading_eigenvalues(ritz, by_magnitude=by_magnitude, dim=dim, r=r, zeros=zeros))
+
+    def enough(ritz: RitzValues) -> bool:
+        res = interval(ritz)
+        return res.bound <= max(rtol * res.value, atol)
+
+    ritz = block_lanczos_eigenvalues(
+        approx.matvec,
+        start.to(dtype=like.dtype, device=like.device),
+        r,
+        max_dim=max_dim,
+        tol=tol,
+        product_flops=per_vector,
+        max_flops=SPECTRAL_WORK_LIMIT,
+        enough=enough,
+    )
+    res = interval(ritz)
+    if res.bound <= max(rtol * res.value, atol):
+        return res
     if dense_fits:
         return dense()
     why = (
         f"the eigensolver's work limit ({SPECTRAL_WORK_LIMIT:.0e} flops)"
-        if spent >= SPECTRAL_WORK_LIMIT
+        if ritz.flops >= SPECTRAL_WORK_LIMIT
         else f"{limit / 2**30:.1f} GiB"
     )
     return SpectralError(

@@ -84,7 +84,8 @@ class Probe:
         fisher: The Fisher kind (``FisherKind`` or its string value).
         mc_samples: ``V``, target draws per input for ``mc``.
         seed: Seed of the probe's own generator (MC targets).
-        accumulate_dtype: Dtype of the returned factors (float64 by default).
+        accumulate_dtype: Dtype every sum over the factors runs in (float64 by default); the factors
+            are stored in the model's precision when that is not higher (a lossless copy).
         moments_in_capture_dtype: Mark the factors so that KFAC's second moments are summed in
             the precision the model computed them in (``LayerFactors.moment_dtype``; the
             ``mixed`` accumulation of :class:`fisherlab.config.Accumulation`).
