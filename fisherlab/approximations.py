@@ -12,7 +12,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 import torch
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from fisherlab._errors import ConvergenceWarning, FisherlabError
 from fisherlab.distributed import all_reduce_sum
-from fisherlab.fisher import ExactBlock
+from fisherlab.fisher import ExactBlock, SampleSpan
 from fisherlab.kron import KronSum
 from fisherlab.krylov import SingularTriplets, lanczos_svd, power_svd
 from fisherlab.layers import LayerFactors
@@ -37,6 +37,7 @@ __all__ = [
     "kfac_factors",
     "kpsvd",
     "lanczos",
+    "restricted_warm_starts",
     "warm_starts",
 ]
 
@@ -100,6 +101,21 @@ class Approximation:
     residual: float
     warm_start: tuple[Tensor, ...] = ()
     seconds: float = 0.0
+
+    def lifted(self, span: SampleSpan) -> Approximation:
+        """This approximation of the restricted block ``span.block`` as the approximation of the
+        whole block (:meth:`~fisherlab.fisher.ExactBlock.sample_span`), warm starts included."""
+        k_in = span.block.d_in
+        warm = tuple(span.lift_in(w) if w.shape == (k_in, k_in) else w for w in self.warm_start)
+        return replace(self, kron=span.lift(self.kron), warm_start=warm)
+
+
+def restricted_warm_starts(warm: WarmStarts | None, span: SampleSpan) -> WarmStarts | None:
+    """Warm starts of the whole block (input-side ``[d_in, d_in]`` matrices) for ``span.block``."""
+    if warm is None or span.in_basis is None:
+        return warm
+    d_in = span.in_basis.shape[0]
+    return {m: tuple(span.restrict_in(w) if w.shape == (d_in, d_in) else w for w in ws) for m, ws in warm.items()}
 
 
 def _symmetric(m: Tensor) -> Tensor:

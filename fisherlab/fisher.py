@@ -43,6 +43,19 @@ _GRAM_CHUNK_ELEMENTS = 2**25
 PER_SAMPLE_GRADIENT_LIMIT = 2**25
 
 
+def span_basis(rows: Tensor, side: int) -> Tensor | None:
+    """Orthonormal basis ``[side, k]`` of the span of the vectors ``rows.reshape(-1, side)``, when
+    there are fewer of them than ``side`` (else ``None``): thin SVD, directions below
+    ``side · eps`` of the largest singular value cut (Golub & Van Loan §5.4.1)."""
+    cols = rows.reshape(-1, side)
+    if cols.shape[0] >= side:
+        return None
+    u, sv, _ = torch.linalg.svd(cols.T, full_matrices=False)
+    if not sv[0] > 0:
+        return None
+    return u[:, sv > side * torch.finfo(sv.dtype).eps * sv[0]]
+
+
 @dataclass(frozen=True)
 class ExactBlock:
     """The exact Fisher block ``F_ii`` of one layer, as per-sample factors.
@@ -82,6 +95,30 @@ class ExactBlock:
         """An upper bound on the rank: ``min(N V, d_out d_in)``."""
         f = self.factors
         return min(f.n_samples * f.n_directions, f.dim)
+
+    def sample_span(self, *, max_fraction: float = 0.5) -> SampleSpan | None:
+        """The block restricted to the span of its per-sample factors, when that is at most
+        ``max_fraction`` of its side (else ``None``; also on a sharded batch).
+
+        ``F = (1/N) Σ vec(DW) vec(DW)ᵀ`` with ``DW = Σ_t g aᵀ`` lives in ``span{g_nvt} ⊗ span{a_nt}``,
+        of dimension at most ``N V T · N T``: with orthonormal bases ``U_g``, ``U_a`` of the two
+        spans, ``F = (U_g ⊗ U_a) F' (U_g ⊗ U_a)ᵀ`` where ``F'`` is the block of the factors
+        ``U_gᵀ g``, ``U_aᵀ a`` (exact up to the rounding the thin SVD cuts). Every approximation
+        of K (Kronecker factors are sums of per-sample products, singular vectors of ``R(F)``
+        lie in its range) is the lifted approximation of ``F'``, and both errors are the same:
+        a wide layer at a small batch shrinks from ``d_out d_in`` to ``(N V T)(N T)``.
+        """
+        f = self.factors
+        if f.shard is not None and f.shard.world_size > 1:
+            return None
+        out_basis, in_basis = span_basis(f.g, f.d_out), span_basis(f.a, f.d_in)
+        k_out = f.d_out if out_basis is None else out_basis.shape[1]
+        k_in = f.d_in if in_basis is None else in_basis.shape[1]
+        if k_out * k_in > max_fraction * f.dim:
+            return None
+        a = f.a if in_basis is None else f.a @ in_basis
+        g = f.g if out_basis is None else f.g @ out_basis
+        return SampleSpan(ExactBlock(LayerFactors(a, g, f.shard)), out_basis, in_basis, f.dim)
 
     @cached_property
     def route(self) -> str:
@@ -263,6 +300,44 @@ def jvp(factors: LayerFactors, w: Tensor) -> Tensor:
 def vjp(factors: LayerFactors, c: Tensor) -> Tensor:
     """``Jᵀ c`` of one layer for ``c [N, V]``: ``Σ_{n,v} c_nv DW_nv`` as ``[d_out, d_in]``."""
     return torch.einsum("nv,nvto,nti->oi", c, factors.g, factors.a)
+
+
+@dataclass(frozen=True)
+class SampleSpan:
+    """An exact block restricted to the span of its per-sample factors (:meth:`ExactBlock.sample_span`).
+
+    Args:
+        block: The restricted block ``F'`` (factors ``U_gᵀ g``, ``U_aᵀ a``).
+        out_basis: ``U_g [d_out, k_out]`` (``None``: the output side is not restricted).
+        in_basis: ``U_a [d_in, k_in]`` (``None``: the input side is not restricted).
+        dim: Side ``d_out d_in`` of the unrestricted block.
+    """
+
+    block: ExactBlock
+    out_basis: Tensor | None
+    in_basis: Tensor | None
+    dim: int
+
+    @property
+    def zeros(self) -> int:
+        """Eigenvalues of the unrestricted block (and of any approximation of it) known to be 0."""
+        return self.dim - self.block.dim
+
+    def lift_out(self, m: Tensor) -> Tensor:
+        """``U_g m U_gᵀ``: an output-side factor of ``F'`` as one of ``F``."""
+        return m if self.out_basis is None else self.out_basis @ m @ self.out_basis.T
+
+    def lift_in(self, m: Tensor) -> Tensor:
+        """``U_a m U_aᵀ``: an input-side factor of ``F'`` as one of ``F``."""
+        return m if self.in_basis is None else self.in_basis @ m @ self.in_basis.T
+
+    def restrict_in(self, m: Tensor) -> Tensor:
+        """``U_aᵀ m U_a``: an input-side matrix of ``F`` (a warm start) as one of ``F'``."""
+        return m if self.in_basis is None else self.in_basis.T @ m @ self.in_basis
+
+    def lift(self, kron: KronSum) -> KronSum:
+        """An approximation of ``F'`` as the same approximation of ``F``."""
+        return KronSum(tuple(self.lift_out(o) for o in kron.outs), tuple(self.lift_in(i) for i in kron.ins))
 
 
 @dataclass(frozen=True)

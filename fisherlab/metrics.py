@@ -28,8 +28,15 @@ import torch
 from torch import Tensor
 
 from fisherlab._errors import UndefinedMetricWarning
-from fisherlab.approximations import ApproxConfig, Approximation, Method, WarmStarts, approximate_all
-from fisherlab.fisher import ExactBlock
+from fisherlab.approximations import (
+    ApproxConfig,
+    Approximation,
+    Method,
+    WarmStarts,
+    approximate_all,
+    restricted_warm_starts,
+)
+from fisherlab.fisher import ExactBlock, span_basis
 from fisherlab.kron import KronSum
 from fisherlab.krylov import RitzValues, block_lanczos_eigenvalues
 
@@ -82,20 +89,23 @@ class BlockReference:
         norm_squared: ``||F||_F²``.
         spectrum: What error 2 compares (:class:`Spectrum`).
         layer: Layer name used in warnings.
+        zeros: Eigenvalues of the approximations known to be 0 besides ``block.dim`` (``block``
+            is the restriction of a larger one, :meth:`~fisherlab.fisher.ExactBlock.sample_span`).
     """
 
     block: ExactBlock
     norm_squared: Tensor
     spectrum: Spectrum = Spectrum.EIGENVALUES
     layer: str = ""
+    zeros: int = 0
     cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(
-        cls, block: ExactBlock, *, spectrum: Spectrum | str = Spectrum.EIGENVALUES, layer: str = ""
+        cls, block: ExactBlock, *, spectrum: Spectrum | str = Spectrum.EIGENVALUES, layer: str = "", zeros: int = 0
     ) -> BlockReference:
         """Compute the Gram matrix once; derive ``||F||_F²`` from it (and the spectrum when asked)."""
-        return cls(block, block.frobenius_norm_squared(), Spectrum(spectrum), layer)
+        return cls(block, block.frobenius_norm_squared(), Spectrum(spectrum), layer, zeros)
 
     @property
     def eigenvalues(self) -> Tensor:
@@ -232,15 +242,7 @@ def _on_sample_span(block: ExactBlock, approx: KronSum) -> KronSum:
     f = block.factors
     if f.shard is not None and f.shard.world_size > 1:
         return approx
-
-    def basis(rows: Tensor, side: int) -> Tensor | None:
-        cols = rows.reshape(-1, side)
-        if cols.shape[0] >= side:
-            return None
-        u, sv, _ = torch.linalg.svd(cols.T, full_matrices=False)
-        return u[:, sv > side * torch.finfo(sv.dtype).eps * sv[0]] if sv[0] > 0 else None
-
-    u, v = basis(f.g.to(approx.outs[0].dtype), f.d_out), basis(f.a.to(approx.ins[0].dtype), f.d_in)
+    u, v = span_basis(f.g.to(approx.outs[0].dtype), f.d_out), span_basis(f.a.to(approx.ins[0].dtype), f.d_in)
     if u is None and v is None:
         return approx
     restricted = approx.restricted(u, v)
@@ -292,10 +294,13 @@ def spectral_error_bounded(
         return SpectralError((lo + hi) / 2, (hi - lo) / 2, mu.numel())
 
     if approx.rank == 1:
-        return result(approx.eigenvalues(top=r, by_magnitude=by_magnitude))
+        mu = approx.eigenvalues(top=r, by_magnitude=by_magnitude)
+        if ref.zeros:
+            mu = torch.sort(torch.cat([mu, mu.new_zeros(min(r, ref.zeros))]), descending=True).values[:r]
+        return result(mu)
     approx = _on_sample_span(ref.block, approx)
     full, approx = dim, approx.on_ranges()  # same eigenvalues but zeros; smaller when the batch is
-    dim, zeros = approx.dim, full - approx.dim
+    dim, zeros = approx.dim, full - approx.dim + ref.zeros
 
     def dense() -> SpectralError:
         ev = torch.cat([approx.eigenvalues(by_magnitude=by_magnitude), like.new_zeros(zeros)])
@@ -550,14 +555,21 @@ def evaluate_block(
 ) -> BlockEvaluation:
     """Build every approximation of ``block`` and compute every registered metric of each.
 
+    A layer wider than its batch is first restricted to the span of its per-sample factors
+    (:meth:`~fisherlab.fisher.ExactBlock.sample_span`: the same approximations and errors on a
+    smaller block); the approximations are returned lifted to the whole block.
     The Gram matrix (hence ``||F||_F`` and the spectrum) is computed once and shared. Error
     metrics not in ``metrics`` are stored as NaN (error 2 of Kronecker-rank-2 methods is the
     one cost that grows like ``(d_out d_in)^3``). A zero block warns once
     (:class:`UndefinedMetricWarning`) and gives NaN errors.
     """
     methods = list(Method) if methods is None else [Method(m) for m in methods]
-    ref = BlockReference.of(block, spectrum=spectrum, layer=layer)
-    approx = approximate_all(block, methods, config, warm=warm, layer=layer)
+    span = block.sample_span()  # a wide layer at a small batch: the same errors on a smaller block
+    work = block if span is None else span.block
+    ref = BlockReference.of(work, spectrum=spectrum, layer=layer, zeros=0 if span is None else span.zeros)
+    approx = approximate_all(
+        work, methods, config, warm=warm if span is None else restricted_warm_starts(warm, span), layer=layer
+    )
     zero = not float(ref.norm_squared) > 0
     if zero:
         warnings.warn(
@@ -572,4 +584,6 @@ def evaluate_block(
         skip = metric.name in skipped or metric.accompanies in skipped
         values[metric.name] = {m: math.nan if skip else float(metric.compute(ref, a)) for m, a in approx.items()}
     layer_values = {metric.name: float(metric.compute(ref)) for metric in LAYER_METRICS}
+    if span is not None:
+        approx = {m: a.lifted(span) for m, a in approx.items()}
     return BlockEvaluation(approx, values, layer_values)

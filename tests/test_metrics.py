@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fisherlab.approximations import ApproxConfig, Method, approximate_all
+from fisherlab.approximations import ApproxConfig, Method, approximate_all, warm_starts
 from fisherlab.dense import dense_frobenius_error, dense_spectral_error
 from fisherlab.fisher import ExactBlock
 from fisherlab.kron import KronSum
@@ -54,6 +54,19 @@ def test_spectrum_conventions_differ_for_indefinite_approximation() -> None:
     assert ev == pytest.approx(2**0.5)  # spectra (0.5, 0.5) vs (0.5, -0.5): ||(0, 1)|| / ||(0.5, 0.5)||
     assert sv == pytest.approx(0.0, abs=1e-12)  # |eigenvalues| (0.5, 0.5) match exactly
     assert float(frobenius_error(ref, indefinite)) == pytest.approx(2**0.5)  # ||diag(0, 1)|| / ||diag(.5, .5)||
+
+
+def test_error_2_counts_the_zeros_of_a_restricted_block() -> None:
+    """On a restricted block (``zeros`` eigenvalues 0 besides it) an indefinite F̂ with spectrum (0.5, -0.5)
+    is (0.5, 0, -0.5) in the whole space: error 2 compares (0.5, 0.5) with (0.5, 0), for one and two terms."""
+    f = LayerFactors(torch.eye(2, dtype=torch.float64)[:, None, :], torch.ones(2, 1, 1, 1, dtype=torch.float64))
+    one = torch.ones(1, 1, dtype=torch.float64)
+    rank1 = KronSum((one,), (torch.diag(torch.tensor([0.5, -0.5], dtype=torch.float64)),))
+    rank2 = KronSum((one, one), tuple(torch.diag(torch.tensor(d, dtype=torch.float64)) for d in ([0.5, 0], [0, -0.5])))
+    for zeros, expected in ((0, 2**0.5), (1, 1.0)):
+        ref = BlockReference.of(ExactBlock(f), zeros=zeros)  # F = diag(0.5, 0.5)
+        for kron in (rank1, rank2):
+            assert float(spectral_error(ref, kron, spectrum=Spectrum.EIGENVALUES)) == pytest.approx(expected)
 
 
 def _rank2_case(seed: int = 0, batch: int = 40) -> tuple[BlockReference, KronSum, torch.Tensor]:
@@ -138,3 +151,39 @@ def test_error_2_past_the_work_limit_is_bounded_and_the_bound_holds(monkeypatch:
     res = spectral_error_bounded(ref, kron)
     assert res.bound > 0 and "work limit" in res.note
     assert res.value - res.bound <= float(dense) <= res.value + res.bound
+
+
+@pytest.mark.parametrize("spectrum", list(Spectrum))
+@pytest.mark.parametrize("conv", [False, True])
+def test_errors_on_the_sample_span_match_the_whole_block(spectrum: Spectrum, conv: bool) -> None:
+    """A layer wider than its batch (3 samples; conv: 2 positions each): evaluate_block works on the
+    restricted block F' (sample_span) and its errors equal the dense ones of the whole block with the lifted
+    approximations, which equal the approximations built on the whole block (to the solver tolerance);
+    the warm starts it returns are whole-block ones and start the next evaluation."""
+    from fisherlab.metrics import evaluate_block
+
+    gen = torch.Generator().manual_seed(5)
+    t = 2 if conv else 1
+    a = torch.randn(3, t, 13, generator=gen, dtype=torch.float64)
+    g = torch.randn(3, 2, t, 20, generator=gen, dtype=torch.float64)
+    block = ExactBlock(LayerFactors(a, g))
+    span = block.sample_span()
+    assert span is not None and span.block.d_in == 3 * t and span.block.d_out == 3 * 2 * t
+    config = ApproxConfig(tol=1e-10, max_iter=5000)
+    ev = evaluate_block(block, list(Method), config, spectrum=spectrum)
+    whole = approximate_all(block, list(Method), config)
+    dense = block.as_dense()
+    for method, approx in ev.approximations.items():
+        f_hat = approx.kron.as_dense()
+        assert f_hat.shape == dense.shape
+        torch.testing.assert_close(f_hat, whole[method].kron.as_dense(), rtol=1e-6, atol=1e-8, msg=method.value)
+        assert ev.values["frobenius_error"][method] == pytest.approx(
+            float(dense_frobenius_error(dense, f_hat)), rel=1e-8, abs=1e-10
+        ), method.value
+        assert ev.values["spectral_error"][method] == pytest.approx(
+            float(dense_spectral_error(dense, f_hat, spectrum)), rel=1e-8, abs=1e-10
+        ), method.value
+        assert all(w.shape == (13, 13) for w in approx.warm_start)
+    again = evaluate_block(block, list(Method), config, spectrum=spectrum, warm=warm_starts(ev.approximations))
+    for method in Method:
+        assert again.values["frobenius_error"][method] == pytest.approx(ev.values["frobenius_error"][method], rel=1e-7)
