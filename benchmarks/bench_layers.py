@@ -61,14 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         block = ExactBlock(snap.factors[name])
         start = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             ev = evaluate_block(block, layer=name)
         t = time.perf_counter() - start
         total += t
         bounds = ev.values["spectral_error_bound"]
         worst = max(bounds.values())
         flag = f"  error 2 bounded (worst bound {worst:.2g})" if worst > 0 else ""
+        flag += "".join(f"\n      {w.category.__name__}: {w.message}" for w in caught)
         print(f"  {name:<22} D = {block.dim:>9}  {t:8.2f} s = {t / step:8.1f}x step{flag}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"all layers, every method, both errors: {total:.1f} s = {total / step:.0f}x step; peak RSS {peak:.2f} GiB")

@@ -333,7 +333,7 @@ def spectral_error_bounded(
     ritz = block_lanczos_eigenvalues(
         approx.matvec,
         start.to(dtype=like.dtype, device=like.device),
-        r,
+        r if by_magnitude else dim,  # algebraic order: negative eigenvalues interleave, `enough` decides
         max_dim=max_dim,
         tol=tol,
         product_flops=per_vector,

@@ -93,6 +93,34 @@ def test_iterative_error_2_matches_dense(monkeypatch: pytest.MonkeyPatch, spectr
     assert res.value == pytest.approx(float(dense), rel=1e-8) and res.bound <= 1e-8 * res.value and not res.note
 
 
+def test_iterative_error_2_of_an_indefinite_approximation_waits_for_the_positive_eigenvalues(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """F̂ with large negative eigenvalues: the r largest-magnitude ones converge first, but error 2 (eigenvalue
+    convention) needs the r algebraically largest; the iterative value still equals the dense one."""
+    from fisherlab import kron as kron_module
+    from fisherlab.metrics import spectral_error_bounded
+
+    gen = torch.Generator().manual_seed(7)
+    block = ExactBlock(
+        LayerFactors(
+            torch.randn(4, 1, 31, generator=gen, dtype=torch.float64),
+            torch.randn(4, 1, 1, 12, generator=gen, dtype=torch.float64),
+        )
+    )
+    ref = BlockReference.of(block)  # r = 4
+
+    def spd(d: int) -> torch.Tensor:
+        m = torch.randn(d, d, generator=gen, dtype=torch.float64)
+        return m @ m.T / d
+
+    kron = KronSum((spd(12), -3 * spd(12)), (spd(31), spd(31)))  # the largest in magnitude are negative
+    dense = dense_spectral_error(block.as_dense(), kron.as_dense(), Spectrum.EIGENVALUES)
+    monkeypatch.setattr(kron_module, "symmetric_eig_dense_limit", 10)
+    res = spectral_error_bounded(ref, kron, spectrum=Spectrum.EIGENVALUES)
+    assert res.value == pytest.approx(float(dense), rel=1e-8) and res.bound <= 1e-8 * res.value and not res.note
+
+
 @pytest.mark.parametrize("spectrum", list(Spectrum))
 def test_error_2_under_a_memory_limit_is_bounded_and_the_bound_holds(
     monkeypatch: pytest.MonkeyPatch, spectrum: Spectrum
