@@ -48,6 +48,8 @@ __all__ = [
     "PER_METHOD",
     "SPECTRAL_ATOL",
     "SPECTRAL_DENSE_SIDE",
+    "SPECTRAL_GPU_MEMORY_FRACTION",
+    "SPECTRAL_GPU_WORK_LIMIT",
     "SPECTRAL_MEMORY_LIMIT",
     "SPECTRAL_RTOL",
     "SPECTRAL_WORK_LIMIT",
@@ -62,6 +64,7 @@ __all__ = [
     "frobenius_error",
     "spectral_error",
     "spectral_error_bounded",
+    "spectral_limits",
 ]
 
 PER_METHOD = ("iteration", "layer", "method")
@@ -141,6 +144,21 @@ SPECTRAL_DENSE_SIDE = 1024
 #: Floating-point operations the eigensolver may spend on one error 2 (about 40 s on a 2-core
 #: CPU, a fraction of a second on a GPU); beyond, the value is stored with its bound.
 SPECTRAL_WORK_LIMIT = 2e12
+
+#: On a CUDA device the eigensolver may use this fraction of the free device memory (at
+#: least :data:`SPECTRAL_MEMORY_LIMIT`) and :data:`SPECTRAL_GPU_WORK_LIMIT` flops (a few
+#: seconds of an H100's float64 throughput).
+SPECTRAL_GPU_MEMORY_FRACTION = 0.25
+SPECTRAL_GPU_WORK_LIMIT = 1e14
+
+
+def spectral_limits(device: torch.device) -> tuple[int, float]:
+    """Memory (bytes) and work (flops) the error-2 eigensolver may spend on ``device``."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(SPECTRAL_MEMORY_LIMIT, int(SPECTRAL_GPU_MEMORY_FRACTION * free)), SPECTRAL_GPU_WORK_LIMIT
+    return SPECTRAL_MEMORY_LIMIT, SPECTRAL_WORK_LIMIT
+
 
 #: Blocks of vectors of length ``D`` the eigensolver holds besides its basis (the block's
 #: image, the next block, QR and GEMM workspace): the basis is ``memory_limit / (D itemsize)``
@@ -267,16 +285,17 @@ def spectral_error_bounded(
     :data:`SPECTRAL_DENSE_SIDE` or when ``r > D / 4`` (and ``F̂`` fits); otherwise the largest
     by block Lanczos on the batched Kronecker product
     (:func:`~fisherlab.krylov.block_lanczos_eigenvalues`, on the factors' device; its basis
-    fills ``memory_limit``, default :data:`SPECTRAL_MEMORY_LIMIT`, and restarts thick beyond)
-    until the interval's half-width is within ``max(rtol value, atol)`` or all ``r`` are
-    known. When the solver has spent :data:`SPECTRAL_WORK_LIMIT` first: dense if ``F̂`` fits
+    fills ``memory_limit``, default :func:`spectral_limits` of the device, and restarts thick
+    beyond) until the interval's half-width is within ``max(rtol value, atol)`` or all ``r``
+    are known. When the solver has spent the device's work limit first: dense if ``F̂`` fits
     (``D <= kron.symmetric_eig_dense_limit``), else the bounded value with a note.
     """
     from fisherlab import kron as kron_module
 
     spectrum = ref.spectrum if spectrum is None else Spectrum(spectrum)
     by_magnitude = spectrum == Spectrum.SINGULAR_VALUES
-    limit = SPECTRAL_MEMORY_LIMIT if memory_limit is None else memory_limit
+    device_memory, work_limit = spectral_limits(approx.outs[0].device)
+    limit = device_memory if memory_limit is None else memory_limit
     rtol = SPECTRAL_RTOL if rtol is None else rtol
     atol = SPECTRAL_ATOL if atol is None else atol
     lam = ref.eigenvalues.clamp(min=0)
@@ -337,7 +356,7 @@ def spectral_error_bounded(
         max_dim=max_dim,
         tol=tol,
         product_flops=per_vector,
-        max_flops=SPECTRAL_WORK_LIMIT,
+        max_flops=work_limit,
         enough=enough,
     )
     res = interval(ritz)
@@ -346,8 +365,8 @@ def spectral_error_bounded(
     if dense_fits:
         return dense()
     why = (
-        f"the eigensolver's work limit ({SPECTRAL_WORK_LIMIT:.0e} flops)"
-        if ritz.flops >= SPECTRAL_WORK_LIMIT
+        f"the eigensolver's work limit ({work_limit:.0e} flops)"
+        if ritz.flops >= work_limit
         else f"{limit / 2**30:.1f} GiB"
     )
     return SpectralError(
@@ -452,7 +471,8 @@ BLOCK_METRICS: tuple[BlockMetric, ...] = (
         "bound on the error of error 2",
         "1",
         "|spectral_error - exact| <= this; 0 when every needed eigenvalue of F_hat was computed, > 0 when only the "
-        f"largest fit in {SPECTRAL_MEMORY_LIMIT / 2**30:.0f} GiB (a warning says so), inf when none did (value NaN)",
+        f"largest fit in the eigensolver's memory or work limit ({SPECTRAL_MEMORY_LIMIT / 2**30:.0f} GiB and "
+        f"{SPECTRAL_WORK_LIMIT:.0e} flops on CPU; a warning says so), inf when none did (value NaN)",
         compute=lambda ref, a: _spectral(ref, a.kron).bound,
         accompanies="spectral_error",
     ),

@@ -215,3 +215,14 @@ def test_errors_on_the_sample_span_match_the_whole_block(spectrum: Spectrum, con
     again = evaluate_block(block, list(Method), config, spectrum=spectrum, warm=warm_starts(ev.approximations))
     for method in Method:
         assert again.values["frobenius_error"][method] == pytest.approx(ev.values["frobenius_error"][method], rel=1e-7)
+
+
+def test_the_eigensolver_limits_follow_the_device(device: torch.device) -> None:
+    """CPU: the module constants; CUDA: at least as much memory (a share of the free GPU memory), more work."""
+    from fisherlab import metrics as metrics_module
+
+    memory, work = metrics_module.spectral_limits(device)
+    if device.type == "cpu":
+        assert (memory, work) == (metrics_module.SPECTRAL_MEMORY_LIMIT, metrics_module.SPECTRAL_WORK_LIMIT)
+    else:
+        assert memory >= metrics_module.SPECTRAL_MEMORY_LIMIT and work == metrics_module.SPECTRAL_GPU_WORK_LIMIT
