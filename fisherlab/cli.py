@@ -93,7 +93,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "--layers",
         type=_csv,
         default=None,
-        help="comma-separated layer numbers, 1 = first layer (default: 5 for the auto-encoders)",
+        help="comma-separated layer numbers, 1 = first layer, or module paths (resnet18: layer4.0.conv2), or all "
+        "(default: 5 for the auto-encoders)",
     )
     p.add_argument("--iterations", type=int, default=d.iterations, help="training iterations (default: %(default)s)")
     p.add_argument("--every", type=int, default=d.every, help="probe every k iterations (default: %(default)s)")

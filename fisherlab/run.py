@@ -350,6 +350,22 @@ def _snapshot(
     return snapshot_dataset(it, names, [m.value for m in methods], per_method, per_layer, scalars, extra, coords), snap
 
 
+def resolve_layers(problem: Problem, layers: tuple[str, ...]) -> tuple[str, ...]:
+    """The layers ``--layers`` names on ``problem``: ``all`` is every probeable layer.
+
+    Raises:
+        FisherlabError: Unknown layer names, listing the problem's layers.
+    """
+    known = problem.layer_names()
+    if tuple(layers) == ("all",):
+        return tuple(known)
+    bad = [name for name in layers if name not in known]
+    if bad or not layers:
+        listing = f"1 to {known[-1]}" if all(n.isdigit() for n in known) else ", ".join(known)
+        raise FisherlabError(f"unknown layers {bad} for {problem.name}: it has layers {listing} (or all)")
+    return tuple(layers)
+
+
 def run_probe(config: ProbeConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> xr.Dataset:
     """Run ``fisherlab probe`` on one of the papers' problems and write ``out``.
 
@@ -359,11 +375,7 @@ def run_probe(config: ProbeConfig, out: str | Path, *, overwrite: bool = False, 
     config.check()
     apply_threads(config.threads)
     problem = get_problem(config.problem)
-    known = problem.layer_names()
-    bad = [name for name in config.layers if name not in known]
-    if bad or not config.layers:
-        listing = f"1 to {known[-1]}" if all(n.isdigit() for n in known) else ", ".join(known)
-        raise FisherlabError(f"unknown layers {bad} for {problem.name}: it has layers {listing}")
+    config = replace(config, layers=resolve_layers(problem, config.layers))
     device = select_device(config.device)
     started = _init_distributed(device)
     if dist.is_available() and dist.is_initialized() and device.type == "cuda":

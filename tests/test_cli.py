@@ -232,3 +232,15 @@ def test_two_level_end_to_end(tmp_path) -> None:
     assert (tmp_path / "gap-twolevel.png").exists()
     assert cli.main(["plot", str(out), "--out", str(tmp_path / "again.png")]) == 0
     assert (tmp_path / "again-twolevel.png").exists()
+
+
+def test_layers_all_names_every_probeable_layer() -> None:
+    from fisherlab.problems import get_problem
+    from fisherlab.run import resolve_layers
+
+    resnet = get_problem("resnet18")
+    every = resolve_layers(resnet, ("all",))
+    assert len(every) == 21 and every[0] == "conv1" and "layer4.1.conv2" in every and every[-1] == "fc"
+    assert resolve_layers(get_problem("mnist"), ("2", "5")) == ("2", "5")
+    with pytest.raises(FisherlabError, match=r"unknown layers \['layer9'\].*conv1, layer1.0.conv1"):
+        resolve_layers(resnet, ("layer9",))
