@@ -29,6 +29,7 @@ __all__ = [
     "ApproxConfig",
     "Approximation",
     "Method",
+    "SpanMatrix",
     "WarmStarts",
     "approximate_all",
     "deflation",
@@ -104,18 +105,52 @@ class Approximation:
 
     def lifted(self, span: SampleSpan) -> Approximation:
         """This approximation of the restricted block ``span.block`` as the approximation of the
-        whole block (:meth:`~fisherlab.fisher.ExactBlock.sample_span`), warm starts included."""
+        whole block (:meth:`~fisherlab.fisher.ExactBlock.sample_span`); its warm starts stay on
+        the span (:class:`SpanMatrix`: ``k²`` numbers where the whole matrix has ``d_in²``)."""
+        if span.in_basis is None:
+            return replace(self, kron=span.lift(self.kron))
         k_in = span.block.d_in
-        warm = tuple(span.lift_in(w) if w.shape == (k_in, k_in) else w for w in self.warm_start)
+        warm = tuple(SpanMatrix(span.in_basis, w) if w.shape == (k_in, k_in) else w for w in self.warm_start)
         return replace(self, kron=span.lift(self.kron), warm_start=warm)
 
 
-def restricted_warm_starts(warm: WarmStarts | None, span: SampleSpan) -> WarmStarts | None:
-    """Warm starts of the whole block (input-side ``[d_in, d_in]`` matrices) for ``span.block``."""
-    if warm is None or span.in_basis is None:
-        return warm
-    d_in = span.in_basis.shape[0]
-    return {m: tuple(span.restrict_in(w) if w.shape == (d_in, d_in) else w for w in ws) for m, ws in warm.items()}
+@dataclass(frozen=True)
+class SpanMatrix:
+    """The input-side matrix ``U core Uᵀ`` kept as its basis ``U [d_in, k]`` (orthonormal) and ``core [k, k]``.
+
+    A warm start of a layer restricted to its sample span (:meth:`Approximation.lifted`); the
+    next snapshot maps it onto its own span with a ``k × k'`` overlap, never forming ``d_in²``.
+    """
+
+    basis: Tensor
+    core: Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The shape of the whole matrix."""
+        return (self.basis.shape[0], self.basis.shape[0])
+
+    def on(self, basis: Tensor | None) -> Tensor:
+        """``Vᵀ U core Uᵀ V`` for the orthonormal ``basis`` ``V`` (``None``: the whole matrix)."""
+        if basis is None:
+            return self.basis @ self.core @ self.basis.T
+        overlap = basis.T @ self.basis
+        return overlap @ self.core @ overlap.T
+
+
+def restricted_warm_starts(warm: WarmStarts | None, span: SampleSpan | None) -> WarmStarts | None:
+    """Warm starts (``[d_in, d_in]`` matrices or :class:`SpanMatrix`) on ``span.block`` (``None``: the whole block)."""
+    if warm is None:
+        return None
+    basis = None if span is None else span.in_basis
+
+    def on_span(w: Tensor | SpanMatrix) -> Tensor:
+        if isinstance(w, SpanMatrix):
+            return w.on(basis)
+        whole = basis is not None and w.shape == (basis.shape[0], basis.shape[0])
+        return basis.T @ w @ basis if whole else w
+
+    return {m: tuple(on_span(w) for w in ws) for m, ws in warm.items()}
 
 
 def _symmetric(m: Tensor) -> Tensor:
@@ -409,7 +444,7 @@ def _method(value: Method | str) -> Method:
 
 
 #: Warm starts per method: the ``Approximation.warm_start`` vectors of the previous snapshot.
-WarmStarts = Mapping[Method, tuple[Tensor, ...]]
+WarmStarts = Mapping[Method, tuple["Tensor | SpanMatrix", ...]]
 
 
 def warm_starts(approximations: Mapping[Method, Approximation] | None) -> dict[Method, tuple[Tensor, ...]]:
@@ -445,7 +480,7 @@ def approximate_all(
     tol, max_iter = cfg.tol, cfg.max_iter
 
     def start_of(m: Method) -> tuple[Tensor, ...]:
-        return tuple(starts.get(m, ()))
+        return tuple(w.on(None) if isinstance(w, SpanMatrix) else w for w in starts.get(m, ()))
 
     if Method.KFAC in methods or Method.KFAC_CORRECTED in methods:
         out[Method.KFAC] = kfac(block)

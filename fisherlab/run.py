@@ -31,7 +31,7 @@ from torch import distributed as dist
 from tqdm.auto import tqdm
 
 from fisherlab._errors import FisherlabError
-from fisherlab.approximations import Approximation, Method, approximate_all, warm_starts
+from fisherlab.approximations import Approximation, Method, WarmStarts, approximate_all, warm_starts
 from fisherlab.config import ProbeConfig, apply_threads, select_device
 from fisherlab.data import ImageData, announce_data
 from fisherlab.distributed import Shard, all_reduce_sum, shard_of_batch
@@ -173,7 +173,7 @@ class FisherProbe:
         )
         if self.writer is not None:
             self.writer.attrs.update(self.attrs)
-        self._previous: dict[str, dict[Method, Approximation]] = {}
+        self._previous: dict[str, WarmStarts] = {}
         self._snapshots: list[xr.Dataset] = []
         self._dataset: xr.Dataset | None = None
         self._t0 = time.perf_counter()
@@ -293,7 +293,7 @@ def _snapshot(
     y: Tensor,
     names: list[str],
     config: ProbeConfig,
-    previous: dict[str, dict[Method, Approximation]],
+    previous: dict[str, WarmStarts],
     t0: float,
     shard: Shard | None = None,
 ) -> tuple[xr.Dataset, ProbeSnapshot]:
@@ -304,13 +304,15 @@ def _snapshot(
     methods = list(config.methods)
     per_method = {m.name: np.zeros((len(names), len(methods)), dtype=m.dtype) for m in BLOCK_METRICS}
     per_layer = {m.name: np.zeros(len(names), dtype=m.dtype) for m in LAYER_METRICS}
+    # across snapshots only the warm starts are kept (a lifted approximation of a wide layer is
+    # d_in² numbers per term); the two-level metrics need every layer's approximations of this one
+    current: dict[str, dict[Method, Approximation]] = {}
     if config.two_level:  # block-diagonal increments need every layer, not only the probed ones
         for name in snap.factors:
             if name not in names:
                 block = ExactBlock(snap.factors[name])
-                previous[name] = approximate_all(
-                    block, methods, config.approx, warm=warm_starts(previous.get(name)), layer=name
-                )
+                current[name] = approximate_all(block, methods, config.approx, warm=previous.get(name), layer=name)
+                previous[name] = warm_starts(current[name])
     for li, name in enumerate(names):
         ev = evaluate_block(
             ExactBlock(snap.factors[name]),
@@ -318,10 +320,12 @@ def _snapshot(
             config.approx,
             spectrum=config.spectrum,
             metrics=config.metrics,
-            warm=warm_starts(previous.get(name)),
+            warm=previous.get(name),
             layer=name,
         )
-        previous[name] = ev.approximations
+        previous[name] = warm_starts(ev.approximations)
+        if config.two_level:
+            current[name] = ev.approximations
         for metric, values in ev.values.items():
             per_method[metric][li] = [values[m] for m in methods]
         for metric, value in ev.layer_values.items():
@@ -331,7 +335,7 @@ def _snapshot(
     scalars = {"train_loss": snap.loss, "probe_time": probe_time}
     if config.two_level:
         order = list(snap.factors)
-        diagonals = {m: BlockDiagonal(tuple(previous[n][m].kron for n in order)) for m in methods}
+        diagonals = {m: BlockDiagonal(tuple(current[n][m].kron for n in order)) for m in methods}
         values, spaces = two_level_metrics(
             snap.whole_fisher(order),
             [snap.gradients[n] for n in order],

@@ -226,3 +226,18 @@ def test_the_eigensolver_limits_follow_the_device(device: torch.device) -> None:
         assert (memory, work) == (metrics_module.SPECTRAL_MEMORY_LIMIT, metrics_module.SPECTRAL_WORK_LIMIT)
     else:
         assert memory >= metrics_module.SPECTRAL_MEMORY_LIMIT and work == metrics_module.SPECTRAL_GPU_WORK_LIMIT
+
+
+def test_a_warm_start_kept_on_its_span_maps_like_the_whole_matrix() -> None:
+    """SpanMatrix(U, C) on another span V is Vᵀ (U C Uᵀ) V; on None it is U C Uᵀ."""
+    from fisherlab.approximations import SpanMatrix
+
+    gen = torch.Generator().manual_seed(8)
+    u = torch.linalg.qr(torch.randn(11, 4, generator=gen, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(11, 6, generator=gen, dtype=torch.float64)).Q
+    core = torch.randn(4, 4, generator=gen, dtype=torch.float64)
+    whole = u @ core @ u.T
+    w = SpanMatrix(u, core)
+    assert w.shape == (11, 11)
+    torch.testing.assert_close(w.on(None), whole, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(w.on(v), v.T @ whole @ v, rtol=1e-12, atol=1e-12)
