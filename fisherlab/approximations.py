@@ -100,7 +100,7 @@ class Approximation:
     iterations: int
     converged: bool
     residual: float
-    warm_start: tuple[Tensor, ...] = ()
+    warm_start: tuple[Tensor | SpanMatrix, ...] = ()
     seconds: float = 0.0
 
     def lifted(self, span: SampleSpan) -> Approximation:
@@ -147,8 +147,8 @@ def restricted_warm_starts(warm: WarmStarts | None, span: SampleSpan | None) -> 
     def on_span(w: Tensor | SpanMatrix) -> Tensor:
         if isinstance(w, SpanMatrix):
             return w.on(basis)
-        whole = basis is not None and w.shape == (basis.shape[0], basis.shape[0])
-        return basis.T @ w @ basis if whole else w
+        whole = span is not None and basis is not None and w.shape == (basis.shape[0], basis.shape[0])
+        return span.restrict_in(w) if whole else w
 
     return {m: tuple(on_span(w) for w in ws) for m, ws in warm.items()}
 
@@ -227,8 +227,9 @@ def kfac_factors(block: ExactBlock | LayerFactors) -> KronSum:
 
     For ``T = 1`` this is ``E[g g^T] ⊗ E[ā ā^T]`` (K eq. 1); for conv layers the KFC
     factors of Grosse & Martens (2016) as written in T eq. (2.27). The sums run in
-    ``factors.moment_dtype`` when set (the ``mixed`` accumulation) and are returned in the
-    factors' dtype.
+    ``factors.moment_dtype`` when set (the ``mixed`` accumulation: the model's precision) and
+    ``A``, ``G`` are returned in it, as a KFAC optimizer uses them; :func:`kfac` casts them to
+    the factors' compute dtype for the metrics.
     """
     factors = block.factors if isinstance(block, ExactBlock) else block
     a, g = factors.a, factors.g
@@ -447,7 +448,7 @@ def _method(value: Method | str) -> Method:
 WarmStarts = Mapping[Method, tuple["Tensor | SpanMatrix", ...]]
 
 
-def warm_starts(approximations: Mapping[Method, Approximation] | None) -> dict[Method, tuple[Tensor, ...]]:
+def warm_starts(approximations: Mapping[Method, Approximation] | None) -> WarmStarts:
     """The warm-start vectors of a previous snapshot's approximations (K §4), for :func:`approximate_all`."""
     return {m: a.warm_start for m, a in (approximations or {}).items()}
 

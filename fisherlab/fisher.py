@@ -122,9 +122,9 @@ class ExactBlock:
         a wide layer at a small batch shrinks from ``d_out d_in`` to ``(N V T)(N T)``.
         """
         f = self.factors
-        if f.shard is not None and f.shard.world_size > 1:
+        if self.span_bases is None:
             return None
-        out_basis, in_basis = span_basis(f.g, f.d_out), span_basis(f.a, f.d_in)
+        out_basis, in_basis = self.span_bases
         k_out = f.d_out if out_basis is None else out_basis.shape[1]
         k_in = f.d_in if in_basis is None else in_basis.shape[1]
         if k_out * k_in > max_fraction * f.dim:
@@ -132,6 +132,16 @@ class ExactBlock:
         a = f.a if in_basis is None else f.a @ in_basis
         g = f.g if out_basis is None else f.g @ out_basis
         return SampleSpan(ExactBlock(LayerFactors(a, g, f.shard)), out_basis, in_basis, f.dim)
+
+    @cached_property
+    def span_bases(self) -> tuple[Tensor | None, Tensor | None] | None:
+        """Orthonormal bases ``(U_g, U_a)`` of ``span{g_nvt}`` and ``span{a_nt}`` (:func:`span_basis`;
+        ``None`` for a side with at least as many vectors as dimensions), computed once; ``None``
+        on a sharded batch, where each process holds only its rows."""
+        f = self.factors
+        if f.shard is not None and f.shard.world_size > 1:
+            return None
+        return span_basis(f.g, f.d_out), span_basis(f.a, f.d_in)
 
     @cached_property
     def route(self) -> str:

@@ -36,7 +36,7 @@ from fisherlab.approximations import (
     approximate_all,
     restricted_warm_starts,
 )
-from fisherlab.fisher import ExactBlock, span_basis
+from fisherlab.fisher import ExactBlock
 from fisherlab.kron import KronSum
 from fisherlab.krylov import RitzValues, block_lanczos_eigenvalues
 
@@ -257,10 +257,9 @@ def _on_sample_span(block: ExactBlock, approx: KronSum) -> KronSum:
     Checked (:meth:`~fisherlab.kron.KronSum.restricted`); any other sum, or a sharded batch (each
     process holds only its rows), is returned as is.
     """
-    f = block.factors
-    if f.shard is not None and f.shard.world_size > 1:
+    if block.span_bases is None:
         return approx
-    u, v = span_basis(f.g.to(approx.outs[0].dtype), f.d_out), span_basis(f.a.to(approx.ins[0].dtype), f.d_in)
+    u, v = (None if b is None else b.to(approx.outs[0].dtype) for b in block.span_bases)
     if u is None and v is None:
         return approx
     restricted = approx.restricted(u, v)
@@ -365,8 +364,7 @@ def spectral_error_bounded(
     def interval(ritz: RitzValues) -> SpectralError:
         return result(*_leading_eigenvalues(ritz, by_magnitude=by_magnitude, dim=dim, r=r, zeros=zeros))
 
-    def enough(ritz: RitzValues) -> bool:
-        res = interval(ritz)
+    def within_tolerance(res: SpectralError) -> bool:
         return res.bound <= max(rtol * res.value, atol)
 
     ritz = block_lanczos_eigenvalues(
@@ -377,10 +375,10 @@ def spectral_error_bounded(
         tol=tol,
         product_flops=per_vector,
         max_flops=work_limit,
-        enough=enough,
+        enough=lambda ritz: within_tolerance(interval(ritz)),
     )
     res = interval(ritz)
-    if res.bound <= max(rtol * res.value, atol):
+    if within_tolerance(res):
         return res
     if dense_fits:
         return dense()
