@@ -11,21 +11,25 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from fisherlab._errors import ConvergenceWarning, FisherlabError
+from fisherlab.block_operators import DenseBlockOperator, LiftedOperator
 from fisherlab.distributed import all_reduce_sum
 from fisherlab.fisher import ExactBlock, SampleSpan
 from fisherlab.kron import KronSum
 from fisherlab.krylov import SingularTriplets, lanczos_svd, power_svd
 from fisherlab.layers import LayerFactors
+from fisherlab.method_registry import METHODS, MethodContext, MethodSpec, register, resolve_methods
 
 __all__ = [
+    "PAPER_METHODS",
     "ApproxConfig",
     "Approximation",
     "Method",
@@ -83,11 +87,12 @@ class ApproxConfig:
 
 @dataclass(frozen=True)
 class Approximation:
-    """A Kronecker approximation with its solver diagnostics.
+    """An approximation of one exact block (a block operator) with its solver diagnostics.
 
     Args:
-        method: Which method produced it.
-        kron: The approximation ``sum_k out_k ⊗ in_k``.
+        method: The method's registered name (the ``method`` coordinate).
+        operator: The approximation, a :class:`~fisherlab.operators.BlockOperator`: a
+            :class:`~fisherlab.kron.KronSum` ``sum_k out_k ⊗ in_k`` for the papers' methods.
         iterations: Products with ``R(F)`` (pairs ``mv``/``rmv``) used; 0 for KFAC.
         converged: Whether every iterative stage met its tolerance.
         residual: Largest relative residual of the iterative stages (0 for KFAC).
@@ -95,23 +100,41 @@ class Approximation:
         seconds: Wall time to build it, shared stages included (deflation counts its KPSVD).
     """
 
-    method: Method
-    kron: KronSum
+    method: str
+    operator: Any
     iterations: int
     converged: bool
     residual: float
     warm_start: tuple[Tensor | SpanMatrix, ...] = ()
     seconds: float = 0.0
 
+    @property
+    def kron(self) -> KronSum:
+        """The operator as a Kronecker sum (the papers' methods; the optimizers and two-level need one).
+
+        Raises:
+            FisherlabError: The method's operator is not a Kronecker sum.
+        """
+        if not isinstance(self.operator, KronSum):
+            raise FisherlabError(
+                f"method {self.method!r} is a {type(self.operator).__name__}, not a Kronecker sum "
+                "(the optimizers and two-level KFAC take Kronecker methods only)"
+            )
+        return self.operator
+
     def lifted(self, span: SampleSpan) -> Approximation:
         """This approximation of the restricted block ``span.block`` as the approximation of the
         whole block (:meth:`~fisherlab.fisher.ExactBlock.sample_span`); its warm starts stay on
         the span (:class:`SpanMatrix`: ``k²`` numbers where the whole matrix has ``d_in²``)."""
+        if isinstance(self.operator, KronSum):
+            operator: Any = span.lift(self.operator)
+        else:
+            operator = LiftedOperator(self.operator, span.out_basis, span.in_basis)
         if span.in_basis is None:
-            return replace(self, kron=span.lift(self.kron))
+            return replace(self, operator=operator)
         k_in = span.block.d_in
         warm = tuple(SpanMatrix(span.in_basis, w) if w.shape == (k_in, k_in) else w for w in self.warm_start)
-        return replace(self, kron=span.lift(self.kron), warm_start=warm)
+        return replace(self, operator=operator, warm_start=warm)
 
 
 @dataclass(frozen=True)
@@ -256,7 +279,7 @@ def kfac(block: ExactBlock) -> Approximation:
     """
     start = time.perf_counter()
     kron = kfac_factors(block).to(block.factors.dtype)
-    return Approximation(Method.KFAC, kron, 0, True, 0.0, seconds=time.perf_counter() - start)
+    return Approximation(Method.KFAC.value, kron, 0, True, 0.0, seconds=time.perf_counter() - start)
 
 
 def kpsvd(
@@ -285,7 +308,13 @@ def kpsvd(
     _report(Method.KPSVD, trip, layer)
     kron = _terms(trip)
     return Approximation(
-        Method.KPSVD, kron, trip.iterations, trip.converged, trip.residual, trip.rights, time.perf_counter() - start
+        Method.KPSVD.value,
+        kron,
+        trip.iterations,
+        trip.converged,
+        trip.residual,
+        trip.rights,
+        time.perf_counter() - start,
     )
 
 
@@ -307,7 +336,7 @@ def _corrected(
     first_start = first.warm_start[:1] or (_start(block, ()),)
     kron = first.kron + _terms(trip)
     return Approximation(
-        method,
+        method.value,
         kron,
         first.iterations + trip.iterations,
         first.converged and trip.converged,
@@ -419,7 +448,13 @@ def lanczos(
     _report(Method.LANCZOS, trip, layer)
     kron = _terms(_padded(trip, rank))
     return Approximation(
-        Method.LANCZOS, kron, trip.iterations, trip.converged, trip.residual, trip.rights, time.perf_counter() - clock
+        Method.LANCZOS.value,
+        kron,
+        trip.iterations,
+        trip.converged,
+        trip.residual,
+        trip.rights,
+        time.perf_counter() - clock,
     )
 
 
@@ -437,88 +472,128 @@ def _padded(triplets: SingularTriplets, rank: int) -> SingularTriplets:
     return SingularTriplets(sigmas, lefts, rights, triplets.iterations, triplets.converged, triplets.residual)
 
 
-def _method(value: Method | str) -> Method:
-    try:
-        return Method(value)
-    except ValueError:
-        raise FisherlabError(f"unknown method {value!r}; choose from: {', '.join(m.value for m in Method)}") from None
-
-
 #: Warm starts per method: the ``Approximation.warm_start`` vectors of the previous snapshot.
-WarmStarts = Mapping[Method, tuple["Tensor | SpanMatrix", ...]]
+WarmStarts = Mapping[str, tuple["Tensor | SpanMatrix", ...]]
 
 
-def warm_starts(approximations: Mapping[Method, Approximation] | None) -> WarmStarts:
+def warm_starts(approximations: Mapping[str, Approximation] | None) -> WarmStarts:
     """The warm-start vectors of a previous snapshot's approximations (K §4), for :func:`approximate_all`."""
-    return {m: a.warm_start for m, a in (approximations or {}).items()}
+    return {str(getattr(m, "value", m)): a.warm_start for m, a in (approximations or {}).items()}
+
+
+def _build_kfac(block: ExactBlock, config: ApproxConfig, context: MethodContext) -> Approximation:
+    return kfac(block)
+
+
+def _build_kpsvd(block: ExactBlock, config: ApproxConfig, context: MethodContext) -> Approximation:
+    return kpsvd(block, tol=config.tol, max_iter=config.max_iter, warm_start=context.warm, layer=context.layer)
+
+
+def _build_deflation(block: ExactBlock, config: ApproxConfig, context: MethodContext) -> Approximation:
+    first = context.built[Method.KPSVD.value]
+    return deflation(
+        block, tol=config.tol, max_iter=config.max_iter, warm_start=context.warm, first=first, layer=context.layer
+    )
+
+
+def _build_lanczos(block: ExactBlock, config: ApproxConfig, context: MethodContext) -> Approximation:
+    return lanczos(
+        block,
+        rank=config.lanczos_rank,
+        krylov_dim=config.krylov_dim,
+        tol=config.tol,
+        max_restarts=config.max_restarts,
+        warm_start=context.warm,
+        layer=context.layer,
+    )
+
+
+def _build_kfac_corrected(block: ExactBlock, config: ApproxConfig, context: MethodContext) -> Approximation:
+    first = context.built[Method.KFAC.value]
+    return kfac_corrected(
+        block, tol=config.tol, max_iter=config.max_iter, warm_start=context.warm, first=first, layer=context.layer
+    )
+
+
+for _spec in (
+    MethodSpec("kfac", _build_kfac, "KFAC (expand)", "kfac", span_invariant=True),
+    MethodSpec("kpsvd", _build_kpsvd, "KPSVD", "kronecker_svd", span_invariant=True),
+    MethodSpec("deflation", _build_deflation, "deflation", "kronecker_svd", ("kpsvd",), span_invariant=True),
+    MethodSpec("lanczos", _build_lanczos, "Lanczos", "lanczos", span_invariant=True),
+    MethodSpec("kfac_corrected", _build_kfac_corrected, "KFAC-corrected", "kfac", ("kfac",), span_invariant=True),
+):
+    register(_spec)
+
+#: The papers' five methods: the default of every run.
+PAPER_METHODS: tuple[str, ...] = tuple(m.value for m in Method)
+
+
+def _as_approximation(name: str, result: Any, block: ExactBlock, seconds: float) -> Approximation:
+    """A builder's result as an :class:`Approximation` (an operator gets solver-free diagnostics)."""
+    if isinstance(result, Approximation):
+        return result
+    if isinstance(result, DenseBlockOperator) and result.shape is None:
+        result = result.with_shape(block.d_out, block.d_in)
+    for needed in ("matvec", "frobenius_norm_squared"):
+        if not callable(getattr(result, needed, None)):
+            raise FisherlabError(
+                f"method {name!r} returned a {type(result).__name__}, which has no {needed}(): a method builds an "
+                "Approximation or a block operator (fisherlab.operators.BlockOperator, e.g. fl.DenseBlockOperator)"
+            )
+    d_out, d_in = getattr(result, "d_out", block.d_out), getattr(result, "d_in", block.d_in)
+    if (d_out, d_in) != (block.d_out, block.d_in):
+        raise FisherlabError(
+            f"method {name!r} returned an operator on [{d_out}, {d_in}] matrices for a [{block.d_out}, {block.d_in}] "
+            "layer"
+        )
+    return Approximation(name, result, 0, True, 0.0, seconds=seconds)
 
 
 def approximate_all(
     block: ExactBlock,
-    methods: list[Method] | list[str],
+    methods: Sequence[object],
     config: ApproxConfig | None = None,
     *,
     warm: WarmStarts | None = None,
     layer: str = "",
-) -> dict[Method, Approximation]:
-    """Every requested approximation of one block, sharing work: deflation reuses KPSVD,
-    KFAC-corrected reuses KFAC, and each warm-starts from ``warm`` (K §4).
+) -> dict[str, Approximation]:
+    """Every requested approximation of one block, walking the method registry
+    (:data:`~fisherlab.method_registry.METHODS`): a method's declared reuses are built first and
+    shared (deflation reuses KPSVD, KFAC-corrected reuses KFAC), and each warm-starts from
+    ``warm`` (K §4).
 
     Args:
         block: The exact block.
-        methods: Method names or members.
+        methods: Registered method names (or :class:`Method` members, ``all``, ``package.module:attribute``).
         config: Solver settings (default :class:`ApproxConfig`).
         warm: Warm starts per method, e.g. ``warm_starts(previous_snapshot_approximations)``.
         layer: Layer name used in warnings.
 
+    Returns:
+        ``{name: Approximation}`` in the order asked for.
+
     Raises:
         FisherlabError: An unknown method name (a ``ValueError``).
     """
-    methods = [_method(m) for m in methods]
+    names = resolve_methods(methods)
     cfg = config or ApproxConfig()
     starts = warm or {}
-    out: dict[Method, Approximation] = {}
-    tol, max_iter = cfg.tol, cfg.max_iter
+    built: dict[str, Approximation] = {}
 
-    def start_of(m: Method) -> tuple[Tensor, ...]:
-        return tuple(w.on(None) if isinstance(w, SpanMatrix) else w for w in starts.get(m, ()))
+    def start_of(name: str) -> tuple[Tensor, ...]:
+        return tuple(w.on(None) if isinstance(w, SpanMatrix) else w for w in starts.get(name, ()))
 
-    if Method.KFAC in methods or Method.KFAC_CORRECTED in methods:
-        out[Method.KFAC] = kfac(block)
-    if Method.KPSVD in methods or Method.DEFLATION in methods:
-        out[Method.KPSVD] = kpsvd(
-            block,
-            tol=tol,
-            max_iter=max_iter,
-            warm_start=start_of(Method.KPSVD) or start_of(Method.DEFLATION)[:1],
-            layer=layer,
-        )
-    if Method.DEFLATION in methods:
-        out[Method.DEFLATION] = deflation(
-            block,
-            tol=tol,
-            max_iter=max_iter,
-            warm_start=start_of(Method.DEFLATION),
-            first=out[Method.KPSVD],
-            layer=layer,
-        )
-    if Method.LANCZOS in methods:
-        out[Method.LANCZOS] = lanczos(
-            block,
-            rank=cfg.lanczos_rank,
-            krylov_dim=cfg.krylov_dim,
-            tol=tol,
-            max_restarts=cfg.max_restarts,
-            warm_start=start_of(Method.LANCZOS),
-            layer=layer,
-        )
-    if Method.KFAC_CORRECTED in methods:
-        out[Method.KFAC_CORRECTED] = kfac_corrected(
-            block,
-            tol=tol,
-            max_iter=max_iter,
-            warm_start=start_of(Method.KFAC_CORRECTED),
-            first=out[Method.KFAC],
-            layer=layer,
-        )
-    return {m: out[m] for m in methods}
+    def build(name: str) -> Approximation:
+        if name not in built:
+            spec = METHODS[name]
+            for reused in spec.reuses:
+                build(reused)
+            warm_start = start_of(name)
+            if not warm_start:  # a reused first stage starts where its user's first term left off
+                warm_start = next((start_of(s.name)[:1] for s in METHODS.values() if name in s.reuses), ())
+            context = MethodContext(warm_start, {r: built[r] for r in spec.reuses}, layer)
+            clock = time.perf_counter()
+            built[name] = _as_approximation(name, spec.build(block, cfg, context), block, time.perf_counter() - clock)
+        return built[name]
+
+    return {name: build(name) for name in names}

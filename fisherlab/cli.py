@@ -14,8 +14,8 @@ from enum import Enum
 from pathlib import Path
 
 from fisherlab._errors import ConvergenceWarning, FisherlabError, UndefinedMetricWarning
-from fisherlab.approximations import Method
 from fisherlab.config import ProbeConfig, TrainConfig
+from fisherlab.method_registry import METHODS
 from fisherlab.metrics import BLOCK_METRICS
 
 __all__ = ["main"]
@@ -118,7 +118,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "--methods",
         type=_csv,
         default=d.methods,
-        help=f"comma-separated subset of {_values(tuple(Method))} (default: all)",
+        help=f"comma-separated registered methods ({', '.join(METHODS)}), 'all', or package.module:attribute for one "
+        "of your own (fisherlab.register_method); default: the papers' five",
     )
     p.add_argument(
         "--spectrum",

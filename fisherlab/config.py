@@ -15,8 +15,9 @@ from enum import Enum
 import torch
 
 from fisherlab._errors import FisherlabError
-from fisherlab.approximations import ApproxConfig, Method
+from fisherlab.approximations import PAPER_METHODS, ApproxConfig
 from fisherlab.losses import FisherKind
+from fisherlab.method_registry import resolve_methods
 from fisherlab.metrics import ERROR_METRICS, Spectrum
 from fisherlab.optim import OPTIMIZER_NAMES
 from fisherlab.twolevel import CoarseSpace
@@ -104,7 +105,7 @@ class ProbeConfig:
     batch_size: int | None = None
     fisher: FisherKind = FisherKind.MC
     mc_samples: int = 1
-    methods: tuple[Method, ...] = tuple(Method)
+    methods: tuple[str, ...] = PAPER_METHODS
     spectrum: Spectrum = Spectrum.EIGENVALUES
     metrics: tuple[str, ...] = ERROR_METRICS
     tol: float = 1e-6
@@ -128,7 +129,9 @@ class ProbeConfig:
         self.spectrum = _enum_value(Spectrum, self.spectrum)  # type: ignore[assignment]
         self.dtype = _enum_value(Precision, self.dtype)  # type: ignore[assignment]
         self.accumulate = _enum_value(Accumulation, self.accumulate)  # type: ignore[assignment]
-        self.methods = _enum_tuple(Method, tuple(self.methods), "methods")
+        self.methods = resolve_methods(self.methods)
+        if not self.methods:
+            raise FisherlabError("--methods names no method")
         if self.coarse_spaces:
             self.coarse_spaces = _enum_tuple(CoarseSpace, tuple(self.coarse_spaces), "coarse spaces")
 

@@ -30,7 +30,7 @@ from fisherlab._errors import FisherlabError
 from fisherlab.distributed import Shard, all_reduce_sum
 from fisherlab.kron import KronSum
 from fisherlab.layers import LayerFactors
-from fisherlab.operators import Params, axpy, dot
+from fisherlab.operators import BlockOperator, Params, axpy, dot
 
 __all__ = ["ExactBlock", "WholeFisher", "cross_block_dense", "full_fisher_dense", "jvp", "vjp"]
 
@@ -270,6 +270,16 @@ class ExactBlock:
             (torch.sum(o * self.rearranged_matvec(i)) for o, i in zip(kron.outs, kron.ins, strict=True)),
             torch.zeros((), dtype=self.factors.a.dtype, device=self.factors.a.device),
         )
+
+    def inner_operator(self, operator: BlockOperator) -> Tensor:
+        """``<F, B>_F = (1/N) Σ_{n,v} <DW_nv, B DW_nv>`` for any block operator ``B`` (its ``matvec``
+        on batches of per-sample gradients, chunk by chunk: the generic matrix-free route)."""
+        chunks = [self._dw] if self._dw is not None else self._dw_chunks()
+        local = sum(
+            (torch.sum(dw * operator.matvec(dw)) for dw in chunks),
+            torch.zeros((), dtype=self.factors.a.dtype, device=self.factors.a.device),
+        )
+        return all_reduce_sum(local, self.factors.shard) / self.factors.n_samples
 
     def jacobian(self) -> Tensor:
         """Per-sample gradients as rows, ``[N V, d_out d_in]`` (``F = J^T J / N``); dense."""

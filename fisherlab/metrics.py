@@ -29,9 +29,9 @@ from torch import Tensor
 
 from fisherlab._errors import UndefinedMetricWarning
 from fisherlab.approximations import (
+    PAPER_METHODS,
     ApproxConfig,
     Approximation,
-    Method,
     WarmStarts,
     approximate_all,
     restricted_warm_starts,
@@ -39,6 +39,8 @@ from fisherlab.approximations import (
 from fisherlab.fisher import ExactBlock
 from fisherlab.kron import KronSum
 from fisherlab.krylov import RitzValues, block_lanczos_eigenvalues
+from fisherlab.method_registry import METHODS, resolve_methods
+from fisherlab.operators import BlockOperator
 
 __all__ = [
     "BLOCK_METRICS",
@@ -62,8 +64,10 @@ __all__ = [
     "Variable",
     "evaluate_block",
     "frobenius_error",
+    "inner_with_block",
     "spectral_error",
     "spectral_error_bounded",
+    "spectral_error_of_operator",
     "spectral_limits",
 ]
 
@@ -119,12 +123,21 @@ class BlockReference:
         return self.cache["eigenvalues"]
 
 
-def frobenius_error(ref: BlockReference, approx: KronSum) -> Tensor:
-    """Error 1, ``||F - F̂||_F / ||F||_F`` (K §4.1), from factors only.
+def inner_with_block(block: ExactBlock, approx: BlockOperator) -> Tensor:
+    """``<F, F̂>_F``: the closed form for a Kronecker sum (K Prop. 3.1 products), else the generic
+    matrix-free route ``(1/N) Σ <DW, F̂ DW>`` (:meth:`~fisherlab.fisher.ExactBlock.inner_operator`)."""
+    if isinstance(approx, KronSum):
+        return block.inner(approx)
+    return block.inner_operator(approx).to(block.factors.dtype)
+
+
+def frobenius_error(ref: BlockReference, approx: BlockOperator) -> Tensor:
+    """Error 1, ``||F - F̂||_F / ||F||_F`` (K §4.1), from factors only, for any block operator ``F̂``.
 
     Returns 0-d tensor; ``nan`` when ``F = 0``.
     """
-    sq = ref.norm_squared - 2 * ref.block.inner(approx) + approx.frobenius_norm_squared()
+    norm_squared = approx.frobenius_norm_squared().to(ref.norm_squared.dtype)
+    sq = ref.norm_squared - 2 * inner_with_block(ref.block, approx) + norm_squared
     return torch.sqrt(torch.clamp(sq, min=0) / ref.norm_squared)
 
 
@@ -392,7 +405,7 @@ def spectral_error_bounded(
     )
 
 
-def spectral_error(ref: BlockReference, approx: KronSum, *, spectrum: Spectrum | None = None) -> Tensor:
+def spectral_error(ref: BlockReference, approx: BlockOperator, *, spectrum: Spectrum | None = None) -> Tensor:
     """Error 2, ``||spec(F) - spec(F̂)||_2 / ||spec(F)||_2`` (K §4.1), sorted descending.
 
     Only the ``r`` largest eigenvalues of ``F̂`` are needed (exact products of factor
@@ -407,11 +420,86 @@ def spectral_error(ref: BlockReference, approx: KronSum, *, spectrum: Spectrum |
     return torch.tensor(_spectral(ref, approx, spectrum).value, dtype=ref.eigenvalues.dtype)
 
 
-def _spectral(ref: BlockReference, approx: KronSum, spectrum: Spectrum | None = None) -> SpectralError:
-    """:func:`spectral_error_bounded`, computed once per (reference, approximation, spectrum)."""
+def spectral_error_of_operator(
+    ref: BlockReference, approx: BlockOperator, *, spectrum: Spectrum | None = None, memory_limit: int | None = None
+) -> SpectralError:
+    """Error 2 of a block operator that is not a Kronecker sum.
+
+    Its eigenvalues come from its closed form (``approx.eigenvalues()``: diagonal,
+    eigenbasis-diagonal and dense operators), else from the dense matrix when it fits in the
+    memory limit, else from block Lanczos on ``approx.matvec``
+    (:func:`~fisherlab.krylov.block_lanczos_eigenvalues`), bounded like the Kronecker route.
+    """
+    spectrum = ref.spectrum if spectrum is None else Spectrum(spectrum)
+    by_magnitude = spectrum == Spectrum.SINGULAR_VALUES
+    lam = ref.eigenvalues.clamp(min=0)
+    den = float(torch.sum(lam**2))
+    r = lam.numel()
+    dim = approx.d_out * approx.d_in
+    norm_squared = float(approx.frobenius_norm_squared())
+    device_memory, work_limit = spectral_limits(lam.device)
+    limit = device_memory if memory_limit is None else memory_limit
+
+    def result(mu: Tensor, mu_next: float | None = None, mu_floor: float | None = None) -> SpectralError:
+        low, high = _error_interval(
+            lam, mu.to(lam), norm_squared, by_magnitude=by_magnitude, mu_next=mu_next, mu_floor=mu_floor
+        )
+        lo, hi = math.sqrt(low / den), math.sqrt(high / den)
+        return SpectralError((lo + hi) / 2, (hi - lo) / 2, mu.numel())
+
+    def from_all(ev: Tensor) -> SpectralError:
+        ev = torch.cat([ev.abs() if by_magnitude else ev, ev.new_zeros(ref.zeros)])
+        return result(torch.sort(ev, descending=True).values[:r])
+
+    closed = getattr(approx, "eigenvalues", None)
+    ev = closed() if callable(closed) else None
+    if ev is not None:
+        return from_all(ev.flatten())
+    itemsize = 8
+    if dim * dim * itemsize <= limit and dim <= SPECTRAL_DENSE_SIDE * 8:
+        dense = approx.as_dense().to(lam.dtype)
+        return from_all(torch.linalg.eigvalsh((dense + dense.T) / 2))
+    width = 16
+    vectors = int(limit // (dim * itemsize))
+    if vectors < (3 + _SOLVER_COPIES) * width:
+        need = (3 + _SOLVER_COPIES) * width * dim * itemsize / 2**30
+        return SpectralError(
+            math.nan, math.inf, 0, f"the eigensolver's smallest basis (D = {dim}) needs {need:.1f} GiB"
+        )
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(width, approx.d_out, approx.d_in, generator=gen, dtype=lam.dtype).to(lam.device)
+
+    def interval(ritz: RitzValues) -> SpectralError:
+        return result(*_leading_eigenvalues(ritz, by_magnitude=by_magnitude, dim=dim, r=r, zeros=ref.zeros))
+
+    def within_tolerance(res: SpectralError) -> bool:
+        return res.bound <= max(SPECTRAL_RTOL * res.value, SPECTRAL_ATOL)
+
+    ritz = block_lanczos_eigenvalues(
+        approx.matvec,
+        start,
+        r if by_magnitude else dim,
+        max_dim=min(dim, vectors - _SOLVER_COPIES * width),
+        tol=1e-10,
+        product_flops=4.0 * dim,
+        max_flops=work_limit,
+        enough=lambda ritz: within_tolerance(interval(ritz)),
+    )
+    res = interval(ritz)
+    if within_tolerance(res):
+        return res
+    return SpectralError(res.value, res.bound, res.eigenvalues, f"{res.eigenvalues} of the {r} eigenvalues converged")
+
+
+def _spectral(ref: BlockReference, approx: BlockOperator, spectrum: Spectrum | None = None) -> SpectralError:
+    """:func:`spectral_error_bounded` (or :func:`spectral_error_of_operator`), computed once per
+    (reference, approximation, spectrum)."""
     key = ("spectral_error", id(approx), spectrum)
     if key not in ref.cache:
-        res = spectral_error_bounded(ref, approx, spectrum=spectrum)
+        if isinstance(approx, KronSum):
+            res = spectral_error_bounded(ref, approx, spectrum=spectrum)
+        else:
+            res = spectral_error_of_operator(ref, approx, spectrum=spectrum)
         if res.note:
             warnings.warn(
                 f"error 2 of layer {ref.layer!r}: {res.note}; stored as {res.value:.6g} with spectral_error_bound "
@@ -468,7 +556,7 @@ BLOCK_METRICS: tuple[BlockMetric, ...] = (
         "1",
         "||F - F_hat||_F / ||F||_F (K Sec. 4.1); NaN where the block is zero "
         "(fisher_frobenius_norm = 0: undefined, a warning says so)",
-        compute=lambda ref, a: float(frobenius_error(ref, a.kron)),
+        compute=lambda ref, a: float(frobenius_error(ref, a.operator)),
         error=True,
         cli_note="always computed",
     ),
@@ -479,7 +567,7 @@ BLOCK_METRICS: tuple[BlockMetric, ...] = (
         "1",
         "||spec(F) - spec(F_hat)||_2 / ||spec(F)||_2, spectra sorted descending (K Sec. 4.1); see attr spectrum; "
         "NaN when not in attr metrics",
-        compute=lambda ref, a: _spectral(ref, a.kron).value,
+        compute=lambda ref, a: _spectral(ref, a.operator).value,
         error=True,
         cli_note="Kronecker-rank-2 methods need the top eigenvalues of a d_out d_in-sided matrix; bounded in memory",
     ),
@@ -491,7 +579,7 @@ BLOCK_METRICS: tuple[BlockMetric, ...] = (
         "|spectral_error - exact| <= this; 0 when every needed eigenvalue of F_hat was computed, > 0 when only the "
         f"largest fit in the eigensolver's memory or work limit ({SPECTRAL_MEMORY_LIMIT / 2**30:.0f} GiB and "
         f"{SPECTRAL_WORK_LIMIT:.0e} flops on CPU; a warning says so), inf when none did (value NaN)",
-        compute=lambda ref, a: _spectral(ref, a.kron).bound,
+        compute=lambda ref, a: _spectral(ref, a.operator).bound,
         accompanies="spectral_error",
     ),
     BlockMetric(
@@ -550,40 +638,20 @@ class BlockEvaluation:
     """Approximations of one exact block and every registered metric of them (K §4.1).
 
     Args:
-        approximations: Per method.
+        approximations: Per method name.
         values: ``values[metric][method]`` for every :data:`BLOCK_METRICS` entry (NaN for an
             error metric not asked for, or undefined).
         layer_values: ``layer_values[metric]`` for every :data:`LAYER_METRICS` entry.
     """
 
-    approximations: dict[Method, Approximation]
-    values: dict[str, dict[Method, float]]
+    approximations: dict[str, Approximation]
+    values: dict[str, dict[str, float]]
     layer_values: dict[str, float]
-
-    @property
-    def frobenius_errors(self) -> dict[Method, float]:
-        """Error 1 per method."""
-        return self.values["frobenius_error"]
-
-    @property
-    def spectral_errors(self) -> dict[Method, float]:
-        """Error 2 per method (NaN when not computed)."""
-        return self.values["spectral_error"]
-
-    @property
-    def times(self) -> dict[Method, float]:
-        """Seconds to build each approximation."""
-        return {m: a.seconds for m, a in self.approximations.items()}
-
-    @property
-    def fisher_norm(self) -> float:
-        """``||F||_F``."""
-        return self.layer_values["fisher_frobenius_norm"]
 
 
 def evaluate_block(
     block: ExactBlock,
-    methods: Sequence[Method | str] | None = None,
+    methods: Sequence[object] | None = None,
     config: ApproxConfig | None = None,
     *,
     spectrum: Spectrum | str = Spectrum.EIGENVALUES,
@@ -593,20 +661,42 @@ def evaluate_block(
 ) -> BlockEvaluation:
     """Build every approximation of ``block`` and compute every registered metric of each.
 
-    A layer wider than its batch is first restricted to the span of its per-sample factors
-    (:meth:`~fisherlab.fisher.ExactBlock.sample_span`: the same approximations and errors on a
-    smaller block); the approximations are returned lifted to the whole block.
-    The Gram matrix (hence ``||F||_F`` and the spectrum) is computed once and shared. Error
-    metrics not in ``metrics`` are stored as NaN (error 2 of Kronecker-rank-2 methods is the
-    one cost that grows like ``(d_out d_in)^3``). A zero block warns once
-    (:class:`UndefinedMetricWarning`) and gives NaN errors.
+    Restrict → approximate → measure → lift: a layer wider than its batch is first restricted to
+    the span of its per-sample factors (:meth:`~fisherlab.fisher.ExactBlock.sample_span`: the same
+    approximations and errors on a smaller block) for every method registered ``span_invariant``
+    (the papers' five); the others are built and measured on the whole block. Approximations are
+    returned lifted to the whole block. The Gram matrix (hence ``||F||_F`` and the spectrum) is
+    computed once per block and shared. Error metrics not in ``metrics`` are stored as NaN (error 2
+    of Kronecker-rank-2 methods is the one cost that grows like ``(d_out d_in)^3``). A zero block
+    warns once (:class:`UndefinedMetricWarning`) and gives NaN errors.
+
+    Args:
+        block: The exact block.
+        methods: Registered method names (default: the papers' five), ``all`` or ``package.module:attribute``.
+        config: Solver settings.
+        spectrum: What error 2 compares.
+        metrics: Error metrics to compute.
+        warm: Warm starts per method (:func:`~fisherlab.approximations.warm_starts`).
+        layer: Layer name used in warnings.
     """
-    methods = list(Method) if methods is None else [Method(m) for m in methods]
+    names = resolve_methods(PAPER_METHODS if methods is None else methods)
     span = block.sample_span()  # a wide layer at a small batch: the same errors on a smaller block
-    work = block if span is None else span.block
-    ref = BlockReference.of(work, spectrum=spectrum, layer=layer, zeros=0 if span is None else span.zeros)
-    approx = approximate_all(work, methods, config, warm=restricted_warm_starts(warm, span), layer=layer)
-    zero = not float(ref.norm_squared) > 0
+    on_span = [m for m in names if span is not None and METHODS[m].span_invariant]
+    whole = [m for m in names if m not in on_span]
+    refs: dict[str, BlockReference] = {}
+    approx: dict[str, Approximation] = {}
+    if on_span:
+        assert span is not None
+        ref = BlockReference.of(span.block, spectrum=spectrum, layer=layer, zeros=span.zeros)
+        built = approximate_all(span.block, on_span, config, warm=restricted_warm_starts(warm, span), layer=layer)
+        for name, a in built.items():
+            refs[name], approx[name] = ref, a
+    if whole:
+        ref = BlockReference.of(block, spectrum=spectrum, layer=layer)
+        for name, a in approximate_all(block, whole, config, warm=warm, layer=layer).items():
+            refs[name], approx[name] = ref, a
+    any_ref = next(iter(refs.values()), None) or BlockReference.of(block, spectrum=spectrum, layer=layer)
+    zero = not float(any_ref.norm_squared) > 0
     if zero:
         warnings.warn(
             f"the exact Fisher block of layer {layer!r} is zero (no gradient reaches it: dead or saturated units); "
@@ -614,12 +704,12 @@ def evaluate_block(
             UndefinedMetricWarning,
             stacklevel=2,
         )
-    values: dict[str, dict[Method, float]] = {}
+    values: dict[str, dict[str, float]] = {}
     skipped = {m.name for m in BLOCK_METRICS if m.error and (zero or m.name not in metrics)}
     for metric in BLOCK_METRICS:
         skip = metric.name in skipped or metric.accompanies in skipped
-        values[metric.name] = {m: math.nan if skip else float(metric.compute(ref, a)) for m, a in approx.items()}
-    layer_values = {metric.name: float(metric.compute(ref)) for metric in LAYER_METRICS}
+        values[metric.name] = {m: math.nan if skip else float(metric.compute(refs[m], approx[m])) for m in names}
+    layer_values = {metric.name: float(metric.compute(any_ref)) for metric in LAYER_METRICS}
     if span is not None:
-        approx = {m: a.lifted(span) for m, a in approx.items()}
+        approx = {m: approx[m].lifted(span) if m in on_span else approx[m] for m in names}
     return BlockEvaluation(approx, values, layer_values)

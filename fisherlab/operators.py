@@ -25,7 +25,7 @@ from torch import Tensor
 from fisherlab._errors import FisherlabError
 
 if TYPE_CHECKING:
-    from fisherlab.kron import KronSolver, KronSum
+    from fisherlab.kron import KronSolver
 
 __all__ = ["BlockDiagonal", "BlockOperator", "Params", "ParamsOperator", "axpy", "dot", "solve_all"]
 
@@ -35,7 +35,15 @@ Params = list[Tensor]
 
 @runtime_checkable
 class BlockOperator(Protocol):
-    """A symmetric operator on ``[d_out, d_in]`` matrices: one layer's Fisher block or an approximation of it."""
+    """A symmetric operator on ``[d_out, d_in]`` matrices: one layer's Fisher block or an approximation of it.
+
+    Required: ``d_out``, ``d_in``, ``matvec`` (on ``[..., d_out, d_in]`` batches),
+    ``frobenius_norm_squared`` and ``as_dense``. Optional, used where present: ``eigenvalues()``
+    (all of them, descending: error 2 without an eigensolver), ``solve(v, damping=...)`` (the
+    optimizers), ``inner(kron)`` (a closed-form ``<B, Σ out ⊗ in>``). The metrics fall back to the
+    generic matrix-free route: ``<F, B> = (1/N) Σ <DW, B DW>`` and block Lanczos on ``matvec``.
+    :func:`fisherlab.testing.check_block_operator` checks an operator against its dense matrix.
+    """
 
     @property
     def d_out(self) -> int:
@@ -48,15 +56,11 @@ class BlockOperator(Protocol):
         ...
 
     def matvec(self, w: Tensor) -> Tensor:
-        """``B vec(W)`` returned as a ``[d_out, d_in]`` matrix."""
+        """``B vec(W)`` for each ``[d_out, d_in]`` matrix of a batch ``[..., d_out, d_in]``."""
         ...
 
-    def inner(self, kron: KronSum) -> Tensor:
-        """Frobenius inner product ``⟨B, Σ_k out_k ⊗ in_k⟩_F``."""
-        ...
-
-    def frobenius_norm(self) -> Tensor:
-        """``‖B‖_F``."""
+    def frobenius_norm_squared(self) -> Tensor:
+        """``‖B‖_F²``."""
         ...
 
     def as_dense(self) -> Tensor:

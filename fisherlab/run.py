@@ -17,7 +17,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -31,11 +31,12 @@ from torch import distributed as dist
 from tqdm.auto import tqdm
 
 from fisherlab._errors import FisherlabError
-from fisherlab.approximations import Approximation, Method, WarmStarts, approximate_all, warm_starts
+from fisherlab.approximations import Approximation, WarmStarts, approximate_all, warm_starts
 from fisherlab.config import ProbeConfig, apply_threads, select_device
 from fisherlab.data import ImageData, announce_data
 from fisherlab.distributed import Shard, all_reduce_sum, shard_of_batch
 from fisherlab.fisher import ExactBlock
+from fisherlab.kron import KronSum
 from fisherlab.losses import LossKind, as_enum, per_sample_loss
 from fisherlab.metrics import BLOCK_METRICS, LAYER_METRICS, evaluate_block
 from fisherlab.operators import BlockDiagonal
@@ -103,7 +104,7 @@ class FisherProbe:
         loss: Its negative log-likelihood, ``"mse"``, ``"bce"`` or ``"ce"``.
         every: Probe when ``step % every == 0`` (default ``config.every``).
         layers: Module paths to measure (default: every Linear and Conv2d layer).
-        methods: Method names (default ``config.methods``: all five).
+        methods: Registered method names (default ``config.methods``: the papers' five).
         out: A ``.nc`` file to append every snapshot to (locked until :meth:`close`); ``None``
             keeps the snapshots in memory only.
         config: Every other setting (Fisher kind, metrics, tolerances, two-level, ...);
@@ -129,7 +130,7 @@ class FisherProbe:
         *,
         every: int | None = None,
         layers: list[str] | dict[str, nn.Module] | None = None,
-        methods: list[str] | list[Method] | None = None,
+        methods: Sequence[str] | None = None,
         out: str | Path | None = None,
         config: ProbeConfig | None = None,
         overwrite: bool = False,
@@ -142,7 +143,7 @@ class FisherProbe:
         writer = writer if rank == 0 else None
         config = replace(config or ProbeConfig(), every=every or (config or ProbeConfig()).every)
         if methods is not None:
-            config.methods = tuple(methods)  # type: ignore[assignment]
+            config = replace(config, methods=tuple(methods))
         self.loss = as_enum(LossKind, loss, "loss")
         kwargs = {
             "fisher": config.fisher,
@@ -276,7 +277,7 @@ def probe_training(
             snapshot = fisher_probe.step(it, x, y, shard=shard)
             if snapshot is not None:
                 latest = snapshot.isel(iteration=-1, layer=0)
-                summary = {m.value: f"{float(latest['frobenius_error'][i]):.3f}" for i, m in enumerate(config.methods)}
+                summary = {m: f"{float(latest['frobenius_error'][i]):.3f}" for i, m in enumerate(config.methods)}
                 bar.set_postfix(loss=f"{float(latest['train_loss']):.4g}", **summary)
             if it < config.iterations:
                 _step(model, loss, optimizer, x, y, it, shard)
@@ -306,7 +307,7 @@ def _snapshot(
     per_layer = {m.name: np.zeros(len(names), dtype=m.dtype) for m in LAYER_METRICS}
     # across snapshots only the warm starts are kept (a lifted approximation of a wide layer is
     # d_in² numbers per term); the two-level metrics need every layer's approximations of this one
-    current: dict[str, dict[Method, Approximation]] = {}
+    current: dict[str, dict[str, Approximation]] = {}
     if config.two_level:  # block-diagonal increments need every layer, not only the probed ones
         for name in snap.factors:
             if name not in names:
@@ -335,7 +336,10 @@ def _snapshot(
     scalars = {"train_loss": snap.loss, "probe_time": probe_time}
     if config.two_level:
         order = list(snap.factors)
-        diagonals = {m: BlockDiagonal(tuple(current[n][m].kron for n in order)) for m in methods}
+        kronecker = [m for m in methods if all(isinstance(current[n][m].operator, KronSum) for n in order)]
+        diagonals = {
+            m: BlockDiagonal(tuple(current[n][m].kron for n in order)) if m in kronecker else None for m in methods
+        }
         values, spaces = two_level_metrics(
             snap.whole_fisher(order),
             [snap.gradients[n] for n in order],
@@ -351,7 +355,7 @@ def _snapshot(
                 extra[variable.name] = (variable.dims[1:], np.asarray(values[variable.name]))
         coords["coarse_space"] = spaces
     scalars["wall_time"] = time.perf_counter() - t0
-    return snapshot_dataset(it, names, [m.value for m in methods], per_method, per_layer, scalars, extra, coords), snap
+    return snapshot_dataset(it, names, list(methods), per_method, per_layer, scalars, extra, coords), snap
 
 
 def resolve_layers(problem: Problem, layers: tuple[str, ...]) -> tuple[str, ...]:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from fisherlab._errors import FisherlabError
-from fisherlab.approximations import Method, kfac_factors
+from fisherlab.approximations import kfac_factors
 from fisherlab.distributed import all_reduce_sum
 from fisherlab.fisher import WholeFisher
 from fisherlab.kron import KronSum, pi_damping
@@ -358,7 +358,7 @@ TWO_LEVEL_METRICS: tuple[Variable, ...] = (
 def two_level_metrics(
     fisher: WholeFisher,
     grads: Params,
-    approximations: Mapping[Method, BlockDiagonal],
+    approximations: Mapping[str, BlockDiagonal | None],
     *,
     damping: float,
     spaces: Sequence[CoarseSpace | str],
@@ -369,7 +369,8 @@ def two_level_metrics(
     Args:
         fisher: The Fisher of all probed layers.
         grads: ``∇h`` per layer (true targets).
-        approximations: Per method, its block-diagonal approximation of ``F`` (one block per layer).
+        approximations: Per method, its block-diagonal approximation of ``F`` (one block per layer);
+            ``None`` for a method whose operators are not Kronecker sums (its values are NaN).
         damping: ``λ``.
         spaces: Coarse spaces (``tko`` is added).
         taylor_order: ``q`` of the Taylor space.
@@ -384,7 +385,7 @@ def two_level_metrics(
     block_e = np.full(len(approximations), np.nan)
     block_c = np.full(len(approximations), np.nan)
     for mi, diagonal in enumerate(approximations.values()):
-        if max(k.rank for k in diagonal.blocks) > 2:  # type: ignore[attr-defined]
+        if diagonal is None or max(k.rank for k in diagonal.blocks) > 2:  # type: ignore[attr-defined]
             continue
         zeta_m = diagonal.solve(grads, damping=damping)
         block_e[mi] = energy_error(fisher, zeta_m, res.zeta, damping=damping)

@@ -40,17 +40,17 @@ print(block.factors.a.shape, block.factors.g.shape, "block side", block.dim)""",
             """approx = fl.approximate_all(block, list(fl.Method))
 ref = fl.BlockReference.of(block)
 for m, a in approx.items():
-    print(f"{m.value:15s} error 1 {float(fl.frobenius_error(ref, a.kron)):.4f}   error 2 {float(fl.spectral_error(ref, a.kron)):.4f}   "
+    print(f"{m:15s} error 1 {float(fl.frobenius_error(ref, a.kron)):.4f}   error 2 {float(fl.spectral_error(ref, a.kron)):.4f}   "
           f"iterations {a.iterations}  converged {a.converged}")""",
         ),
         (
             "code",
-            """dense = {m.value: a.kron.as_dense() for m, a in approx.items()}
+            """dense = {m: a.kron.as_dense() for m, a in approx.items()}
 fig = plots.block_heatmaps(block.as_dense(), dense, max_side=200)""",
         ),
         (
             "code",
-            """spectra = {"exact": ref.eigenvalues} | {m.value: a.kron.eigenvalues() for m, a in approx.items()}
+            """spectra = {"exact": ref.eigenvalues} | {m: a.kron.eigenvalues() for m, a in approx.items()}
 fig = plots.spectra_figure(spectra)""",
         ),
     ],

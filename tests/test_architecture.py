@@ -15,6 +15,8 @@ STAGES = [
     "kron",
     "krylov",
     "operators",
+    "block_operators",  # operators that are not Kronecker sums
+    "method_registry",  # the names of the approximations and their builders
     "losses",
     "data",
     "store",  # leaves

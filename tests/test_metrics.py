@@ -31,14 +31,14 @@ def test_errors_match_dense(case: dict, spectrum: Spectrum, device: torch.device
             dense_frobenius_error(dense, f_hat),
             rtol=1e-8,
             atol=1e-10,
-            msg=method.value,
+            msg=method,
         )
         torch.testing.assert_close(
             spectral_error(ref, approx.kron, spectrum=spectrum),
             dense_spectral_error(dense, f_hat, spectrum),
             rtol=1e-8,
             atol=1e-10,
-            msg=method.value,
+            msg=method,
         )
 
 
@@ -204,13 +204,13 @@ def test_errors_on_the_sample_span_match_the_whole_block(spectrum: Spectrum, con
     for method, approx in ev.approximations.items():
         f_hat = approx.kron.as_dense()
         assert f_hat.shape == dense.shape
-        torch.testing.assert_close(f_hat, whole[method].kron.as_dense(), rtol=1e-6, atol=1e-8, msg=method.value)
+        torch.testing.assert_close(f_hat, whole[method].kron.as_dense(), rtol=1e-6, atol=1e-8, msg=method)
         assert ev.values["frobenius_error"][method] == pytest.approx(
             float(dense_frobenius_error(dense, f_hat)), rel=1e-8, abs=1e-10
-        ), method.value
+        ), method
         assert ev.values["spectral_error"][method] == pytest.approx(
             float(dense_spectral_error(dense, f_hat, spectrum)), rel=1e-8, abs=1e-10
-        ), method.value
+        ), method
         assert all(w.shape == (13, 13) for w in approx.warm_start)
     again = evaluate_block(block, list(Method), config, spectrum=spectrum, warm=warm_starts(ev.approximations))
     for method in Method:
