@@ -7,6 +7,7 @@ metrics → two-level → config → results → run → figures).
 from fisherlab import optim, twolevel
 from fisherlab._errors import ConvergenceWarning, FisherlabError
 from fisherlab.approximations import (
+    PAPER_METHODS,
     ApproxConfig,
     Approximation,
     Method,
@@ -18,12 +19,14 @@ from fisherlab.approximations import (
     lanczos,
     warm_starts,
 )
+from fisherlab.block_operators import DenseBlockOperator, DiagonalBlockOperator, EigenbasisDiagonal
 from fisherlab.config import ProbeConfig, TrainConfig
 from fisherlab.fisher import ExactBlock, WholeFisher, cross_block_dense, full_fisher_dense
 from fisherlab.kron import KronSum, pi_damping
 from fisherlab.krylov import SingularTriplets, lanczos_svd, power_svd
 from fisherlab.layers import LayerFactors
 from fisherlab.losses import FisherKind, LossKind
+from fisherlab.method_registry import METHODS, MethodSpec, register_method, unregister_method
 from fisherlab.metrics import (
     BLOCK_METRICS,
     BlockEvaluation,
@@ -58,7 +61,15 @@ __all__ = [  # noqa: RUF022 (grouped by pipeline stage, not sorted)
     "ApproxConfig",
     "Approximation",
     "KronSum",
+    "DenseBlockOperator",
+    "DiagonalBlockOperator",
+    "EigenbasisDiagonal",
     "Method",
+    "METHODS",
+    "MethodSpec",
+    "PAPER_METHODS",
+    "register_method",
+    "unregister_method",
     "approximate_all",
     "deflation",
     "kfac",

@@ -192,7 +192,7 @@ def resolve_methods(names: Iterable[object]) -> tuple[str, ...]:
         for name in found:
             if name not in METHODS:
                 raise FisherlabError(
-                    f"unknown method {name!r}; choose from: {', '.join(METHODS)}, all, or package.module:attribute"
+                    f"unknown methods [{name!r}]; choose from: {', '.join(METHODS)}, all, or package.module:attribute"
                 )
             if name not in out:
                 out.append(name)

@@ -34,6 +34,7 @@ STAGES = [
     "train",
     "plots",
     "dense",  # runs, files, figures, dense twins
+    "testing",  # contract checks for operators of one's own
     "cli",
     "__main__",
     "__init__",
