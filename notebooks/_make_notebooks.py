@@ -1,5 +1,6 @@
 """Regenerate the notebooks (outputs empty) from the cell sources below: python notebooks/_make_notebooks.py"""
 
+import sys
 from pathlib import Path
 
 import nbformat
@@ -163,11 +164,13 @@ fl.frobenius_error(fl.BlockReference.of(block), fl.kpsvd(block).kron)""",
     ],
 }
 
+TARGET = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent  # the tests write elsewhere and compare
+
 for name, cells in NOTEBOOKS.items():
     made = [new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in cells]
     for index, cell in enumerate(made):
         cell["id"] = f"cell-{index}"  # stable ids: regenerating does not churn the files
     nb = new_notebook(cells=made)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, str(Path(__file__).parent / name))
+    nbformat.write(nb, str(TARGET / name))
 print("ok")
