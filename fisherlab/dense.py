@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from fisherlab.layers import weight_matrix
+from fisherlab.layers import layer_kind, weight_matrix
 from fisherlab.losses import LossKind, per_sample_loss
 
 __all__ = [
@@ -33,7 +33,7 @@ def per_sample_gradients(
         loss: Its negative log-likelihood.
         x: Inputs ``[N, ...]``.
         y: Targets ``[N, ...]`` (e.g. sampled ones).
-        layers: ``{name: module}`` of Linear layers (or Conv2d, weights flattened per row).
+        layers: ``{name: module}`` of probeable layers (weights in the layer kind's row layout).
     """
     loss = LossKind(loss)
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -48,7 +48,8 @@ def per_sample_gradients(
     for name, module in layers.items():
         prefix = name_of[id(module)]
         bias = grads[f"{prefix}.bias" if prefix else "bias"] if module.bias is not None else None
-        out[name] = weight_matrix(grads[f"{prefix}.weight" if prefix else "weight"], bias, batch_dims=1)
+        rows = vmap(layer_kind(module).to_rows)(grads[f"{prefix}.weight" if prefix else "weight"])  # type: ignore[union-attr]
+        out[name] = weight_matrix(rows, bias, batch_dims=1)
     return out
 
 

@@ -26,8 +26,8 @@ is written ``out ⊗ in_`` with ``out`` of size ``d_out`` and ``in_`` of size ``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -37,15 +37,19 @@ from fisherlab._errors import FisherlabError, check_same_device_dtype
 from fisherlab.distributed import Shard
 
 __all__ = [
+    "LAYER_KINDS",
     "LayerFactors",
+    "LayerKind",
     "conv_patches",
-    "layer_input_factors",
     "layer_inputs",
+    "layer_kind",
     "layer_matrix",
     "layer_output_factors",
     "layer_outputs",
     "probeable_layers",
+    "register_layer_kind",
     "subtract_from_layer",
+    "unsupported_reason",
     "weight_gradient",
     "weight_matrix",
 ]
@@ -166,9 +170,72 @@ class LayerFactors:
         return torch.einsum("nvto,nti->nvoi", self.g, self.a)
 
 
+@dataclass(frozen=True)
+class LayerKind:
+    """How one module type maps onto the normal form ``a [N, T, d_in]``, ``g [N, V, T, d_out]``.
+
+    One adapter per module type; :data:`LAYER_KINDS` is walked by :func:`layer_kind` (exact type
+    first, then subclasses), so a new layer type is one :func:`register_layer_kind` call.
+
+    Args:
+        name: Short name (``linear``, ``conv2d``).
+        module_type: The ``nn.Module`` subclass it handles.
+        inputs: ``(module, x) -> [N, T, d]``: the layer input of one call without the bias column.
+        outputs: ``(module, dL/d(output)) -> [N, T, d_out]``: the output derivative of one call.
+        to_rows: A tensor of the weight's shape (the weight, its gradient) in fisherlab's ``[d_out, d]``
+            row layout (a view where possible; ``W.flatten(1)`` for Linear and Conv2d).
+        from_rows: ``([d_out, d], weight shape) -> tensor of the weight's shape``, the inverse.
+        unsupported: ``module -> reason``; empty when the module can be probed.
+    """
+
+    name: str
+    module_type: type[nn.Module]
+    inputs: Callable[[nn.Module, Tensor], Tensor]
+    outputs: Callable[[nn.Module, Tensor], Tensor]
+    to_rows: Callable[[Tensor], Tensor] = field(default=lambda w: w.flatten(1))
+    from_rows: Callable[[Tensor, torch.Size], Tensor] = field(default=lambda rows, shape: rows.reshape(shape))
+    unsupported: Callable[[nn.Module], str] = field(default=lambda m: "")
+
+
+#: Every registered layer kind, in registration order.
+LAYER_KINDS: dict[str, LayerKind] = {}
+
+
+def register_layer_kind(kind: LayerKind, *, overwrite: bool = False) -> LayerKind:
+    """Add ``kind`` to :data:`LAYER_KINDS`; its modules become probeable everywhere."""
+    if kind.name in LAYER_KINDS and not overwrite:
+        raise FisherlabError(f"layer kind {kind.name!r} is already registered")
+    LAYER_KINDS[kind.name] = kind
+    return kind
+
+
+def layer_kind(module: nn.Module) -> LayerKind | None:
+    """The registered kind of ``module`` (its exact type first, then a base class), or ``None``."""
+    kinds = list(LAYER_KINDS.values())
+    exact = [k for k in kinds if type(module) is k.module_type]
+    return (exact or [k for k in kinds if isinstance(module, k.module_type)] or [None])[0]
+
+
+def _kind(module: nn.Module) -> LayerKind:
+    kind = layer_kind(module)
+    if kind is None:
+        known = ", ".join(k.module_type.__name__ for k in LAYER_KINDS.values())
+        raise FisherlabError(f"cannot probe {type(module).__name__}: the registered layer kinds are {known}")
+    return kind
+
+
 def probeable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """All ``nn.Linear`` and ``nn.Conv2d`` modules of ``model`` by module path, in order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)}
+    """Every module of ``model`` of a registered layer kind (``nn.Linear``, ``nn.Conv2d``), by module path, in order."""
+    return {name: m for name, m in model.named_modules() if layer_kind(m) is not None}
+
+
+def unsupported_reason(module: nn.Module) -> str:
+    """Why ``module`` cannot be probed (empty when it can)."""
+    kind = layer_kind(module)
+    if kind is None:
+        known = " and ".join(f"nn.{k.module_type.__name__}" for k in LAYER_KINDS.values())
+        return f"a {type(module).__name__}; only {known} can be probed"
+    return kind.unsupported(module)
 
 
 def conv_patches(conv: nn.Conv2d, x: Tensor) -> Tensor:
@@ -180,30 +247,39 @@ def conv_patches(conv: nn.Conv2d, x: Tensor) -> Tensor:
     Raises:
         FisherlabError: For grouped convolutions or non-zero padding modes.
     """
-    if conv.groups != 1:
-        raise FisherlabError(f"Conv2d with groups={conv.groups} is not supported (groups=1 only)")
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        if isinstance(conv.padding, str) and conv.padding == "valid":
-            padding: tuple[int, ...] | int = 0
-        else:
-            raise FisherlabError("Conv2d with string padding or non-zero padding_mode is not supported")
-    else:
-        padding = conv.padding  # type: ignore[assignment]
+    reason = _conv_unsupported(conv)
+    if reason:
+        raise FisherlabError(f"Conv2d {reason}")
+    padding = 0 if isinstance(conv.padding, str) else conv.padding
     cols = nnf.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
     return cols.transpose(1, 2)
 
 
-def layer_input_factors(module: nn.Module, x: Tensor) -> Tensor:
-    """The bias-augmented input ``a [N, T, d_in]`` of a Linear or Conv2d layer."""
-    return layer_inputs(module, [x], x.dtype)
+def _conv_unsupported(conv: nn.Module) -> str:
+    if conv.groups != 1:  # type: ignore[operator]
+        return f"with groups={conv.groups} is not supported (groups=1 only)"
+    if conv.padding_mode != "zeros" or (isinstance(conv.padding, str) and conv.padding != "valid"):
+        return "with string padding or non-zero padding_mode is not supported"
+    return ""
 
 
-def _unaugmented_input(module: nn.Module, x: Tensor) -> Tensor:
-    if isinstance(module, nn.Linear):
-        return x.reshape(x.shape[0], -1, x.shape[-1])
-    if isinstance(module, nn.Conv2d):
-        return conv_patches(module, x)
-    raise FisherlabError(f"cannot probe {type(module).__name__}: only nn.Linear and nn.Conv2d")
+register_layer_kind(
+    LayerKind(
+        "linear",
+        nn.Linear,
+        inputs=lambda m, x: x.reshape(x.shape[0], -1, x.shape[-1]),
+        outputs=lambda m, g: g.reshape(g.shape[0], -1, g.shape[-1]),
+    )
+)
+register_layer_kind(
+    LayerKind(
+        "conv2d",
+        nn.Conv2d,
+        inputs=lambda m, x: conv_patches(m, x),  # type: ignore[arg-type]
+        outputs=lambda m, g: g.flatten(2).transpose(1, 2),
+        unsupported=_conv_unsupported,
+    )
+)
 
 
 def layer_inputs(module: nn.Module, xs: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
@@ -212,7 +288,8 @@ def layer_inputs(module: nn.Module, xs: Sequence[Tensor], dtype: torch.dtype) ->
     The calls are concatenated along ``T`` (weight sharing); the result is written in one
     pass into a fresh tensor (no intermediate copies of the cast, the bias column or the calls).
     """
-    parts = [_unaugmented_input(module, x) for x in xs]
+    kind = _kind(module)
+    parts = [kind.inputs(module, x) for x in xs]
     n, d = parts[0].shape[0], parts[0].shape[-1]
     bias = module.bias is not None
     a = parts[0].new_empty((n, sum(p.shape[1] for p in parts), d + bias), dtype=dtype)
@@ -226,10 +303,8 @@ def layer_inputs(module: nn.Module, xs: Sequence[Tensor], dtype: torch.dtype) ->
 
 
 def layer_output_factors(module: nn.Module, grad_output: Tensor) -> Tensor:
-    """Bring ``dL/d(output)`` of a Linear or Conv2d layer to the form ``[N, T, d_out]`` (a view)."""
-    if isinstance(module, nn.Conv2d):
-        return grad_output.flatten(2).transpose(1, 2)
-    return grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1])
+    """Bring ``dL/d(output)`` of a probeable layer to the form ``[N, T, d_out]`` (a view)."""
+    return _kind(module).outputs(module, grad_output)
 
 
 def layer_outputs(module: nn.Module, grads: Sequence[Sequence[Tensor]], dtype: torch.dtype) -> Tensor:
@@ -263,15 +338,19 @@ def weight_matrix(weight: Tensor, bias: Tensor | None, *, batch_dims: int = 0) -
 
 
 def layer_matrix(module: nn.Module, attr: str = "data") -> Tensor:
-    """A Linear/Conv2d layer's parameters (``attr="data"``) or gradients (``"grad"``) as ``[d_out, d_in]``."""
-    weight = module.weight.detach() if attr == "data" else getattr(module.weight, attr)
-    bias = None if module.bias is None else (module.bias.detach() if attr == "data" else getattr(module.bias, attr))
-    return weight_matrix(weight, bias)
+    """A probeable layer's parameters (``attr="data"``) or gradients (``"grad"``) as ``[d_out, d_in]``."""
+    kind = _kind(module)
+    weight, bias = module.weight, module.bias
+    if attr == "data":
+        return weight_matrix(kind.to_rows(weight.detach()), None if bias is None else bias.detach())  # type: ignore[union-attr]
+    return weight_matrix(kind.to_rows(getattr(weight, attr)), None if bias is None else getattr(bias, attr))
 
 
 def subtract_from_layer(module: nn.Module, delta: Tensor) -> None:
     """``W -= delta`` for a ``[d_out, d_in]`` update in the layout of :func:`weight_matrix`."""
-    n_w = module.weight[0].numel()
-    module.weight.sub_(delta[:, :n_w].reshape(module.weight.shape))
+    kind = _kind(module)
+    weight: Tensor = module.weight  # type: ignore[assignment]
+    n_w = kind.to_rows(weight).shape[1]
+    weight.sub_(kind.from_rows(delta[:, :n_w], weight.shape))
     if module.bias is not None:
-        module.bias.sub_(delta[:, n_w])
+        module.bias.sub_(delta[:, n_w])  # type: ignore[operator]

@@ -30,7 +30,15 @@ from torch import Tensor, nn
 from fisherlab._errors import FisherlabError, check_finite
 from fisherlab.distributed import Shard, all_reduce_sum
 from fisherlab.fisher import ExactBlock, WholeFisher
-from fisherlab.layers import LayerFactors, layer_inputs, layer_outputs, probeable_layers, weight_gradient
+from fisherlab.layers import (
+    LayerFactors,
+    layer_inputs,
+    layer_kind,
+    layer_outputs,
+    probeable_layers,
+    unsupported_reason,
+    weight_gradient,
+)
 from fisherlab.losses import (
     FisherKind,
     LossKind,
@@ -246,10 +254,11 @@ def _select_layers(model: nn.Module, layers: Iterable[str] | dict[str, nn.Module
                     raise FisherlabError(f"unknown layer {name!r}; probeable layers: {known}")
                 chosen[name] = modules[name]
     for name, m in chosen.items():
-        if not isinstance(m, nn.Linear | nn.Conv2d):
-            raise FisherlabError(f"layer {name!r} is a {type(m).__name__}; only nn.Linear and nn.Conv2d can be probed")
-        if isinstance(m, nn.Conv2d) and m.groups != 1:
-            raise FisherlabError(f"layer {name!r} is a grouped Conv2d (groups={m.groups}); only groups=1 is supported")
+        reason = unsupported_reason(m)
+        if reason:
+            raise FisherlabError(
+                f"layer {name!r} is {reason}" if layer_kind(m) is None else f"layer {name!r}: {reason}"
+            )
     if not chosen:
-        raise FisherlabError("no nn.Linear or nn.Conv2d layer to probe")
+        raise FisherlabError("no layer of a registered kind (nn.Linear, nn.Conv2d, ...) to probe")
     return chosen

@@ -14,7 +14,9 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 def _documented_modules() -> set[str]:
-    return {m for page in (DOCS / "api").glob("*.md") for m in re.findall(r"^::: ([\w.]+)$", page.read_text(), re.M)}
+    return {
+        m for page in (DOCS / "api").glob("*.md") for m in re.findall(r"^::: ([\w.]+)$", page.read_text(), re.MULTILINE)
+    }
 
 
 def test_every_public_name_is_in_the_api_reference() -> None:
