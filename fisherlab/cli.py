@@ -17,6 +17,7 @@ from fisherlab._errors import ConvergenceWarning, FisherlabError, UndefinedMetri
 from fisherlab.config import ProbeConfig, TrainConfig
 from fisherlab.method_registry import METHODS
 from fisherlab.metrics import BLOCK_METRICS
+from fisherlab.problems import PROBLEMS
 
 __all__ = ["main"]
 
@@ -81,8 +82,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p.add_argument(
         "--problem",
         default=d.problem,
-        help="curves | mnist | faces | cnn | deeplinear64 | deeplinear14 | resnet18 | resnet34 | transformer "
-        "(default: %(default)s; embedded data, no download)",
+        help=f"{' | '.join(PROBLEMS)} (default: %(default)s; embedded data, no download)",
     )
     p.add_argument(
         "--data-dir",
@@ -224,7 +224,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     t.add_argument(
         "--problem",
         default=td.problem,
-        help="curves | mnist | faces | cnn | deeplinear64 | deeplinear14 | resnet18 | resnet34 (default: %(default)s)",
+        help=f"{' | '.join(PROBLEMS)} (default: %(default)s)",
     )
     t.add_argument(
         "--data-dir", default=None, help="directory with the real data files (default: embedded data, no download)"

@@ -20,8 +20,9 @@ The sigmoid of the output layer is part of the loss (:class:`~fisherlab.losses.L
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 from torch import Tensor, nn
@@ -40,9 +41,11 @@ __all__ = [
     "ConvNet",
     "DeepLinear",
     "Problem",
+    "ProblemKind",
     "ResNet",
     "batch_indices",
     "get_problem",
+    "register_problem",
     "training_batches",
 ]
 
@@ -217,21 +220,35 @@ class Transformer(nn.Module):
         return self.head(self.ln(x))
 
 
+class ProblemKind(str, Enum):
+    """Where a problem's training targets come from (:meth:`Problem.targets`)."""
+
+    AUTOENCODER = "autoencoder"  # the inputs
+    CLASSIFIER = "classifier"  # the data's class labels
+    LANGUAGE = "language"  # the next character of a text window
+    TEACHER = "teacher"  # a fixed random linear map of Gaussian inputs
+
+
+def _autoencoder(sizes: tuple[int, ...]) -> nn.Module:
+    return AutoEncoder(list(sizes))
+
+
 @dataclass(frozen=True)
 class Problem:
-    """One of the papers' benchmark problems.
+    """One benchmark problem: a network, its data and its loss.
 
     Args:
-        name: CLI name.
+        name: CLI name (``--problem``).
         sizes: Layer widths of the MLPs (input first); for ``cnn`` the input ``(C, H, W)``; for
             ``transformer`` ``(vocabulary, d_model, heads, blocks, sequence length)``.
         loss: Negative log-likelihood of the output.
         batch_size: The paper's batch size.
         description: One line for help texts.
-        kind: ``autoencoder`` (targets are the inputs), ``classifier`` (data labels), ``language``
-            (next-character targets of text windows) or
-            ``teacher`` (targets from a fixed random linear map of Gaussian inputs).
+        kind: Where the targets come from (:class:`ProblemKind`).
         default_layers: Layers probed when ``--layers`` is not given.
+        build: ``sizes -> nn.Module``: a freshly initialised network (seeded by :meth:`model`).
+        source: The data set :func:`~fisherlab.data.load_images` loads (default: ``name``); ignored
+            by ``teacher`` problems, whose data are generated.
     """
 
     name: str
@@ -239,8 +256,10 @@ class Problem:
     loss: LossKind
     batch_size: int
     description: str
-    kind: str = "autoencoder"
+    kind: ProblemKind = ProblemKind.AUTOENCODER
     default_layers: tuple[str, ...] = ("5",)
+    build: Callable[[tuple[int, ...]], nn.Module] = field(default=_autoencoder, repr=False)
+    source: str = ""
 
     def layer_names(self) -> list[str]:
         """Names of the probeable (Linear/Conv2d) layers, as ``--layers`` takes them."""
@@ -253,16 +272,7 @@ class Problem:
         """A freshly initialised network (PyTorch default init, seeded)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            if self.name == "cnn":
-                net: nn.Module = ConvNet(*self.sizes[:2])
-            elif self.name.startswith("resnet"):
-                net = ResNet((2, 2, 2, 2) if self.name == "resnet18" else (3, 4, 6, 3))
-            elif self.name == "transformer":
-                net = Transformer(*self.sizes)
-            elif self.name.startswith("deeplinear"):
-                net = DeepLinear(list(self.sizes))
-            else:
-                net = AutoEncoder(list(self.sizes))
+            net = self.build(self.sizes)
         return net.to(dtype=dtype, device=device)
 
     def data(self, data_dir: str | None = None, *, seed: int = 0) -> ImageData:
@@ -272,17 +282,14 @@ class Problem:
             FisherlabError: Missing files, or real files without the labels a classifier needs.
         """
         if self.kind == "language":
-            return load_images("text", data_dir, seed=seed)
+            return load_images(self.source or "text", data_dir, seed=seed)
         if self.kind == "teacher":
             gen = torch.Generator().manual_seed(seed)
             x = torch.randn(12_000, self.sizes[0], generator=gen)
             return ImageData(
                 x[:10_000], x[10_000:], "generated: Gaussian inputs, targets from a fixed random linear teacher"
             )
-        source = {"cnn": "cifar10", "resnet18": "cifar10", "resnet34": "cifar10", "deeplinear14": "mnist"}.get(
-            self.name, self.name
-        )
-        data = load_images(source, data_dir, seed=seed)
+        data = load_images(self.source or self.name, data_dir, seed=seed)
         if self.kind == "classifier" and data.train_labels is None:
             raise FisherlabError(f"{self.name} needs class labels: add train-labels-idx1-ubyte[.gz] to {data_dir}")
         return data
@@ -323,66 +330,94 @@ class Problem:
         return x[:, :-1] if self.kind == "language" else x
 
 
-PROBLEMS: dict[str, Problem] = {
-    p.name: p
-    for p in (
-        Problem(
-            "transformer",
-            (128, 64, 4, 2, 128),
-            LossKind.CE,
-            32,
-            "small pre-norm transformer: 2 blocks, d 64, 4 heads, causal attention, 128-character sequences",
-            "language",
-            ("blocks.1.fc1",),
-        ),
-        Problem(
-            "curves",
-            (784, 400, 200, 100, 50, 25, 6, 25, 50, 100, 200, 400, 784),
-            LossKind.BCE,
-            256,
-            "CURVES auto-encoder",
-        ),
-        Problem("mnist", (784, 1000, 500, 250, 30, 250, 500, 1000, 784), LossKind.BCE, 512, "MNIST auto-encoder"),
-        Problem("faces", (625, 2000, 1000, 500, 30, 500, 1000, 2000, 625), LossKind.MSE, 1024, "FACES auto-encoder"),
-        Problem("cnn", (3, 32), LossKind.CE, 256, "cuda-convnet on CIFAR-10 (T §4.2)", "classifier", ("2",)),
-        Problem(
-            "resnet18",
-            (3, 32),
-            LossKind.CE,
-            128,
-            "ResNet-18 (T §4.2; CIFAR-100 there, CIFAR-10 stand-in here)",
-            "classifier",
-            ("fc",),
-        ),
-        Problem(
-            "resnet34",
-            (3, 32),
-            LossKind.CE,
-            512,
-            "ResNet-34 (T §4.2; SVHN there, CIFAR-10 stand-in here)",
-            "classifier",
-            ("fc",),
-        ),
-        Problem(
-            "deeplinear64",
-            (10,) * 65,
-            LossKind.MSE,
-            512,
-            "64 linear layers of 10 units with batch norm (T §4.3)",
-            "teacher",
-            ("32",),
-        ),
-        Problem(
-            "deeplinear14",
-            (784, 1000, 900, 800, 700, 600, 500, 400, 300, 200, 100, 50, 20, 10),
-            LossKind.CE,
-            512,
-            "784-1000-…-20-10 linear network with batch norm on MNIST (T §4.3)",
-            "classifier",
-            ("10",),
-        ),
-    )
-}
+#: Every registered problem by name: the choices of ``--problem`` and of the analyses.
+PROBLEMS: dict[str, Problem] = {}
+
+
+def register_problem(problem: Problem, *, overwrite: bool = False) -> Problem:
+    """Add ``problem`` to :data:`PROBLEMS` (``fisherlab probe --problem NAME`` then runs it)."""
+    if problem.name in PROBLEMS and not overwrite:
+        raise FisherlabError(f"problem {problem.name!r} is already registered")
+    PROBLEMS[problem.name] = problem
+    return problem
+
+
+_CLASSIFIER, _TEACHER, _LANGUAGE = ProblemKind.CLASSIFIER, ProblemKind.TEACHER, ProblemKind.LANGUAGE
+_CIFAR = "cifar10"
+
+for _problem in (
+    Problem(
+        "transformer",
+        (128, 64, 4, 2, 128),
+        LossKind.CE,
+        32,
+        "small pre-norm transformer: 2 blocks, d 64, 4 heads, causal attention, 128-character sequences",
+        _LANGUAGE,
+        ("blocks.1.fc1",),
+        build=lambda sizes: Transformer(*sizes),
+        source="text",
+    ),
+    Problem(
+        "curves", (784, 400, 200, 100, 50, 25, 6, 25, 50, 100, 200, 400, 784), LossKind.BCE, 256, "CURVES auto-encoder"
+    ),
+    Problem("mnist", (784, 1000, 500, 250, 30, 250, 500, 1000, 784), LossKind.BCE, 512, "MNIST auto-encoder"),
+    Problem("faces", (625, 2000, 1000, 500, 30, 500, 1000, 2000, 625), LossKind.MSE, 1024, "FACES auto-encoder"),
+    Problem(
+        "cnn",
+        (3, 32),
+        LossKind.CE,
+        256,
+        "cuda-convnet on CIFAR-10 (T §4.2)",
+        _CLASSIFIER,
+        ("2",),
+        build=lambda sizes: ConvNet(*sizes[:2]),
+        source=_CIFAR,
+    ),
+    Problem(
+        "resnet18",
+        (3, 32),
+        LossKind.CE,
+        128,
+        "ResNet-18 (T §4.2; CIFAR-100 there, CIFAR-10 stand-in here)",
+        _CLASSIFIER,
+        ("fc",),
+        build=lambda sizes: ResNet((2, 2, 2, 2)),
+        source=_CIFAR,
+    ),
+    Problem(
+        "resnet34",
+        (3, 32),
+        LossKind.CE,
+        512,
+        "ResNet-34 (T §4.2; SVHN there, CIFAR-10 stand-in here)",
+        _CLASSIFIER,
+        ("fc",),
+        build=lambda sizes: ResNet((3, 4, 6, 3)),
+        source=_CIFAR,
+    ),
+    Problem(
+        "deeplinear64",
+        (10,) * 65,
+        LossKind.MSE,
+        512,
+        "64 linear layers of 10 units with batch norm (T §4.3)",
+        _TEACHER,
+        ("32",),
+        build=lambda sizes: DeepLinear(list(sizes)),
+    ),
+    Problem(
+        "deeplinear14",
+        (784, 1000, 900, 800, 700, 600, 500, 400, 300, 200, 100, 50, 20, 10),
+        LossKind.CE,
+        512,
+        "784-1000-…-20-10 linear network with batch norm on MNIST (T §4.3)",
+        _CLASSIFIER,
+        ("10",),
+        build=lambda sizes: DeepLinear(list(sizes)),
+        source="mnist",
+    ),
+):
+    register_problem(_problem)
 
 
 def get_problem(name: str) -> Problem:

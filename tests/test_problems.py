@@ -1,0 +1,51 @@
+"""Problems in a registry: a new problem is one ``register_problem`` call, and the probe loop,
+``--problem`` and its help take it from there."""
+
+from __future__ import annotations
+
+import pytest
+
+import fisherlab as fl
+from fisherlab.losses import LossKind
+from fisherlab.problems import PROBLEMS, AutoEncoder, Problem, ProblemKind, register_problem
+
+
+@pytest.fixture
+def toy_problem() -> Problem:
+    problem = register_problem(
+        Problem(
+            "toy_teacher",
+            (6, 4, 3),
+            LossKind.MSE,
+            16,
+            "6-4-3 MLP on a random linear teacher",
+            ProblemKind.TEACHER,
+            ("2",),
+            build=lambda sizes: AutoEncoder(list(sizes)),
+        )
+    )
+    yield problem
+    PROBLEMS.pop(problem.name)
+
+
+def test_a_registered_problem_runs_in_the_probe_loop(toy_problem: Problem, tmp_path) -> None:
+    config = fl.ProbeConfig(problem=toy_problem.name, layers=("1", "2"), iterations=3, every=2, methods=("kfac",))
+    ds = fl.run_probe(config, tmp_path / "toy.nc", progress=False)
+    assert list(ds["layer"].values) == ["1", "2"] and list(ds["iteration"].values) == [0, 2]
+    assert ds.attrs["problem"] == toy_problem.name
+    assert ((ds["frobenius_error"] >= 0) & (ds["frobenius_error"] < 1)).all()
+
+
+def test_problem_registry_feeds_the_cli_help(toy_problem: Problem) -> None:
+    from fisherlab.cli import _parser
+
+    _, commands = _parser()  # built after the registration: --problem's help lists the new problem
+    for command in ("probe", "train"):
+        assert "toy_teacher" in commands[command].format_help(), command
+
+
+def test_every_problem_has_a_builder_and_a_kind() -> None:
+    for problem in PROBLEMS.values():
+        assert isinstance(problem.kind, ProblemKind) and callable(problem.build), problem.name
+    with pytest.raises(fl.FisherlabError, match="already registered"):
+        register_problem(PROBLEMS["curves"])
