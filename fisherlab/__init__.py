@@ -6,6 +6,7 @@ metrics → two-level → config → results → run → figures).
 
 from fisherlab import optim, twolevel
 from fisherlab._errors import ConvergenceWarning, FisherlabError
+from fisherlab._version import __version__ as __version__
 from fisherlab.approximations import (
     PAPER_METHODS,
     ApproxConfig,
@@ -41,8 +42,6 @@ from fisherlab.probe import Probe, ProbeSnapshot
 from fisherlab.problems import PROBLEMS, get_problem
 from fisherlab.results import load
 from fisherlab.run import FisherProbe, probe_training, run_probe
-
-__version__ = "0.1.0"
 
 __all__ = [  # noqa: RUF022 (grouped by pipeline stage, not sorted)
     # probe

@@ -13,7 +13,6 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from enum import Enum
 from typing import Any
 
 import torch
@@ -27,6 +26,7 @@ from fisherlab.kron import KronSum
 from fisherlab.krylov import SingularTriplets, lanczos_svd, power_svd
 from fisherlab.layers import LayerFactors
 from fisherlab.method_registry import METHODS, MethodContext, MethodSpec, register, resolve_methods
+from fisherlab.vocabulary import Method
 
 __all__ = [
     "PAPER_METHODS",
@@ -45,16 +45,6 @@ __all__ = [
     "restricted_warm_starts",
     "warm_starts",
 ]
-
-
-class Method(str, Enum):
-    """Approximation methods; the values are the ``method`` coordinate of the dataset."""
-
-    KFAC = "kfac"
-    KPSVD = "kpsvd"
-    DEFLATION = "deflation"
-    LANCZOS = "lanczos"
-    KFAC_CORRECTED = "kfac_corrected"
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ def _metrics_help() -> str:
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    from fisherlab import __version__
+    from fisherlab._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="fisherlab",

@@ -16,59 +16,19 @@ import torch
 
 from fisherlab._errors import FisherlabError
 from fisherlab.approximations import PAPER_METHODS, ApproxConfig
-from fisherlab.losses import FisherKind
 from fisherlab.method_registry import resolve_methods
-from fisherlab.metrics import ERROR_METRICS, Spectrum
-from fisherlab.optim import OPTIMIZER_NAMES
-from fisherlab.twolevel import CoarseSpace
+from fisherlab.metrics import ERROR_METRICS
+from fisherlab.vocabulary import (
+    OPTIMIZER_NAMES,
+    Accumulation,
+    BaseOptimizer,
+    CoarseSpace,
+    FisherKind,
+    Precision,
+    Spectrum,
+)
 
 __all__ = ["ApproxConfig", "BaseOptimizer", "Precision", "ProbeConfig", "TrainConfig", "apply_threads", "select_device"]
-
-
-class BaseOptimizer(str, Enum):
-    """The independent optimizer that trains the network during a probe run."""
-
-    SGD = "sgd"
-    ADAM = "adam"
-
-
-class Precision(str, Enum):
-    """The floating-point precision of training (``dtype``)."""
-
-    FLOAT32 = "float32"
-    FLOAT64 = "float64"
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The torch dtype."""
-        return torch.float64 if self == Precision.FLOAT64 else torch.float32
-
-
-class Accumulation(str, Enum):
-    """The precision of the probe's factors and of the sums over them (``accumulate``).
-
-    ``mixed`` (the default): the per-sample factors (exact copies of the model's values) and
-    every quantity of the exact block and of the metrics in float64, but KFAC's second moments
-    ``A`` and ``G`` summed in the precision the model computed them in. Their rounding
-    (about 1e-7 relative in float32) moves error 1 by far less than any approximation error
-    it measures, and the sums take half the time of float64 ones (benchmarks/bench_peers.py).
-    ``float64``: every sum in float64. ``float32``: everything in float32 (fastest; error 1
-    then has a floor near 1e-3 from cancellation).
-    """
-
-    MIXED = "mixed"
-    FLOAT64 = "float64"
-    FLOAT32 = "float32"
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype of the stored factors and of the metrics."""
-        return torch.float32 if self == Accumulation.FLOAT32 else torch.float64
-
-    @property
-    def moments_in_capture_dtype(self) -> bool:
-        """Whether KFAC's second moments are summed in the model's precision."""
-        return self == Accumulation.MIXED
 
 
 def _enum_tuple(kind: type[Enum], values: tuple, what: str) -> tuple:

@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.nn import functional as nnf
 
 from fisherlab._errors import FisherlabError
+from fisherlab.vocabulary import FisherKind, LossKind
 
 __all__ = [
     "FisherKind",
@@ -33,29 +34,6 @@ __all__ = [
     "per_sample_loss",
     "sample_targets",
 ]
-
-
-class FisherKind(str, Enum):
-    """How the output directions are chosen (see the module docstring)."""
-
-    MC = "mc"
-    EXACT = "exact"
-    EMPIRICAL = "empirical"
-
-
-class LossKind(str, Enum):
-    """Negative log-likelihoods on the network output ``z`` (logits for bce and ce).
-
-    ``mse``: Gaussian with unit variance, ``L = ½||y - z||²``; ``bce``: independent
-    Bernoulli with ``p = sigmoid(z)`` (a sigmoid output layer with binary cross entropy);
-    ``ce``: categorical with ``p = softmax(z)`` over the last dim, integer targets; a sequence
-    model's logits ``[N, T, C]`` with targets ``[N, T]`` are ``T`` categoricals per sample
-    (next-token prediction), their losses summed.
-    """
-
-    MSE = "mse"
-    BCE = "bce"
-    CE = "ce"
 
 
 def as_enum(kind: type[Enum], value: object, what: str) -> Enum:

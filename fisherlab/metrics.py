@@ -22,7 +22,6 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 
 import torch
 from torch import Tensor
@@ -41,6 +40,7 @@ from fisherlab.kron import KronSum
 from fisherlab.krylov import RitzValues, block_lanczos_eigenvalues
 from fisherlab.method_registry import METHODS, resolve_methods
 from fisherlab.operators import BlockOperator
+from fisherlab.vocabulary import Spectrum, Variable
 
 __all__ = [
     "BLOCK_METRICS",
@@ -73,18 +73,6 @@ __all__ = [
 
 PER_METHOD = ("iteration", "layer", "method")
 PER_LAYER = ("iteration", "layer")
-
-
-class Spectrum(str, Enum):
-    """What "spectrum" means in error 2 (stored in the dataset attribute ``spectrum``).
-
-    ``eigenvalues`` follows the paper's text; ``singular_values`` (absolute eigenvalues,
-    the same for PSD matrices) follows the authors' public code. They differ only for
-    indefinite Kronecker-rank-2 approximations.
-    """
-
-    EIGENVALUES = "eigenvalues"
-    SINGULAR_VALUES = "singular_values"
 
 
 @dataclass(frozen=True)
@@ -512,18 +500,6 @@ def _spectral(ref: BlockReference, approx: BlockOperator, spectrum: Spectrum | N
 
 
 # -- the registry -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Variable:
-    """A stored variable of the results dataset: name, dims and its netCDF attributes."""
-
-    name: str
-    dims: tuple[str, ...]
-    long_name: str
-    units: str
-    definition: str
-    dtype: str = "float64"
 
 
 @dataclass(frozen=True)

@@ -23,14 +23,15 @@ import torch
 from torch import Tensor, nn
 
 from fisherlab._errors import FisherlabError
-from fisherlab.approximations import ApproxConfig, Method, approximate_all, kfac_factors
+from fisherlab.approximations import ApproxConfig, approximate_all, kfac_factors
 from fisherlab.fisher import ExactBlock
 from fisherlab.kron import KronSolver, KronSum
 from fisherlab.layers import layer_matrix, subtract_from_layer
 from fisherlab.losses import LossKind
 from fisherlab.operators import BlockDiagonal, solve_all
 from fisherlab.probe import Probe, ProbeSnapshot
-from fisherlab.twolevel import TKO, CoarseSpace, coarse_step, prolong
+from fisherlab.twolevel import coarse_step, prolong
+from fisherlab.vocabulary import OPTIMIZER_NAMES, TKO, CoarseSpace, Method
 
 __all__ = ["OPTIMIZER_NAMES", "KroneckerOptimizer", "layer_gradient", "make_optimizer"]
 
@@ -232,15 +233,6 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         basis, beta = coarse_step(self.two_level, fisher, kfacs, g, residual, damping=damping)
         corr = prolong(basis, beta)
         return {n: zeta[n] + c.to(zeta[n].dtype) for n, c in zip(names, corr, strict=True)}
-
-
-OPTIMIZER_NAMES = (
-    "sgd",
-    "adam",
-    *(m.value for m in Method),
-    *(f"kfac2l_{c.value}" for c in CoarseSpace),
-    f"kfac2l_{TKO}",
-)
 
 
 def make_optimizer(name: str, model: nn.Module, loss: LossKind | str, **kwargs: Any) -> torch.optim.Optimizer:

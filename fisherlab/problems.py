@@ -22,7 +22,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from enum import Enum
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +31,7 @@ from torch.utils.data import BatchSampler, RandomSampler
 from fisherlab._errors import FisherlabError
 from fisherlab.data import ImageData, load_images
 from fisherlab.layers import probeable_layers
-from fisherlab.losses import LossKind
+from fisherlab.vocabulary import LossKind, ProblemKind
 
 __all__ = [
     "PROBLEMS",
@@ -218,15 +217,6 @@ class Transformer(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln(x))
-
-
-class ProblemKind(str, Enum):
-    """Where a problem's training targets come from (:meth:`Problem.targets`)."""
-
-    AUTOENCODER = "autoencoder"  # the inputs
-    CLASSIFIER = "classifier"  # the data's class labels
-    LANGUAGE = "language"  # the next character of a text window
-    TEACHER = "teacher"  # a fixed random linear map of Gaussian inputs
 
 
 def _autoencoder(sizes: tuple[int, ...]) -> nn.Module:

@@ -317,7 +317,7 @@ def run_attrs(
     config: ProbeConfig, device: torch.device, data_source: str, loss: LossKind, *, stand_in: bool = False
 ) -> dict[str, str | int | float]:
     """Provenance attributes of a probe run: the whole configuration, versions, device, conventions."""
-    from fisherlab import __version__
+    from fisherlab._version import __version__
 
     return {
         "title": f"fisherlab probe: {config.problem}",

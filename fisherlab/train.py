@@ -112,7 +112,7 @@ def run_training(config: TrainConfig, out: str | Path, *, overwrite: bool = Fals
         FisherlabError: Bad configuration, missing data, existing output, divergence of
             every grid point of an optimizer.
     """
-    from fisherlab import __version__
+    from fisherlab._version import __version__
 
     config.check()
     apply_threads(config.threads)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from enum import Enum
 
 import numpy as np
 import torch
@@ -22,8 +21,8 @@ from fisherlab.approximations import kfac_factors
 from fisherlab.distributed import all_reduce_sum
 from fisherlab.fisher import WholeFisher
 from fisherlab.kron import KronSum, pi_damping
-from fisherlab.metrics import Variable
 from fisherlab.operators import BlockDiagonal, Params, axpy, dot
+from fisherlab.vocabulary import TKO, CoarseSpace, Variable
 
 __all__ = [
     "TKO",
@@ -45,21 +44,8 @@ __all__ = [
     "two_level_metrics",
 ]
 
+
 #: Coarse-space key of the Tselepidis-Kohler-Orvieto variant (T eq. 3.18, 4.7b).
-TKO = "tko"
-
-
-class CoarseSpace(str, Enum):
-    """Coarse spaces of T §3.3 (values are the dataset's ``coarse_space`` coordinate)."""
-
-    NICOLAIDES = "nicolaides"
-    SPECTRAL = "spectral"
-    KRYLOV_NICOLAIDES = "krylov_nicolaides"
-    RESIDUALS = "residuals"
-    KRYLOV_RESIDUALS = "krylov_residuals"
-    TAYLOR = "taylor"
-
-
 def damped_kfac_solve(kfacs: Sequence[KronSum], grads: Params, *, damping: float) -> Params:
     """``ζ_KFAC = F•KFAC⁻¹ ∇h`` with π-damping per layer (T eq. 2.30, 3.3, 3.8)."""
     return BlockDiagonal(tuple(kfacs)).solve(grads, damping=damping)

@@ -9,7 +9,9 @@ import fisherlab
 
 #: Pipeline stages, first to last. Leaves first; ``cli`` and ``__init__`` may import anything.
 STAGES = [
+    "_version",
     "_errors",
+    "vocabulary",  # the names of every choice: settings and storage import these, not machinery
     "distributed",  # process groups: sums over samples, shards of a global batch
     "layers",
     "kron",
