@@ -261,7 +261,10 @@ class ExactBlock:
 
         Beyond ``max_rank`` every eigenvalue is 0, so at most ``max_rank`` are returned.
         """
-        ev = torch.linalg.eigvalsh(self.gram() / self.factors.n_samples)
+        k = self.gram() / self.factors.n_samples
+        ev = torch.linalg.eigvalsh(
+            (k + k.T) / 2
+        )  # a GEMM's Gram is symmetric only to rounding; eigvalsh reads one triangle
         return torch.sort(ev, descending=True).values[: min(self.max_rank, top or self.max_rank)]
 
     def inner(self, kron: KronSum) -> Tensor:
