@@ -517,7 +517,8 @@ BLOCK_METRICS: tuple[BlockMetric, ...] = (
         PER_METHOD,
         "relative solver residual",
         "1",
-        "max_k ||R(F)^T x_k - s_k y_k|| / s_1",
+        "max over stages of ||R^T x - s y|| / s, R the (deflated) rearranged block and s the singular value the "
+        "stage computes (Lanczos: / s_1)",
         compute=lambda ref, a: a.residual,
     ),
     BlockMetric(
