@@ -43,6 +43,9 @@ from fisherlab.krylov import RitzValues, block_lanczos_eigenvalues
 __all__ = [
     "BLOCK_METRICS",
     "ERROR_METRICS",
+    "FROBENIUS_MEMORY_LIMIT",
+    "FROBENIUS_RECOMPUTE_BELOW",
+    "FROBENIUS_WORK_LIMIT",
     "LAYER_METRICS",
     "PER_LAYER",
     "PER_METHOD",
@@ -56,12 +59,14 @@ __all__ = [
     "BlockEvaluation",
     "BlockMetric",
     "BlockReference",
+    "FrobeniusError",
     "LayerMetric",
     "SpectralError",
     "Spectrum",
     "Variable",
     "evaluate_block",
     "frobenius_error",
+    "frobenius_error_resolved",
     "spectral_error",
     "spectral_error_bounded",
     "spectral_limits",
@@ -119,13 +124,131 @@ class BlockReference:
         return self.cache["eigenvalues"]
 
 
+#: Error 1 below this is recomputed by a route that forms the difference ``F - F̂`` before squaring
+#: (:func:`frobenius_error_resolved`): there the expansion's rounding, about ``eps ||F||²`` in
+#: ``||F - F̂||²``, exceeds 1e-8 of the value (KFAC on a layer where it is exact gave 1.9e-8 for 1e-16).
+FROBENIUS_RECOMPUTE_BELOW = 1e-3
+
+#: Floating-point operations and bytes the non-cancelling route of error 1 may spend; beyond, the
+#: expansion's value is stored with its resolution (``frobenius_error_resolution``).
+FROBENIUS_WORK_LIMIT = 5e9
+FROBENIUS_MEMORY_LIMIT = 2**28
+
+#: The expansion's rounding error, in units of ``eps (||F||² + 2 |<F, F̂>| + ||F̂||²)`` times the square
+#: root of the longest sum behind it (sums of ``n`` rounded terms err like ``sqrt(n) eps``).
+_EXPANSION_ROUNDING = 8
+
+
+@dataclass(frozen=True)
+class FrobeniusError:
+    """Error 1 and its resolution: ``|value - exact| <= resolution`` (to rounding).
+
+    Args:
+        value: Error 1.
+        resolution: 0 when ``F - F̂`` was formed before squaring (rounding of order ``eps``);
+            else the rounding of the expansion ``||F||² - 2 <F, F̂> + ||F̂||²``, which cancels
+            when ``F̂ ≈ F``.
+    """
+
+    value: float
+    resolution: float
+
+
+def frobenius_error_resolved(ref: BlockReference, approx: KronSum) -> FrobeniusError:
+    """Error 1, ``||F - F̂||_F / ||F||_F`` (K §4.1), resolved down to the float64 floor where affordable.
+
+    First by the expansion ``||F||² - 2 <F, F̂> + ||F̂||²`` from factors only (Gram matrix, K Prop.
+    3.1 products); it cancels when ``F̂ ≈ F`` and resolves only ``sqrt(eps)`` relative. Below
+    :data:`FROBENIUS_RECOMPUTE_BELOW` the difference is formed before squaring
+    (:func:`_frobenius_difference`: the rearranged difference ``R(F) - R(F̂) = P Qᵀ`` through a QR
+    of its smaller side, or dense for a small conv block), within :data:`FROBENIUS_WORK_LIMIT`
+    and :data:`FROBENIUS_MEMORY_LIMIT`; beyond them the expansion's value is kept with its
+    resolution. ``nan`` when ``F = 0``.
+    """
+    norm_squared = float(ref.norm_squared)
+    inner = float(ref.block.inner(approx))
+    approx_squared = float(approx.frobenius_norm_squared())
+    sq = norm_squared - 2 * inner + approx_squared
+    value = math.sqrt(max(sq, 0.0) / norm_squared) if norm_squared > 0 else math.nan
+    if not norm_squared > 0 or not math.isfinite(value) or value >= FROBENIUS_RECOMPUTE_BELOW:
+        return FrobeniusError(value, 0.0 if math.isfinite(value) else math.nan)
+    exact = _frobenius_difference(ref.block, approx)
+    if exact is not None:
+        return FrobeniusError(exact / math.sqrt(norm_squared), 0.0)
+    f = ref.block.factors
+    longest = max(f.d_in * f.n_positions, f.d_out, f.n_samples * f.n_directions)
+    eps = torch.finfo(f.dtype).eps
+    delta = _EXPANSION_ROUNDING * math.sqrt(longest) * eps * (norm_squared + 2 * abs(inner) + approx_squared)
+    low, high = math.sqrt(max(sq - delta, 0.0) / norm_squared), math.sqrt(max(sq + delta, 0.0) / norm_squared)
+    return FrobeniusError(value, max(high - value, value - low))
+
+
 def frobenius_error(ref: BlockReference, approx: KronSum) -> Tensor:
-    """Error 1, ``||F - F̂||_F / ||F||_F`` (K §4.1), from factors only.
+    """Error 1, ``||F - F̂||_F / ||F||_F`` (K §4.1), from factors (:func:`frobenius_error_resolved`).
 
     Returns 0-d tensor; ``nan`` when ``F = 0``.
     """
-    sq = ref.norm_squared - 2 * ref.block.inner(approx) + approx.frobenius_norm_squared()
-    return torch.sqrt(torch.clamp(sq, min=0) / ref.norm_squared)
+    like = ref.norm_squared
+    return torch.tensor(_frobenius(ref, approx).value, dtype=like.dtype, device=like.device)
+
+
+def _frobenius(ref: BlockReference, approx: KronSum) -> FrobeniusError:
+    """:func:`frobenius_error_resolved`, computed once per (reference, approximation)."""
+    key = ("frobenius_error", id(approx))
+    if key not in ref.cache:
+        ref.cache[key] = (approx, frobenius_error_resolved(ref, approx))  # approx kept alive: its id stays unique
+    return ref.cache[key][1]
+
+
+def _upper(side: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Row and column indices of the upper triangle of a ``side``-square matrix, and the weights
+    (1 on the diagonal, √2 off it) that make Frobenius inner products of symmetric matrices dot
+    products of their weighted upper triangles."""
+    rows, cols = torch.triu_indices(side, side, device=like.device)
+    weight = torch.full(rows.shape, math.sqrt(2.0), dtype=like.dtype, device=like.device)  # √2 in like's precision
+    weight[rows == cols] = 1.0
+    return rows, cols, weight
+
+
+def _frobenius_difference(block: ExactBlock, approx: KronSum) -> float | None:
+    """``||F - F̂||_F`` with the difference formed before squaring (error ``O(eps ||F||)``), or
+    ``None`` where that costs more than the limits allow (or the batch is sharded).
+
+    Linear layers (``T = 1``, symmetric factors): ``R(F) - R(F̂) = P Qᵀ`` with the columns
+    ``vec(g gᵀ) / √N``, ``vec(out_k)`` of ``P`` and ``vec(a aᵀ) / √N``, ``-vec(in_k)`` of ``Q``,
+    upper triangles only (:func:`_upper`); with ``Q = U R`` (Householder QR of the smaller
+    side), ``||P Qᵀ||_F = ||P Rᵀ||_F``. Conv layers: the dense block, when small.
+    """
+    f = block.factors
+    if f.shard is not None and f.shard.world_size > 1:
+        return None
+    symmetric = all(torch.equal(m, m.T) for m in approx.outs + approx.ins)
+    itemsize = f.a.element_size()
+    if f.n_positions == 1 and symmetric:
+        m = f.n_samples * f.n_directions + approx.rank
+        s_out, s_in = f.d_out * (f.d_out + 1) // 2, f.d_in * (f.d_in + 1) // 2
+        small, large = sorted((s_out, s_in))
+        flops = 2 * small * m * m + 2 * large * m * min(small, m)
+        if flops > FROBENIUS_WORK_LIMIT or (small + large) * m * itemsize > FROBENIUS_MEMORY_LIMIT:
+            return None
+        scale = f.n_samples**-0.5
+        g = f.g[:, :, 0].reshape(-1, f.d_out)
+        a = f.a[:, 0].repeat_interleave(f.n_directions, 0)
+        ro, co, wo = _upper(f.d_out, g)
+        ri, ci, wi = _upper(f.d_in, a)
+        p = torch.cat([g[:, ro] * g[:, co] * (wo * scale), torch.stack([o[ro, co] for o in approx.outs]) * wo])
+        q = torch.cat([a[:, ri] * a[:, ci] * (wi * scale), -torch.stack([i[ri, ci] for i in approx.ins]) * wi])
+        if s_in > s_out:
+            p, q = q, p  # p: the larger side
+        if q.shape[1] >= m:
+            q = torch.linalg.qr(q.T, mode="r").R  # Qᵀ = U R: ||P Qᵀ|| = ||P Rᵀ||
+            return float(torch.linalg.matrix_norm(p.T @ q.T))
+        return float(torch.linalg.matrix_norm(p.T @ q))
+    dim, rows = f.dim, f.n_samples * f.n_directions
+    flops = 2 * rows * dim * dim + 2 * approx.rank * dim * dim
+    if flops > FROBENIUS_WORK_LIMIT or (2 * dim + rows) * dim * itemsize > FROBENIUS_MEMORY_LIMIT:
+        return None
+    return float(torch.linalg.matrix_norm(block.as_dense() - approx.as_dense()))
 
 
 #: Memory (bytes) the eigenvalues of error 2 may take: a dense ``D x D`` block, or the
@@ -468,9 +591,21 @@ BLOCK_METRICS: tuple[BlockMetric, ...] = (
         "1",
         "||F - F_hat||_F / ||F||_F (K Sec. 4.1); NaN where the block is zero "
         "(fisher_frobenius_norm = 0: undefined, a warning says so)",
-        compute=lambda ref, a: float(frobenius_error(ref, a.kron)),
+        compute=lambda ref, a: _frobenius(ref, a.kron).value,
         error=True,
         cli_note="always computed",
+    ),
+    BlockMetric(
+        "frobenius_error_resolution",
+        PER_METHOD,
+        "resolution of error 1",
+        "1",
+        "|frobenius_error - exact| <= this (to rounding): 0 when F - F_hat was formed before squaring (always below "
+        f"{FROBENIUS_RECOMPUTE_BELOW:g} within {FROBENIUS_WORK_LIMIT:.0e} flops and "
+        f"{FROBENIUS_MEMORY_LIMIT / 2**20:.0f} MiB, and on one process), else the rounding of "
+        "||F||^2 - 2 <F, F_hat> + ||F_hat||^2, which cancels when F_hat ~ F (about sqrt(eps) relative)",
+        compute=lambda ref, a: _frobenius(ref, a.kron).resolution,
+        accompanies="frobenius_error",
     ),
     BlockMetric(
         "spectral_error",

@@ -13,8 +13,10 @@ from fisherlab.dense import dense_frobenius_error, dense_spectral_error
 from fisherlab.fisher import ExactBlock
 from fisherlab.kron import KronSum
 from fisherlab.layers import LayerFactors
-from fisherlab.metrics import BlockReference, Spectrum, frobenius_error, spectral_error
+from fisherlab import metrics
+from fisherlab.metrics import BlockReference, Spectrum, evaluate_block, frobenius_error, spectral_error
 from tests.cases import FACTOR_CASES, ids, make_factors
+from tests.tolerances import EXACT64
 
 
 @pytest.mark.parametrize("case", FACTOR_CASES, ids=ids(FACTOR_CASES))
@@ -241,3 +243,58 @@ def test_a_warm_start_kept_on_its_span_maps_like_the_whole_matrix() -> None:
     assert w.shape == (11, 11)
     torch.testing.assert_close(w.on(None), whole, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(w.on(v), v.T @ whole @ v, rtol=1e-12, atol=1e-12)
+
+
+#: Blocks an approximation represents exactly: ``F = S ⊗ a aᵀ`` (one input vector for every sample and
+#: position), on which KFAC (T = 1) and KPSVD (any T) are exact; error 1 must be at the float64 floor.
+EXACT_CASES = [
+    {"id": "kfac-linear", "n": 64, "v": 1, "t": 1, "d_in": 6, "d_out": 5, "method": "kfac"},
+    {"id": "kfac-linear-V3", "n": 40, "v": 3, "t": 1, "d_in": 7, "d_out": 25, "method": "kfac"},
+    {"id": "kfac-wide", "n": 8, "v": 1, "t": 1, "d_in": 30, "d_out": 20, "method": "kfac"},
+    {"id": "kpsvd-conv", "n": 12, "v": 2, "t": 4, "d_in": 5, "d_out": 3, "method": "kpsvd"},
+]
+FLOAT64_FLOOR = 1e-12  # error 1 of an exact approximation (the expansion's floor was 1.5e-8..3e-8)
+
+
+def _exact_block(case: dict, spread: float = 0.0) -> ExactBlock:
+    gen = torch.Generator().manual_seed(0)
+    n, v, t, d_in, d_out = case["n"], case["v"], case["t"], case["d_in"], case["d_out"]
+    a = torch.randn(1, 1, d_in, generator=gen, dtype=torch.float64).expand(n, t, d_in).clone()
+    a = a + spread * torch.randn(n, t, d_in, generator=gen, dtype=torch.float64)
+    a[..., -1] = 1.0
+    return ExactBlock(LayerFactors(a, torch.randn(n, v, t, d_out, generator=gen, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("case", EXACT_CASES, ids=ids(EXACT_CASES))
+def test_error_1_of_an_exact_approximation_is_at_the_float64_floor(case: dict) -> None:
+    """Error 1 of an approximation that is exact is at the float64 floor (the expansion
+    ||F||² - 2<F, F_hat> + ||F_hat||² cancelled to 1.9e-8), also as stored by evaluate_block."""
+    block = _exact_block(case)
+    evaluation = evaluate_block(block, [case["method"]], ApproxConfig(tol=1e-12), metrics=("frobenius_error",))
+    method = Method(case["method"])
+    approx = evaluation.approximations[method].kron
+    assert float(dense_frobenius_error(block.as_dense(), approx.as_dense())) <= FLOAT64_FLOOR
+    assert evaluation.frobenius_errors[method] <= FLOAT64_FLOOR
+    assert evaluation.values["frobenius_error_resolution"][method] == 0.0
+    assert float(frobenius_error(BlockReference.of(block), approx)) <= FLOAT64_FLOOR
+
+
+@pytest.mark.parametrize("spread", [1e-6, 1e-4])
+def test_small_error_1_matches_dense(spread: float) -> None:
+    """Error 1 of a nearly exact KFAC equals the dense value to float64 accuracy (the expansion was off by 2e-3)."""
+    block = _exact_block(EXACT_CASES[1], spread)
+    kron = approximate_all(block, [Method.KFAC])[Method.KFAC].kron
+    want = dense_frobenius_error(block.as_dense(), kron.as_dense())
+    torch.testing.assert_close(frobenius_error(BlockReference.of(block), kron), want, **EXACT64)
+
+
+def test_error_1_beyond_the_work_limit_keeps_the_expansion_with_its_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the non-cancelling route would cost too much, the expansion's value is stored with a resolution
+    that covers its error."""
+    monkeypatch.setattr(metrics, "FROBENIUS_WORK_LIMIT", 0)
+    for spread in (0.0, 1e-6):
+        block = _exact_block(EXACT_CASES[0], spread)
+        kron = approximate_all(block, [Method.KFAC])[Method.KFAC].kron
+        res = metrics.frobenius_error_resolved(BlockReference.of(block), kron)
+        want = float(dense_frobenius_error(block.as_dense(), kron.as_dense()))
+        assert res.resolution > 0 and abs(res.value - want) <= res.resolution
