@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
+from fisherlab import metrics
 from fisherlab.approximations import ApproxConfig, Method, approximate_all, warm_starts
 from fisherlab.dense import dense_frobenius_error, dense_spectral_error
 from fisherlab.fisher import ExactBlock
 from fisherlab.kron import KronSum
 from fisherlab.layers import LayerFactors
-from fisherlab import metrics
 from fisherlab.metrics import BlockReference, Spectrum, evaluate_block, frobenius_error, spectral_error
 from tests.cases import FACTOR_CASES, ids, make_factors
 from tests.tolerances import EXACT64
