@@ -103,6 +103,14 @@ class Approximation:
     warm_start: tuple[Tensor | SpanMatrix, ...] = ()
     seconds: float = 0.0
 
+    def scaled(self, s_out: float, s_in: float) -> Approximation:
+        """This approximation of ``F'`` as one of ``F = s_out² s_in² F'`` (:meth:`ExactBlock.normalised`):
+        output factors times ``s_out²``, input factors times ``s_in²`` (powers of two: exact)."""
+        if s_out == 1 and s_in == 1:
+            return self
+        kron = KronSum(tuple(o * s_out**2 for o in self.kron.outs), tuple(i * s_in**2 for i in self.kron.ins))
+        return replace(self, kron=kron)
+
     def lifted(self, span: SampleSpan) -> Approximation:
         """This approximation of the restricted block ``span.block`` as the approximation of the
         whole block (:meth:`~fisherlab.fisher.ExactBlock.sample_span`); its warm starts stay on
@@ -489,6 +497,10 @@ def approximate_all(
         FisherlabError: An unknown method name (a ``ValueError``).
     """
     methods = [_method(m) for m in methods]
+    block, s_out, s_in = block.normalised()  # extreme scales: the same approximations, scaled back
+    if s_out != 1 or s_in != 1:
+        found = approximate_all(block, methods, config, warm=warm, layer=layer)
+        return {m: a.scaled(s_out, s_in) for m, a in found.items()}
     cfg = config or ApproxConfig()
     starts = warm or {}
     out: dict[Method, Approximation] = {}

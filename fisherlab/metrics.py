@@ -581,6 +581,7 @@ class LayerMetric(Variable):
     """A quantity of the exact block of one layer: ``compute(reference) -> float``."""
 
     compute: Callable[[BlockReference], float] = field(default=lambda ref: math.nan, repr=False)
+    power: int = 0  # F scaled by c scales this by c**power (multiplied back after ExactBlock.normalised)
 
 
 BLOCK_METRICS: tuple[BlockMetric, ...] = (
@@ -672,8 +673,9 @@ LAYER_METRICS: tuple[LayerMetric, ...] = (
         PER_LAYER,
         "||F||_F of the exact block",
         "1",
-        "||K||_F / N, K the Gram matrix",
+        "||K||_F / N, K the Gram matrix; inf where it exceeds float64 (a warning says so)",
         compute=lambda ref: float(ref.norm_squared.sqrt()),
+        power=1,
     ),
 )
 
@@ -717,6 +719,13 @@ class BlockEvaluation:
         return self.layer_values["fisher_frobenius_norm"]
 
 
+def _scaled_back(value: float, factor: float, power: int) -> float:
+    """``value * factor**power`` that overflows to inf (Python's ``**`` raises instead)."""
+    for _ in range(power):
+        value *= factor
+    return value
+
+
 def evaluate_block(
     block: ExactBlock,
     methods: Sequence[Method | str] | None = None,
@@ -738,6 +747,7 @@ def evaluate_block(
     (:class:`UndefinedMetricWarning`) and gives NaN errors.
     """
     methods = list(Method) if methods is None else [Method(m) for m in methods]
+    block, s_out, s_in = block.normalised()  # extreme scales: F = s_out² s_in² F', errors are relative
     span = block.sample_span()  # a wide layer at a small batch: the same errors on a smaller block
     work = block if span is None else span.block
     ref = BlockReference.of(work, spectrum=spectrum, layer=layer, zeros=0 if span is None else span.zeros)
@@ -755,7 +765,19 @@ def evaluate_block(
     for metric in BLOCK_METRICS:
         skip = metric.name in skipped or metric.accompanies in skipped
         values[metric.name] = {m: math.nan if skip else float(metric.compute(ref, a)) for m, a in approx.items()}
-    layer_values = {metric.name: float(metric.compute(ref)) for metric in LAYER_METRICS}
+    layer_values = {
+        metric.name: _scaled_back(float(metric.compute(ref)), s_out * s_in, 2 * metric.power)
+        for metric in LAYER_METRICS
+    }
+    if not all(math.isfinite(v) for v in layer_values.values()) and not zero:
+        exponent = 2 * (math.log2(s_out) + math.log2(s_in))
+        warnings.warn(
+            f"the exact Fisher block of layer {layer!r} is beyond float64 (||F||_F ~ 2^{exponent:.0f} x "
+            f"{float(ref.norm_squared.sqrt()):.3g}); its errors, relative, are stored, fisher_frobenius_norm as inf",
+            UndefinedMetricWarning,
+            stacklevel=2,
+        )
     if span is not None:
         approx = {m: a.lifted(span) for m, a in approx.items()}
+    approx = {m: a.scaled(s_out, s_in) for m, a in approx.items()}
     return BlockEvaluation(approx, values, layer_values)

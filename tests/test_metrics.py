@@ -4,11 +4,13 @@ both spectrum conventions, on MLP and conv cases; a hand-made example checks the
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 
 from fisherlab import metrics
+from fisherlab._errors import UndefinedMetricWarning
 from fisherlab.approximations import ApproxConfig, Method, approximate_all, warm_starts
 from fisherlab.dense import dense_frobenius_error, dense_spectral_error
 from fisherlab.fisher import ExactBlock
@@ -298,3 +300,55 @@ def test_error_1_beyond_the_work_limit_keeps_the_expansion_with_its_resolution(m
         res = metrics.frobenius_error_resolved(BlockReference.of(block), kron)
         want = float(dense_frobenius_error(block.as_dense(), kron.as_dense()))
         assert res.resolution > 0 and abs(res.value - want) <= res.resolution
+
+
+#: Factors scaled by powers of two (so the scaled factors are exact): float64 overflowed ||F||² from
+#: about 2^128 per side (NaN errors), lost digits in subnormals at 2^-270 and called a block of 2^-530
+#: zero; float32 moments (``--accumulate mixed``) overflowed at 2^100.
+SCALE_CASES = [
+    {"id": "f64-a-2^128-g-2^128", "a": 128, "g": 128, "mixed": False},
+    {"id": "f64-a-2^300", "a": 300, "g": 0, "mixed": False},
+    {"id": "f64-g-2^-140", "a": 0, "g": -140, "mixed": False},
+    {"id": "f64-a-2^-270", "a": -270, "g": 0, "mixed": False},
+    {"id": "f64-a-2^-530", "a": -530, "g": 0, "mixed": False},
+    {"id": "mixed-a-2^100", "a": 100, "g": 0, "mixed": True},
+    {"id": "mixed-g-2^-100", "a": 0, "g": -100, "mixed": True},
+]
+SCALED_METHODS = ["kfac", "kpsvd", "deflation"]
+
+
+def _scaled_evaluation(case: dict, a_exp: int, g_exp: int) -> metrics.BlockEvaluation:
+    f = make_factors(FACTOR_CASES[1])
+    a, g = f.a * 2.0**a_exp, f.g * 2.0**g_exp
+    if case["mixed"]:
+        f = LayerFactors(a.float(), g.float(), compute_dtype=torch.float64, moment_dtype=torch.float32)
+    else:
+        f = LayerFactors(a, g)
+    return evaluate_block(ExactBlock(f), SCALED_METHODS, ApproxConfig(tol=1e-10))
+
+
+@pytest.mark.parametrize("case", SCALE_CASES, ids=ids(SCALE_CASES))
+def test_errors_do_not_depend_on_the_scale_of_the_factors(case: dict) -> None:
+    """Both errors equal those of the unscaled block, with no warning; ||F||_F and the approximations
+    carry the scale (the factors are normalised internally by powers of two, which is exact)."""
+    reference = _scaled_evaluation(case, 0, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scaled = _scaled_evaluation(case, case["a"], case["g"])
+    for name in ("frobenius_error", "spectral_error"):
+        assert scaled.values[name] == reference.values[name], name
+    scale = 2.0 ** (2 * (case["a"] + case["g"]))
+    assert scaled.fisher_norm == reference.fisher_norm * scale
+    kfac_ref, kfac_scaled = (e.approximations[Method.KFAC].kron for e in (reference, scaled))
+    assert torch.equal(kfac_scaled.outs[0], kfac_ref.outs[0] * 2.0 ** (2 * case["g"]))
+    assert torch.equal(kfac_scaled.ins[0], kfac_ref.ins[0] * 2.0 ** (2 * case["a"]))
+
+
+def test_a_fisher_norm_beyond_float64_is_inf_with_a_warning() -> None:
+    """||F||_F of 2^1600 times that of the unscaled block is stored as inf with a warning; the errors are exact."""
+    case = {"mixed": False}
+    reference = _scaled_evaluation(case, 0, 0)
+    with pytest.warns(UndefinedMetricWarning, match="beyond float64"):
+        scaled = _scaled_evaluation(case, 400, 400)
+    assert scaled.fisher_norm == math.inf
+    assert scaled.values["frobenius_error"] == reference.values["frobenius_error"]
