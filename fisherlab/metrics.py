@@ -124,7 +124,8 @@ class BlockReference:
         return self.cache["eigenvalues"]
 
 
-#: Error 1 below this is recomputed by a route that forms the difference ``F - F̂`` before squaring
+#: Error 1 below this (in float64; times ``sqrt(eps / eps_float64)`` in other precisions, so always
+#: in float32) is recomputed by a route that forms the difference ``F - F̂`` before squaring
 #: (:func:`frobenius_error_resolved`): there the expansion's rounding, about ``eps ||F||²`` in
 #: ``||F - F̂||²``, exceeds 1e-8 of the value (KFAC on a layer where it is exact gave 1.9e-8 for 1e-16).
 FROBENIUS_RECOMPUTE_BELOW = 1e-3
@@ -170,14 +171,15 @@ def frobenius_error_resolved(ref: BlockReference, approx: KronSum) -> FrobeniusE
     approx_squared = float(approx.frobenius_norm_squared())
     sq = norm_squared - 2 * inner + approx_squared
     value = math.sqrt(max(sq, 0.0) / norm_squared) if norm_squared > 0 else math.nan
-    if not norm_squared > 0 or not math.isfinite(value) or value >= FROBENIUS_RECOMPUTE_BELOW:
+    eps = torch.finfo(ref.block.factors.dtype).eps
+    below = FROBENIUS_RECOMPUTE_BELOW * math.sqrt(eps / torch.finfo(torch.float64).eps)
+    if not norm_squared > 0 or not math.isfinite(value) or value >= below:
         return FrobeniusError(value, 0.0 if math.isfinite(value) else math.nan)
     exact = _frobenius_difference(ref.block, approx)
     if exact is not None:
         return FrobeniusError(exact / math.sqrt(norm_squared), 0.0)
     f = ref.block.factors
     longest = max(f.d_in * f.n_positions, f.d_out, f.n_samples * f.n_directions)
-    eps = torch.finfo(f.dtype).eps
     delta = _EXPANSION_ROUNDING * math.sqrt(longest) * eps * (norm_squared + 2 * abs(inner) + approx_squared)
     low, high = math.sqrt(max(sq - delta, 0.0) / norm_squared), math.sqrt(max(sq + delta, 0.0) / norm_squared)
     return FrobeniusError(value, max(high - value, value - low))
@@ -602,7 +604,7 @@ BLOCK_METRICS: tuple[BlockMetric, ...] = (
         "resolution of error 1",
         "1",
         "|frobenius_error - exact| <= this (to rounding): 0 when F - F_hat was formed before squaring (always below "
-        f"{FROBENIUS_RECOMPUTE_BELOW:g} within {FROBENIUS_WORK_LIMIT:.0e} flops and "
+        f"{FROBENIUS_RECOMPUTE_BELOW:g}, in float32 always, within {FROBENIUS_WORK_LIMIT:.0e} flops and "
         f"{FROBENIUS_MEMORY_LIMIT / 2**20:.0f} MiB, and on one process), else the rounding of "
         "||F||^2 - 2 <F, F_hat> + ||F_hat||^2, which cancels when F_hat ~ F (about sqrt(eps) relative)",
         compute=lambda ref, a: _frobenius(ref, a.kron).resolution,
