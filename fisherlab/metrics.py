@@ -39,6 +39,7 @@ from fisherlab.approximations import (
 from fisherlab.fisher import ExactBlock
 from fisherlab.kron import KronSum
 from fisherlab.krylov import RitzValues, block_lanczos_eigenvalues
+from fisherlab.layers import LayerFactors
 
 __all__ = [
     "BLOCK_METRICS",
@@ -171,14 +172,14 @@ def frobenius_error_resolved(ref: BlockReference, approx: KronSum) -> FrobeniusE
     approx_squared = float(approx.frobenius_norm_squared())
     sq = norm_squared - 2 * inner + approx_squared
     value = math.sqrt(max(sq, 0.0) / norm_squared) if norm_squared > 0 else math.nan
-    eps = torch.finfo(ref.block.factors.dtype).eps
-    below = FROBENIUS_RECOMPUTE_BELOW * math.sqrt(eps / torch.finfo(torch.float64).eps)
-    if not norm_squared > 0 or not math.isfinite(value) or value >= below:
-        return FrobeniusError(value, 0.0 if math.isfinite(value) else math.nan)
-    exact = _frobenius_difference(ref.block, approx)
-    if exact is not None:
-        return FrobeniusError(exact / math.sqrt(norm_squared), 0.0)
+    if not (norm_squared > 0 and math.isfinite(value)):
+        return FrobeniusError(value, math.nan)
     f = ref.block.factors
+    eps = torch.finfo(f.dtype).eps
+    if value < FROBENIUS_RECOMPUTE_BELOW * math.sqrt(eps / torch.finfo(torch.float64).eps):
+        exact = _frobenius_difference(ref.block, approx)
+        if exact is not None:
+            return FrobeniusError(exact / math.sqrt(norm_squared), 0.0)
     longest = max(f.d_in * f.n_positions, f.d_out, f.n_samples * f.n_directions)
     delta = _EXPANSION_ROUNDING * math.sqrt(longest) * eps * (norm_squared + 2 * abs(inner) + approx_squared)
     low, high = math.sqrt(max(sq - delta, 0.0) / norm_squared), math.sqrt(max(sq + delta, 0.0) / norm_squared)
@@ -214,7 +215,8 @@ def _upper(side: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def _frobenius_difference(block: ExactBlock, approx: KronSum) -> float | None:
     """``||F - F̂||_F`` with the difference formed before squaring (error ``O(eps ||F||)``), or
-    ``None`` where that costs more than the limits allow (or the batch is sharded).
+    ``None`` where that costs more than the limits allow. Sharded: every process gathers the whole
+    batch (within the limits) and computes the same value.
 
     Linear layers (``T = 1``, symmetric factors): ``R(F) - R(F̂) = P Qᵀ`` with the columns
     ``vec(g gᵀ) / √N``, ``vec(out_k)`` of ``P`` and ``vec(a aᵀ) / √N``, ``-vec(in_k)`` of ``Q``,
@@ -222,17 +224,23 @@ def _frobenius_difference(block: ExactBlock, approx: KronSum) -> float | None:
     side), ``||P Qᵀ||_F = ||P Rᵀ||_F``. Conv layers: the dense block, when small.
     """
     f = block.factors
-    if f.shard is not None and f.shard.world_size > 1:
-        return None
-    symmetric = all(torch.equal(m, m.T) for m in approx.outs + approx.ins)
-    itemsize = f.a.element_size()
-    if f.n_positions == 1 and symmetric:
-        m = f.n_samples * f.n_directions + approx.rank
+    itemsize, rows = f.a.element_size(), f.n_samples * f.n_directions
+    linear = f.n_positions == 1 and all(torch.equal(m, m.T) for m in approx.outs + approx.ins)
+    if linear:
+        m = rows + approx.rank
         s_out, s_in = f.d_out * (f.d_out + 1) // 2, f.d_in * (f.d_in + 1) // 2
         small, large = sorted((s_out, s_in))
         flops = 2 * small * m * m + 2 * large * m * min(small, m)
-        if flops > FROBENIUS_WORK_LIMIT or (small + large) * m * itemsize > FROBENIUS_MEMORY_LIMIT:
-            return None
+        memory = (small + large) * m * itemsize
+    else:
+        flops = 2 * (rows + approx.rank) * f.dim * f.dim
+        memory = (2 * f.dim + rows) * f.dim * itemsize
+    if flops > FROBENIUS_WORK_LIMIT or memory > FROBENIUS_MEMORY_LIMIT:
+        return None
+    if f.shard is not None and f.shard.world_size > 1:  # the same decision on every process: the same inputs
+        f = LayerFactors(f.shard.gather_rows(f.a), f.shard.gather_rows(f.g))
+        block = ExactBlock(f)
+    if linear:
         scale = f.n_samples**-0.5
         g = f.g[:, :, 0].reshape(-1, f.d_out)
         a = f.a[:, 0].repeat_interleave(f.n_directions, 0)
@@ -246,10 +254,6 @@ def _frobenius_difference(block: ExactBlock, approx: KronSum) -> float | None:
             q = torch.linalg.qr(q.T, mode="r").R  # Qᵀ = U R: ||P Qᵀ|| = ||P Rᵀ||
             return float(torch.linalg.matrix_norm(p.T @ q.T))
         return float(torch.linalg.matrix_norm(p.T @ q))
-    dim, rows = f.dim, f.n_samples * f.n_directions
-    flops = 2 * rows * dim * dim + 2 * approx.rank * dim * dim
-    if flops > FROBENIUS_WORK_LIMIT or (2 * dim + rows) * dim * itemsize > FROBENIUS_MEMORY_LIMIT:
-        return None
     return float(torch.linalg.matrix_norm(block.as_dense() - approx.as_dense()))
 
 
@@ -605,7 +609,7 @@ BLOCK_METRICS: tuple[BlockMetric, ...] = (
         "1",
         "|frobenius_error - exact| <= this (to rounding): 0 when F - F_hat was formed before squaring (always below "
         f"{FROBENIUS_RECOMPUTE_BELOW:g}, in float32 always, within {FROBENIUS_WORK_LIMIT:.0e} flops and "
-        f"{FROBENIUS_MEMORY_LIMIT / 2**20:.0f} MiB, and on one process), else the rounding of "
+        f"{FROBENIUS_MEMORY_LIMIT / 2**20:.0f} MiB), else the rounding of "
         "||F||^2 - 2 <F, F_hat> + ||F_hat||^2, which cancels when F_hat ~ F (about sqrt(eps) relative)",
         compute=lambda ref, a: _frobenius(ref, a.kron).resolution,
         accompanies="frobenius_error",
