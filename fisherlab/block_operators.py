@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fisherlab._errors import FisherlabError
 
-__all__ = ["DenseBlockOperator", "DiagonalBlockOperator", "EigenbasisDiagonal", "LiftedOperator"]
+__all__ = ["DenseBlockOperator", "DiagonalBlockOperator", "EigenbasisDiagonal", "LiftedOperator", "ScaledOperator"]
 
 
 def _check_damping(damping: float) -> None:
@@ -313,3 +313,48 @@ class LiftedOperator:
             eye_in if self.in_basis is None else self.in_basis.to(b.dtype),
         )
         return u @ b @ u.T
+
+
+@dataclass(frozen=True)
+class ScaledOperator:
+    """``c B``: an operator of a rescaled block (:meth:`~fisherlab.fisher.ExactBlock.normalised`) scaled back.
+
+    Args:
+        operator: ``B``.
+        factor: ``c > 0``.
+    """
+
+    operator: object
+    factor: float
+
+    @property
+    def d_out(self) -> int:
+        """Output side."""
+        return self.operator.d_out  # type: ignore[attr-defined]
+
+    @property
+    def d_in(self) -> int:
+        """Input side, bias column included."""
+        return self.operator.d_in  # type: ignore[attr-defined]
+
+    def matvec(self, w: Tensor) -> Tensor:
+        """``c B vec(W)``."""
+        return self.factor * self.operator.matvec(w)  # type: ignore[attr-defined]
+
+    def frobenius_norm_squared(self) -> Tensor:
+        """``c² ‖B‖_F²``."""
+        return self.factor**2 * self.operator.frobenius_norm_squared()  # type: ignore[attr-defined]
+
+    def frobenius_norm(self) -> Tensor:
+        """``c ‖B‖_F``."""
+        return self.frobenius_norm_squared().sqrt()
+
+    def eigenvalues(self) -> Tensor | None:
+        """``c`` times ``B``'s eigenvalues (``None`` where ``B`` has no closed form)."""
+        ev = getattr(self.operator, "eigenvalues", None)
+        values = ev() if callable(ev) else None
+        return None if values is None else self.factor * values
+
+    def as_dense(self) -> Tensor:
+        """The dense matrix; small layers only."""
+        return self.factor * self.operator.as_dense()  # type: ignore[attr-defined]

@@ -72,16 +72,17 @@ def curves_images(n: int, *, seed: int = 0, size: int = 28, width: float = 0.8) 
     to the curve.
     """
     gen = torch.Generator().manual_seed(seed)
-    pts = 1.5 + (size - 4.0) * torch.rand(n, 3, 2, generator=gen)
-    t = torch.linspace(0, 1, 128)
+    f32 = torch.float32  # explicit: the same images whatever torch's default dtype is
+    pts = 1.5 + (size - 4.0) * torch.rand(n, 3, 2, generator=gen, dtype=f32)
+    t = torch.linspace(0, 1, 128, dtype=f32)
     basis = torch.stack([2 * (t - 0.5) * (t - 1), -4 * t * (t - 1), 2 * t * (t - 0.5)], dim=1)  # Lagrange at 0, ½, 1
-    grid = torch.stack(torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij"), -1).reshape(-1, 2).float()
+    grid = torch.stack(torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij"), -1).reshape(-1, 2).to(f32)
     out = []
     for start in range(0, n, 512):
         curve = torch.einsum("tk,nkd->ntd", basis, pts[start : start + 512])
         d2 = torch.cdist(grid[None].expand(curve.shape[0], -1, -1), curve).amin(dim=2) ** 2
         out.append(torch.exp(-d2 / (2 * width**2)))
-    return torch.cat(out) if out else torch.zeros(0, size * size)
+    return torch.cat(out) if out else torch.zeros(0, size * size, dtype=f32)
 
 
 #: Characters per training sequence of the text stand-in (inputs; targets are shifted by one).

@@ -15,6 +15,7 @@ from fisherlab.layers import layer_kind, weight_matrix
 from fisherlab.losses import LossKind, per_sample_loss
 
 __all__ = [
+    "dense_corrected_approximation",
     "dense_frobenius_error",
     "dense_kronecker_approximation",
     "dense_spectral_error",
@@ -65,6 +66,14 @@ def dense_kronecker_approximation(f: Tensor, d_out: int, d_in: int, rank: int) -
     """Best Kronecker-rank-``rank`` approximation of a dense ``F`` by a full SVD of ``R(F)``."""
     u, s, vt = torch.linalg.svd(rearrange(f, d_out, d_in), full_matrices=False)
     return sum(s[k] * torch.kron(u[:, k].reshape(d_out, d_out), vt[k].reshape(d_in, d_in)) for k in range(rank))  # type: ignore[return-value]
+
+
+def dense_corrected_approximation(f: Tensor, first: Tensor, d_out: int, d_in: int) -> Tensor:
+    """``first`` plus the best Kronecker product approximating ``F - first`` (K §3.2.1, §3.3): the
+    top singular term of ``R(F) - R(first)`` by a full SVD. Deflation with ``first`` the best
+    Kronecker product, KFAC-corrected with ``first`` KFAC."""
+    u, s, vt = torch.linalg.svd(rearrange(f - first, d_out, d_in), full_matrices=False)
+    return first + s[0] * torch.kron(u[:, 0].reshape(d_out, d_out), vt[0].reshape(d_in, d_in))
 
 
 def dense_frobenius_error(f: Tensor, f_hat: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ Both operators here satisfy the protocols of :mod:`fisherlab.operators`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -41,6 +42,26 @@ _GRAM_CHUNK_ELEMENTS = 2**25
 #: are formed again for every product in chunks of samples of at most this many elements,
 #: when that costs fewer operations than the position pairs (large ``T``, small ``d_out d_in``).
 PER_SAMPLE_GRADIENT_LIMIT = 2**25
+
+
+#: Factors whose largest magnitude lies within ``2^±NORMALISE_EXPONENT`` are used as they are
+#: (:meth:`ExactBlock.normalised`): ``||F||²`` (magnitude⁸ times sizes) and float32 moments stay in range.
+NORMALISE_EXPONENT = 32
+
+
+def _power_of_two_scale(t: Tensor, shard: Shard | None) -> float:
+    """``2^e`` with ``e`` the exponent of ``max |t|`` (over every process when sharded), or 1 when
+    that lies within ``2^±NORMALISE_EXPONENT`` or is 0 or not finite."""
+    local = t.abs().amax().to(torch.float64) if t.numel() else t.new_zeros((), dtype=torch.float64)
+    if shard is not None and shard.world_size > 1:
+        every = torch.zeros(shard.world_size, dtype=torch.float64, device=t.device)
+        every[shard.rank] = local
+        local = shard.sum(every).amax()
+    biggest = float(local)
+    if not (math.isfinite(biggest) and biggest > 0):
+        return 1.0
+    exponent = math.frexp(biggest)[1]
+    return 1.0 if abs(exponent) <= NORMALISE_EXPONENT else math.ldexp(1.0, exponent)
 
 
 def span_basis(rows: Tensor, side: int) -> Tensor | None:
@@ -108,6 +129,24 @@ class ExactBlock:
         """An upper bound on the rank: ``min(N V, d_out d_in)``."""
         f = self.factors
         return min(f.n_samples * f.n_directions, f.dim)
+
+    def normalised(self) -> tuple[ExactBlock, float, float]:
+        """``(block', s_out, s_in)`` with ``F = s_out² s_in² F'``: the factors divided by powers of two
+        near their largest magnitudes (exact: floating point commutes with them) when those lie
+        outside ``2^±NORMALISE_EXPONENT``, else ``(self, 1, 1)``.
+
+        Errors are relative, so they are those of ``F'``; an approximation of ``F'`` is one of ``F``
+        with its output factors times ``s_out²`` and input factors times ``s_in²``. Without it
+        factors of 1e80 overflowed ``||F||²`` (NaN errors), 1e-80 lost digits in subnormals and
+        1e-160 underflowed to a "zero" block (float32 moments, ``--accumulate mixed``, at far
+        smaller scales). Sharded: the same scales on every process.
+        """
+        f = self.factors
+        s_out, s_in = (_power_of_two_scale(t, f.shard) for t in (f.g, f.a))
+        if s_out == 1 and s_in == 1:
+            return self, 1.0, 1.0
+        factors = LayerFactors(f.a / s_in, f.g / s_out, f.shard, None, f.moment_dtype)
+        return ExactBlock(factors), s_out, s_in
 
     def sample_span(self, *, max_fraction: float = 0.5) -> SampleSpan | None:
         """The block restricted to the span of its per-sample factors, when that is at most
@@ -261,7 +300,10 @@ class ExactBlock:
 
         Beyond ``max_rank`` every eigenvalue is 0, so at most ``max_rank`` are returned.
         """
-        ev = torch.linalg.eigvalsh(self.gram() / self.factors.n_samples)
+        k = self.gram() / self.factors.n_samples
+        ev = torch.linalg.eigvalsh(
+            (k + k.T) / 2
+        )  # a GEMM's Gram is symmetric only to rounding; eigvalsh reads one triangle
         return torch.sort(ev, descending=True).values[: min(self.max_rank, top or self.max_rank)]
 
     def inner(self, kron: KronSum) -> Tensor:

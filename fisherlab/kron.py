@@ -43,8 +43,19 @@ def pi_damping(out: Tensor, in_: Tensor, damping: float) -> tuple[Tensor, Tensor
     return out + (root / pi) * eye_o, in_ + (root * pi) * eye_i
 
 
+def _symmetric(m: Tensor) -> Tensor:
+    """``(m + mᵀ) / 2``: exactly symmetric (addition commutes), so an eigensolver that reads one
+    triangle sees the matrix that norms and products see (a product ``Uᵀ F U`` is not, to rounding)."""
+    return (m + m.T) / 2
+
+
+def _eigvalsh(m: Tensor) -> Tensor:
+    """Eigenvalues of the symmetric part of ``m`` (``eigvalsh`` alone reads one triangle)."""
+    return torch.linalg.eigvalsh(_symmetric(m))
+
+
 def _sym_inv_sqrt(m: Tensor) -> Tensor:
-    w, q = torch.linalg.eigh(m)
+    w, q = torch.linalg.eigh(_symmetric(m))
     if bool((w <= 0).any()):
         raise FisherlabError("damped Kronecker factor is not positive definite; increase damping")
     return (q * w.rsqrt()) @ q.T
@@ -164,9 +175,9 @@ class KronSum:
         """
         top = self.dim if top is None else min(top, self.dim)
         if self.rank == 1:
-            ev = torch.outer(torch.linalg.eigvalsh(self.outs[0]), torch.linalg.eigvalsh(self.ins[0])).flatten()
+            ev = torch.outer(_eigvalsh(self.outs[0]), _eigvalsh(self.ins[0])).flatten()
         else:
-            ev = torch.linalg.eigvalsh(self.as_dense())
+            ev = _eigvalsh(self.as_dense())
         if by_magnitude:
             ev = ev.abs()
         return torch.sort(ev, descending=True).values[:top]
@@ -179,7 +190,7 @@ class KronSum:
         def project(factors: tuple[Tensor, ...], basis: Tensor | None) -> tuple[Tensor, ...] | None:
             if basis is None:
                 return factors
-            small = tuple(basis.T @ f @ basis for f in factors)
+            small = tuple(_symmetric(basis.T @ f @ basis) for f in factors)
             for f, p in zip(factors, small, strict=True):
                 tol = f.shape[0] * torch.finfo(f.dtype).eps * torch.linalg.norm(f)
                 if torch.linalg.norm(f - basis @ p @ basis.T) > tol:
@@ -205,7 +216,9 @@ class KronSum:
             return u[:, sv > factors[0].shape[0] * torch.finfo(sv.dtype).eps * sv[0]]
 
         u, v = basis(self.outs), basis(self.ins)
-        return KronSum(tuple(u.T @ o @ u for o in self.outs), tuple(v.T @ i @ v for i in self.ins))
+        return KronSum(
+            tuple(_symmetric(u.T @ o @ u) for o in self.outs), tuple(_symmetric(v.T @ i @ v) for i in self.ins)
+        )
 
     def solve(self, v: Tensor, *, damping: float = 0.0) -> Tensor:
         """Solve ``(K + damping) vec(U) = vec(V)`` for ``U`` of shape ``[d_out, d_in]``.
@@ -242,8 +255,8 @@ class KronSum:
         if self.rank == 1:
             return KronSolver(torch.linalg.inv(out), torch.linalg.inv(in_).T, None)
         a_is, b_is = _sym_inv_sqrt(out), _sym_inv_sqrt(in_)
-        s1, e1 = torch.linalg.eigh(a_is @ self.outs[1] @ a_is)
-        s2, e2 = torch.linalg.eigh(b_is @ self.ins[1] @ b_is)
+        s1, e1 = torch.linalg.eigh(_symmetric(a_is @ self.outs[1] @ a_is))
+        s2, e2 = torch.linalg.eigh(_symmetric(b_is @ self.ins[1] @ b_is))
         denom = 1.0 + torch.outer(s1, s2)
         if bool((denom.abs() < 1e-12).any()):
             raise FisherlabError("Kronecker sum is singular; increase damping")

@@ -58,7 +58,8 @@ def power_svd(
     Iterates ``x = A y / ||A y||``, ``z = A^T x``, ``σ = ||z||``, ``y = z / σ`` and stops when
     ``||A y - σ x|| <= tol * max(σ, scale)`` (the paper's absolute ``ε`` made relative, so
     that the criterion does not depend on the scale of the Fisher; deflated stages pass the
-    first term's ``σ₁`` as ``scale``, so a negligible second term does not iterate on noise).
+    rounding noise of their products (relative to the first term) over ``tol`` as ``scale``, so
+    the second term is accurate relative to itself yet a vanishing one does not iterate on noise).
     An operator that vanishes on the start vector returns a zero triplet.
 
     Args:

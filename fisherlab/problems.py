@@ -275,7 +275,7 @@ class Problem:
             return load_images(self.source or "text", data_dir, seed=seed)
         if self.kind == "teacher":
             gen = torch.Generator().manual_seed(seed)
-            x = torch.randn(12_000, self.sizes[0], generator=gen)
+            x = torch.randn(12_000, self.sizes[0], generator=gen, dtype=torch.float32)  # whatever the default dtype
             return ImageData(
                 x[:10_000], x[10_000:], "generated: Gaussian inputs, targets from a fixed random linear teacher"
             )
@@ -297,7 +297,9 @@ class Problem:
                 raise FisherlabError(f"{self.name} needs class labels")
             return labels.to(x.device)
         gen = torch.Generator().manual_seed(seed + 7)
-        teacher = torch.randn(self.sizes[0], self.sizes[-1], generator=gen).to(x) / self.sizes[0] ** 0.5
+        teacher = (
+            torch.randn(self.sizes[0], self.sizes[-1], generator=gen, dtype=torch.float32).to(x) / self.sizes[0] ** 0.5
+        )
         return x @ teacher
 
     def batches(

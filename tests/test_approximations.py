@@ -10,14 +10,20 @@ import pytest
 import torch
 
 from fisherlab._errors import ConvergenceWarning
-from fisherlab.approximations import ApproxConfig, Method, approximate_all, kpsvd, lanczos, warm_starts
-from fisherlab.dense import dense_kronecker_approximation, rearrange
+from fisherlab.approximations import ApproxConfig, Method, approximate_all, kfac, kpsvd, lanczos, warm_starts
+from fisherlab.dense import (
+    dense_corrected_approximation,
+    dense_frobenius_error,
+    dense_kronecker_approximation,
+    dense_spectral_error,
+    rearrange,
+)
 from fisherlab.fisher import ExactBlock
 from fisherlab.krylov import lanczos_svd, power_svd
 from fisherlab.layers import LayerFactors
-from fisherlab.metrics import BlockReference, frobenius_error
+from fisherlab.metrics import BlockReference, evaluate_block, frobenius_error, spectral_error
 from tests.cases import FACTOR_CASES, ids, make_factors
-from tests.tolerances import ITERATIVE, ITERATIVE_TOL, SLACK
+from tests.tolerances import EXACT64, ITERATIVE, ITERATIVE_TOL, SLACK, STATIONARY
 
 ALL = list(Method)
 
@@ -244,3 +250,62 @@ def test_zero_block_gives_zero_terms_of_the_right_shapes() -> None:
     for a in approx.values():
         assert all(o.shape == (3, 3) for o in a.kron.outs) and all(i.shape == (5, 5) for i in a.kron.ins)
         assert float(a.kron.frobenius_norm_squared()) == 0.0
+
+
+#: float32 factors of a CURVES-layer-7-shaped block (25 x 7, batch 256), where KFAC is nearly
+#: exact (inputs close to one vector) or exact (one input vector: ``F = G ⊗ a aᵀ``).
+MIXED_CASES = [{"id": "near-kfac", "spread": 1e-2}, {"id": "exact-kfac", "spread": 0.0}]
+
+
+def _mixed_block(spread: float) -> ExactBlock:
+    gen = torch.Generator().manual_seed(0)
+    n, d_in, d_out = 256, 7, 25
+    a = torch.randn(1, 1, d_in, generator=gen) + spread * torch.randn(n, 1, d_in, generator=gen)
+    a[..., -1] = 1.0
+    g = torch.randn(n, 1, 1, d_out, generator=gen) * 1e-2
+    return ExactBlock(LayerFactors(a, g, compute_dtype=torch.float64, moment_dtype=torch.float32))
+
+
+@pytest.mark.parametrize("case", MIXED_CASES, ids=ids(MIXED_CASES))
+def test_kfac_of_mixed_accumulation_is_symmetric_and_error_2_matches_dense(case: dict) -> None:
+    """KFAC's moments summed in float32 (``--accumulate mixed``) are exactly symmetric, so error 2
+    equals the dense error 2 of the same F_hat (a GEMM's asymmetry made it x300 too large)."""
+    block = _mixed_block(case["spread"])
+    approx = kfac(block).kron
+    for m in approx.outs + approx.ins:
+        assert torch.equal(m, m.T)
+    got = spectral_error(BlockReference.of(block), approx)
+    want = dense_spectral_error(block.as_dense(), approx.as_dense())
+    torch.testing.assert_close(got, want, **EXACT64)
+
+
+#: Blocks where KFAC (and the best Kronecker product) is nearly exact, so the second term is a
+#: small correction: a Linear layer, and a layer wider than its batch (the sample-span route of
+#: ``evaluate_block``, every probe snapshot).
+SMALL_CORRECTION_CASES = [
+    {"id": "linear", "n": 64, "d_in": 6, "d_out": 5, "spread": 3e-5, "seed": 0},
+    {"id": "linear-b", "n": 64, "d_in": 6, "d_out": 5, "spread": 3e-5, "seed": 1},
+    {"id": "sample-span", "n": 6, "d_in": 20, "d_out": 16, "spread": 3e-5, "seed": 2},
+]
+
+
+@pytest.mark.parametrize("case", SMALL_CORRECTION_CASES, ids=ids(SMALL_CORRECTION_CASES))
+def test_second_stage_at_the_default_tolerance_matches_the_dense_optimal_term(case: dict) -> None:
+    """Deflation and KFAC-corrected at the default tolerance give the dense optimal second term of
+    their first term (its stopping test was relative to the first term: a poor second term passed)."""
+    gen = torch.Generator().manual_seed(case["seed"])
+    n, d_in, d_out, spread = case["n"], case["d_in"], case["d_out"], case["spread"]
+    a = torch.randn(1, 1, d_in, generator=gen, dtype=torch.float64)
+    a = a + spread * torch.randn(n, 1, d_in, generator=gen, dtype=torch.float64)
+    a[..., -1] = 1.0
+    g = torch.randn(n, 1, 1, d_out, generator=gen, dtype=torch.float64) * (1 + spread * a[:, None, :, :1])
+    block = ExactBlock(LayerFactors(a, g))
+    assert (block.sample_span() is not None) == (case["id"] == "sample-span")
+    evaluation = evaluate_block(block, list(Method), ApproxConfig(), metrics=("frobenius_error",))
+    dense = block.as_dense()
+    for method, first in ((Method.DEFLATION, Method.KPSVD), (Method.KFAC_CORRECTED, Method.KFAC)):
+        approx = evaluation.approximations[method]
+        assert approx.converged
+        optimal = dense_corrected_approximation(dense, evaluation.approximations[first].kron.as_dense(), d_out, d_in)
+        want = dense_frobenius_error(dense, optimal)
+        torch.testing.assert_close(dense_frobenius_error(dense, approx.kron.as_dense()), want, **STATIONARY)

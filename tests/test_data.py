@@ -102,3 +102,37 @@ def test_every_problem_builds_and_names_its_layers(name: str) -> None:
     assert set(problem.default_layers) <= set(names)
     if name.startswith("resnet"):
         assert names[0] == "conv1" and names[-1] == "fc" and len(names) == (21 if name == "resnet18" else 37)
+
+
+@pytest.fixture
+def float64_default():
+    """``torch.set_default_dtype(torch.float64)`` for one test, restored afterwards."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
+
+
+def test_curves_generator_ignores_the_default_dtype(float64_default: None) -> None:
+    """Under a float64 default dtype the generator gives the same float32 images (it raised a dtype error)."""
+    images = curves_images(16, seed=2)
+    torch.set_default_dtype(torch.float32)
+    assert images.dtype == torch.float32 and torch.equal(images, curves_images(16, seed=2))
+
+
+@pytest.mark.parametrize("name", sorted(PROBLEMS))
+def test_every_problem_data_under_a_float64_default_dtype(name: str) -> None:
+    """``problem.data()`` after ``torch.set_default_dtype(torch.float64)`` gives the data of the float32 default."""
+    problem = get_problem(name)
+    reference = problem.data(seed=0)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        data = problem.data(seed=0)
+        x, y = next(problem.batches(data, batch_size=4))
+    finally:
+        torch.set_default_dtype(before)
+    for got, want in ((data.train, reference.train), (data.valid, reference.valid)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    assert x.dtype == (torch.int64 if problem.kind == "language" else torch.float32)
+    assert y.dtype == (torch.int64 if problem.kind in ("language", "classifier") else torch.float32)

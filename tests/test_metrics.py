@@ -4,17 +4,21 @@ both spectrum conventions, on MLP and conv cases; a hand-made example checks the
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 
+from fisherlab import metrics
+from fisherlab._errors import UndefinedMetricWarning
 from fisherlab.approximations import ApproxConfig, Method, approximate_all, warm_starts
 from fisherlab.dense import dense_frobenius_error, dense_spectral_error
 from fisherlab.fisher import ExactBlock
 from fisherlab.kron import KronSum
 from fisherlab.layers import LayerFactors
-from fisherlab.metrics import BlockReference, Spectrum, frobenius_error, spectral_error
+from fisherlab.metrics import BlockReference, Spectrum, evaluate_block, frobenius_error, spectral_error
 from tests.cases import FACTOR_CASES, ids, make_factors
+from tests.tolerances import EXACT64
 
 
 @pytest.mark.parametrize("case", FACTOR_CASES, ids=ids(FACTOR_CASES))
@@ -241,3 +245,110 @@ def test_a_warm_start_kept_on_its_span_maps_like_the_whole_matrix() -> None:
     assert w.shape == (11, 11)
     torch.testing.assert_close(w.on(None), whole, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(w.on(v), v.T @ whole @ v, rtol=1e-12, atol=1e-12)
+
+
+#: Blocks an approximation represents exactly: ``F = S ⊗ a aᵀ`` (one input vector for every sample and
+#: position), on which KFAC (T = 1) and KPSVD (any T) are exact; error 1 must be at the float64 floor.
+EXACT_CASES = [
+    {"id": "kfac-linear", "n": 64, "v": 1, "t": 1, "d_in": 6, "d_out": 5, "method": "kfac"},
+    {"id": "kfac-linear-V3", "n": 40, "v": 3, "t": 1, "d_in": 7, "d_out": 25, "method": "kfac"},
+    {"id": "kfac-wide", "n": 8, "v": 1, "t": 1, "d_in": 30, "d_out": 20, "method": "kfac"},
+    {"id": "kpsvd-conv", "n": 12, "v": 2, "t": 4, "d_in": 5, "d_out": 3, "method": "kpsvd"},
+]
+FLOAT64_FLOOR = 1e-12  # error 1 of an exact approximation (the expansion's floor was 1.5e-8..3e-8)
+
+
+def _exact_block(case: dict, spread: float = 0.0) -> ExactBlock:
+    gen = torch.Generator().manual_seed(0)
+    n, v, t, d_in, d_out = case["n"], case["v"], case["t"], case["d_in"], case["d_out"]
+    a = torch.randn(1, 1, d_in, generator=gen, dtype=torch.float64).expand(n, t, d_in).clone()
+    a = a + spread * torch.randn(n, t, d_in, generator=gen, dtype=torch.float64)
+    a[..., -1] = 1.0
+    return ExactBlock(LayerFactors(a, torch.randn(n, v, t, d_out, generator=gen, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("case", EXACT_CASES, ids=ids(EXACT_CASES))
+def test_error_1_of_an_exact_approximation_is_at_the_float64_floor(case: dict) -> None:
+    """Error 1 of an approximation that is exact is at the float64 floor (the expansion
+    ||F||² - 2<F, F_hat> + ||F_hat||² cancelled to 1.9e-8), also as stored by evaluate_block."""
+    block = _exact_block(case)
+    evaluation = evaluate_block(block, [case["method"]], ApproxConfig(tol=1e-12), metrics=("frobenius_error",))
+    method = Method(case["method"])
+    approx = evaluation.approximations[method].kron
+    assert float(dense_frobenius_error(block.as_dense(), approx.as_dense())) <= FLOAT64_FLOOR
+    assert evaluation.values["frobenius_error"][method] <= FLOAT64_FLOOR
+    assert evaluation.values["frobenius_error_resolution"][method] == 0.0
+    assert float(frobenius_error(BlockReference.of(block), approx)) <= FLOAT64_FLOOR
+
+
+@pytest.mark.parametrize("spread", [1e-6, 1e-4])
+def test_small_error_1_matches_dense(spread: float) -> None:
+    """Error 1 of a nearly exact KFAC equals the dense value to float64 accuracy (the expansion was off by 2e-3)."""
+    block = _exact_block(EXACT_CASES[1], spread)
+    kron = approximate_all(block, [Method.KFAC])[Method.KFAC].kron
+    want = dense_frobenius_error(block.as_dense(), kron.as_dense())
+    torch.testing.assert_close(frobenius_error(BlockReference.of(block), kron), want, **EXACT64)
+
+
+def test_error_1_beyond_the_work_limit_keeps_the_expansion_with_its_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the non-cancelling route would cost too much, the expansion's value is stored with a resolution
+    that covers its error."""
+    monkeypatch.setattr(metrics, "FROBENIUS_WORK_LIMIT", 0)
+    for spread in (0.0, 1e-6):
+        block = _exact_block(EXACT_CASES[0], spread)
+        kron = approximate_all(block, [Method.KFAC])[Method.KFAC].kron
+        res = metrics.frobenius_error_resolved(BlockReference.of(block), kron)
+        want = float(dense_frobenius_error(block.as_dense(), kron.as_dense()))
+        assert res.resolution > 0 and abs(res.value - want) <= res.resolution
+
+
+#: Factors scaled by powers of two (so the scaled factors are exact): float64 overflowed ||F||² from
+#: about 2^128 per side (NaN errors), lost digits in subnormals at 2^-270 and called a block of 2^-530
+#: zero; float32 moments (``--accumulate mixed``) overflowed at 2^100.
+SCALE_CASES = [
+    {"id": "f64-a-2^128-g-2^128", "a": 128, "g": 128, "mixed": False},
+    {"id": "f64-a-2^300", "a": 300, "g": 0, "mixed": False},
+    {"id": "f64-g-2^-140", "a": 0, "g": -140, "mixed": False},
+    {"id": "f64-a-2^-270", "a": -270, "g": 0, "mixed": False},
+    {"id": "f64-a-2^-530", "a": -530, "g": 0, "mixed": False},
+    {"id": "mixed-a-2^100", "a": 100, "g": 0, "mixed": True},
+    {"id": "mixed-g-2^-100", "a": 0, "g": -100, "mixed": True},
+]
+SCALED_METHODS = ["kfac", "kpsvd", "deflation"]
+
+
+def _scaled_evaluation(case: dict, a_exp: int, g_exp: int) -> metrics.BlockEvaluation:
+    f = make_factors(FACTOR_CASES[1])
+    a, g = f.a * 2.0**a_exp, f.g * 2.0**g_exp
+    if case["mixed"]:
+        f = LayerFactors(a.float(), g.float(), compute_dtype=torch.float64, moment_dtype=torch.float32)
+    else:
+        f = LayerFactors(a, g)
+    return evaluate_block(ExactBlock(f), SCALED_METHODS, ApproxConfig(tol=1e-10))
+
+
+@pytest.mark.parametrize("case", SCALE_CASES, ids=ids(SCALE_CASES))
+def test_errors_do_not_depend_on_the_scale_of_the_factors(case: dict) -> None:
+    """Both errors equal those of the unscaled block, with no warning; ||F||_F and the approximations
+    carry the scale (the factors are normalised internally by powers of two, which is exact)."""
+    reference = _scaled_evaluation(case, 0, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scaled = _scaled_evaluation(case, case["a"], case["g"])
+    for name in ("frobenius_error", "spectral_error"):
+        assert scaled.values[name] == reference.values[name], name
+    scale = 2.0 ** (2 * (case["a"] + case["g"]))
+    assert scaled.layer_values["fisher_frobenius_norm"] == reference.layer_values["fisher_frobenius_norm"] * scale
+    kfac_ref, kfac_scaled = (e.approximations[Method.KFAC].kron for e in (reference, scaled))
+    assert torch.equal(kfac_scaled.outs[0], kfac_ref.outs[0] * 2.0 ** (2 * case["g"]))
+    assert torch.equal(kfac_scaled.ins[0], kfac_ref.ins[0] * 2.0 ** (2 * case["a"]))
+
+
+def test_a_fisher_norm_beyond_float64_is_inf_with_a_warning() -> None:
+    """||F||_F of 2^1600 times that of the unscaled block is stored as inf with a warning; the errors are exact."""
+    case = {"mixed": False}
+    reference = _scaled_evaluation(case, 0, 0)
+    with pytest.warns(UndefinedMetricWarning, match="beyond float64"):
+        scaled = _scaled_evaluation(case, 400, 400)
+    assert scaled.layer_values["fisher_frobenius_norm"] == math.inf
+    assert scaled.values["frobenius_error"] == reference.values["frobenius_error"]
