@@ -57,6 +57,9 @@ class Method(str, Enum):
 class ApproxConfig:
     """Settings of the iterative methods, shared by the probe run, ``evaluate_block`` and the optimizers.
 
+    Its defaults are the only ones: :class:`~fisherlab.config.ProbeConfig` and the CLI flags
+    (``--tol``, ``--max-iter``, ``--lanczos-rank``, ``--krylov-dim``) take theirs from here.
+
     Args:
         tol: Relative residual tolerance of power SVD and Lanczos (K: ``ε = 1e-6``).
         max_iter: Power SVD iteration cap per stage; reaching it warns (``ConvergenceWarning``).
@@ -69,7 +72,7 @@ class ApproxConfig:
     """
 
     tol: float = 1e-6
-    max_iter: int = 200
+    max_iter: int = 500
     lanczos_rank: int = 2
     krylov_dim: int = 20
     max_restarts: int = 50
@@ -460,9 +463,14 @@ def approximate_all(
     *,
     warm: WarmStarts | None = None,
     layer: str = "",
+    restrict: bool = True,
 ) -> dict[Method, Approximation]:
     """Every requested approximation of one block, sharing work: deflation reuses KPSVD,
     KFAC-corrected reuses KFAC, and each warm-starts from ``warm`` (K §4).
+
+    A layer wider than its batch is first restricted to the span of its per-sample factors
+    (:meth:`~fisherlab.fisher.ExactBlock.sample_span`, as :func:`~fisherlab.metrics.evaluate_block`
+    does): the same approximations, built on a smaller block and returned lifted to the whole one.
 
     Args:
         block: The exact block.
@@ -470,10 +478,27 @@ def approximate_all(
         config: Solver settings (default :class:`ApproxConfig`).
         warm: Warm starts per method, e.g. ``warm_starts(previous_snapshot_approximations)``.
         layer: Layer name used in warnings.
+        restrict: Build on the sample span when that is smaller (``False``: on ``block`` as given,
+            e.g. when it is already a restriction).
 
     Raises:
         FisherlabError: An unknown method name (a ``ValueError``).
     """
+    span = block.sample_span() if restrict else None
+    if span is not None:
+        on_span = _approximate_all(span.block, methods, config, restricted_warm_starts(warm, span), layer)
+        return {m: a.lifted(span) for m, a in on_span.items()}
+    return _approximate_all(block, methods, config, warm, layer)
+
+
+def _approximate_all(
+    block: ExactBlock,
+    methods: list[Method] | list[str],
+    config: ApproxConfig | None,
+    warm: WarmStarts | None,
+    layer: str,
+) -> dict[Method, Approximation]:
+    """:func:`approximate_all` on ``block`` as given."""
     methods = [_method(m) for m in methods]
     cfg = config or ApproxConfig()
     starts = warm or {}
