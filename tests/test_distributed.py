@@ -4,8 +4,10 @@ single-process one; a dying rank leaves every finished snapshot; DDP under torch
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +106,39 @@ def test_ddp_script_with_fisher_probe_under_torchrun(tmp_path: Path) -> None:
     validate(ds)
     assert list(ds["iteration"].values) == [0, 3] and ds.attrs["probed_layers"] == "0,2"
     assert torch.isfinite(torch.as_tensor(ds["frobenius_error"].values)).all()
+
+
+def test_mismatched_world_sizes_fail_fast_with_one_line(tmp_path: Path) -> None:
+    """Two processes that disagree on WORLD_SIZE (rank 0 waits for a third that never comes): both
+    stop at the start-up handshake with one ``fisherlab: error:`` line, long before the (here
+    120 s) collective timeout, where they used to end in gloo tracebacks."""
+    worlds, message = (3, 2), "rank 1 was started with WORLD_SIZE=2 but rank 0 with WORLD_SIZE=3"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "FISHERLAB_DIST_TIMEOUT": "120",
+    }
+    args = ["probe", "--iterations", "2", "--every", "1", "--no-progress", "--figure", "none", "--device", "cpu"]
+    start = time.monotonic()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "fisherlab", *args, "--out", str(tmp_path / "mm.nc")],
+            cwd=tmp_path,
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank, world in enumerate(worlds)
+    ]
+    results = [p.communicate(timeout=110) for p in procs]
+    assert time.monotonic() - start < 60
+    for p, (_, err) in zip(procs, results, strict=True):
+        assert p.returncode == 2, err[-2000:]
+        assert err.count("fisherlab: error:") == 1 and message in err and "Traceback" not in err, err[-2000:]
