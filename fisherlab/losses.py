@@ -198,7 +198,8 @@ def check_output_targets(loss: LossKind, z: Tensor, y: Tensor) -> None:
         if low < 0 or high >= classes:
             bad = low if low < 0 else high
             raise FisherlabError(
-                f"loss 'ce' got class label {bad}, but the output has {classes} classes: labels must lie in 0..{classes - 1}"
+                f"loss 'ce' got class label {bad}, but the output has {classes} classes: "
+                f"labels must lie in 0..{classes - 1}"
             )
     if loss == LossKind.BCE and y.numel():
         low, high = float(y.min()), float(y.max())

@@ -605,7 +605,9 @@ def evaluate_block(
     span = block.sample_span()  # a wide layer at a small batch: the same errors on a smaller block
     work = block if span is None else span.block
     ref = BlockReference.of(work, spectrum=spectrum, layer=layer, zeros=0 if span is None else span.zeros)
-    approx = approximate_all(work, methods, config, warm=restricted_warm_starts(warm, span), layer=layer, restrict=False)
+    approx = approximate_all(
+        work, methods, config, warm=restricted_warm_starts(warm, span), layer=layer, restrict=False
+    )
     zero = not float(ref.norm_squared) > 0
     if zero:
         warnings.warn(

@@ -274,7 +274,8 @@ def test_approximate_all_works_on_the_sample_span_of_a_wide_layer(monkeypatch: p
 
 
 def test_solver_defaults_are_written_once() -> None:
-    """ApproxConfig, ProbeConfig and the CLI's --tol/--max-iter/--lanczos-rank/--krylov-dim share one set of defaults."""
+    """ApproxConfig, ProbeConfig and the CLI's --tol/--max-iter/--lanczos-rank/--krylov-dim share one set of
+    defaults."""
     from fisherlab.cli import _parser
     from fisherlab.config import ProbeConfig
 

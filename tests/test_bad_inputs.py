@@ -312,7 +312,12 @@ BAD_API_INPUTS: list[tuple[str, Callable[[], object], type[Exception], str]] = [
         fl.FisherlabError,
         "layer 'fc' contains NaN",
     ),
-    ("solve-rank1-transposed", lambda: _kron(1).solve(torch.ones(5, 3)), ValueError, "[d_out, d_in] = [3, 5], got [5, 3]"),
+    (
+        "solve-rank1-transposed",
+        lambda: _kron(1).solve(torch.ones(5, 3)),
+        ValueError,
+        "[d_out, d_in] = [3, 5], got [5, 3]",
+    ),
     ("solve-rank2-flat", lambda: _kron(2).solve(torch.ones(15), damping=1e-3), ValueError, "got [15]"),
     (
         "solver-wrong-shape",

@@ -178,7 +178,8 @@ def _batch(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_step_under_inference_mode_gives_the_snapshot_of_a_plain_step() -> None:
-    """``step()`` inside ``torch.inference_mode()`` (a validation loop) probes as outside it, on inference tensors too."""
+    """``step()`` inside ``torch.inference_mode()`` (a validation loop) probes as outside it, on inference
+    tensors too."""
     x, y = _batch()
     model = _net().eval()
     expected = fl.FisherProbe(model, "ce", every=1, layers=["4"], methods=["kfac"]).step(0, x, y)
