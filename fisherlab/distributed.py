@@ -166,8 +166,11 @@ def _handshake(store: Any, rank: int, world: int, settings: str, timeout: float)
         if store.check(["fisherlab/abort"]):
             problem = store.get("fisherlab/abort").decode()
             break
-        if store.check(keys):
-            problem = ""
+        if store.check(keys):  # every rank is there: rank 0 compares each with itself
+            hellos = [json.loads(store.get(k)) for k in keys]
+            mine = {"world_size": world, "settings": settings}
+            problems = (_disagreement(mine, h["world_size"], h["settings"], r) for r, h in enumerate(hellos, 1))
+            problem = next((p for p in problems if p), "")
             break
         if time.monotonic() > deadline:
             missing = [r for r, k in enumerate(keys, 1) if not store.check([k])]

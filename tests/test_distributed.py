@@ -4,10 +4,11 @@ single-process one; a dying rank leaves every finished snapshot; DDP under torch
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
+import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ import pytest
 import torch
 from torch import distributed as dist
 
+from fisherlab._errors import FisherlabError
+from fisherlab.distributed import _handshake
 from fisherlab.results import load, validate
 from tests import _dist_worker as worker
 
@@ -108,37 +111,44 @@ def test_ddp_script_with_fisher_probe_under_torchrun(tmp_path: Path) -> None:
     assert torch.isfinite(torch.as_tensor(ds["frobenius_error"].values)).all()
 
 
-def test_mismatched_world_sizes_fail_fast_with_one_line(tmp_path: Path) -> None:
-    """Two processes that disagree on WORLD_SIZE (rank 0 waits for a third that never comes): both
-    stop at the start-up handshake with one ``fisherlab: error:`` line, long before the (here
-    120 s) collective timeout, where they used to end in gloo tracebacks."""
-    worlds, message = (3, 2), "rank 1 was started with WORLD_SIZE=2 but rank 0 with WORLD_SIZE=3"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "OMP_NUM_THREADS": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-        "FISHERLAB_DIST_TIMEOUT": "120",
-    }
-    args = ["probe", "--iterations", "2", "--every", "1", "--no-progress", "--figure", "none", "--device", "cpu"]
-    start = time.monotonic()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "fisherlab", *args, "--out", str(tmp_path / "mm.nc")],
-            cwd=tmp_path,
-            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank, world in enumerate(worlds)
+def _handshakes(worlds: list[int], settings: list[str]) -> list[str]:
+    """Run the start-up handshake of ranks ``0, 1, ...`` (in threads, on one rendezvous store):
+    what each rank raised (``""`` for none)."""
+    master = dist.TCPStore("127.0.0.1", 0, None, True, timedelta(seconds=30), wait_for_workers=False)
+    stores = [master] + [
+        dist.TCPStore("127.0.0.1", master.port, None, False, timedelta(seconds=30)) for _ in worlds[1:]
     ]
-    results = [p.communicate(timeout=110) for p in procs]
-    assert time.monotonic() - start < 60
-    for p, (_, err) in zip(procs, results, strict=True):
-        assert p.returncode == 2, err[-2000:]
-        assert err.count("fisherlab: error:") == 1 and message in err and "Traceback" not in err, err[-2000:]
+    outcome = [""] * len(worlds)
+
+    def run(rank: int) -> None:
+        try:
+            _handshake(stores[rank], rank, worlds[rank], settings[rank], 30.0)
+        except FisherlabError as e:
+            outcome[rank] = str(e)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(len(worlds))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=40)
+    return outcome
+
+
+@pytest.mark.parametrize(
+    ("worlds", "settings", "message"),
+    [
+        ([3, 2], ["a", "a"], "rank 1 was started with WORLD_SIZE=2 but rank 0 with WORLD_SIZE=3"),
+        ([2, 3], ["a", "a"], "rank 1 was started with WORLD_SIZE=3 but rank 0 with WORLD_SIZE=2"),
+        ([2, 2], ["a", "b"], "rank 1 was started with other settings than rank 0"),
+        ([3, 3, 3], ["a", "a", "a"], ""),
+    ],
+    ids=["rank0-expects-more", "rank1-expects-more", "other-settings", "agree"],
+)
+def test_startup_handshake_fails_fast_on_mismatched_ranks(worlds: list[int], settings: list[str], message: str) -> None:
+    """Processes that disagree on WORLD_SIZE or settings stop at once, every one with the same one-line
+    error, where they used to wait out the collective timeout and end in gloo tracebacks."""
+    start = time.monotonic()
+    outcome = _handshakes(worlds, settings)
+    assert time.monotonic() - start < 10
+    assert all(got.startswith(message) if message else got == "" for got in outcome), outcome
+    assert len(set(outcome)) == 1  # every rank says the same line
