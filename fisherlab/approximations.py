@@ -51,6 +51,9 @@ __all__ = [
 class ApproxConfig:
     """Settings of the iterative methods, shared by the probe run, ``evaluate_block`` and the optimizers.
 
+    Its defaults are the only ones: :class:`~fisherlab.config.ProbeConfig` and the CLI flags
+    (``--tol``, ``--max-iter``, ``--lanczos-rank``, ``--krylov-dim``) take theirs from here.
+
     Args:
         tol: Relative residual tolerance of power SVD and Lanczos (K: ``ε = 1e-6``).
         max_iter: Power SVD iteration cap per stage; reaching it warns (``ConvergenceWarning``).
@@ -63,7 +66,7 @@ class ApproxConfig:
     """
 
     tol: float = 1e-6
-    max_iter: int = 200
+    max_iter: int = 500
     lanczos_rank: int = 2
     krylov_dim: int = 20
     max_restarts: int = 50
@@ -571,11 +574,17 @@ def approximate_all(
     *,
     warm: WarmStarts | None = None,
     layer: str = "",
+    restrict: bool = True,
 ) -> dict[str, Approximation]:
     """Every requested approximation of one block, walking the method registry
     (:data:`~fisherlab.method_registry.METHODS`): a method's declared reuses are built first and
     shared (deflation reuses KPSVD, KFAC-corrected reuses KFAC), and each warm-starts from
-    ``warm`` (K §4).
+    ``warm`` (K §4). Factors at extreme scales are normalised first and the approximations
+    scaled back.
+
+    A layer wider than its batch is first restricted to the span of its per-sample factors
+    (:meth:`~fisherlab.fisher.ExactBlock.sample_span`, as :func:`~fisherlab.metrics.evaluate_block`
+    does): the same approximations, built on a smaller block and returned lifted to the whole one.
 
     Args:
         block: The exact block.
@@ -583,6 +592,8 @@ def approximate_all(
         config: Solver settings (default :class:`ApproxConfig`).
         warm: Warm starts per method, e.g. ``warm_starts(previous_snapshot_approximations)``.
         layer: Layer name used in warnings.
+        restrict: Build on the sample span when that is smaller (``False``: on ``block`` as given,
+            e.g. when it is already a restriction).
 
     Returns:
         ``{name: Approximation}`` in the order asked for.
@@ -593,8 +604,25 @@ def approximate_all(
     names = resolve_methods(methods)
     block, s_out, s_in = block.normalised()  # extreme scales: the same approximations, scaled back
     if s_out != 1 or s_in != 1:
-        found = approximate_all(block, names, config, warm=warm, layer=layer)
+        found = approximate_all(block, names, config, warm=warm, layer=layer, restrict=restrict)
         return {m: a.scaled(s_out, s_in) for m, a in found.items()}
+    span = block.sample_span() if restrict else None
+    on_span = [m for m in names if span is not None and METHODS[m].span_invariant]
+    out: dict[str, Approximation] = {}
+    if on_span:
+        assert span is not None
+        built = _approximate_all(span.block, on_span, config, restricted_warm_starts(warm, span), layer)
+        out.update({m: a.lifted(span) for m, a in built.items()})
+    rest = [m for m in names if m not in on_span]
+    if rest:
+        out.update(_approximate_all(block, rest, config, warm, layer))
+    return {m: out[m] for m in names}
+
+
+def _approximate_all(
+    block: ExactBlock, names: Sequence[str], config: ApproxConfig | None, warm: WarmStarts | None, layer: str
+) -> dict[str, Approximation]:
+    """:func:`approximate_all` on ``block`` as given: the registry walk."""
     cfg = config or ApproxConfig()
     starts = warm or {}
     built: dict[str, Approximation] = {}

@@ -68,10 +68,10 @@ class ProbeConfig:
     methods: tuple[str, ...] = PAPER_METHODS
     spectrum: Spectrum = Spectrum.EIGENVALUES
     metrics: tuple[str, ...] = ERROR_METRICS
-    tol: float = 1e-6
-    max_iter: int = 500
-    lanczos_rank: int = 2
-    krylov_dim: int = 20
+    tol: float = ApproxConfig.tol  # the solver defaults are ApproxConfig's (one place)
+    max_iter: int = ApproxConfig.max_iter
+    lanczos_rank: int = ApproxConfig.lanczos_rank
+    krylov_dim: int = ApproxConfig.krylov_dim
     device: str = "auto"
     dtype: Precision = Precision.FLOAT32
     accumulate: Accumulation = Accumulation.MIXED
@@ -132,6 +132,7 @@ class ProbeConfig:
         self.__post_init__()  # fields may have been reassigned since construction
         if self.every < 1:
             raise FisherlabError(f"--every must be a positive integer, got {self.every}")
+        _check_seed(self.seed)
         if self.mc_samples < 1:
             raise FisherlabError(f"--mc-samples must be at least 1, got {self.mc_samples}")
         _ = self.approx  # tolerance and caps
@@ -181,6 +182,9 @@ class TrainConfig:
             raise FisherlabError(f"unknown optimizers {unknown}; choose from: {', '.join(OPTIMIZER_NAMES)}")
         if self.epochs < 1 or self.patience < 1 or self.t1 < 1 or self.t2 < 1:
             raise FisherlabError("--epochs, --patience, --t1 and --t2 must be positive integers")
+        if self.epochs > MAX_EPOCHS:
+            raise FisherlabError(f"--epochs must be at most {MAX_EPOCHS:,}, got {self.epochs:,}")
+        _check_seed(self.seed)
         for flag, values in (("--lr", self.lr), ("--damping", self.damping)):
             bad = [v for v in values if not (math.isfinite(v) and v > 0)]
             if bad:
@@ -198,6 +202,18 @@ class TrainConfig:
         if self.batch_size is not None and self.batch_size < 1:
             raise FisherlabError(f"--batch-size must be positive, got {self.batch_size}")
         _check_threads(self.threads)
+
+
+#: Largest ``--epochs`` (the results hold one row per epoch and optimizer).
+MAX_EPOCHS = 1_000_000
+
+#: Seeds are non-negative 63-bit integers (torch's generators take 64 bits; the probe uses ``seed + 1``).
+MAX_SEED = 2**63 - 1
+
+
+def _check_seed(seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise FisherlabError(f"--seed must be an integer from 0 to 2**63 - 1, got {seed}")
 
 
 def _check_threads(threads: int | None) -> None:

@@ -226,6 +226,7 @@ class KronSum:
         The damping is the factored π-damping of the first term (:func:`pi_damping`), not
         ``+λI``. See :meth:`solver` for the method; this is ``self.solver(damping)(v)``.
         """
+        _check_rhs(v, (self.outs[0].shape[0], self.ins[0].shape[0]))
         return self.solver(damping=damping)(v)
 
     def solver(self, *, damping: float = 0.0) -> KronSolver:
@@ -272,7 +273,19 @@ class KronSolver:
     denom: Tensor | None
 
     def __call__(self, v: Tensor) -> Tensor:
-        """Apply the inverse to ``V`` of shape ``[d_out, d_in]``."""
+        """Apply the inverse to ``V`` of shape ``[d_out, d_in]``.
+
+        Raises:
+            ValueError: ``V`` of another shape.
+        """
+        _check_rhs(v, (self.left.shape[0], self.right.shape[0]))
         if self.denom is None:
             return self.left @ v @ self.right
         return self.left @ ((self.left.T @ v @ self.right) / self.denom) @ self.right.T
+
+
+def _check_rhs(v: Tensor, expected: tuple[int, int]) -> None:
+    """Refuse a right-hand side that is not a ``[d_out, d_in]`` tensor, saying the shape expected."""
+    if not isinstance(v, Tensor) or tuple(v.shape) != expected:
+        got = list(v.shape) if isinstance(v, Tensor) else type(v).__name__
+        raise ValueError(f"solve expects a right-hand side of shape [d_out, d_in] = {list(expected)}, got {got}")

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as nnf
 
-from fisherlab._errors import FisherlabError, check_same_device_dtype
+from fisherlab._errors import FisherlabError, check_finite, check_same_device_dtype
 from fisherlab.distributed import Shard
 
 __all__ = [
@@ -71,9 +71,10 @@ class LayerFactors:
         moment_dtype: The dtype KFAC's second moments ``A``, ``G`` are summed in (``None``:
             ``compute_dtype``). The ``mixed`` accumulation sets the model's precision: the
             metrics stay in float64 and these two sums run twice as fast.
+        name: The layer's name, used in error messages.
 
     Raises:
-        FisherlabError: On inconsistent shapes, dtypes or devices.
+        FisherlabError: On inconsistent shapes, dtypes or devices, or NaN/inf values.
     """
 
     a: Tensor
@@ -81,6 +82,7 @@ class LayerFactors:
     shard: Shard | None = None
     compute_dtype: torch.dtype | None = None
     moment_dtype: torch.dtype | None = None
+    name: str = ""
 
     def __post_init__(self) -> None:
         if self.a.ndim != 3 or self.g.ndim != 4:
@@ -97,6 +99,9 @@ class LayerFactors:
         if self.g.shape[0] != n or self.g.shape[2] != t:
             raise FisherlabError(f"a {tuple(self.a.shape)} and g {tuple(self.g.shape)} disagree in N or T")
         check_same_device_dtype(a=self.a, g=self.g)
+        layer = f"layer {self.name!r}" if self.name else "LayerFactors"
+        check_finite(f"the per-sample inputs a of {layer}", self.a)
+        check_finite(f"the per-sample output derivatives g of {layer}", self.g)
 
     @classmethod
     def from_linear(cls, a: Tensor, g: Tensor, *, bias: bool = True) -> LayerFactors:
@@ -160,6 +165,7 @@ class LayerFactors:
             self.shard,
             None if dtype is not None else self.compute_dtype,
             self.moment_dtype,
+            self.name,
         )
 
     def per_sample_gradients(self) -> Tensor:

@@ -54,6 +54,7 @@ class FisherProbeCallback(Callback):
         out: The ``.nc`` file every snapshot is appended to (``None``: kept in memory, see :attr:`dataset`).
         layers: Module paths inside the LightningModule (default: every Linear/Conv2d).
         methods: Method names (default: all five).
+        metrics: Error metrics (default: error 1 only, the cheap path; see :class:`FisherProbe`).
         config: Every other probe setting (:class:`~fisherlab.ProbeConfig`).
         unpack: ``batch -> (x, y)``; default: the first two entries of a tuple, or keys ``x``, ``y``.
         overwrite: Replace an existing ``out``.
@@ -67,12 +68,16 @@ class FisherProbeCallback(Callback):
         out: str | Path | None = None,
         layers: list[str] | None = None,
         methods: list[str] | None = None,
+        metrics: list[str] | None = None,
         config: ProbeConfig | None = None,
         unpack: Callable[[Any], tuple[Tensor, Tensor | None]] = _first_two,
         overwrite: bool = False,
     ) -> None:
         super().__init__()
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise FisherlabError(f"every must be a positive integer, got {every!r}")
         self.loss, self.every, self.out, self.layers, self.methods = loss, every, out, layers, methods
+        self.metrics = metrics
         self.config, self.unpack, self.overwrite = config, unpack, overwrite
         self.probe: FisherProbe | None = None
         self._last_step = -1
@@ -86,6 +91,7 @@ class FisherProbeCallback(Callback):
             every=self.every,
             layers=self.layers,
             methods=self.methods,
+            metrics=self.metrics,
             out=out,
             config=self.config,
             overwrite=self.overwrite,

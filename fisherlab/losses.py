@@ -170,3 +170,17 @@ def check_output_targets(loss: LossKind, z: Tensor, y: Tensor) -> None:
             f"loss {loss.value!r} needs {kind} of shape {list(expected)} for output {list(z.shape)}, "
             f"got {list(y.shape)}"
         )
+    if loss == LossKind.CE and y.numel():
+        classes = z.shape[-1]
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= classes:
+            bad = low if low < 0 else high
+            raise FisherlabError(
+                f"loss 'ce' got class label {bad}, but the output has {classes} classes: "
+                f"labels must lie in 0..{classes - 1}"
+            )
+    if loss == LossKind.BCE and y.numel():
+        low, high = float(y.min()), float(y.max())
+        if not (0.0 <= low and high <= 1.0):  # NaN fails too
+            bad = low if not 0.0 <= low else high
+            raise FisherlabError(f"loss 'bce' needs targets in [0, 1], got {bad}")

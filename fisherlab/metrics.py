@@ -817,12 +817,13 @@ def evaluate_block(
     if on_span:
         assert span is not None
         ref = BlockReference.of(span.block, spectrum=spectrum, layer=layer, zeros=span.zeros)
-        built = approximate_all(span.block, on_span, config, warm=restricted_warm_starts(warm, span), layer=layer)
+        warm_on_span = restricted_warm_starts(warm, span)
+        built = approximate_all(span.block, on_span, config, warm=warm_on_span, layer=layer, restrict=False)
         for name, a in built.items():
             refs[name], approx[name] = ref, a
     if whole:
         ref = BlockReference.of(block, spectrum=spectrum, layer=layer)
-        for name, a in approximate_all(block, whole, config, warm=warm, layer=layer).items():
+        for name, a in approximate_all(block, whole, config, warm=warm, layer=layer, restrict=False).items():
             refs[name], approx[name] = ref, a
     any_ref = next(iter(refs.values()), None) or BlockReference.of(block, spectrum=spectrum, layer=layer)
     zero = not float(any_ref.norm_squared) > 0

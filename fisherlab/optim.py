@@ -203,7 +203,9 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             st = self._layer_state(name)
             block = ExactBlock(snap.factors[name])
             warm = {self.method: tuple(st["warm"])} if "warm" in st else None
-            new = approximate_all(block, [self.method], self.approx_config, warm=warm, layer=name)[self.method]
+            # on the whole layer: the moving averages and the state_dict keep whole-layer factors and warm starts
+            new = approximate_all(block, [self.method], self.approx_config, warm=warm, layer=name, restrict=False)
+            new = new[self.method]
             refreshes = int(st.get("refreshes", 0)) + 1
             rho = min(1.0 - 1.0 / refreshes, self.hyper["alpha"])
             if "outs" in st and len(st["outs"]) == new.kron.rank:

@@ -63,6 +63,8 @@ class ProbeSnapshot:
         gradients: Per-layer mini-batch gradient ``∇_W h`` with the true targets, shaped
             ``[d_out, d_in]`` (bias column last).
         fisher: The Fisher kind used.
+        skipped: The model's modules with parameters that were not probed, each as
+            ``"name: why"`` (e.g. ``"bn: BatchNorm2d, only nn.Linear and nn.Conv2d are probed"``).
     """
 
     factors: dict[str, LayerFactors]
@@ -129,6 +131,7 @@ class Probe:
         self.seed = seed
         self._generator: torch.Generator | None = None
         self.layers = _select_layers(model, layers)
+        self.skipped = _skipped_modules(model, self.layers)
 
     def _gen(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
@@ -158,6 +161,12 @@ class Probe:
             FisherlabError: NaN/inf in the output, loss or captured factors; ``y`` missing
                 for the empirical Fisher.
         """
+        if torch.is_inference_mode_enabled() or (isinstance(x, Tensor) and x.is_inference()):
+            # the probe needs autograd: run it outside inference mode, on ordinary copies of the batch
+            with torch.inference_mode(False):
+                x = x.clone() if x.is_inference() else x
+                y = y.clone() if isinstance(y, Tensor) and y.is_inference() else y
+                return self(x, y, shard=shard)
         if y is None and self.fisher == FisherKind.EMPIRICAL:
             raise FisherlabError("the empirical Fisher needs the true targets y")
         check_targets(self.loss, x, y)
@@ -231,12 +240,26 @@ class Probe:
             check_finite(f"pre-activation derivatives of layer {name!r}", g)
             check_finite(f"activations of layer {name!r}", a)
             moments = torch.promote_types(store, torch.float32) if self.moments_in_capture_dtype else dt
-            factors[name] = LayerFactors(a, g, shard, compute_dtype=dt, moment_dtype=moments)
+            factors[name] = LayerFactors(a, g, shard, compute_dtype=dt, moment_dtype=moments, name=name)
             if y is not None:
                 g_true = layer_outputs(module, [[true_g[c] for c in calls]], dt)[:, 0]
                 gradients[name] = all_reduce_sum(weight_gradient(a.to(dt), g_true), shard) / n
         loss = float(all_reduce_sum(losses.detach().sum().to(dt), shard)) / n if y is not None else float("nan")
-        return ProbeSnapshot(factors, loss, gradients, self.fisher)
+        return ProbeSnapshot(factors, loss, gradients, self.fisher, self.skipped)
+
+
+def _skipped_modules(model: nn.Module, probed: dict[str, nn.Module]) -> tuple[str, ...]:
+    """``"name: why"`` for every module that holds parameters of its own and is not probed."""
+    skipped = []
+    for name, m in model.named_modules():
+        if name in probed or not any(True for _ in m.parameters(recurse=False)):
+            continue
+        if isinstance(m, nn.Linear | nn.Conv2d):
+            why = "not among the chosen layers"
+        else:
+            why = f"{type(m).__name__}, only nn.Linear and nn.Conv2d are probed"
+        skipped.append(f"{name or '(the model itself)'}: {why}")
+    return tuple(skipped)
 
 
 def _select_layers(model: nn.Module, layers: Iterable[str] | dict[str, nn.Module] | None) -> dict[str, nn.Module]:

@@ -305,7 +305,7 @@ def snapshot_dataset(
     for name, (dims, arr) in (extra or {}).items():
         data_vars[name] = (("iteration", *dims), arr[None])
     all_coords: dict[str, np.ndarray] = {
-        "iteration": np.array([iteration], dtype=np.int32),
+        "iteration": np.array([iteration], dtype=np.int64),
         "layer": np.array(layers, dtype=object),
         "method": np.array(methods, dtype=object),
     }

@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from datetime import timedelta
@@ -30,11 +31,11 @@ from torch import Tensor, nn
 from torch import distributed as dist
 from tqdm.auto import tqdm
 
-from fisherlab._errors import FisherlabError
+from fisherlab._errors import FisherlabError, UndefinedMetricWarning
 from fisherlab.approximations import Approximation, WarmStarts, approximate_all, warm_starts
 from fisherlab.config import ProbeConfig, apply_threads, select_device
 from fisherlab.data import ImageData, announce_data
-from fisherlab.distributed import Shard, all_reduce_sum, shard_of_batch
+from fisherlab.distributed import Shard, all_reduce_sum, init_from_environment, shard_of_batch
 from fisherlab.fisher import ExactBlock
 from fisherlab.kron import KronSum
 from fisherlab.losses import LossKind, as_enum, per_sample_loss
@@ -42,8 +43,13 @@ from fisherlab.metrics import BLOCK_METRICS, LAYER_METRICS, evaluate_block
 from fisherlab.operators import BlockDiagonal
 from fisherlab.probe import Probe, ProbeSnapshot
 from fisherlab.problems import Problem, get_problem
-from fisherlab.results import ResultsWriter, annotate, run_attrs, snapshot_dataset
+from fisherlab.results import ResultsWriter, annotate, config_json, run_attrs, snapshot_dataset
 from fisherlab.twolevel import TWO_LEVEL_METRICS, two_level_metrics
+
+try:
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -105,10 +111,14 @@ class FisherProbe:
         every: Probe when ``step % every == 0`` (default ``config.every``).
         layers: Module paths to measure (default: every Linear and Conv2d layer).
         methods: Registered method names (default ``config.methods``: the papers' five).
+        metrics: Error metrics (default ``config.metrics``; without ``config`` error 1 only,
+            ``("frobenius_error",)``: error 2 of the Kronecker-rank-2 methods costs 20x more on a
+            small MLP; add ``"spectral_error"`` or pass ``config=ProbeConfig()`` for both).
         out: A ``.nc`` file to append every snapshot to (locked until :meth:`close`); ``None``
             keeps the snapshots in memory only.
         config: Every other setting (Fisher kind, metrics, tolerances, two-level, ...);
             loop fields (``iterations``, ``lr``, ``batch_size``, ``problem``) are ignored.
+            Default :data:`USER_LOOP_CONFIG` (``ProbeConfig`` with error 1 only).
         overwrite: Replace an existing ``out``.
         writer: An open :class:`~fisherlab.results.ResultsWriter` instead of ``out`` (its
             owner closes it and sets its attributes).
@@ -131,6 +141,7 @@ class FisherProbe:
         every: int | None = None,
         layers: list[str] | dict[str, nn.Module] | None = None,
         methods: Sequence[str] | None = None,
+        metrics: Sequence[str] | None = None,
         out: str | Path | None = None,
         config: ProbeConfig | None = None,
         overwrite: bool = False,
@@ -141,9 +152,15 @@ class FisherProbe:
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         out = out if rank == 0 else None  # one writer: global rank 0
         writer = writer if rank == 0 else None
-        config = replace(config or ProbeConfig(), every=every or (config or ProbeConfig()).every)
+        config = replace(config or USER_LOOP_CONFIG)
+        if every is not None:
+            if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+                raise FisherlabError(f"every must be a positive integer (probe when step % every == 0), got {every!r}")
+            config.every = every
         if methods is not None:
             config = replace(config, methods=tuple(methods))
+        if metrics is not None:
+            config = replace(config, metrics=tuple(metrics))
         self.loss = as_enum(LossKind, loss, "loss")
         kwargs = {
             "fisher": config.fisher,
@@ -175,6 +192,8 @@ class FisherProbe:
         if self.writer is not None:
             self.writer.attrs.update(self.attrs)
         self._previous: dict[str, WarmStarts] = {}
+        self._zero_warned: set[str] = set()  # layers whose zero-Fisher warning was given (once per run)
+        self._cost_said = rank != 0  # the first snapshot's cost is said once, by rank 0
         self._snapshots: list[xr.Dataset] = []
         self._dataset: xr.Dataset | None = None
         self._t0 = time.perf_counter()
@@ -190,8 +209,15 @@ class FisherProbe:
             return None
         if shard is None:  # collective under torch.distributed: every rank probes its own rows
             shard = shard_of_batch(x.shape[0], x.device)
-        with torch.autocast(x.device.type, enabled=False):  # the Fisher and its metrics in full precision
-            ds, snap = _snapshot(step, self.probe, x, y, self.names, self.config, self._previous, self._t0, shard)  # type: ignore[arg-type]
+        started = time.perf_counter()
+        # the Fisher and its metrics in full precision, with autograd even under torch.inference_mode()
+        with torch.autocast(x.device.type, enabled=False), torch.inference_mode(False):
+            ds, snap = _snapshot(
+                step, self.probe, x, y, self.names, self.config, self._previous, self._t0, shard, self._zero_warned
+            )  # type: ignore[arg-type]
+        if not self._cost_said:
+            self._cost_said = True
+            tqdm.write(_cost_line(time.perf_counter() - started, x.device, self.names, self.config), file=sys.stderr)
         if self.writer is not None:
             stored = {name: (snap.factors[name].a, snap.factors[name].g) for name in self.config.store_factors}
             self.writer.append(ds, factors=stored)
@@ -226,6 +252,10 @@ class FisherProbe:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+
+#: The settings of :class:`FisherProbe` without ``config``: :class:`ProbeConfig`'s, error 1 only
+#: (the cheap path inside a training loop; both errors: ``config=ProbeConfig()``).
+USER_LOOP_CONFIG = ProbeConfig(metrics=("frobenius_error",))
 
 #: ``data_source`` of a run whose data fisherlab did not choose.
 USER_LOOP = "user data (your own training loop)"
@@ -297,8 +327,14 @@ def _snapshot(
     previous: dict[str, WarmStarts],
     t0: float,
     shard: Shard | None = None,
+    zero_warned: set[str] | None = None,
 ) -> tuple[xr.Dataset, ProbeSnapshot]:
-    """One snapshot: probe pass, every registered metric of every probed layer and method."""
+    """One snapshot: probe pass, every registered metric of every probed layer and method.
+
+    A layer named in ``zero_warned`` does not warn again that its block is zero; a layer that
+    warns is added (the warning is given once per layer and run).
+    """
+    zero_warned = set() if zero_warned is None else zero_warned
     start = time.perf_counter()
     snap = probe(x, y, shard=shard)
     probe_time = time.perf_counter() - start
@@ -315,15 +351,20 @@ def _snapshot(
                 current[name] = approximate_all(block, methods, config.approx, warm=previous.get(name), layer=name)
                 previous[name] = warm_starts(current[name])
     for li, name in enumerate(names):
-        ev = evaluate_block(
-            ExactBlock(snap.factors[name]),
-            methods,
-            config.approx,
-            spectrum=config.spectrum,
-            metrics=config.metrics,
-            warm=previous.get(name),
-            layer=name,
-        )
+        with warnings.catch_warnings():
+            if name in zero_warned:
+                warnings.simplefilter("ignore", UndefinedMetricWarning)
+            ev = evaluate_block(
+                ExactBlock(snap.factors[name]),
+                methods,
+                config.approx,
+                spectrum=config.spectrum,
+                metrics=config.metrics,
+                warm=previous.get(name),
+                layer=name,
+            )
+        if not ev.layer_values["fisher_frobenius_norm"] > 0:
+            zero_warned.add(name)
         previous[name] = warm_starts(ev.approximations)
         if config.two_level:
             current[name] = ev.approximations
@@ -358,6 +399,28 @@ def _snapshot(
     return snapshot_dataset(it, names, list(methods), per_method, per_layer, scalars, extra, coords), snap
 
 
+def _cost_line(seconds: float, device: torch.device, names: list[str], config: ProbeConfig) -> str:
+    """One line saying what the first snapshot cost (time, peak memory) and how to make it cheaper."""
+    if device.type == "cuda":
+        peak = f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    elif resource is not None:  # ru_maxrss: kB on Linux, bytes on macOS
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        peak = f"peak memory {rss / 2**30:.2f} GiB (process)"
+    else:  # pragma: no cover - Windows
+        peak = "peak memory unknown"
+    cheaper = "fewer layers or methods"
+    if "spectral_error" in config.metrics:
+        cheaper += (
+            ", or error 1 only (metrics=('frobenius_error',), --metrics frobenius_error: "
+            "error 2 of the rank-2 methods is the costly part)"
+        )
+    return (
+        f"fisherlab: probe cost: first snapshot {seconds:.1f} s, {peak}, {len(names)} layer(s) x "
+        f"{len(config.methods)} method(s), {', '.join(config.metrics)}; cheaper: {cheaper} "
+        "(README: Probe your own training)"
+    )
+
+
 def resolve_layers(problem: Problem, layers: tuple[str, ...]) -> tuple[str, ...]:
     """The layers ``--layers`` names on ``problem``: ``all`` is every probeable layer.
 
@@ -385,7 +448,7 @@ def run_probe(config: ProbeConfig, out: str | Path, *, overwrite: bool = False, 
     problem = get_problem(config.problem)
     config = replace(config, layers=resolve_layers(problem, config.layers))
     device = select_device(config.device)
-    started = _init_distributed(device)
+    started = _init_distributed(device, config)
     if dist.is_available() and dist.is_initialized() and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     leader = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
@@ -414,14 +477,17 @@ def run_probe(config: ProbeConfig, out: str | Path, *, overwrite: bool = False, 
             dist.destroy_process_group()
 
 
-def _init_distributed(device: torch.device) -> bool:
-    """Join the process group that ``torchrun`` describes (gloo on CPU, NCCL on CUDA); ``True`` when this call did."""
+def _init_distributed(device: torch.device, config: ProbeConfig) -> bool:
+    """Join the process group that ``torchrun`` describes (gloo on CPU, NCCL on CUDA) after a handshake
+    of world size and configuration (:func:`~fisherlab.distributed.init_from_environment`: a
+    mismatch fails at once, with one line); ``True`` when this call joined."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
         return False
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=timedelta(seconds=int(os.environ.get("FISHERLAB_DIST_TIMEOUT", "300"))))
+    timeout = timedelta(seconds=int(os.environ.get("FISHERLAB_DIST_TIMEOUT", "300")))
+    init_from_environment(backend, timeout, settings=config_json(config))
     return True
 
 

@@ -309,3 +309,47 @@ def test_second_stage_at_the_default_tolerance_matches_the_dense_optimal_term(ca
         optimal = dense_corrected_approximation(dense, evaluation.approximations[first].kron.as_dense(), d_out, d_in)
         want = dense_frobenius_error(dense, optimal)
         torch.testing.assert_close(dense_frobenius_error(dense, approx.kron.as_dense()), want, **STATIONARY)
+
+
+def test_approximate_all_works_on_the_sample_span_of_a_wide_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer wider than its batch: approximate_all builds on the span (as evaluate_block does) and
+    returns the same approximations, lifted to the whole layer."""
+    from fisherlab import approximations
+    from fisherlab.metrics import evaluate_block
+
+    gen = torch.Generator().manual_seed(3)
+    wide = ExactBlock(
+        LayerFactors.from_linear(
+            torch.randn(6, 40, generator=gen, dtype=torch.float64),
+            torch.randn(6, 2, 9, generator=gen, dtype=torch.float64),
+        )
+    )
+    sides: list[int] = []
+    real = approximations.kpsvd
+    monkeypatch.setattr(approximations, "kpsvd", lambda block, **kw: (sides.append(block.dim), real(block, **kw))[1])
+    config = ApproxConfig(tol=ITERATIVE_TOL)
+    got = approximate_all(wide, ALL, config)
+    assert sides == [9 * 6]  # the span: 9 output x 6 input directions, not 9 x 41
+    expected = evaluate_block(wide, ALL, config).approximations
+    for m in ALL:
+        assert got[m].kron.outs[0].shape == (9, 9) and got[m].kron.ins[0].shape == (41, 41)
+        scale = float(expected[m].kron.frobenius_norm())
+        diff = float((got[m].kron.as_dense() - expected[m].kron.as_dense()).norm())
+        assert diff <= ITERATIVE["rtol"] * scale, m
+
+
+def test_solver_defaults_are_written_once() -> None:
+    """ApproxConfig, ProbeConfig and the CLI's --tol/--max-iter/--lanczos-rank/--krylov-dim share one set of
+    defaults."""
+    from fisherlab.cli import _parser
+    from fisherlab.config import ProbeConfig
+
+    assert ProbeConfig().approx == ApproxConfig()
+    probe_args = _parser()[0].parse_args(["probe"])
+    cfg = ApproxConfig()
+    assert (probe_args.tol, probe_args.max_iter, probe_args.lanczos_rank, probe_args.krylov_dim) == (
+        cfg.tol,
+        cfg.max_iter,
+        cfg.lanczos_rank,
+        cfg.krylov_dim,
+    )

@@ -16,9 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy.io import savemat
 
+import fisherlab as fl
 from fisherlab import cli
+from fisherlab.kron import KronSum
+from fisherlab.layers import LayerFactors
 
 Setup = Callable[[Path], list[str]]
 
@@ -154,6 +158,9 @@ BAD_PROBE_INPUTS: list[tuple[str, Setup, str]] = [
     ("tol-nan", _flags("--tol", "nan"), "--tol must lie in (0, 1)"),
     ("mc-samples-zero", _flags("--mc-samples", "0"), "--mc-samples must be at least 1"),
     ("batch-size-zero", _flags("--batch-size", "0"), "--batch-size must be positive"),
+    ("every-zero", _flags("--every", "0"), "--every must be a positive integer"),
+    ("seed-beyond-64-bits", _flags("--seed", str(2**70)), "--seed must be an integer from 0 to 2**63 - 1"),
+    ("seed-negative", _flags("--seed", "-1"), "--seed must be an integer from 0 to 2**63 - 1"),
     # problems, methods and layers (already handled before; kept here so the table is complete)
     ("unknown-problem", _flags("--problem", "cifar"), "unknown problem 'cifar'"),
     ("unknown-method", _flags("--methods", "kfac,shampoo"), "unknown methods"),
@@ -185,6 +192,8 @@ BAD_TRAIN_INPUTS: list[tuple[str, list[str], str]] = [
     ("kl-clip-nan", ["--kl-clip", "nan"], "--kl-clip must be finite and positive"),
     ("unknown-optimizer", ["--optimizers", "sgd,shampoo"], "unknown optimizers"),
     ("epochs-zero", ["--epochs", "0"], "--epochs"),
+    ("epochs-1e12", ["--epochs", str(10**12)], "--epochs must be at most 1,000,000"),
+    ("seed-beyond-64-bits", ["--seed", str(2**70)], "--seed must be an integer from 0 to 2**63 - 1"),
 ]
 
 
@@ -244,3 +253,85 @@ def test_gzipped_mnist_with_labels_loads(tmp_path: Path) -> None:
     data = load_images("mnist", tmp_path)
     assert data.train.shape == (12, 784) and data.train_labels is not None and data.valid.shape[0] == 0
     assert os.path.basename(str(tmp_path)) in data.source
+
+
+def _mlp(d_out: int = 3) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, d_out)).double()
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(6, 4, dtype=torch.float64)
+
+
+def _nan_factor() -> LayerFactors:
+    a = torch.randn(6, 4, dtype=torch.float64)
+    a[2, 1] = float("nan")
+    return LayerFactors.from_linear(a, torch.randn(6, 3, dtype=torch.float64))
+
+
+def _kron(rank: int) -> KronSum:
+    eye3, eye5 = torch.eye(3, dtype=torch.float64), torch.eye(5, dtype=torch.float64)
+    return KronSum((eye3,) * rank, (eye5,) * rank)
+
+
+#: Bad arguments to the Python API: (id, call, exception, fragment of the message). Each is a clear
+#: FisherlabError/ValueError, never a raw IndexError, RuntimeError or LinAlgError.
+BAD_API_INPUTS: list[tuple[str, Callable[[], object], type[Exception], str]] = [
+    ("every-zero", lambda: fl.FisherProbe(_mlp(), "ce", every=0), fl.FisherlabError, "every must be a positive"),
+    ("every-negative", lambda: fl.FisherProbe(_mlp(), "ce", every=-2), fl.FisherlabError, "every must be a positive"),
+    ("every-float", lambda: fl.FisherProbe(_mlp(), "ce", every=2.5), fl.FisherlabError, "every must be a positive"),
+    (
+        "class-label-too-large",
+        lambda: fl.FisherProbe(_mlp(), "ce", every=1).step(0, _x(), torch.tensor([0, 1, 2, 3, 0, 1])),
+        fl.FisherlabError,
+        "class label 3, but the output has 3 classes",
+    ),
+    (
+        "class-label-negative",
+        lambda: fl.Probe(_mlp(), "ce")(_x(), torch.tensor([0, 1, -1, 0, 1, 2])),
+        fl.FisherlabError,
+        "class label -1",
+    ),
+    (
+        "bce-target-5",
+        lambda: fl.Probe(_mlp(1), "bce")(_x(), torch.full((6, 1), 5.0, dtype=torch.float64)),
+        fl.FisherlabError,
+        "targets in [0, 1], got 5.0",
+    ),
+    (
+        "bce-target-negative",
+        lambda: fl.Probe(_mlp(1), "bce")(_x(), torch.full((6, 1), -0.5, dtype=torch.float64)),
+        fl.FisherlabError,
+        "targets in [0, 1], got -0.5",
+    ),
+    ("nan-in-layer-factors", _nan_factor, fl.FisherlabError, "per-sample inputs a of LayerFactors contains NaN"),
+    (
+        "nan-in-named-layer-factors",
+        lambda: LayerFactors(torch.full((2, 1, 3), float("nan")), torch.ones(2, 1, 1, 2), name="fc"),
+        fl.FisherlabError,
+        "layer 'fc' contains NaN",
+    ),
+    (
+        "solve-rank1-transposed",
+        lambda: _kron(1).solve(torch.ones(5, 3)),
+        ValueError,
+        "[d_out, d_in] = [3, 5], got [5, 3]",
+    ),
+    ("solve-rank2-flat", lambda: _kron(2).solve(torch.ones(15), damping=1e-3), ValueError, "got [15]"),
+    (
+        "solver-wrong-shape",
+        lambda: _kron(2).solver(damping=1e-3)(torch.ones(3, 4)),
+        ValueError,
+        "[d_out, d_in] = [3, 5], got [3, 4]",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"), [c[1:] for c in BAD_API_INPUTS], ids=[c[0] for c in BAD_API_INPUTS]
+)
+def test_bad_api_input_is_one_clear_error(call: Callable[[], object], error: type[Exception], message: str) -> None:
+    with pytest.raises(error) as info:
+        call()
+    assert message in str(info.value) and "\n" not in str(info.value)

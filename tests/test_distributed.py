@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,8 @@ import pytest
 import torch
 from torch import distributed as dist
 
+from fisherlab._errors import FisherlabError
+from fisherlab.distributed import _handshake
 from fisherlab.results import load, validate
 from tests import _dist_worker as worker
 
@@ -104,3 +109,46 @@ def test_ddp_script_with_fisher_probe_under_torchrun(tmp_path: Path) -> None:
     validate(ds)
     assert list(ds["iteration"].values) == [0, 3] and ds.attrs["probed_layers"] == "0,2"
     assert torch.isfinite(torch.as_tensor(ds["frobenius_error"].values)).all()
+
+
+def _handshakes(worlds: list[int], settings: list[str]) -> list[str]:
+    """Run the start-up handshake of ranks ``0, 1, ...`` (in threads, on one rendezvous store):
+    what each rank raised (``""`` for none)."""
+    master = dist.TCPStore("127.0.0.1", 0, None, True, timedelta(seconds=30), wait_for_workers=False)
+    stores = [master] + [
+        dist.TCPStore("127.0.0.1", master.port, None, False, timedelta(seconds=30)) for _ in worlds[1:]
+    ]
+    outcome = [""] * len(worlds)
+
+    def run(rank: int) -> None:
+        try:
+            _handshake(stores[rank], rank, worlds[rank], settings[rank], 30.0)
+        except FisherlabError as e:
+            outcome[rank] = str(e)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(len(worlds))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=40)
+    return outcome
+
+
+@pytest.mark.parametrize(
+    ("worlds", "settings", "message"),
+    [
+        ([3, 2], ["a", "a"], "rank 1 was started with WORLD_SIZE=2 but rank 0 with WORLD_SIZE=3"),
+        ([2, 3], ["a", "a"], "rank 1 was started with WORLD_SIZE=3 but rank 0 with WORLD_SIZE=2"),
+        ([2, 2], ["a", "b"], "rank 1 was started with other settings than rank 0"),
+        ([3, 3, 3], ["a", "a", "a"], ""),
+    ],
+    ids=["rank0-expects-more", "rank1-expects-more", "other-settings", "agree"],
+)
+def test_startup_handshake_fails_fast_on_mismatched_ranks(worlds: list[int], settings: list[str], message: str) -> None:
+    """Processes that disagree on WORLD_SIZE or settings stop at once, every one with the same one-line
+    error, where they used to wait out the collective timeout and end in gloo tracebacks."""
+    start = time.monotonic()
+    outcome = _handshakes(worlds, settings)
+    assert time.monotonic() - start < 10
+    assert all(got.startswith(message) if message else got == "" for got in outcome), outcome
+    assert len(set(outcome)) == 1  # every rank says the same line

@@ -4,6 +4,7 @@ dataset has the probe schema, frozen layers and autocast are handled."""
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 import fisherlab as fl
+from fisherlab._errors import UndefinedMetricWarning
 from fisherlab.approximations import kfac_factors
 from fisherlab.results import load, validate
 from fisherlab.run import USER_LOOP
@@ -168,3 +170,68 @@ def test_probe_stores_factors_in_the_model_precision_and_sums_in_the_accumulatio
     torch.testing.assert_close(kfac.ins[0], exact.ins[0], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(kfac.outs[0], exact.outs[0], rtol=1e-6, atol=1e-9)
     assert not torch.equal(kfac.ins[0], exact.ins[0])  # the moments were summed in float32
+
+
+def _batch(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(2)
+    return torch.randn(n, 6, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+
+def test_step_under_inference_mode_gives_the_snapshot_of_a_plain_step() -> None:
+    """``step()`` inside ``torch.inference_mode()`` (a validation loop) probes as outside it, on inference
+    tensors too."""
+    x, y = _batch()
+    model = _net().eval()
+    expected = fl.FisherProbe(model, "ce", every=1, layers=["4"], methods=["kfac"]).step(0, x, y)
+    probe = fl.FisherProbe(model, "ce", every=1, layers=["4"], methods=["kfac"])
+    with torch.inference_mode():
+        got = probe.step(0, x.clone(), y.clone())  # inference tensors
+    assert got is not None and expected is not None
+    assert float(got["frobenius_error"].sum()) == float(expected["frobenius_error"].sum())
+
+
+def test_steps_beyond_32_bits_are_stored(tmp_path: Path) -> None:
+    out = tmp_path / "big.nc"
+    probe = fl.FisherProbe(_net().eval(), "ce", every=2, layers=["4"], methods=["kfac"], out=out)
+    for step in (2**31, 2**40):
+        probe.step(step, *_batch())
+    probe.close()
+    assert [int(i) for i in load(out)["iteration"].values] == [2**31, 2**40]
+
+
+def test_snapshot_lists_the_skipped_modules_and_why() -> None:
+    snap = fl.Probe(_net(), "ce", layers=["4"])(*_batch())
+    assert snap.skipped == (
+        "0: not among the chosen layers",
+        "1: BatchNorm1d, only nn.Linear and nn.Conv2d are probed",
+    )
+
+
+def test_zero_fisher_warns_once_per_layer_per_run() -> None:
+    model = _net().eval()
+    with torch.no_grad():
+        model[4].weight.zero_()  # nothing reaches layer 0: its block is zero at every snapshot
+    probe = fl.FisherProbe(model, "ce", every=1, methods=["kfac"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            probe.step(step, *_batch())
+    zero = [w for w in caught if issubclass(w.category, UndefinedMetricWarning)]
+    assert len(zero) == 1 and "'0'" in str(zero[0].message)
+    assert bool(probe.dataset["frobenius_error"].sel(layer="0").isnull().all())
+
+
+def test_default_is_error_1_only_and_the_first_snapshot_says_its_cost(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without ``config`` FisherProbe measures error 1 only (the cheap path); ``config=ProbeConfig()`` both;
+    the first snapshot's time and peak memory are said once, on one line."""
+    cheap = fl.FisherProbe(_net().eval(), "ce", every=1, layers=["4"])
+    for step in range(2):
+        cheap.step(step, *_batch())
+    full = fl.FisherProbe(_net().eval(), "ce", layers=["4"], config=fl.ProbeConfig(every=1))
+    full.step(0, *_batch())
+    assert bool(cheap.dataset["spectral_error"].isnull().all())
+    assert bool(cheap.dataset["frobenius_error"].notnull().all())
+    assert bool(full.dataset["spectral_error"].notnull().all())
+    cost = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fisherlab: probe cost:")]
+    assert len(cost) == 2  # one per probe
+    assert " s, peak memory " in cost[0] and "GiB" in cost[0] and "error 1 only" in cost[1]

@@ -65,3 +65,9 @@ def test_callback_probes_every_k_steps_and_leaves_training_unchanged(tmp_path: P
     assert list(ds["iteration"].values) == [0, 2, 4] and list(ds["layer"].values) == ["net.0", "net.2"]
     assert bool(ds["frobenius_error"].notnull().all()) and not (tmp_path / "pl.nc.lock").exists()
     assert callback.dataset.sizes["iteration"] == 3
+
+
+@pytest.mark.parametrize("every", [0, -1, 2.5])
+def test_callback_refuses_every_below_one(every: object) -> None:
+    with pytest.raises(fl.FisherlabError, match="every must be a positive integer"):
+        fl.lightning.FisherProbeCallback(every=every)  # type: ignore[arg-type]
