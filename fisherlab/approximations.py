@@ -8,7 +8,6 @@ count and convergence flag, and the vectors to warm-start the next snapshot with
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -25,8 +24,8 @@ from fisherlab.fisher import ExactBlock, SampleSpan
 from fisherlab.kron import KronSum
 from fisherlab.krylov import SingularTriplets, lanczos_svd, power_svd
 from fisherlab.layers import LayerFactors
-from fisherlab.method_registry import METHODS, MethodContext, MethodSpec, register, resolve_methods
-from fisherlab.vocabulary import Method
+from fisherlab.method_registry import METHODS, ApproxConfig, MethodContext, MethodSpec, register, resolve_methods
+from fisherlab.vocabulary import PAPER_METHODS, Method
 
 __all__ = [
     "PAPER_METHODS",
@@ -45,37 +44,6 @@ __all__ = [
     "restricted_warm_starts",
     "warm_starts",
 ]
-
-
-@dataclass(frozen=True)
-class ApproxConfig:
-    """Settings of the iterative methods, shared by the probe run, ``evaluate_block`` and the optimizers.
-
-    Its defaults are the only ones: :class:`~fisherlab.config.ProbeConfig` and the CLI flags
-    (``--tol``, ``--max-iter``, ``--lanczos-rank``, ``--krylov-dim``) take theirs from here.
-
-    Args:
-        tol: Relative residual tolerance of power SVD and Lanczos (K: ``ε = 1e-6``).
-        max_iter: Power SVD iteration cap per stage; reaching it warns (``ConvergenceWarning``).
-        lanczos_rank: Kronecker rank of the Lanczos method.
-        krylov_dim: Krylov dimension per Lanczos restart cycle (at least ``lanczos_rank + 2`` is used).
-        max_restarts: Cap on Lanczos restart cycles.
-
-    Raises:
-        FisherlabError: A tolerance outside ``(0, 1)`` or caps below 1 (``krylov_dim`` below 2).
-    """
-
-    tol: float = 1e-6
-    max_iter: int = 500
-    lanczos_rank: int = 2
-    krylov_dim: int = 20
-    max_restarts: int = 50
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.tol) and 0 < self.tol < 1):
-            raise FisherlabError(f"--tol must lie in (0, 1), got {self.tol}")
-        if self.max_iter < 1 or self.lanczos_rank < 1 or self.krylov_dim < 2 or self.max_restarts < 1:
-            raise FisherlabError("--max-iter and --lanczos-rank must be at least 1, --krylov-dim at least 2")
 
 
 @dataclass(frozen=True)
@@ -541,9 +509,6 @@ for _spec in (
     MethodSpec("kfac_corrected", _build_kfac_corrected, "KFAC-corrected", "kfac", ("kfac",), span_invariant=True),
 ):
     register(_spec)
-
-#: The papers' five methods: the default of every run.
-PAPER_METHODS: tuple[str, ...] = tuple(m.value for m in Method)
 
 
 def _as_approximation(name: str, result: Any, block: ExactBlock, seconds: float) -> Approximation:

@@ -15,11 +15,11 @@ from enum import Enum
 import torch
 
 from fisherlab._errors import FisherlabError
-from fisherlab.approximations import PAPER_METHODS, ApproxConfig
-from fisherlab.method_registry import resolve_methods
-from fisherlab.metrics import ERROR_METRICS
+from fisherlab.method_registry import ApproxConfig, resolve_methods
 from fisherlab.vocabulary import (
+    ERROR_METRICS,
     OPTIMIZER_NAMES,
+    PAPER_METHODS,
     Accumulation,
     BaseOptimizer,
     CoarseSpace,

@@ -22,6 +22,7 @@ or, from the command line, ``fisherlab probe --methods kfac,my_pkg.module:my_dia
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "METHODS",
+    "ApproxConfig",
     "MethodContext",
     "MethodSpec",
     "method_names",
@@ -40,6 +42,37 @@ __all__ = [
     "resolve_methods",
     "unregister_method",
 ]
+
+
+@dataclass(frozen=True)
+class ApproxConfig:
+    """Settings of the iterative methods, shared by the probe run, ``evaluate_block`` and the optimizers.
+
+    Its defaults are the only ones: :class:`~fisherlab.config.ProbeConfig` and the CLI flags
+    (``--tol``, ``--max-iter``, ``--lanczos-rank``, ``--krylov-dim``) take theirs from here.
+
+    Args:
+        tol: Relative residual tolerance of power SVD and Lanczos (K: ``ε = 1e-6``).
+        max_iter: Power SVD iteration cap per stage; reaching it warns (``ConvergenceWarning``).
+        lanczos_rank: Kronecker rank of the Lanczos method.
+        krylov_dim: Krylov dimension per Lanczos restart cycle (at least ``lanczos_rank + 2`` is used).
+        max_restarts: Cap on Lanczos restart cycles.
+
+    Raises:
+        FisherlabError: A tolerance outside ``(0, 1)`` or caps below 1 (``krylov_dim`` below 2).
+    """
+
+    tol: float = 1e-6
+    max_iter: int = 500
+    lanczos_rank: int = 2
+    krylov_dim: int = 20
+    max_restarts: int = 50
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.tol) and 0 < self.tol < 1):
+            raise FisherlabError(f"--tol must lie in (0, 1), got {self.tol}")
+        if self.max_iter < 1 or self.lanczos_rank < 1 or self.krylov_dim < 2 or self.max_restarts < 1:
+            raise FisherlabError("--max-iter and --lanczos-rank must be at least 1, --krylov-dim at least 2")
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from fisherlab.krylov import RitzValues, block_lanczos_eigenvalues
 from fisherlab.layers import LayerFactors
 from fisherlab.method_registry import METHODS, resolve_methods
 from fisherlab.operators import BlockOperator
-from fisherlab.vocabulary import Spectrum, Variable
+from fisherlab.vocabulary import ERROR_METRICS, Spectrum, Variable
 
 __all__ = [
     "BLOCK_METRICS",
@@ -749,9 +749,6 @@ LAYER_METRICS: tuple[LayerMetric, ...] = (
         power=1,
     ),
 )
-
-#: Names of the error metrics (``--metrics`` chooses among them; ``frobenius_error`` always).
-ERROR_METRICS: tuple[str, ...] = tuple(m.name for m in BLOCK_METRICS if m.error)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ from enum import Enum
 import torch
 
 __all__ = [
+    "ERROR_METRICS",
     "OPTIMIZER_NAMES",
+    "PAPER_METHODS",
     "TKO",
     "Accumulation",
     "BaseOptimizer",
@@ -162,3 +164,11 @@ OPTIMIZER_NAMES: tuple[str, ...] = (
     *(f"kfac2l_{c.value}" for c in CoarseSpace),
     f"kfac2l_{TKO}",
 )
+
+
+#: The papers' five methods: the default ``--methods`` of every run.
+PAPER_METHODS: tuple[str, ...] = tuple(m.value for m in Method)
+
+#: The error metrics of :data:`fisherlab.metrics.BLOCK_METRICS` (``--metrics`` chooses among them;
+#: ``frobenius_error`` always): their names, for settings that must not import the metrics.
+ERROR_METRICS: tuple[str, ...] = ("frobenius_error", "spectral_error")

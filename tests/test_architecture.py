@@ -90,3 +90,19 @@ def test_import_fisherlab_does_not_import_lightning() -> None:
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
         == "False"
     )
+
+
+def test_the_vocabulary_names_what_the_registries_hold() -> None:
+    """Settings import names from the vocabulary, not the registries: the two must agree."""
+    from fisherlab import vocabulary
+    from fisherlab.method_registry import METHODS
+    from fisherlab.metrics import BLOCK_METRICS
+
+    assert vocabulary.ERROR_METRICS == tuple(m.name for m in BLOCK_METRICS if m.error)
+    assert set(vocabulary.PAPER_METHODS) <= set(METHODS)
+
+
+def test_config_imports_no_implementation_module() -> None:
+    """Settings name things; they do not compute them."""
+    package = Path(fisherlab.__file__).parent
+    assert _imports(package / "config.py") <= {"_errors", "vocabulary", "method_registry"}
