@@ -223,7 +223,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     t.add_argument(
         "--problem",
         default=td.problem,
-        help="curves | mnist | faces | cnn | deeplinear64 | deeplinear14 | resnet18 | resnet34 (default: %(default)s)",
+        help="curves | mnist | faces | cnn | deeplinear64 | deeplinear14 | resnet18 | resnet34 | transformer "
+        "(default: %(default)s)",
     )
     t.add_argument(
         "--data-dir", default=None, help="directory with the real data files (default: embedded data, no download)"

@@ -78,7 +78,9 @@ TRAIN_VARIABLES: tuple[Variable, ...] = (
         "s",
         "wall clock of the optimizer steps, evaluation excluded",
     ),
-    Variable("lr", ("optimizer",), "learning rate chosen (NaN: optimizer default)", "1", "best grid point"),
+    Variable(
+        "lr", ("optimizer",), "learning rate used", "1", "best grid point; the optimizer's default when none is given"
+    ),
     Variable("damping", ("optimizer",), "damping chosen", "1", "best grid point; NaN for sgd and adam"),
 )
 
