@@ -128,6 +128,8 @@ def load(path: str | Path, *, factors: bool = False) -> xr.Dataset:
     path = Path(path)
     if not path.is_file():
         raise FisherlabError(f"no such results file: {path}")
+    if not is_hdf5(path) and not _is_netcdf3(path):
+        raise FisherlabError(f"cannot read {path}: not a fisherlab results file (neither netCDF4/HDF5 nor netCDF3)")
     try:
         if is_hdf5(path):
             return read(path, drop_factors=not factors)
@@ -135,6 +137,15 @@ def load(path: str | Path, *, factors: bool = False) -> xr.Dataset:
             return ds.load()
     except (ValueError, OSError, TypeError, KeyError) as exc:
         raise FisherlabError(f"cannot read {path} as a netCDF dataset: {exc}") from None
+
+
+def _is_netcdf3(path: Path) -> bool:
+    """Whether the file starts with the netCDF3 signature ``CDF`` (what ``fisherlab train`` writes)."""
+    try:
+        with path.open("rb") as f:
+            return f.read(3) == b"CDF"
+    except OSError:
+        return False
 
 
 class ResultsWriter:
