@@ -13,10 +13,10 @@ from _common import figure_script
 
 from fisherlab.config import ProbeConfig
 from fisherlab.plots import error_figure
-from fisherlab.run import run_probe
 
 
-def compute(args, path) -> None:  # type: ignore[no-untyped-def]
+def configure(args):  # type: ignore[no-untyped-def]
+    """The run this figure needs, as asked on the command line."""
     config = ProbeConfig(
         problem=args.problem,
         data_dir=args.data_dir,
@@ -27,7 +27,7 @@ def compute(args, path) -> None:  # type: ignore[no-untyped-def]
         metrics=tuple(args.metrics.split(",")),
         batch_size=64 if args.smoke else None,
     )
-    run_probe(config, path, overwrite=True, progress=not args.smoke)
+    return config
 
 
 def options(parser) -> None:  # type: ignore[no-untyped-def]
@@ -39,7 +39,7 @@ def options(parser) -> None:  # type: ignore[no-untyped-def]
 
 def main(argv: list[str] | None = None) -> int:
     return figure_script(
-        argv, __doc__, "fig1", ["curves", "mnist", "faces"], "curves", compute, error_figure, options=options
+        argv, __doc__, "fig1", ["curves", "mnist", "faces"], "curves", configure, error_figure, options=options
     )
 
 

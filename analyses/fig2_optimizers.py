@@ -13,10 +13,10 @@ from _common import figure_script
 
 from fisherlab.config import TrainConfig
 from fisherlab.plots import training_figure
-from fisherlab.train import run_training
 
 
-def compute(args, path) -> None:  # type: ignore[no-untyped-def]
+def configure(args):  # type: ignore[no-untyped-def]
+    """The run this figure needs, as asked on the command line."""
     optimizers = ("sgd", "adam", "kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected")
     if args.smoke:
         config = TrainConfig(
@@ -32,11 +32,11 @@ def compute(args, path) -> None:  # type: ignore[no-untyped-def]
             damping=(1e-3, 1e-2, 1e-1),
             patience=10,
         )
-    run_training(config, path, overwrite=True, progress=not args.smoke)
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:
-    return figure_script(argv, __doc__, "k_fig2", ["curves", "mnist", "faces"], "curves", compute, training_figure)
+    return figure_script(argv, __doc__, "k_fig2", ["curves", "mnist", "faces"], "curves", configure, training_figure)
 
 
 if __name__ == "__main__":

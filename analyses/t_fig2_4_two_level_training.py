@@ -14,12 +14,12 @@ from _common import figure_script
 
 from fisherlab.config import TrainConfig
 from fisherlab.plots import training_figure
-from fisherlab.train import run_training
 
 PROBLEMS = ["curves", "mnist", "faces", "cnn", "resnet18", "resnet34", "deeplinear64", "deeplinear14"]
 
 
-def compute(args, path) -> None:  # type: ignore[no-untyped-def]
+def configure(args):  # type: ignore[no-untyped-def]
+    """The run this figure needs, as asked on the command line."""
     two_level = (
         "kfac2l_nicolaides",
         "kfac2l_spectral",
@@ -43,11 +43,11 @@ def compute(args, path) -> None:  # type: ignore[no-untyped-def]
             weight_decay=1e-3,
             patience=10,
         )
-    run_training(config, path, overwrite=True, progress=not args.smoke)
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:
-    return figure_script(argv, __doc__, "t_fig2_4", PROBLEMS, "deeplinear64", compute, training_figure)
+    return figure_script(argv, __doc__, "t_fig2_4", PROBLEMS, "deeplinear64", configure, training_figure)
 
 
 if __name__ == "__main__":

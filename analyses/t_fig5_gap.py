@@ -14,10 +14,10 @@ from _common import figure_script
 from fisherlab.approximations import Method
 from fisherlab.config import ProbeConfig
 from fisherlab.plots import two_level_figure
-from fisherlab.run import run_probe
 
 
-def compute(args, path) -> None:  # type: ignore[no-untyped-def]
+def configure(args):  # type: ignore[no-untyped-def]
+    """The run this figure needs, as asked on the command line."""
     config = ProbeConfig(
         problem=args.problem,
         data_dir=args.data_dir,
@@ -30,12 +30,12 @@ def compute(args, path) -> None:  # type: ignore[no-untyped-def]
         batch_size=32 if args.smoke else None,
         methods=("kfac", "kpsvd") if args.smoke else tuple(Method),
     )
-    run_probe(config, path, overwrite=True, progress=not args.smoke)
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:
     return figure_script(
-        argv, __doc__, "t_fig5", ["curves", "mnist", "faces", "cnn"], "curves", compute, two_level_figure
+        argv, __doc__, "t_fig5", ["curves", "mnist", "faces", "cnn"], "curves", configure, two_level_figure
     )
 
 

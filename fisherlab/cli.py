@@ -413,18 +413,23 @@ def _two_level_path(figure: Path) -> Path:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from fisherlab.plots import error_figure, save_figure, training_figure, two_level_figure
+    from fisherlab.plots import error_figure, run_labels, save_figure, training_figure, two_level_figure
     from fisherlab.results import load
 
-    datasets = {path: load(path) for path in args.paths}
+    # keyed by a unique label (the shortest distinguishing path), so a/run.nc and b/run.nc are two runs
+    datasets = dict(zip(run_labels(args.paths), (load(path) for path in args.paths), strict=True))
     out = Path(args.out) if args.out else Path(args.paths[0]).with_suffix(".png")
     first = next(iter(datasets.values()))
-    if "optimizer" in first.dims:
-        if len(datasets) > 1:
-            raise FisherlabError("plot overlays several probe files; give one fisherlab train file at a time")
+    train_files = [p for p, ds in zip(args.paths, datasets.values(), strict=True) if "optimizer" in ds.dims]
+    if train_files and len(datasets) > 1:
+        raise FisherlabError(
+            f"plot overlays several fisherlab probe files or draws one train file; {', '.join(train_files)} "
+            f"{'is a train file' if len(train_files) == 1 else 'are train files'}: plot each on its own"
+        )
+    if train_files:
         print(f"wrote {save_figure(training_figure(first), out)}")
         return 0
-    runs = {Path(p).stem: ds for p, ds in datasets.items()} if len(datasets) > 1 else first
+    runs = datasets if len(datasets) > 1 else first
     written = [save_figure(error_figure(runs), out)]
     if len(datasets) == 1 and "gap" in first:
         written.append(save_figure(two_level_figure(first), _two_level_path(out)))
@@ -456,10 +461,26 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
+    """Print dims, coordinates and variables, then every attribute, long values folded (none cut)."""
+    import textwrap
+
+    import xarray as xr
+
     from fisherlab.results import load
 
     ds = load(args.path)
-    print(ds)
+    bare = ds.copy()
+    bare.attrs = {}
+    with xr.set_options(display_max_rows=10_000):
+        print(bare)
+    print(f"Attributes ({len(ds.attrs)}):")
+    width = max((len(str(key)) for key in ds.attrs), default=0)
+    for key, value in ds.attrs.items():
+        lines = str(value).splitlines() or [""]
+        folded = [part for line in lines for part in textwrap.wrap(line, 100 - width) or [""]]
+        print(f"    {key:<{width}}  {folded[0]}")
+        for part in folded[1:]:
+            print(f"    {'':<{width}}  {part}")
     return 0
 
 

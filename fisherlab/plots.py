@@ -6,6 +6,9 @@ against the training iteration, one column per layer, one line per method.
 
 from __future__ import annotations
 
+import math
+import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -15,7 +18,7 @@ import torch
 import xarray as xr
 from matplotlib.colors import SymLogNorm
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullLocator, SymmetricalLogLocator
+from matplotlib.ticker import FixedLocator, NullLocator
 from torch import Tensor
 
 from fisherlab._errors import FisherlabError
@@ -27,6 +30,8 @@ __all__ = [
     "data_label",
     "error_figure",
     "method_style",
+    "plain",
+    "run_labels",
     "save_figure",
     "spectra_figure",
     "training_figure",
@@ -57,6 +62,46 @@ _LONG_NAMES = {m.name: m.long_name for m in BLOCK_METRICS}
 def method_style(method: str) -> tuple[str, str, tuple[float, ...]]:
     """Colour, marker and dash pattern of a method (grey for unknown names)."""
     return METHOD_STYLE.get(method, _OTHER_STYLE)
+
+
+def plain(text: object) -> str:
+    """A user string (file attribute, path, coordinate) as literal figure text: ``$`` escaped,
+    so matplotlib never parses it as mathtext."""
+    return str(text).replace("$", r"\$")
+
+
+def run_labels(paths: Sequence[str | Path]) -> list[str]:
+    """One unique label per results file: the shortest trailing part of each path (suffix
+    dropped) that tells it from the others, e.g. ``a/run.nc``, ``b/run.nc`` -> ``a/run``, ``b/run``.
+    A path given twice gets ``#2``, ``#3``, ... after its label."""
+    parts = [Path(p).with_suffix("").parts or (str(p),) for p in paths]
+    distinct = set(parts)
+    depth = 1
+    while depth < max(len(x) for x in parts) and len({x[-depth:] for x in distinct}) < len(distinct):
+        depth += 1
+    labels = ["/".join(x[-depth:]) for x in parts]
+    seen: dict[str, int] = {}
+    unique = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        unique.append(label if seen[label] == 1 else f"{label}#{seen[label]}")
+    return unique
+
+
+def _legend_from_all(axes: np.ndarray, order: list[str] | None = None) -> tuple[list, list[str]]:
+    """Handles and labels of every panel, each label once (first panel that has it wins);
+    sorted by ``order`` when given (labels not in it last), and per-panel legends removed."""
+    found: dict[str, object] = {}
+    for ax in np.ravel(axes):
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            found.setdefault(label, handle)
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    labels = list(found)
+    if order is not None:
+        rank = {label: i for i, label in enumerate(order)}
+        labels = sorted(labels, key=lambda label: rank.get(label, len(rank)))
+    return [found[label] for label in labels], labels
 
 
 def _spans_decades(values: np.ndarray) -> bool:
@@ -134,20 +179,20 @@ def error_figure(runs: xr.Dataset | dict[str, xr.Dataset], *, metrics: tuple[str
                         lw=_WIDTH.get(method, 1.4),
                         dashes=dashes,
                         markevery=(methods.index(method) % every, every),
-                        label=f"{method} ({label})" if label else method,
+                        label=plain(f"{method} ({label})" if label else method),
                     )
             if log:
                 ax.set_yscale("log")
             ax.set_ylabel(_LONG_NAMES.get(metric, metric))
             ax.set_xlabel("training iteration")
-            ax.set_title(f"layer {layer}" if row == 0 else "")
+            ax.set_title(plain(f"layer {layer}") if row == 0 else "")
             ax.grid(True, alpha=0.3)
-    handles, labels = axes[0, -1].get_legend_handles_labels()
-    rank = {m: i for i, m in enumerate(canonical)}
-    order = sorted(range(len(labels)), key=lambda i: (rank.get(labels[i].split(" (")[0], len(rank)), labels[i]))
+    # one legend for every panel's lines: a run or method missing from the last panel still shows
+    labels_by_run = [plain(f"{m} ({label})" if label else m) for m in canonical for label in datasets]
+    handles, labels = _legend_from_all(axes, labels_by_run)
     axes[0, -1].legend(
-        [handles[i] for i in order],
-        [labels[i] for i in order],
+        handles,
+        labels,
         title="method" + (" (run)" if len(datasets) > 1 else ""),
         loc="upper left",
         bbox_to_anchor=(1.02, 1.0),
@@ -162,7 +207,7 @@ def error_figure(runs: xr.Dataset | dict[str, xr.Dataset], *, metrics: tuple[str
         title = "Fisher approximation errors: " + "; ".join(
             f"{label} = {ds.attrs.get('problem', '?')} ({data_label(ds)})" for label, ds in datasets.items()
         )
-    fig.suptitle(title)
+    fig.suptitle(plain(title))
     fig.tight_layout()
     return fig
 
@@ -191,9 +236,32 @@ def _lines(ax: plt.Axes, da: xr.DataArray, dim: str, *, log: bool) -> None:
     if log and _spans_decades(np.abs(da.values)):
         ax.set_yscale("log")
     ax.set_xlabel("training iteration")
-    ax.set_ylabel(da.attrs.get("long_name", str(da.name)))
+    ax.set_ylabel(textwrap.fill(plain(da.attrs.get("long_name", str(da.name))), 36))  # long names on two lines
     ax.grid(True, alpha=0.3)
     sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1.0), title=dim.replace("_", " "))
+
+
+def _symlog_axis(ax: plt.Axes, values: np.ndarray, *, decades: int = 8, ticks_per_sign: int = 4) -> None:
+    """A ``symlog`` y axis for values of both signs spanning many decades (T Fig. 5's gap).
+
+    The linear range around 0 reaches up to the smallest nonzero magnitude, but at least to
+    ``10^-decades`` of the largest (smaller values are rounding, not signal); at most
+    ``ticks_per_sign`` labelled decades per sign, so labels never overprint.
+    """
+    v = np.abs(values[np.isfinite(values) & (values != 0)])
+    if not v.size:
+        return
+    top = float(v.max())
+    k0 = math.floor(math.log10(max(float(v.min()), top * 10.0**-decades)))
+    k1 = math.ceil(math.log10(top))
+    ax.set_yscale("symlog", linthresh=10.0**k0, linscale=1.0)
+    step = max(1, math.ceil((k1 - k0) / ticks_per_sign))
+    powers = [10.0**k for k in range(k1, k0, -step)] or [10.0**k1]
+    ticks = [0.0]
+    ticks += powers if bool((values > 0).any()) else []
+    ticks += [-x for x in powers] if bool((values < 0).any()) else []
+    ax.yaxis.set_major_locator(FixedLocator(sorted(ticks)))
+    ax.yaxis.set_minor_locator(NullLocator())
 
 
 def two_level_figure(ds: xr.Dataset) -> Figure:
@@ -205,15 +273,9 @@ def two_level_figure(ds: xr.Dataset) -> Figure:
     """
     if "gap" not in ds:
         raise FisherlabError("dataset has no two-level results; run fisherlab probe with --two-level")
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.5), layout="constrained")
     _lines(axes[0], ds["gap"], "coarse_space", log=False)
-    gaps = np.abs(ds["gap"].values)
-    gaps = gaps[np.isfinite(gaps) & (gaps > 0)]
-    # linear within a decade of the smallest gap, so ticks come at most one per decade beyond it
-    linthresh = float(gaps.min()) if gaps.size else 1.0
-    axes[0].set_yscale("symlog", linthresh=linthresh, linscale=0.5)
-    axes[0].yaxis.set_major_locator(SymmetricalLogLocator(linthresh=linthresh, base=10, subs=[1.0]))
-    axes[0].yaxis.set_minor_locator(NullLocator())
+    _symlog_axis(axes[0], ds["gap"].values)
     axes[0].axhline(0, color="black", lw=0.8)
     axes[0].set_title("T Fig. 5: gap (negative = closer to the natural gradient)")
     _lines(axes[1], ds["energy_error"], "coarse_space", log=True)
@@ -221,10 +283,11 @@ def two_level_figure(ds: xr.Dataset) -> Figure:
     _lines(axes[2], ds["block_energy_error"], "method", log=True)
     axes[2].set_title("block-diagonal increments vs exact ζ")
     fig.suptitle(
-        f"Two-level KFAC: {ds.attrs.get('problem', '?')} ({data_label(ds)}), damping {ds.attrs.get('damping', '?')}, "
-        f"Fisher: {ds.attrs.get('fisher', '?')}"
+        plain(
+            f"Two-level KFAC: {ds.attrs.get('problem', '?')} ({data_label(ds)}), "
+            f"damping {ds.attrs.get('damping', '?')}, Fisher: {ds.attrs.get('fisher', '?')}"
+        )
     )
-    fig.tight_layout()
     return fig
 
 
@@ -268,16 +331,16 @@ def training_figure(ds: xr.Dataset) -> Figure:
             dashes=False,
             markersize=4,
             ax=ax,
-            legend=ax is axes[-1],
         )
         if _spans_decades(ds[y].values):
             ax.set_yscale("log")
         ax.set_xlabel("epoch" if x == "epoch" else "time (s)")
         ax.set_ylabel(ds[y].attrs.get("long_name", y))
         ax.grid(True, alpha=0.3)
-    if axes[-1].get_legend() is not None:
-        sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.suptitle(f"Optimizers on {ds.attrs.get('problem', '?')} ({data_label(ds)})")
+    handles, labels = _legend_from_all(axes, order)  # every panel's: the last may lack an optimizer
+    labels = [plain(label) for label in labels]
+    axes[-1].legend(handles, labels, title="optimizer", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(plain(f"Optimizers on {ds.attrs.get('problem', '?')} ({data_label(ds)})"))
     fig.tight_layout()
     return fig
 

@@ -78,7 +78,9 @@ TRAIN_VARIABLES: tuple[Variable, ...] = (
         "s",
         "wall clock of the optimizer steps, evaluation excluded",
     ),
-    Variable("lr", ("optimizer",), "learning rate chosen (NaN: optimizer default)", "1", "best grid point"),
+    Variable(
+        "lr", ("optimizer",), "learning rate used", "1", "best grid point; the optimizer's default when none is given"
+    ),
     Variable("damping", ("optimizer",), "damping chosen", "1", "best grid point; NaN for sgd and adam"),
 )
 
@@ -126,6 +128,8 @@ def load(path: str | Path, *, factors: bool = False) -> xr.Dataset:
     path = Path(path)
     if not path.is_file():
         raise FisherlabError(f"no such results file: {path}")
+    if not is_hdf5(path) and not _is_netcdf3(path):
+        raise FisherlabError(f"cannot read {path}: not a fisherlab results file (neither netCDF4/HDF5 nor netCDF3)")
     try:
         if is_hdf5(path):
             return read(path, drop_factors=not factors)
@@ -133,6 +137,15 @@ def load(path: str | Path, *, factors: bool = False) -> xr.Dataset:
             return ds.load()
     except (ValueError, OSError, TypeError, KeyError) as exc:
         raise FisherlabError(f"cannot read {path} as a netCDF dataset: {exc}") from None
+
+
+def _is_netcdf3(path: Path) -> bool:
+    """Whether the file starts with the netCDF3 signature ``CDF`` (what ``fisherlab train`` writes)."""
+    try:
+        with path.open("rb") as f:
+            return f.read(3) == b"CDF"
+    except OSError:
+        return False
 
 
 class ResultsWriter:

@@ -54,7 +54,8 @@ def _train_one(
     progress: bool,
     on_epoch: Callable[[dict[str, np.ndarray]], None] = lambda _: None,
 ) -> dict[str, np.ndarray]:
-    """Train one optimizer setting; returns per-epoch arrays (NaN after early stopping).
+    """Train one optimizer setting; returns per-epoch arrays (NaN after early stopping) and,
+    under ``"lr"``, the learning rate the optimizer used (the given one or its default).
 
     ``on_epoch`` sees the arrays after every epoch (the caller writes them to disk).
     """
@@ -71,6 +72,7 @@ def _train_one(
         n_batches = min(n_batches, config.max_batches)
     batches = problem.batches(data["images"], batch_size=config.batch_size, seed=config.seed, device=device)
     out = {k: np.full(config.epochs + 1, np.nan) for k in ("train_loss", "valid_loss", "wall_time")}
+    out["lr"] = np.array([float(opt.param_groups[0]["lr"])])
     out["train_loss"][0] = _mean_loss(model, problem, data["x"], data["y"])
     out["valid_loss"][0] = _mean_loss(model, problem, data["vx"], data["vy"])
     out["wall_time"][0] = 0.0
@@ -158,14 +160,9 @@ def run_training(config: TrainConfig, out: str | Path, *, overwrite: bool = Fals
             dampings = config.damping if name not in ("sgd", "adam") else (config.damping[0],)
             best: tuple[float, dict, float | None, float] | None = None
             for lr, damping in itertools.product(lrs, dampings):
-                chosen_lr, chosen_damping = (
-                    np.nan if lr is None else lr,
-                    damping if name not in ("sgd", "adam") else np.nan,
-                )
+                chosen_damping = damping if name not in ("sgd", "adam") else np.nan
                 # until a grid point of this optimizer has finished, the file shows the running one
-                on_epoch = (
-                    partial(_show_running, results, save, name, chosen_lr, chosen_damping) if best is None else _ignore
-                )
+                on_epoch = partial(_show_running, results, save, name, chosen_damping) if best is None else _ignore
                 try:
                     res = _train_one(name, problem, config, lr, damping, data, device, progress, on_epoch)
                 except FisherlabError:
@@ -175,7 +172,7 @@ def run_training(config: TrainConfig, out: str | Path, *, overwrite: bool = Fals
                 final = float(np.nanmin(res["train_loss"]))
                 if best is None or final < best[0]:
                     best = (final, res, lr, damping)
-                    results[name] = (res, chosen_lr, chosen_damping)
+                    results[name] = (res, float(res["lr"][0]), chosen_damping)
                     save()
             if best is None:
                 raise FisherlabError(f"every grid point of {name} diverged")
@@ -184,9 +181,9 @@ def run_training(config: TrainConfig, out: str | Path, *, overwrite: bool = Fals
 
 
 def _show_running(
-    results: dict, save: Callable[[], object], name: str, lr: float, damping: float, arrays: dict[str, np.ndarray]
+    results: dict, save: Callable[[], object], name: str, damping: float, arrays: dict[str, np.ndarray]
 ) -> None:
-    results[name] = (arrays, lr, damping)
+    results[name] = (arrays, float(arrays["lr"][0]), damping)
     save()
 
 

@@ -244,3 +244,55 @@ def test_layers_all_names_every_probeable_layer() -> None:
     assert resolve_layers(get_problem("mnist"), ("2", "5")) == ("2", "5")
     with pytest.raises(FisherlabError, match=r"unknown layers \['layer9'\].*conv1, layer1.0.conv1"):
         resolve_layers(resnet, ("layer9",))
+
+
+def test_plot_overlays_runs_of_the_same_file_name(tmp_path, monkeypatch, capsys) -> None:
+    """`plot a/run.nc b/run.nc` draws two runs, labelled a/run and b/run (issue 20, item 11)."""
+    from fisherlab import plots
+    from tests.test_plots import probe_dataset
+
+    for name, seed in (("a", 0), ("b", 1)):
+        (tmp_path / name).mkdir()
+        probe_dataset(seed=seed).to_netcdf(tmp_path / name / "run.nc", engine="scipy")
+    drawn: list[list[str]] = []
+    real = plots.error_figure
+    monkeypatch.setattr(plots, "error_figure", lambda runs: drawn.append(list(runs)) or real(runs))
+    paths = [str(tmp_path / "a" / "run.nc"), str(tmp_path / "b" / "run.nc")]
+    assert cli.main(["plot", *paths, "--out", str(tmp_path / "both.png")]) == 0
+    assert drawn == [["a/run", "b/run"]]
+
+
+def test_plot_probe_and_train_files_together_is_one_error(tmp_path, capsys) -> None:
+    from tests.test_plots import probe_dataset, train_dataset
+
+    probe_dataset().to_netcdf(tmp_path / "probe.nc", engine="scipy")
+    train_dataset().to_netcdf(tmp_path / "train.nc", engine="scipy")
+    for order in ((tmp_path / "probe.nc", tmp_path / "train.nc"), (tmp_path / "train.nc", tmp_path / "probe.nc")):
+        assert cli.main(["plot", *map(str, order), "--out", str(tmp_path / "f.png")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("fisherlab: error: ") and "train.nc is a train file" in err
+
+
+def test_info_shows_every_attribute_whole(tmp_path, capsys) -> None:
+    """Every attribute is listed; a long one is folded over lines, not cut (issue 20, item 11)."""
+    from tests.test_plots import probe_dataset
+
+    ds = probe_dataset()
+    long_value = " ".join(f"word{i}" for i in range(80))
+    ds.attrs = {f"attribute_{i}": f"value {i}" for i in range(28)} | {"long": long_value}
+    ds.to_netcdf(tmp_path / "r.nc", engine="scipy")
+    assert cli.main(["info", str(tmp_path / "r.nc")]) == 0
+    out = capsys.readouterr().out
+    assert all(f"attribute_{i} " in out for i in range(28))
+    attributes = out.split("Attributes (29):\n")[1]
+    assert " ".join(attributes.split()).endswith("long " + long_value)  # whole, folded
+    assert max(len(line) for line in out.splitlines()) <= 110
+
+
+def test_foreign_file_is_not_a_results_file(tmp_path, capsys) -> None:
+    """A file that is not netCDF says so, without advice to install netcdf4 (issue 20, item 11)."""
+    (tmp_path / "x.nc").write_text("hello\n")
+    for command in ("info", "plot"):
+        assert cli.main([command, str(tmp_path / "x.nc")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "not a fisherlab results file" in err and "pip" not in err

@@ -61,3 +61,22 @@ def test_train_bad_input(tmp_path, capsys) -> None:
     assert "unknown optimizers" in capsys.readouterr().err
     assert cli.main(["train", "--epochs", "0", "--out", str(tmp_path / "x.nc")]) == 2
     assert "--epochs" in capsys.readouterr().err
+
+
+def test_stored_lr_is_the_one_used(tmp_path) -> None:
+    """Without --lr each optimizer's default is stored, never NaN (issue 20, item 13)."""
+    optimizers = ("sgd", "adam", "kfac")
+    config = TrainConfig("deeplinear64", optimizers=optimizers, epochs=1, max_batches=1, batch_size=32, eval_samples=64)
+    ds = run_training(config, tmp_path / "d.nc", progress=False)
+    assert ds["lr"].values.tolist() == [1e-2, 1e-3, 1.0]  # kfac: 1 under KL clipping
+    assert load(tmp_path / "d.nc")["lr"].values.tolist() == [1e-2, 1e-3, 1.0]
+
+
+def test_train_offers_the_transformer(tmp_path, capsys) -> None:
+    """`fisherlab train --problem transformer` runs, and the help lists it (issue 20, item 13)."""
+    _parser, commands = cli._parser()
+    assert "transformer" in commands["train"].format_help()
+    out = tmp_path / "t.nc"
+    argv = ["train", "--problem", "transformer", "--optimizers", "sgd", "--epochs", "1", "--max-batches", "1"]
+    assert cli.main([*argv, "--eval-samples", "16", "--batch-size", "8", "--out", str(out), "--no-progress"]) == 0
+    assert load(out).attrs["problem"] == "transformer"
