@@ -171,17 +171,23 @@ class SpectralError:
     """Error 2 with a guarantee: ``|value - exact| <= bound``.
 
     Args:
-        value: Error 2 (the midpoint of the interval known to hold it).
-        bound: Half-width of that interval; 0 when every needed eigenvalue was computed,
-            ``inf`` (and ``value`` NaN) when none fit in the memory limit.
+        value: Error 2 (the midpoint of the interval the unknown eigenvalues leave).
+        bound: How far the exact error 2 of this ``F̂`` can be from ``value``: the half-width of
+            that interval, widened by the rounding of the formula and of the eigenvalues (a few
+            ``ε`` relative where every eigenvalue of ``F̂`` was computed, ``~ε / value`` where
+            ``||F̂||² - Σ μ_i²`` was needed) and by the eigensolver's stopping tolerance (its
+            residuals); never 0. ``inf`` (and ``value`` NaN) when no eigenvalue fit in memory.
         eigenvalues: How many eigenvalues of ``F̂`` were computed.
         note: Why the value is bounded or missing (empty when within tolerance).
+        unknown: The part of ``bound`` due to eigenvalues not computed (the half-width of the
+            interval alone): what the eigensolver's stopping test compares with the tolerance.
     """
 
     value: float
     bound: float
     eigenvalues: int
     note: str = ""
+    unknown: float = 0.0
 
 
 def _error_interval(
@@ -192,6 +198,7 @@ def _error_interval(
     by_magnitude: bool,
     mu_next: float | None = None,
     mu_floor: float | None = None,
+    complete: bool = False,
 ) -> tuple[float, float]:
     """Bounds of ``||spec F - spec F̂||²`` from the ``m`` largest eigenvalues ``mu`` of ``F̂``.
 
@@ -201,11 +208,17 @@ def _error_interval(
     only ``X = Σ_{m<i≤r} λ_i μ_i`` is unknown, and ``mu_floor <= μ_i ≤ mu_next`` (default
     ``μ_m``; singular values are ``>= 0``) with ``Σ_{i>m} μ_i² = ||F̂||² - Σ_{i≤m} μ_i²`` bound
     it (Cauchy-Schwarz). For ``m ≥ r`` both bounds are the exact value.
+
+    ``complete``: ``mu`` holds every eigenvalue of ``F̂`` (zeros may be left out), so the tail
+    ``Σ_{i>r} μ_i²`` is summed from them instead of ``||F̂||² - Σ_{i≤r} μ_i²``, which cancels to
+    ``ε ||F̂||²`` when ``F̂ ≈ F`` (a floor of ``√ε`` on error 2).
     """
+    if complete:
+        tail_squared = float(torch.sum(mu[lam.numel() :] ** 2))
     mu = mu[: lam.numel()]
     m, r = mu.numel(), lam.numel()
     head = float(torch.sum((lam[:m] - mu) ** 2))
-    rest = max(norm_squared - float(torch.sum(mu**2)), 0.0)
+    rest = tail_squared if complete else max(norm_squared - float(torch.sum(mu**2)), 0.0)
     tail = lam[m:r]
     s1, s2 = float(tail.sum()), float(torch.sum(tail**2))
     cauchy = math.sqrt(s2 * rest)
@@ -214,6 +227,30 @@ def _error_interval(
     x_high = min(max(mu_next, 0.0) * s1, cauchy) if mu_next is not None else cauchy
     x_low = 0.0 if by_magnitude else (-cauchy if mu_floor is None else max(-cauchy, min(mu_floor, 0.0) * s1))
     return max(head + s2 - 2 * x_high + rest, 0.0), max(head + s2 - 2 * x_low + rest, 0.0)
+
+
+def _ritz_errors(ritz: RitzValues, count: int, scale: float) -> Tensor:
+    """Bounds on how far each of the ``count`` leading Ritz values is from its eigenvalue.
+
+    A Ritz pair with residual ``ρ_i`` has an eigenvalue within ``ρ_i``, and within ``ρ_i² / gap_i``
+    when the rest of the spectrum is at least ``gap_i`` away (Kato-Temple; Parlett, *The Symmetric
+    Eigenvalue Problem*, §11.7). ``gap_i`` is taken from the other Ritz values, less their residuals
+    (the unconverged ones hold the rest of the spectrum below the converged ones), and ``scale``
+    (``~ε ||F̂||``) is added for the rounding of the Rayleigh-Ritz step.
+    """
+    theta, rho = ritz.values, ritz.residuals
+    out = torch.empty(count, dtype=torch.float64)
+    values, residuals = theta.tolist(), rho.tolist()
+    for i in range(count):
+        gap = math.inf
+        for j in (i - 1, i + 1):
+            if 0 <= j < len(values):
+                gap = min(gap, abs(abs(values[i]) - abs(values[j])) - residuals[j])
+        if i + 1 >= len(values):
+            gap = 0.0  # nothing known below: the first-order bound
+        rho_i = residuals[i]
+        out[i] = min(rho_i, rho_i**2 / gap) if gap > rho_i else rho_i
+    return out + scale
 
 
 def _leading_eigenvalues(
@@ -322,26 +359,61 @@ def spectral_error_bounded(
     like = approx.outs[0]
     itemsize = like.element_size()
     norm_squared = float(approx.frobenius_norm_squared())
+    # rounding, in the probabilistic model of Higham & Mary (2019, SIAM J. Sci. Comput. 41, A2815): a
+    # backward-stable step on n numbers errs by ~√n ε of its scale. The eigenvalues of F: its Gram matrix
+    # (side N V, entries summed over T² position pairs and d_out + d_in products; scale trace F); of F̂:
+    # products and projections of its factors and the eigensolver (scale Σ_k ||out_k||_F ||in_k||_F)
+    eps = max(torch.finfo(like.dtype).eps, torch.finfo(lam.dtype).eps)
+    f = ref.block.factors
+    sides = approx.d_out + approx.d_in
 
-    def result(mu: Tensor, mu_next: float | None = None, mu_floor: float | None = None) -> SpectralError:
+    def gamma(n: int) -> float:
+        return eps * math.sqrt(n)
+
+    lam_error = gamma(f.n_samples * f.n_directions + f.n_positions**2 * (f.d_out + f.d_in)) * float(lam.sum())
+    scale = sum(
+        float(torch.linalg.matrix_norm(o) * torch.linalg.matrix_norm(i)) for o, i in zip(approx.outs, approx.ins)
+    )
+
+    def result(
+        mu: Tensor,
+        mu_next: float | None = None,
+        mu_floor: float | None = None,
+        *,
+        complete: bool,
+        mu_error: Tensor | float,
+    ) -> SpectralError:
+        """``mu``: the leading eigenvalues of ``F̂`` (``complete``: all of them), each within ``mu_error``."""
         low, high = _error_interval(
-            lam, mu, norm_squared, by_magnitude=by_magnitude, mu_next=mu_next, mu_floor=mu_floor
+            lam, mu, norm_squared, by_magnitude=by_magnitude, mu_next=mu_next, mu_floor=mu_floor, complete=complete
         )
         lo, hi = math.sqrt(low / den), math.sqrt(high / den)
-        return SpectralError((lo + hi) / 2, (hi - lo) / 2, mu.numel())
+        value = (lo + hi) / 2
+        errors = torch.as_tensor(mu_error, dtype=torch.float64).flatten().cpu()
+        if complete:  # ||spec F - spec F̂|| over every eigenvalue moves by at most the norms of their errors
+            spread, shift = 0.0, lam_error + float(torch.linalg.vector_norm(errors))
+        else:  # ∂/∂μ_i (Σ (λ_i - μ_i)² + ||F̂||² - Σ μ_i²) = -2 λ_i; ||F̂||² and Σ μ_i² round at γ scale²
+            m = min(mu.numel(), r)
+            paired = torch.sort(errors, descending=True).values[:m] if errors.numel() > 1 else errors.expand(m)
+            spread = 2 * float(torch.sum(lam[: paired.numel()].double().cpu() * paired)) + gamma(sides + m) * scale**2
+            shift = lam_error
+        low_r = max(math.sqrt(max(low - spread, 0.0)) - shift, 0.0) / math.sqrt(den)
+        high_r = (math.sqrt(high + spread) + shift) / math.sqrt(den)
+        bound = max(value - low_r, high_r - value)
+        return SpectralError(value, bound, mu.numel(), unknown=(hi - lo) / 2)
 
-    if approx.rank == 1:
-        mu = approx.eigenvalues(top=r, by_magnitude=by_magnitude)
+    if approx.rank == 1:  # every eigenvalue, exactly: products of the factors' eigenvalues
+        mu = approx.eigenvalues(by_magnitude=by_magnitude)
         if ref.zeros:
-            mu = torch.sort(torch.cat([mu, mu.new_zeros(min(r, ref.zeros))]), descending=True).values[:r]
-        return result(mu)
+            mu = torch.sort(torch.cat([mu, mu.new_zeros(min(r, ref.zeros))]), descending=True).values
+        return result(mu, complete=True, mu_error=gamma(sides) * scale)
     approx = _on_sample_span(ref.block, approx)
     full, approx = dim, approx.on_ranges()  # same eigenvalues but zeros; smaller when the batch is
     dim, zeros = approx.dim, full - approx.dim + ref.zeros
 
     def dense() -> SpectralError:
-        ev = torch.cat([approx.eigenvalues(by_magnitude=by_magnitude), like.new_zeros(zeros)])
-        return result(torch.sort(ev, descending=True).values[:r])
+        ev = torch.cat([approx.eigenvalues(by_magnitude=by_magnitude), like.new_zeros(min(r, zeros))])
+        return result(torch.sort(ev, descending=True).values, complete=True, mu_error=gamma(dim + sides) * scale)
 
     dense_fits = dim <= kron_module.symmetric_eig_dense_limit and dim * dim * itemsize <= limit
     if dense_fits and (dim <= SPECTRAL_DENSE_SIDE or 4 * r > dim):
@@ -362,10 +434,13 @@ def spectral_error_bounded(
     start = torch.randn(width, approx.d_out, approx.d_in, generator=gen, dtype=torch.float64)
 
     def interval(ritz: RitzValues) -> SpectralError:
-        return result(*_leading_eigenvalues(ritz, by_magnitude=by_magnitude, dim=dim, r=r, zeros=zeros))
+        mu, mu_next, mu_floor = _leading_eigenvalues(ritz, by_magnitude=by_magnitude, dim=dim, r=r, zeros=zeros)
+        errors = _ritz_errors(ritz, ritz.converged, gamma(dim + sides) * scale)
+        complete = ritz.converged == dim
+        return result(mu, mu_next, mu_floor, complete=complete, mu_error=errors if complete or mu.numel() else 0.0)
 
     def within_tolerance(res: SpectralError) -> bool:
-        return res.bound <= max(rtol * res.value, atol)
+        return res.unknown <= max(rtol * res.value, atol)
 
     ritz = block_lanczos_eigenvalues(
         operator,
@@ -388,7 +463,7 @@ def spectral_error_bounded(
         else f"{limit / 2**30:.1f} GiB"
     )
     return SpectralError(
-        res.value, res.bound, res.eigenvalues, f"{res.eigenvalues} of the {r} eigenvalues fit in {why}"
+        res.value, res.bound, res.eigenvalues, f"{res.eigenvalues} of the {r} eigenvalues fit in {why}", res.unknown
     )
 
 

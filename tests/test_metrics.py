@@ -157,10 +157,8 @@ def test_bounded_error_2_is_stored_with_its_bound_and_one_warning(monkeypatch: p
             ref.block, [Method.KFAC, Method.DEFLATION], ApproxConfig(tol=1e-10, max_iter=5000), layer="x"
         )
     assert len(record) == 1  # deflation only: KFAC's single Kronecker product is exact
-    assert (
-        ev.values["spectral_error_bound"][Method.KFAC] == 0.0
-        and ev.values["spectral_error_bound"][Method.DEFLATION] > 0
-    )
+    assert 0 < ev.values["spectral_error_bound"][Method.KFAC] < 1e-12  # rounding only, never 0
+    assert ev.values["spectral_error_bound"][Method.DEFLATION] > 0
     skipped = evaluate_block(ref.block, [Method.KFAC], metrics=("frobenius_error",))
     assert math.isnan(skipped.values["spectral_error_bound"][Method.KFAC])  # not computed with its error metric
 
