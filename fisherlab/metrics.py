@@ -421,7 +421,7 @@ def spectral_error_bounded(
     vectors = int(limit // (dim * itemsize))  # of length D, within the memory limit
     # block size: room for eigenvalue clusters and a basis of three blocks at least; narrow blocks
     # need fewer vectors (16-32: 5 s for the 257 x 256 layer of bench_spectral, 64: 7.7 s, 128: 11 s)
-    width = min(32, max(16, r // 16), vectors // (3 + _SOLVER_COPIES))
+    width = min(32, max(16, r // 16), vectors // (3 + _SOLVER_COPIES), dim)
     max_dim = min(dim, vectors - _SOLVER_COPIES * width)
     if width < 1:
         need = (3 + _SOLVER_COPIES) * dim * itemsize / 2**30

@@ -239,3 +239,68 @@ def test_a_warm_start_kept_on_its_span_maps_like_the_whole_matrix() -> None:
     assert w.shape == (11, 11)
     torch.testing.assert_close(w.on(None), whole, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(w.on(v), v.T @ whole @ v, rtol=1e-12, atol=1e-12)
+
+
+def _kronecker_block(terms: int, seed: int = 11) -> ExactBlock:
+    """A Linear block (D = 5 x 7, N = 40) that is exactly a sum of ``terms`` Kronecker products: every sample's
+    output derivative is ±g_k for one of ``terms`` directions, so ``F = Σ_k g_k g_kᵀ ⊗ A_k``."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(40, 1, 7, generator=gen, dtype=torch.float64)
+    directions = torch.randn(terms, 5, generator=gen, dtype=torch.float64)
+    signs = torch.sign(torch.randn(40, generator=gen, dtype=torch.float64))
+    g = signs[:, None] * directions[torch.arange(40) % terms]
+    return ExactBlock(LayerFactors(a, g[:, None, None, :]))
+
+
+EXACT_CASES = [  # (Kronecker rank of the block, methods exact on it, route of error 2)
+    (1, [Method.KFAC, Method.KPSVD], "factors"),
+    (2, [Method.DEFLATION, Method.LANCZOS], "dense"),
+    (2, [Method.DEFLATION, Method.LANCZOS], "lanczos"),
+]
+
+
+@pytest.mark.parametrize(("terms", "methods", "route"), EXACT_CASES, ids=[f"{c[0]}-{c[2]}" for c in EXACT_CASES])
+def test_error_2_of_an_exact_approximation_is_at_the_rounding_floor_or_bounded(
+    monkeypatch: pytest.MonkeyPatch, terms: int, methods: list[Method], route: str
+) -> None:
+    """KFAC/KPSVD on a block that is one Kronecker product, deflation/Lanczos on one of Kronecker rank 2: the
+    dense error 2 is ~1e-16; the stored one is too where every eigenvalue of F̂ is known (factors, dense), and
+    its bound covers it and is never 0 (it was 3e-8 ± 0: ||F̂||² - Σ μ_i² cancelled). Through Lanczos, where
+    only the leading eigenvalues are known, the bound covers what that cancellation leaves."""
+    from fisherlab import kron as kron_module
+    from fisherlab.metrics import spectral_error_bounded
+
+    block = _kronecker_block(terms)
+    ref = BlockReference.of(block)
+    if route == "lanczos":
+        monkeypatch.setattr(kron_module, "symmetric_eig_dense_limit", 10)
+    for method, approx in approximate_all(block, methods, ApproxConfig(tol=1e-12, max_iter=5000)).items():
+        dense = float(dense_spectral_error(block.as_dense(), approx.kron.as_dense()))
+        res = spectral_error_bounded(ref, approx.kron)
+        assert dense < 1e-14, method.value
+        assert 0 < res.bound and abs(res.value - dense) <= res.bound, (method.value, res, dense)
+        if route != "lanczos":
+            assert res.value < 1e-14 and res.bound < 1e-13, (method.value, res)
+
+
+@pytest.mark.parametrize("case", FACTOR_CASES, ids=ids(FACTOR_CASES))
+@pytest.mark.parametrize("route", ["dense", "lanczos"])
+def test_stored_error_2_is_within_its_bound_of_the_dense_value(
+    monkeypatch: pytest.MonkeyPatch, case: dict, route: str
+) -> None:
+    """Every method, both spectra, dense and Lanczos routes: |stored - dense| <= bound, bound > 0 (it was 0
+    with the value off by the rounding of the formula and the eigensolver's residuals)."""
+    from fisherlab import kron as kron_module
+    from fisherlab.metrics import spectral_error_bounded
+
+    if route == "lanczos":
+        monkeypatch.setattr(kron_module, "symmetric_eig_dense_limit", 10)
+    block = ExactBlock(make_factors(case))
+    ref = BlockReference.of(block)
+    for method, approx in approximate_all(block, list(Method), ApproxConfig(tol=1e-8)).items():
+        f_hat = approx.kron.as_dense()
+        for spectrum in Spectrum:
+            dense = float(dense_spectral_error(block.as_dense(), f_hat, spectrum))
+            res = spectral_error_bounded(ref, approx.kron, spectrum=spectrum)
+            assert 0 < res.bound <= 1e-8 * max(res.value, 1e-6), (method.value, spectrum, res)
+            assert abs(res.value - dense) <= res.bound + 1e-17, (method.value, spectrum, res, dense)
