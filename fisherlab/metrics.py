@@ -19,6 +19,7 @@ from them; adding a metric is adding one entry here (and its test).
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from fisherlab.approximations import (
 )
 from fisherlab.fisher import ExactBlock
 from fisherlab.kron import KronSum
-from fisherlab.krylov import RitzValues, block_lanczos_eigenvalues
+from fisherlab.krylov import RitzValues, blas_threads, block_lanczos_eigenvalues
 
 __all__ = [
     "BLOCK_METRICS",
@@ -52,6 +53,7 @@ __all__ = [
     "SPECTRAL_GPU_WORK_LIMIT",
     "SPECTRAL_MEMORY_LIMIT",
     "SPECTRAL_RTOL",
+    "SPECTRAL_THREADS",
     "SPECTRAL_WORK_LIMIT",
     "BlockEvaluation",
     "BlockMetric",
@@ -65,6 +67,7 @@ __all__ = [
     "spectral_error",
     "spectral_error_bounded",
     "spectral_limits",
+    "spectral_threads",
 ]
 
 PER_METHOD = ("iteration", "layer", "method")
@@ -158,6 +161,47 @@ def spectral_limits(device: torch.device) -> tuple[int, float]:
         free, _ = torch.cuda.mem_get_info(device)
         return max(SPECTRAL_MEMORY_LIMIT, int(SPECTRAL_GPU_MEMORY_FRACTION * free)), SPECTRAL_GPU_WORK_LIMIT
     return SPECTRAL_MEMORY_LIMIT, SPECTRAL_WORK_LIMIT
+
+
+#: CPU threads of error 2's eigensolver (dense ``eigvalsh`` or block Lanczos): ``None`` chooses
+#: (:func:`spectral_threads`), an int fixes it.
+SPECTRAL_THREADS: int | None = None
+
+
+def spectral_threads(device: torch.device) -> int | None:
+    """CPU threads for error 2's heavy kernels: torch's number, less the cores other processes keep busy.
+
+    On a shared machine more BLAS threads than free cores spin against each other (the same call
+    took 81 s with two threads on a loaded 2-core machine, 1.5 s with one), so the eigensolver
+    runs with ``min(torch threads, cores - (1-minute load average - 1))``, at least 1, unless
+    :data:`SPECTRAL_THREADS` fixes it. ``None`` (unchanged) on a GPU.
+    """
+    if device.type != "cpu":
+        return None
+    if SPECTRAL_THREADS is not None:
+        return max(1, int(SPECTRAL_THREADS))
+    threads = torch.get_num_threads()
+    try:
+        cores = len(os.sched_getaffinity(0))
+        busy = os.getloadavg()[0] - 1.0  # the load this process adds is its own
+    except (AttributeError, OSError):  # no affinity or load average on this platform
+        return threads
+    return max(1, min(threads, math.floor(cores - max(busy, 0.0) + 0.5)))
+
+
+def _dense_flops(dim: int) -> float:
+    """Flops of ``eigvalsh`` on side ``dim`` (tridiagonalisation, 4/3 dim³, at GEMM-like speed) and
+    forming ``F̂``; calibrated on a 2-core CPU against :func:`_lanczos_flops` (1.5 dim³ in all)."""
+    return 1.5 * dim**3
+
+
+def _lanczos_flops(dim: int, needed: int, width: int, per_vector: float) -> float:
+    """Flops block Lanczos is expected to spend on ``needed`` eigenvalues: about ``2.5 needed`` basis
+    vectors (measured: 2.4-2.6 for MNIST layer 5 and a 257 × 256 layer), each one product and a
+    reorthogonalisation against the basis so far, and its checks (at most as much again, plus the last)."""
+    k = min(dim, 2.5 * needed + 2 * width)
+    steps = k * per_vector + 2.0 * k * k * dim
+    return 2 * steps + 9.0 * k**3
 
 
 #: Blocks of vectors of length ``D`` the eigensolver holds besides its basis (the block's
@@ -345,6 +389,19 @@ def spectral_error_bounded(
     are known. When the solver has spent the device's work limit first: dense if ``F̂`` fits
     (``D <= kron.symmetric_eig_dense_limit``), else the bounded value with a note.
     """
+    with blas_threads(spectral_threads(approx.outs[0].device)):
+        return _spectral_error_bounded(ref, approx, spectrum, rtol, atol, memory_limit)
+
+
+def _spectral_error_bounded(
+    ref: BlockReference,
+    approx: KronSum,
+    spectrum: Spectrum | None,
+    rtol: float | None,
+    atol: float | None,
+    memory_limit: int | None,
+) -> SpectralError:
+    """:func:`spectral_error_bounded` (with the eigensolver's threads already chosen)."""
     from fisherlab import kron as kron_module
 
     spectrum = ref.spectrum if spectrum is None else Spectrum(spectrum)
@@ -416,13 +473,19 @@ def spectral_error_bounded(
         return result(torch.sort(ev, descending=True).values, complete=True, mu_error=gamma(dim + sides) * scale)
 
     dense_fits = dim <= kron_module.symmetric_eig_dense_limit and dim * dim * itemsize <= limit
-    if dense_fits and (dim <= SPECTRAL_DENSE_SIDE or 4 * r > dim):
-        return dense()
     vectors = int(limit // (dim * itemsize))  # of length D, within the memory limit
     # block size: room for eigenvalue clusters and a basis of three blocks at least; narrow blocks
     # need fewer vectors (16-32: 5 s for the 257 x 256 layer of bench_spectral, 64: 7.7 s, 128: 11 s)
     width = min(32, max(16, r // 16), vectors // (3 + _SOLVER_COPIES), dim)
     max_dim = min(dim, vectors - _SOLVER_COPIES * width)
+    d_out, d_in = approx.d_out, approx.d_in
+    per_vector = 2 * (approx.rank - 1) * (d_out**2 * d_in + d_out * d_in**2) + 2 * d_out * d_in  # see below
+    # dense when small, or when cheaper than iterating for the r eigenvalues needed (a side of 2 562 and
+    # r = 512: 1.4 s dense against 7 s of Lanczos, whose basis and checks grow like r² D and r³)
+    if dense_fits and (
+        dim <= SPECTRAL_DENSE_SIDE or _dense_flops(dim) <= _lanczos_flops(dim, r, max(width, 1), per_vector)
+    ):
+        return dense()
     if width < 1:
         need = (3 + _SOLVER_COPIES) * dim * itemsize / 2**30
         return SpectralError(
@@ -430,7 +493,7 @@ def spectral_error_bounded(
         )
     tol = max(1e-10, 50 * torch.finfo(like.dtype).eps)
     gen = torch.Generator().manual_seed(0)
-    operator, per_vector = _in_first_eigenbasis(approx)
+    operator, per_vector = _in_first_eigenbasis(approx)  # the same count
     start = torch.randn(width, approx.d_out, approx.d_in, generator=gen, dtype=torch.float64)
 
     def interval(ritz: RitzValues) -> SpectralError:
