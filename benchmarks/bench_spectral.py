@@ -46,8 +46,8 @@ RANK2 = (Method.DEFLATION, Method.LANCZOS, Method.KFAC_CORRECTED)
 def _dense_error_2(ref: BlockReference, kron) -> float:  # type: ignore[no-untyped-def]
     """The old method: every eigenvalue of F̂ by dense ``eigvalsh``."""
     lam = ref.eigenvalues.clamp(min=0)
-    mu = torch.sort(torch.linalg.eigvalsh(kron.as_dense()), descending=True).values[: lam.numel()]
-    low, _ = _error_interval(lam, mu, float(kron.frobenius_norm_squared()), by_magnitude=False)
+    mu = torch.sort(torch.linalg.eigvalsh(kron.as_dense()), descending=True).values
+    low, _ = _error_interval(lam, mu, float(kron.frobenius_norm_squared()), by_magnitude=False, complete=True)
     return (low / float(torch.sum(lam**2))) ** 0.5
 
 

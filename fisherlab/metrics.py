@@ -626,7 +626,8 @@ BLOCK_METRICS: tuple[BlockMetric, ...] = (
         PER_METHOD,
         "bound on the error of error 2",
         "1",
-        "|spectral_error - exact| <= this; 0 when every needed eigenvalue of F_hat was computed, > 0 when only the "
+        "|spectral_error - exact error 2 of F_hat| <= this, never 0: rounding of the formula and the eigenvalues and "
+        "the eigensolver's residuals, plus the interval the unknown small eigenvalues leave when only the "
         f"largest fit in the eigensolver's memory or work limit ({SPECTRAL_MEMORY_LIMIT / 2**30:.0f} GiB and "
         f"{SPECTRAL_WORK_LIMIT:.0e} flops on CPU; a warning says so), inf when none did (value NaN)",
         compute=lambda ref, a: _spectral(ref, a.kron).bound,

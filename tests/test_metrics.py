@@ -304,3 +304,69 @@ def test_stored_error_2_is_within_its_bound_of_the_dense_value(
             res = spectral_error_bounded(ref, approx.kron, spectrum=spectrum)
             assert 0 < res.bound <= 1e-8 * max(res.value, 1e-6), (method.value, spectrum, res)
             assert abs(res.value - dense) <= res.bound + 1e-17, (method.value, spectrum, res, dense)
+
+
+@pytest.mark.parametrize(("batch", "route"), [(80, "dense"), (20, "lanczos")])
+def test_error_2_diagonalises_densely_when_that_is_cheaper_than_lanczos(
+    monkeypatch: pytest.MonkeyPatch, batch: int, route: str
+) -> None:
+    """Above the dense side (patched to 10), r = 80 of a 372-sided F̂ (4 r < D, so it went to Lanczos, which
+    needs ~2.5 r vectors, r² D reorthogonalisation and r³ checks: 5x slower on MNIST layer 5 at init) is
+    diagonalised densely; r = 20 still iterates. Both equal the dense value."""
+    from fisherlab import metrics as metrics_module
+    from fisherlab.metrics import spectral_error_bounded
+
+    ref, kron, _ = _rank2_case(batch=batch)
+    routes: list[str] = []
+    lanczos = metrics_module.block_lanczos_eigenvalues
+
+    def recording(*args: object, **kwargs: object) -> object:
+        routes.append("lanczos")
+        return lanczos(*args, **kwargs)
+
+    monkeypatch.setattr(metrics_module, "SPECTRAL_DENSE_SIDE", 10)
+    monkeypatch.setattr(metrics_module, "block_lanczos_eigenvalues", recording)
+    res = spectral_error_bounded(ref, kron)
+    assert routes == ([] if route == "dense" else ["lanczos"])
+    dense = float(dense_spectral_error(ref.block.as_dense(), kron.as_dense()))
+    assert abs(res.value - dense) <= res.bound + 1e-17 and res.bound <= 1e-8 * res.value
+
+
+@pytest.mark.parametrize(
+    ("fixed", "load", "expected"),
+    [(None, 0.3, "torch"), (None, 40.0, 1), (1, 0.3, 1)],
+    ids=["idle", "loaded", "fixed"],
+)
+def test_error_2_runs_its_eigensolver_with_threads_that_fit_the_machine(
+    monkeypatch: pytest.MonkeyPatch, fixed: int | None, load: float, expected: object
+) -> None:
+    """On a machine whose load average leaves no free core, error 2's eigensolver runs with one thread
+    (two threads on a loaded 2-core machine took 81 s for a 1.5 s call); idle, torch's number;
+    SPECTRAL_THREADS fixes it; torch's setting is restored afterwards."""
+    from fisherlab import kron as kron_module
+    from fisherlab import metrics as metrics_module
+    from fisherlab.metrics import spectral_error_bounded, spectral_threads
+
+    outside = torch.get_num_threads()
+    torch.set_num_threads(2)
+    before = 2
+    monkeypatch.setattr(metrics_module.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(metrics_module.os, "sched_getaffinity", lambda pid: set(range(2)))
+    monkeypatch.setattr(metrics_module, "SPECTRAL_THREADS", fixed)
+    want = before if expected == "torch" else expected
+    assert spectral_threads(torch.device("cpu")) == want and spectral_threads(torch.device("meta")) is None
+    seen: list[int] = []
+    lanczos = metrics_module.block_lanczos_eigenvalues
+
+    def recording(*args: object, **kwargs: object) -> object:
+        seen.append(torch.get_num_threads())
+        return lanczos(*args, **kwargs)
+
+    monkeypatch.setattr(kron_module, "symmetric_eig_dense_limit", 10)
+    monkeypatch.setattr(metrics_module, "block_lanczos_eigenvalues", recording)
+    ref, kron, _ = _rank2_case(batch=6)
+    try:
+        spectral_error_bounded(ref, kron)
+        assert seen == [want] and torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(outside)
