@@ -14,8 +14,10 @@ Blocks (MC Fisher):
 * ``linear257``: a 257 × 256 Linear layer (D = 65 792, N = 512; inputs and output derivatives
   with power-law covariances, as in trained networks).
 
-The baseline is the MNIST training step (batch 512) under the same thread setting; the target is
-every case within 5× of it. ``--dense`` adds dense ``eigvalsh`` of the whole F̂ where it fits
+The baseline is the MNIST training step (batch 512) under the same thread setting, timed again
+before each case (the load of a shared machine changes within a run); the target is every case
+within 5× of it. ``side``: F̂'s side after the restrictions, where it is diagonalised or iterated.
+``--dense`` adds dense ``eigvalsh`` of the whole F̂ where it fits
 (MNIST layer 5 only) and prints the difference.
 
     python -m benchmarks.bench_spectral [--device cuda] [--threads 1] [--dense] [--cases mnist5-binary,...]
@@ -36,7 +38,7 @@ from fisherlab.config import select_device
 from fisherlab.fisher import ExactBlock
 from fisherlab.layers import LayerFactors
 from fisherlab.losses import per_sample_loss
-from fisherlab.metrics import BlockReference, _error_interval, spectral_error_bounded
+from fisherlab.metrics import BlockReference, _error_interval, _on_sample_span, spectral_error_bounded
 from fisherlab.probe import Probe
 from fisherlab.problems import get_problem
 
@@ -52,7 +54,14 @@ def _dense_error_2(ref: BlockReference, kron) -> float:  # type: ignore[no-untyp
 
 
 def _trained(
-    name: str, layer: str, device: torch.device, *, seed: int, steps: int, batch: int | None = None, binary: bool = False
+    name: str,
+    layer: str,
+    device: torch.device,
+    *,
+    seed: int,
+    steps: int,
+    batch: int | None = None,
+    binary: bool = False,
 ) -> tuple[ExactBlock, Callable[[], None]]:
     """Layer ``layer``'s exact block (MC Fisher) after ``steps`` Adam steps on one batch, and a training step."""
     problem = get_problem(name)
@@ -98,30 +107,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--methods", default=",".join(m.value for m in RANK2), help="comma-separated rank-2 methods")
     parser.add_argument("--dense", action="store_true", help="also dense eigvalsh of F̂ (MNIST layer 5 only)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = select_device(args.device)
     _, train_step = _trained("mnist", "5", device, seed=0, steps=20)
-    step, _ = timed(train_step, device, 5)
-    print(f"device {device}, {torch.get_num_threads()} threads; training step (MNIST, batch 512): {step * 1e3:.1f} ms")
-    print(f"{'case':<14} {'method':<15} {'D':>6} {'r':>4} {'time s':>8} {'x step':>7}  error 2 ± bound (eigenvalues)")
+    print(
+        f"device {device}, {torch.get_num_threads()} threads; baseline: an MNIST training step (batch 512), "
+        "timed again before each case (median of 5) so that ratios hold on a machine whose load changes"
+    )
+    print(
+        f"{'case':<14} {'method':<15} {'D':>6} {'side':>5} {'r':>4} {'step ms':>7} {'time s':>8} {'x step':>7}  "
+        "error 2 ± bound (eigenvalues)"
+    )
     worst = 0.0
     for name in args.cases.split(","):
         block = CASES[name](device)
         ref = BlockReference.of(block)
         ref.eigenvalues, block.span_bases  # noqa: B018 - shared by the methods, not one method's error 2
-        for method, approx in approximate_all(block, list(RANK2)).items():
+        for method, approx in approximate_all(block, [Method(m) for m in args.methods.split(",")]).items():
+            step, _ = timed(train_step, device, 5)
             start = time.perf_counter()
             res = spectral_error_bounded(ref, approx.kron)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t = time.perf_counter() - start
             worst = max(worst, t / step)
+            side = _on_sample_span(block, approx.kron).on_ranges().dim
             line = (
-                f"{name:<14} {method.value:<15} {block.dim:>6} {ref.eigenvalues.numel():>4} {t:8.3f} {t / step:7.1f}  "
-                f"{res.value:.6e} ± {res.bound:.1e} ({res.eigenvalues}){'; ' + res.note if res.note else ''}"
+                f"{name:<14} {method.value:<15} {block.dim:>6} {side:>5} {ref.eigenvalues.numel():>4} "
+                f"{step * 1e3:7.1f} {t:8.3f} {t / step:7.1f}  {res.value:.6e} ± {res.bound:.1e} ({res.eigenvalues})"
+                f"{'; ' + res.note if res.note else ''}"
             )
             if args.dense and name.startswith("mnist5"):
                 dense = _dense_error_2(ref, approx.kron)

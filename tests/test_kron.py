@@ -96,10 +96,9 @@ def test_blas_threads_sets_and_restores_the_thread_count() -> None:
     with blas_threads(None):
         assert torch.get_num_threads() == before
     other = 2 if before == 1 else 1
-    with pytest.raises(RuntimeError, match="inside"):
-        with blas_threads(other):
-            assert torch.get_num_threads() == other
-            raise RuntimeError("inside")
+    with pytest.raises(RuntimeError, match="inside"), blas_threads(other):
+        assert torch.get_num_threads() == other
+        raise RuntimeError("inside")
     assert torch.get_num_threads() == before
 
 
@@ -109,7 +108,9 @@ def test_block_lanczos_holds_only_the_basis_it_uses() -> None:
     from fisherlab.krylov import block_lanczos_eigenvalues
 
     gen = torch.Generator().manual_seed(6)
-    diag = torch.cat([torch.linspace(10, 5, 8, dtype=torch.float64), torch.rand(4088, generator=gen, dtype=torch.float64)])
+    diag = torch.cat(
+        [torch.linspace(10, 5, 8, dtype=torch.float64), torch.rand(4088, generator=gen, dtype=torch.float64)]
+    )
     allocated: list[int] = []
     original = torch.Tensor.new_zeros
 
@@ -121,9 +122,7 @@ def test_block_lanczos_holds_only_the_basis_it_uses() -> None:
     start = torch.randn(8, 64, 64, generator=gen, dtype=torch.float64)
     try:
         torch.Tensor.new_zeros = counting  # type: ignore[method-assign]
-        ritz = block_lanczos_eigenvalues(
-            lambda w: w * diag.reshape(64, 64), start, 8, max_dim=4096, tol=1e-12
-        )
+        ritz = block_lanczos_eigenvalues(lambda w: w * diag.reshape(64, 64), start, 8, max_dim=4096, tol=1e-12)
     finally:
         torch.Tensor.new_zeros = original  # type: ignore[method-assign]
     torch.testing.assert_close(ritz.values[:8], diag[:8], rtol=1e-10, atol=1e-12)
