@@ -338,11 +338,11 @@ def block_lanczos_eigenvalues(
     max_dim = min(max_dim, dim)
     if max_dim < min(3 * b, dim):
         raise ValueError(f"max_dim ({max_dim}) must hold three blocks of {b}")
-    capacity = min(max_dim, 8 * b)  # basis rows and Rayleigh quotient side held, grown by doubling up to max_dim
-    basis = start.new_empty(capacity, dim)
+    basis = start.new_empty(max_dim, dim)  # within the caller's memory limit; untouched rows cost nothing on a CPU
+    capacity = min(max_dim, 8 * b)  # the Rayleigh quotient's side, grown by doubling (max_dim² zeros took seconds)
     h = start.new_zeros(capacity, capacity)
     basis[:b] = _orthonormal_rows(start.reshape(b, dim))[0]
-    prev, lo, hi, products, flops, checked = 0, 0, b, 0, 0.0, 0.0
+    prev, lo, hi, products, flops, checked, checked_hi = 0, 0, b, 0, 0.0, 0.0, 0
     best, best_residual, stalled = 0, math.inf, 0  # progress so far, restarts that made none
     while True:
         width = hi - lo
@@ -363,11 +363,11 @@ def block_lanczos_eigenvalues(
         full = hi + room > max_dim
         if not full and hi + room > capacity:
             capacity = min(max_dim, max(2 * capacity, hi + room))
-            basis = torch.cat([basis[:hi], basis.new_empty(capacity - hi, dim)])
             h = torch.nn.functional.pad(h[:hi, :hi], (0, capacity - hi, 0, capacity - hi))
-        # a check (eigh of the Rayleigh quotient, ~9 hi³ flops) once the work since the last one has
-        # cost as much: checks then take at most half the time, however small the operator's side
-        if full or flops - checked >= 9.0 * hi**3 or flops >= max_flops or hi == dim:
+        # a check (eigh of the Rayleigh quotient, ~9 hi³ flops) once the basis grew by a tenth and the work
+        # since the last one has cost as much: checks take at most half the time, however small the side
+        due = hi >= 1.1 * checked_hi and flops - checked >= 9.0 * hi**3
+        if full or due or flops >= max_flops or hi == dim:
             theta, s = torch.linalg.eigh(h[:hi, :hi])
             order = torch.argsort(theta.abs(), descending=True)
             theta, s = theta[order], s[:, order]
@@ -378,7 +378,7 @@ def block_lanczos_eigenvalues(
             ritz = RitzValues(theta, residuals, converged, products, flops)
             if converged >= wanted or hi == dim or flops >= max_flops or (enough is not None and enough(ritz)):
                 return ritz
-            checked = flops
+            checked, checked_hi = flops, hi
         if full:  # thick restart: the leading Ritz vectors, then the next block
             keep = max_dim - 2 * width
             if converged >= keep or stalled >= _STALLED_RESTARTS:  # the kept space is spent
@@ -399,7 +399,7 @@ def block_lanczos_eigenvalues(
             flops += 2.0 * keep * hi * dim
             lo, hi = keep, keep + width
             basis[lo:hi] = nxt
-            prev = 0
+            prev, checked_hi = 0, 0
         else:
             basis[hi : hi + room] = nxt[:room]
             prev, lo, hi = lo, hi, hi + room

@@ -381,13 +381,19 @@ def spectral_error_bounded(
     far fewer when the spectra decay (the unknown rest is bounded). One Kronecker term: all of
     them exactly, from the factors' eigenvalues. More terms: restricted to the factors' ranges
     (:meth:`~fisherlab.kron.KronSum.on_ranges`, exact), then dense up to
-    :data:`SPECTRAL_DENSE_SIDE` or when ``r > D / 4`` (and ``F̂`` fits); otherwise the largest
+    :data:`SPECTRAL_DENSE_SIDE` or when that costs fewer flops than iterating for the ``r``
+    eigenvalues (:func:`_dense_flops`, :func:`_lanczos_flops`; and ``F̂`` fits); otherwise the largest
     by block Lanczos on the batched Kronecker product
     (:func:`~fisherlab.krylov.block_lanczos_eigenvalues`, on the factors' device; its basis
     fills ``memory_limit``, default :func:`spectral_limits` of the device, and restarts thick
     beyond) until the interval's half-width is within ``max(rtol value, atol)`` or all ``r``
     are known. When the solver has spent the device's work limit first: dense if ``F̂`` fits
     (``D <= kron.symmetric_eig_dense_limit``), else the bounded value with a note.
+
+    Where every eigenvalue of ``F̂`` is known (one term, dense) the tail ``Σ_{i>r} μ_i²`` is summed
+    from them, so error 2 resolves to rounding; the returned bound covers that rounding, the
+    eigensolver's residuals (:func:`_ritz_errors`) and the unknown eigenvalues. The CPU threads
+    are :func:`spectral_threads`, restored afterwards.
     """
     with blas_threads(spectral_threads(approx.outs[0].device)):
         return _spectral_error_bounded(ref, approx, spectrum, rtol, atol, memory_limit)
