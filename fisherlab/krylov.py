@@ -10,13 +10,14 @@ eigensolver on a callable that maps a batch of matrices ``[k, *shape]`` to their
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["RitzValues", "SingularTriplets", "block_lanczos_eigenvalues", "lanczos_svd", "power_svd"]
+__all__ = ["RitzValues", "SingularTriplets", "blas_threads", "block_lanczos_eigenvalues", "lanczos_svd", "power_svd"]
 
 MatVec = Callable[[Tensor], Tensor]
 
@@ -27,6 +28,21 @@ _BREAKDOWN = 1e-12
 #: Thick restarts in a row that neither converge a Ritz pair nor halve the first unconverged
 #: residual end the block Lanczos solver.
 _STALLED_RESTARTS = 10
+
+
+@contextmanager
+def blas_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` torch CPU threads, restoring the previous number afterwards
+    (also on an exception); ``None`` or the current number: unchanged."""
+    previous = torch.get_num_threads()
+    if threads is None or threads == previous:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @dataclass(frozen=True)
@@ -323,10 +339,11 @@ def block_lanczos_eigenvalues(
     max_dim = min(max_dim, dim)
     if max_dim < min(3 * b, dim):
         raise ValueError(f"max_dim ({max_dim}) must hold three blocks of {b}")
-    basis = start.new_empty(max_dim, dim)
-    h = start.new_zeros(max_dim, max_dim)
+    basis = start.new_empty(max_dim, dim)  # within the caller's memory limit; untouched rows cost nothing on a CPU
+    capacity = min(max_dim, 8 * b)  # the Rayleigh quotient's side, grown by doubling (max_dim² zeros took seconds)
+    h = start.new_zeros(capacity, capacity)
     basis[:b] = _orthonormal_rows(start.reshape(b, dim))[0]
-    prev, lo, hi, products, flops, checked = 0, 0, b, 0, 0.0, 0
+    prev, lo, hi, products, flops, checked, checked_hi = 0, 0, b, 0, 0.0, 0.0, 0
     best, best_residual, stalled = 0, math.inf, 0  # progress so far, restarts that made none
     while True:
         width = hi - lo
@@ -345,7 +362,13 @@ def block_lanczos_eigenvalues(
         flops += width * product_flops + 4.0 * (2 * hi - prev) * dim * width + 6.0 * dim * width**2
         room = min(width, dim - hi)  # the next block (partial when it completes the space)
         full = hi + room > max_dim
-        if full or hi >= 1.1 * checked or flops >= max_flops or hi == dim:
+        if not full and hi + room > capacity:
+            capacity = min(max_dim, max(2 * capacity, hi + room))
+            h = torch.nn.functional.pad(h[:hi, :hi], (0, capacity - hi, 0, capacity - hi))
+        # a check (eigh of the Rayleigh quotient, ~9 hi³ flops) once the basis grew by a tenth and the work
+        # since the last one has cost as much: checks take at most half the time, however small the side
+        due = hi >= 1.1 * checked_hi and flops - checked >= 9.0 * hi**3
+        if full or due or flops >= max_flops or hi == dim:
             theta, s = torch.linalg.eigh(h[:hi, :hi])
             order = torch.argsort(theta.abs(), descending=True)
             theta, s = theta[order], s[:, order]
@@ -356,7 +379,7 @@ def block_lanczos_eigenvalues(
             ritz = RitzValues(theta, residuals, converged, products, flops)
             if converged >= wanted or hi == dim or flops >= max_flops or (enough is not None and enough(ritz)):
                 return ritz
-            checked = hi
+            checked, checked_hi = flops, hi
         if full:  # thick restart: the leading Ritz vectors, then the next block
             keep = max_dim - 2 * width
             if converged >= keep or stalled >= _STALLED_RESTARTS:  # the kept space is spent
@@ -377,7 +400,7 @@ def block_lanczos_eigenvalues(
             flops += 2.0 * keep * hi * dim
             lo, hi = keep, keep + width
             basis[lo:hi] = nxt
-            prev, checked = 0, 0
+            prev, checked_hi = 0, 0
         else:
             basis[hi : hi + room] = nxt[:room]
             prev, lo, hi = lo, hi, hi + room

@@ -87,6 +87,48 @@ def test_block_lanczos_on_an_invariant_start_block_keeps_an_orthonormal_basis() 
     torch.testing.assert_close(ritz.values, values, rtol=1e-10, atol=1e-12)
 
 
+def test_blas_threads_sets_and_restores_the_thread_count() -> None:
+    """The eigensolver's thread context sets torch's threads inside and restores them afterwards, also
+    when the block raises; None leaves them alone."""
+    from fisherlab.krylov import blas_threads
+
+    before = torch.get_num_threads()
+    with blas_threads(None):
+        assert torch.get_num_threads() == before
+    other = 2 if before == 1 else 1
+    with pytest.raises(RuntimeError, match="inside"), blas_threads(other):
+        assert torch.get_num_threads() == other
+        raise RuntimeError("inside")
+    assert torch.get_num_threads() == before
+
+
+def test_block_lanczos_grows_its_rayleigh_quotient_as_used() -> None:
+    """Room for the whole space (max_dim = D = 4 096) but 8 eigenvalues wanted: the zeroed Rayleigh quotient
+    grows with the vectors used, not max_dim (it zeroed a D x D matrix: 1.4 s, 2 GiB for D = 15 936)."""
+    from fisherlab.krylov import block_lanczos_eigenvalues
+
+    gen = torch.Generator().manual_seed(6)
+    diag = torch.cat(
+        [torch.linspace(10, 5, 8, dtype=torch.float64), torch.rand(4088, generator=gen, dtype=torch.float64)]
+    )
+    allocated: list[int] = []
+    original = torch.Tensor.new_zeros
+
+    def counting(self: torch.Tensor, *size: object, **kwargs: object) -> torch.Tensor:
+        out = original(self, *size, **kwargs)
+        allocated.append(out.numel())
+        return out
+
+    start = torch.randn(8, 64, 64, generator=gen, dtype=torch.float64)
+    try:
+        torch.Tensor.new_zeros = counting  # type: ignore[method-assign]
+        ritz = block_lanczos_eigenvalues(lambda w: w * diag.reshape(64, 64), start, 8, max_dim=4096, tol=1e-12)
+    finally:
+        torch.Tensor.new_zeros = original  # type: ignore[method-assign]
+    torch.testing.assert_close(ritz.values[:8], diag[:8], rtol=1e-10, atol=1e-12)
+    assert max(allocated) <= (8 * 8) ** 2 and ritz.products < 4096
+
+
 def test_pi_damping_balances_traces() -> None:
     """π-damping adds √λ/π and π√λ with π² = (tr(in)/d_in)/(tr(out)/d_out) (K §2.2)."""
     gen = torch.Generator().manual_seed(1)
