@@ -177,6 +177,7 @@ class FisherProbe:
         self._snapshots: list[xr.Dataset] = []
         self._dataset: xr.Dataset | None = None
         self._t0 = time.perf_counter()
+        self._closed = False
 
     def step(self, step: int, x: Tensor, y: Tensor | None, *, shard: Shard | None = None) -> xr.Dataset | None:
         """Probe the batch ``(x, y)`` when ``step % every == 0``; returns that snapshot, else ``None``.
@@ -185,6 +186,8 @@ class FisherProbe:
         Under ``torch.distributed`` ``(x, y)`` are this rank's rows of the global batch; ``shard``
         says which when the caller knows (else every rank's row count is exchanged).
         """
+        if self._closed:
+            raise FisherlabError("this FisherProbe is closed; create a new one (with a new out) to probe again")
         if step % self.config.every:
             return None
         if shard is None:  # collective under torch.distributed: every rank probes its own rows
@@ -213,7 +216,11 @@ class FisherProbe:
         return self._dataset
 
     def close(self) -> xr.Dataset | None:
-        """Release the output (when this probe opened it); returns the dataset (``None`` if never probed)."""
+        """Release the output (when this probe opened it); returns the dataset (``None`` if never probed).
+
+        :meth:`step` raises afterwards: the file is never reopened, so never truncated.
+        """
+        self._closed = True
         if self._owns_writer and self.writer is not None:
             self.writer.close()
             self._owns_writer = False

@@ -3,6 +3,7 @@ the file while it is written, a snapshot with another layout is refused."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -59,3 +60,41 @@ def test_a_reader_sees_the_file_while_it_is_written_and_a_new_layout_is_refused(
             writer.append(snapshot(2), factors={"5": factors(2)})
         writer.append(snapshot(2))
     assert load(out)["iteration"].values.tolist() == [0, 1, 2]
+
+
+def _hold_lock_repeatedly(out: str, loops: int, queue: multiprocessing.Queue) -> None:
+    """Take and release the output lock of ``out`` ``loops`` times; while holding it, create ``out.owner``
+    exclusively, so two holders at once collide. Reports (acquisitions, collisions)."""
+    owner = out + ".owner"
+    held = collisions = 0
+    for _ in range(loops):
+        try:
+            writer = ResultsWriter(out, {}, overwrite=True)
+        except FisherlabError:
+            continue
+        held += 1
+        try:
+            os.close(os.open(owner, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            os.unlink(owner)
+        except FileExistsError:
+            collisions += 1
+        writer.close()
+    queue.put((held, collisions))
+
+
+def test_output_lock_is_exclusive_across_processes(tmp_path) -> None:
+    """Three processes looping on one output never hold its lock at the same time (issue 20 item 2: deleting
+    the lock file on release let a process lock the deleted file while another locked a new one), and the
+    lock file is gone once nobody holds it."""
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    out = str(tmp_path / "r.nc")
+    procs = [ctx.Process(target=_hold_lock_repeatedly, args=(out, 3000, queue)) for _ in range(3)]
+    for proc in procs:
+        proc.start()
+    results = [queue.get(timeout=60) for _ in procs]
+    for proc in procs:
+        proc.join()
+    assert sum(held for held, _ in results) > 100  # the processes did contend
+    assert sum(collisions for _, collisions in results) == 0, results
+    assert not Path(out + ".lock").exists()
