@@ -4,6 +4,20 @@ Public API, grouped by pipeline stage (losses → probe → exact Fisher → app
 metrics → two-level → config → results → run → figures).
 """
 
+import sys as _sys
+
+
+def _interrupted_at_start(kind: type[BaseException], value: BaseException, tb: object) -> None:
+    """Ctrl-C while the ``fisherlab`` command still imports: one line, no traceback (exit 130 stays)."""
+    if issubclass(kind, KeyboardInterrupt):
+        print("fisherlab: interrupted", file=_sys.stderr)
+    else:
+        _sys.__excepthook__(kind, value, tb)  # type: ignore[arg-type]
+
+
+if _sys.argv[:1] == ["-m"] or _sys.argv[0].endswith(("/fisherlab", "\\fisherlab", "fisherlab.exe")):
+    _sys.excepthook = _interrupted_at_start  # `python -m fisherlab` / the console script, not an importing program
+
 from fisherlab import optim, twolevel
 from fisherlab._errors import ConvergenceWarning, FisherlabError
 from fisherlab.approximations import (

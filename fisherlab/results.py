@@ -133,7 +133,9 @@ def load(path: str | Path, *, factors: bool = False) -> xr.Dataset:
         with xr.open_dataset(path, engine="scipy") as ds:
             return ds.load()
     except (ValueError, OSError, RuntimeError, TypeError, KeyError) as exc:  # RuntimeError: h5py on damaged metadata
-        raise FisherlabError(f"cannot read {path} as a netCDF dataset (damaged or not netCDF): {_first_line(exc)}") from None
+        raise FisherlabError(
+            f"cannot read {path} as a netCDF dataset (damaged or not netCDF): {_first_line(exc)}"
+        ) from None
 
 
 def _first_line(exc: BaseException) -> str:
