@@ -446,6 +446,9 @@ def _plot(args: argparse.Namespace) -> int:
             raise FisherlabError("plot overlays several probe files; give one fisherlab train file at a time")
         print(f"wrote {save_figure(training_figure(first), out)}")
         return 0
+    for path, ds in datasets.items():
+        if "method" not in ds.dims:
+            raise FisherlabError(f"{path} has no method dim: not a fisherlab probe file")
     runs = {Path(p).stem: ds for p, ds in datasets.items()} if len(datasets) > 1 else first
     written = [save_figure(error_figure(runs), out)]
     if len(datasets) == 1 and "gap" in first:

@@ -168,3 +168,16 @@ def test_probe_stores_factors_in_the_model_precision_and_sums_in_the_accumulatio
     torch.testing.assert_close(kfac.ins[0], exact.ins[0], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(kfac.outs[0], exact.outs[0], rtol=1e-6, atol=1e-9)
     assert not torch.equal(kfac.ins[0], exact.ins[0])  # the moments were summed in float32
+
+
+def test_step_after_close_raises_and_keeps_the_file(tmp_path: Path) -> None:
+    """Three snapshots, close, one more step: an error, and the file still holds all three (issue 20 item 1:
+    the step reopened the file for writing and truncated it to the one new snapshot)."""
+    model = _net()
+    probe = fl.FisherProbe(model, "ce", every=1, methods=["kfac"], out=tmp_path / "p.nc")
+    _train(model, probe, steps=3)
+    probe.close()
+    with pytest.raises(fl.FisherlabError, match="closed"):
+        probe.step(3, torch.randn(16, 6), torch.randint(0, 3, (16,)))
+    assert list(load(tmp_path / "p.nc")["iteration"].values) == [0, 1, 2]
+    assert not (tmp_path / "p.nc.lock").exists()
