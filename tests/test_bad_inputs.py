@@ -19,6 +19,7 @@ import pytest
 from scipy.io import savemat
 
 from fisherlab import cli
+from fisherlab._errors import FisherlabError
 
 Setup = Callable[[Path], list[str]]
 
@@ -244,3 +245,27 @@ def test_gzipped_mnist_with_labels_loads(tmp_path: Path) -> None:
     data = load_images("mnist", tmp_path)
     assert data.train.shape == (12, 784) and data.train_labels is not None and data.valid.shape[0] == 0
     assert os.path.basename(str(tmp_path)) in data.source
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (lambda: bytes(3_000_000), "expands to more than"),  # a gzip bomb of zeros, no IDX header
+        (lambda: _idx_images(12)[:4] + (10**6).to_bytes(4, "big") + _idx_images(12)[8:], "announces"),
+        (lambda: _idx_images(12) + bytes(3_000_000), None),  # trailing bytes are never decompressed: loads
+    ],
+)
+def test_gzipped_data_is_decompressed_within_a_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: Callable[[], bytes], message: str | None
+) -> None:
+    """A small .gz that expands beyond the bound (here 1 MB) is refused after reading at most the bound,
+    not decompressed whole into memory (issue 20 item 5)."""
+    from fisherlab import data
+
+    monkeypatch.setattr(data, "MAX_DATA_BYTES", 10**6)
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(content(), compresslevel=1))
+    if message is None:
+        assert data.load_images("mnist", tmp_path).train.shape == (12, 784)
+    else:
+        with pytest.raises(FisherlabError, match=message):
+            data.load_images("mnist", tmp_path)
