@@ -11,6 +11,7 @@ import gzip
 import json
 import os
 import pickle
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -155,6 +156,10 @@ BAD_PROBE_INPUTS: list[tuple[str, Setup, str]] = [
     ("tol-nan", _flags("--tol", "nan"), "--tol must lie in (0, 1)"),
     ("mc-samples-zero", _flags("--mc-samples", "0"), "--mc-samples must be at least 1"),
     ("batch-size-zero", _flags("--batch-size", "0"), "--batch-size must be positive"),
+    # beyond the data or the memory (issue 20 item 5: silently cut to the data, or the OOM killer)
+    ("batch-size-beyond-data", _flags("--batch-size", "1000000000"), "--batch-size 1000000000 exceeds the 16000"),
+    ("mc-samples-beyond-memory", _flags("--mc-samples", "100000"), "memory are available; lower --mc-samples 100000"),
+    ("exact-fisher-beyond-memory", _flags("--fisher", "exact", "--batch-size", "8000"), "lower --batch-size 8000"),
     # problems, methods and layers (already handled before; kept here so the table is complete)
     ("unknown-problem", _flags("--problem", "cifar"), "unknown problem 'cifar'"),
     ("unknown-method", _flags("--methods", "kfac,shampoo"), "unknown methods"),
@@ -186,6 +191,7 @@ BAD_TRAIN_INPUTS: list[tuple[str, list[str], str]] = [
     ("kl-clip-nan", ["--kl-clip", "nan"], "--kl-clip must be finite and positive"),
     ("unknown-optimizer", ["--optimizers", "sgd,shampoo"], "unknown optimizers"),
     ("epochs-zero", ["--epochs", "0"], "--epochs"),
+    ("batch-size-beyond-data", ["--batch-size", "100000000"], "--batch-size 100000000 exceeds the 16000"),
 ]
 
 
@@ -269,3 +275,21 @@ def test_gzipped_data_is_decompressed_within_a_bound(
     else:
         with pytest.raises(FisherlabError, match=message):
             data.load_images("mnist", tmp_path)
+
+
+def test_a_network_beyond_memory_is_refused_naming_the_setting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--problem resnet18 --layers all` at a batch whose per-sample factors (about 54 GiB in float64) do not
+    fit in the memory there is (8 GiB here): one line naming --layers, before any work (issue 20 item 5)."""
+    from fisherlab import run
+
+    monkeypatch.setattr(run, "available_bytes", lambda device: 8 * 2.0**30)
+    args = ["probe", "--problem", "resnet18", "--layers", "all", "--batch-size", "1500", "--iterations", "2"]
+    assert cli.main([*args, "--every", "1", "--out", str(tmp_path / "r.nc"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.fullmatch(
+        r"fisherlab: error: a snapshot needs about 5\d\.\d GiB .* but 8\.0 GiB of memory are available; "
+        r"lower the --layers probed \(\d+\) or --batch-size 1500",
+        err[-1],
+    ), err
