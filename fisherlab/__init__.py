@@ -15,7 +15,8 @@ def _interrupted_at_start(kind: type[BaseException], value: BaseException, tb: o
         _sys.__excepthook__(kind, value, tb)  # type: ignore[arg-type]
 
 
-if _sys.argv[:1] == ["-m"] or _sys.argv[0].endswith(("/fisherlab", "\\fisherlab", "fisherlab.exe")):
+_argv0 = (getattr(_sys, "argv", None) or [""])[0]
+if _argv0 == "-m" or _argv0.endswith(("/fisherlab", "\\fisherlab", "fisherlab.exe")):
     _sys.excepthook = _interrupted_at_start  # `python -m fisherlab` / the console script, not an importing program
 
 from fisherlab import optim, twolevel
