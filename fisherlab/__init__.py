@@ -4,6 +4,21 @@ Public API, grouped by pipeline stage (losses → probe → exact Fisher → app
 metrics → two-level → config → results → run → figures).
 """
 
+import sys as _sys
+
+
+def _interrupted_at_start(kind: type[BaseException], value: BaseException, tb: object) -> None:
+    """Ctrl-C while the ``fisherlab`` command still imports: one line, no traceback (exit 130 stays)."""
+    if issubclass(kind, KeyboardInterrupt):
+        print("fisherlab: interrupted", file=_sys.stderr)
+    else:
+        _sys.__excepthook__(kind, value, tb)  # type: ignore[arg-type]
+
+
+_argv0 = (getattr(_sys, "argv", None) or [""])[0]
+if _argv0 == "-m" or _argv0.endswith(("/fisherlab", "\\fisherlab", "fisherlab.exe")):
+    _sys.excepthook = _interrupted_at_start  # `python -m fisherlab` / the console script, not an importing program
+
 from fisherlab import optim, twolevel
 from fisherlab._errors import ConvergenceWarning, FisherlabError
 from fisherlab._version import __version__ as __version__
