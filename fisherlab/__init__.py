@@ -4,7 +4,7 @@ Public API, grouped by pipeline stage (losses → probe → exact Fisher → app
 metrics → two-level → config → results → run → figures).
 """
 
-from fisherlab import optim, twolevel
+from fisherlab import methods, optim, twolevel  # methods: registers the zoo (ekfac, shampoo, ...)
 from fisherlab._errors import ConvergenceWarning, FisherlabError
 from fisherlab._version import __version__ as __version__
 from fisherlab.approximations import (
@@ -20,7 +20,7 @@ from fisherlab.approximations import (
     lanczos,
     warm_starts,
 )
-from fisherlab.block_operators import DenseBlockOperator, DiagonalBlockOperator, EigenbasisDiagonal
+from fisherlab.block_operators import DenseBlockOperator, DiagonalBlockOperator, EigenbasisDiagonal, LowRankOperator
 from fisherlab.config import ProbeConfig, TrainConfig
 from fisherlab.fisher import ExactBlock, WholeFisher, cross_block_dense, full_fisher_dense
 from fisherlab.kron import KronSum, pi_damping
@@ -63,6 +63,7 @@ __all__ = [  # noqa: RUF022 (grouped by pipeline stage, not sorted)
     "DenseBlockOperator",
     "DiagonalBlockOperator",
     "EigenbasisDiagonal",
+    "LowRankOperator",
     "Method",
     "METHODS",
     "MethodSpec",
@@ -98,6 +99,7 @@ __all__ = [  # noqa: RUF022 (grouped by pipeline stage, not sorted)
     "probe_training",
     "run_probe",
     # modules
+    "methods",
     "optim",
     "twolevel",
     # errors
