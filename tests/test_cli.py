@@ -73,7 +73,7 @@ def test_config_file_and_flags(tmp_path) -> None:
 
 BAD_INPUTS = [
     (["--problem", "cifar"], "unknown problem 'cifar'"),
-    (["--methods", "kfac,shampoo"], "unknown methods"),
+    (["--methods", "kfac,shampo"], "unknown methods"),
     (["--layers", "99"], "unknown layers"),
     (["--iterations", "-3"], "--iterations must be a positive integer"),
     (["--iterations", "5", "--every", "10"], "larger than --iterations"),

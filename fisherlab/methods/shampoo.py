@@ -44,8 +44,12 @@ def best_scaled(block: ExactBlock, x: Tensor, y: Tensor) -> KronSum:
 
 
 def _psd_sqrt(m: Tensor) -> Tensor:
+    """``M^{1/2}`` of a PSD matrix; eigenvalues below ``side · eps · λ_max`` (rounding of a zero one,
+    whose square root would be ``√eps``, not 0) are taken as 0."""
     values, vectors = torch.linalg.eigh(_symmetric(m))
-    return _symmetric((vectors * values.clamp(min=0).sqrt()) @ vectors.T)
+    floor = m.shape[0] * torch.finfo(values.dtype).eps * float(values.abs().max()) if values.numel() else 0.0
+    roots = torch.where(values > floor, values, torch.zeros_like(values)).sqrt()
+    return _symmetric((vectors * roots) @ vectors.T)
 
 
 def shampoo2(block: ExactBlock) -> KronSum:
