@@ -330,7 +330,9 @@ class LowRankOperator:
         if damping == 0:
             if self.rank < self.dim:
                 raise FisherlabError("LowRankOperator.solve: the operator is singular; pass a positive damping")
-            return torch.einsum("...k,koi->...oi", self._coefficients(v) / self.values.to(v.dtype), self.vectors.to(v.dtype))
+            return torch.einsum(
+                "...k,koi->...oi", self._coefficients(v) / self.values.to(v.dtype), self.vectors.to(v.dtype)
+            )
         c = self._coefficients(v) * (self.values / (self.values + damping)).to(v.dtype)
         return (v - torch.einsum("...k,koi->...oi", c, self.vectors.to(v.dtype))) / damping
 

@@ -133,6 +133,7 @@ def _random_cases(count: int) -> list[dict]:
 
 RANDOM_RANGES = ((1, 12), (1, 4), (1, 5), (2, 8), (2, 7))
 ORDER_CASES = [*FACTOR_CASES, *_random_cases(12)]
+LINEAR_CASES = [c for c in FACTOR_CASES if c["t"] == 1]
 
 
 @pytest.mark.parametrize("case", ORDER_CASES, ids=ids(ORDER_CASES))
@@ -150,7 +151,9 @@ def test_eigenbasis_diagonal_never_loses_to_its_kronecker_product(case: dict) ->
     assert full["frobenius_error"]["lowrank"] == pytest.approx(full["spectral_error"]["lowrank"], rel=1e-8, abs=1e-7)
 
 
-@pytest.mark.parametrize("case", [c for c in FACTOR_CASES if c["t"] == 1], ids=ids([c for c in FACTOR_CASES if c["t"] == 1]))
+@pytest.mark.parametrize(
+    "case", [c for c in FACTOR_CASES if c["t"] == 1], ids=ids([c for c in FACTOR_CASES if c["t"] == 1])
+)
 def test_kfac_reduce_is_kfac_without_weight_sharing(case: dict) -> None:
     built = approximate_all(ExactBlock(make_factors(case)), ["kfac", "kfac_reduce"])
     want = built["kfac"].operator.as_dense()

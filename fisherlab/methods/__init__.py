@@ -14,7 +14,8 @@ sums over samples are summed over processes (:func:`fisherlab.distributed.all_re
 ``import fisherlab`` registers them all; the default ``--methods`` stays the papers' five.
 """
 
-from fisherlab.methods import diagonal, kfac_variants, shampoo
-from fisherlab.methods import eigenbasis, lowrank  # eigenbasis reuses kfac and shampoo2: registered after them
+# kfac_variants before eigenbasis, then shampoo: a method's reuses (ekfac <- kfac, eshampoo <- shampoo2) register first
+from fisherlab.methods import diagonal, kfac_variants, lowrank, shampoo  # isort: skip
+from fisherlab.methods import eigenbasis  # isort: skip
 
 __all__ = ["diagonal", "eigenbasis", "kfac_variants", "lowrank", "shampoo"]

@@ -39,7 +39,9 @@ def lowrank(block: ExactBlock, rank: int = 10) -> LowRankOperator:
     if f.shard is not None:
         coefficients = coefficients[:, f.shard.start : f.shard.start + f.n_local]
     cg = torch.einsum("knv,nvto->knto", coefficients, f.g)  # Σ_v c_nv g_nvt
-    local = cg.reshape(keep, f.n_local * f.n_positions, f.d_out).transpose(1, 2) @ f.a.reshape(-1, f.d_in)  # Σ_nt (Σ_v c g) aᵀ
+    local = cg.reshape(keep, f.n_local * f.n_positions, f.d_out).transpose(1, 2) @ f.a.reshape(
+        -1, f.d_in
+    )  # Σ_nt (Σ_v c g) aᵀ
     return LowRankOperator(all_reduce_sum(local, f.shard), values)
 
 

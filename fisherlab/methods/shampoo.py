@@ -25,7 +25,8 @@ def _symmetric(m: Tensor) -> Tensor:
 
 
 def shampoo_factors(block: ExactBlock) -> tuple[Tensor, Tensor]:
-    """``(L, R)``: ``L = (1/N) Σ DW DWᵀ`` ``[d_out, d_out]``, ``R = (1/N) Σ DWᵀ DW`` ``[d_in, d_in]`` (summed over processes)."""
+    """``(L, R)``: ``L = (1/N) Σ DW DWᵀ`` ``[d_out, d_out]`` and ``R = (1/N) Σ DWᵀ DW`` ``[d_in, d_in]``
+    (summed over processes)."""
     like = block.factors.a
     eye_in = torch.eye(block.d_in, dtype=like.dtype, device=like.device)
     eye_out = torch.eye(block.d_out, dtype=like.dtype, device=like.device)
