@@ -96,9 +96,9 @@ def test_every_zoo_method_is_registered_and_the_default_is_unchanged() -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
-def test_methods_match_their_dense_twins(case: dict) -> None:
+def test_methods_match_their_dense_twins(case: dict, device: torch.device) -> None:
     """Every operator equals its twin (≤ 1e-10 relative) and meets the operator contract against it."""
-    block = ExactBlock(make_factors(case))
+    block = ExactBlock(make_factors(case, device))
     built = approximate_all(block, ZOO, CONFIG)
     for name, dense in twins(block).items():
         operator = built[name].operator
