@@ -19,7 +19,7 @@ _argv0 = (getattr(_sys, "argv", None) or [""])[0]
 if _argv0 == "-m" or _argv0.endswith(("/fisherlab", "\\fisherlab", "fisherlab.exe")):
     _sys.excepthook = _interrupted_at_start  # `python -m fisherlab` / the console script, not an importing program
 
-from fisherlab import optim, twolevel
+from fisherlab import methods, optim, twolevel  # methods: registers the zoo (ekfac, shampoo, ...)
 from fisherlab._errors import ConvergenceWarning, FisherlabError
 from fisherlab._version import __version__ as __version__
 from fisherlab.approximations import (
@@ -35,7 +35,7 @@ from fisherlab.approximations import (
     lanczos,
     warm_starts,
 )
-from fisherlab.block_operators import DenseBlockOperator, DiagonalBlockOperator, EigenbasisDiagonal
+from fisherlab.block_operators import DenseBlockOperator, DiagonalBlockOperator, EigenbasisDiagonal, LowRankOperator
 from fisherlab.config import ProbeConfig, TrainConfig
 from fisherlab.fisher import ExactBlock, WholeFisher, cross_block_dense, full_fisher_dense
 from fisherlab.kron import KronSum, pi_damping
@@ -78,6 +78,7 @@ __all__ = [  # noqa: RUF022 (grouped by pipeline stage, not sorted)
     "DenseBlockOperator",
     "DiagonalBlockOperator",
     "EigenbasisDiagonal",
+    "LowRankOperator",
     "Method",
     "METHODS",
     "MethodSpec",
@@ -113,6 +114,7 @@ __all__ = [  # noqa: RUF022 (grouped by pipeline stage, not sorted)
     "probe_training",
     "run_probe",
     # modules
+    "methods",
     "optim",
     "twolevel",
     # errors

@@ -147,6 +147,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         help="Krylov dimension per Lanczos restart (default: %(default)s)",
     )
     p.add_argument(
+        "--lowrank-rank",
+        type=int,
+        default=d.lowrank_rank,
+        help="rank k of the lowrank method, the top-k eigenpairs of each block (default: %(default)s)",
+    )
+    p.add_argument(
         "--two-level",
         action="store_true",
         help="also probe every layer and measure two-level KFAC (T): gaps E(beta*)-E(0), "

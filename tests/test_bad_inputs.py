@@ -169,7 +169,7 @@ BAD_PROBE_INPUTS: list[tuple[str, Setup, str]] = [
     ("exact-fisher-beyond-memory", _flags("--fisher", "exact", "--batch-size", "8000"), "lower --batch-size 8000"),
     # problems, methods and layers (already handled before; kept here so the table is complete)
     ("unknown-problem", _flags("--problem", "cifar"), "unknown problem 'cifar'"),
-    ("unknown-method", _flags("--methods", "kfac,shampoo"), "unknown methods"),
+    ("unknown-method", _flags("--methods", "kfac,shampo"), "unknown methods"),
     ("unknown-layer", _flags("--layers", "99"), "unknown layers"),
     ("missing-data-dir", _flags("--problem", "mnist", "--data-dir", "/nonexistent/mnist"), "does not exist"),
 ]

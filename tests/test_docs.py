@@ -41,4 +41,6 @@ def test_every_public_name_is_in_the_api_reference() -> None:
 def test_every_package_module_has_a_page() -> None:
     package = Path(fisherlab.__file__).parent
     modules = {f"fisherlab.{p.stem}" for p in package.glob("*.py") if p.stem not in {"__init__", "__main__"}}
+    modules |= {f"fisherlab.methods.{p.stem}" for p in package.glob("methods/*.py") if p.stem != "__init__"}
+    modules.add("fisherlab.methods")
     assert modules <= _documented_modules(), sorted(modules - _documented_modules())

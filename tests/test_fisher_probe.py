@@ -119,7 +119,7 @@ def test_bad_arguments_are_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(fl.FisherlabError, match="unknown layer"):
         fl.FisherProbe(model, "ce", layers=["nope"])
     with pytest.raises(fl.FisherlabError, match="unknown methods"):
-        fl.FisherProbe(model, "ce", methods=["shampoo"])
+        fl.FisherProbe(model, "ce", methods=["shampo"])
     with pytest.raises(fl.FisherlabError, match="unknown loss"):
         fl.FisherProbe(model, "hinge")
     with pytest.raises(fl.FisherlabError, match="no snapshot yet"):
