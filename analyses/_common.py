@@ -58,7 +58,7 @@ def compute(config: ProbeConfig | TrainConfig, path: Path, *, progress: bool) ->
 
         run_training(config, path, overwrite=True, progress=progress)
     else:
-        from fisherlab.run import run_probe
+        from fisherlab.probe_loop import run_probe
 
         run_probe(config, path, overwrite=True, progress=progress)
 

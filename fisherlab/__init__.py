@@ -38,6 +38,7 @@ from fisherlab.approximations import (
 from fisherlab.block_operators import DenseBlockOperator, DiagonalBlockOperator, EigenbasisDiagonal, LowRankOperator
 from fisherlab.config import ProbeConfig, TrainConfig
 from fisherlab.fisher import ExactBlock, WholeFisher, cross_block_dense, full_fisher_dense
+from fisherlab.fisher_probe import FisherProbe
 from fisherlab.kron import KronSum, pi_damping
 from fisherlab.krylov import SingularTriplets, lanczos_svd, power_svd
 from fisherlab.layers import LayerFactors
@@ -54,9 +55,10 @@ from fisherlab.metrics import (
 )
 from fisherlab.operators import BlockDiagonal
 from fisherlab.probe import Probe, ProbeSnapshot
+from fisherlab.probe_loop import probe_training, run_probe
 from fisherlab.problems import PROBLEMS, get_problem
 from fisherlab.results import load
-from fisherlab.run import FisherProbe, probe_training, run_probe
+from fisherlab.store_registry import STORES, ResultStore, register_store
 
 __all__ = [  # noqa: RUF022 (grouped by pipeline stage, not sorted)
     # probe
@@ -113,6 +115,9 @@ __all__ = [  # noqa: RUF022 (grouped by pipeline stage, not sorted)
     "load",
     "probe_training",
     "run_probe",
+    "STORES",
+    "ResultStore",
+    "register_store",
     # modules
     "methods",
     "optim",

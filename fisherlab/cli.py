@@ -1,4 +1,4 @@
-"""``fisherlab probe | plot | train | info``: a thin layer over :mod:`fisherlab.run`, :mod:`fisherlab.train`
+"""``fisherlab probe | plot | train | info``: a thin layer over :mod:`fisherlab.probe_loop`, :mod:`fisherlab.train`
 and :mod:`fisherlab.plots`."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from fisherlab.config import ProbeConfig, TrainConfig
 from fisherlab.method_registry import METHODS
 from fisherlab.metrics import BLOCK_METRICS
 from fisherlab.problems import PROBLEMS
+from fisherlab.store_registry import STORES
 
 __all__ = ["main"]
 
@@ -385,14 +386,19 @@ def _typed(value: object, hint: object, where: str) -> object:
     return value
 
 
+def _check_out(out: Path) -> None:
+    """``--out`` must end in the suffix of a registered result store (``.nc`` built in)."""
+    if out.suffix.lower() not in STORES:
+        raise FisherlabError(f"--out must end in {' or '.join(STORES)}, got {out.name}")
+
+
 def _probe(args: argparse.Namespace) -> int:
     from fisherlab.plots import error_figure, save_figure, two_level_figure
-    from fisherlab.run import run_probe
+    from fisherlab.probe_loop import run_probe
 
     config = _config(args)
     out = Path(args.out or f"data/probe-{config.problem}-{datetime.now():%Y%m%d-%H%M%S}.nc")
-    if out.suffix != ".nc":
-        raise FisherlabError(f"--out must end in .nc, got {out.name}")
+    _check_out(out)
     figure = None if args.figure == "none" else Path(args.figure or out.with_suffix(".png"))
     if figure is not None and figure.suffix.lower() not in (".png", ".pdf"):
         raise FisherlabError(f"--figure must end in .png or .pdf, got {figure.name}")
@@ -477,8 +483,7 @@ def _train(args: argparse.Namespace) -> int:
     values["kl_clip"] = values["kl_clip"] or None  # 0 disables
     config = TrainConfig(**values)
     out = Path(args.out or f"data/train-{config.problem}-{datetime.now():%Y%m%d-%H%M%S}.nc")
-    if out.suffix != ".nc":
-        raise FisherlabError(f"--out must end in .nc, got {out.name}")
+    _check_out(out)
     started = time.time()
     try:
         ds = run_training(config, out, overwrite=args.overwrite, progress=not args.no_progress)

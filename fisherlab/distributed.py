@@ -25,7 +25,7 @@ from torch import distributed as dist
 
 from fisherlab._errors import FisherlabError
 
-__all__ = ["Shard", "all_reduce_sum", "init_from_environment", "shard_of_batch"]
+__all__ = ["Shard", "all_reduce_sum", "init_from_environment", "local_rows", "shard_of_batch", "split_global_batch"]
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,18 @@ def shard_of_batch(n_local: int, device: torch.device | str = "cpu", group: Any 
     if min(sizes) < 1:
         raise FisherlabError(f"every rank needs at least one sample of the global batch; got {list(sizes)}")
     return Shard(sizes, dist.get_rank(group), group)
+
+
+def local_rows(x: Tensor, shard: Shard | None) -> Tensor:
+    """This process's rows of the global batch ``x`` (all of it without ``shard``)."""
+    return x if shard is None else x[shard.start : shard.start + shard.n_local]
+
+
+def split_global_batch(n: int) -> Shard:
+    """This process's contiguous rows of a global batch of ``n`` (as ``torch.tensor_split``),
+    known on every rank without communication."""
+    world = dist.get_world_size()
+    return Shard(tuple(n // world + (1 if r < n % world else 0) for r in range(world)), dist.get_rank())
 
 
 def init_from_environment(backend: str, timeout: timedelta, settings: str = "") -> None:

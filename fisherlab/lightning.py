@@ -1,4 +1,5 @@
-"""A PyTorch Lightning callback around :class:`~fisherlab.run.FisherProbe` (``pip install fisherlab[lightning]``).
+"""A PyTorch Lightning callback around :class:`~fisherlab.fisher_probe.FisherProbe`
+(``pip install fisherlab[lightning]``).
 
 Nothing else in fisherlab imports Lightning; ``fisherlab.lightning`` is imported on first use.
 
@@ -19,8 +20,8 @@ from torch import Tensor
 
 from fisherlab._errors import FisherlabError
 from fisherlab.config import ProbeConfig
+from fisherlab.fisher_probe import FisherProbe
 from fisherlab.losses import LossKind
-from fisherlab.run import FisherProbe
 
 try:
     from lightning.pytorch import Callback, LightningModule, Trainer

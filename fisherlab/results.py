@@ -1,12 +1,14 @@
 """The results dataset: schema (generated from the metric registry), provenance attributes,
 appending snapshot by snapshot, stored factors, reading.
 
-One ``xarray.Dataset`` per run with dims ``iteration``, ``layer``, ``method``. A probe run
-appends each snapshot to a netCDF4 file (:class:`~fisherlab.store.AppendStore`: ``O(1)``
-I/O per snapshot, every finished snapshot survives ``kill -9``), with stored per-sample
-factors in the same file, compressed. ``fisherlab train`` results (small, written whole)
-are netCDF3 by scipy, replaced atomically. Open either with :func:`load` (or
-``xarray.open_dataset(path)`` once the run has finished).
+One ``xarray.Dataset`` per run with dims ``iteration``, ``layer``, ``method``. The file format
+is the result store of the output's suffix (:mod:`fisherlab.store_registry`); the built-in
+``.nc`` store appends each snapshot to a netCDF4 file (:class:`~fisherlab.store.AppendStore`:
+``O(1)`` I/O per snapshot, every finished snapshot survives ``kill -9``), with stored
+per-sample factors in the same file, compressed; ``fisherlab train`` results (small, written
+whole) are netCDF3 by scipy, replaced atomically. Open either with :func:`load` (or
+``xarray.open_dataset(path)`` once the run has finished). Here: the schema, the provenance,
+the output lock and the writer; the bytes on disk are the store's.
 """
 
 from __future__ import annotations
@@ -27,14 +29,15 @@ import xarray as xr
 from torch import Tensor
 
 from fisherlab._errors import FisherlabError
-from fisherlab.config import ProbeConfig, TrainConfig
-from fisherlab.losses import LossKind
-from fisherlab.metrics import BLOCK_METRICS, LAYER_METRICS, Variable
-from fisherlab.store import WRITTEN, AppendStore, is_hdf5, open_hdf5, read
-from fisherlab.twolevel import TKO, TWO_LEVEL_METRICS
+from fisherlab.metrics import BLOCK_METRICS, LAYER_METRICS
+from fisherlab.store_registry import Appender, store_for
+from fisherlab.twolevel import TWO_LEVEL_METRICS
+from fisherlab.vocabulary import TKO, LossKind, Variable
 
 if TYPE_CHECKING:
     from typing_extensions import Self
+
+    from fisherlab.config import ProbeConfig, TrainConfig  # provenance only (run_attrs, config_json)
 
 __all__ = [
     "RUN_VARIABLES",
@@ -120,32 +123,21 @@ def load(path: str | Path, *, factors: bool = False) -> xr.Dataset:
     A probe file whose run died or still runs reads as of its last finished snapshot.
 
     Args:
-        path: A ``.nc`` file of ``fisherlab probe`` or ``fisherlab train``.
+        path: A results file of ``fisherlab probe`` or ``fisherlab train`` (``.nc``, or the suffix of
+            a registered store), read by the store of its suffix.
         factors: Also read stored per-sample factors (``factors_a_<layer>``, ``factors_g_<layer>``).
 
     Raises:
-        FisherlabError: Missing or unreadable file.
+        FisherlabError: Missing or unreadable file, or a suffix no store is registered for.
     """
     path = Path(path)
     if not path.is_file():
         raise FisherlabError(f"no such results file: {path}")
-    if not is_hdf5(path) and not _is_netcdf3(path):
-        raise FisherlabError(f"cannot read {path}: not a fisherlab results file (neither netCDF4/HDF5 nor netCDF3)")
     try:
-        if is_hdf5(path):
-            return read(path, drop_factors=not factors)
-        with xr.open_dataset(path, engine="scipy") as ds:
-            return ds.load()
-    except (ValueError, OSError, RuntimeError, TypeError, KeyError) as exc:  # RuntimeError: h5py on damaged metadata
-        raise FisherlabError(
-            f"cannot read {path} as a netCDF dataset (damaged or not netCDF): {_first_line(exc)}"
-        ) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (h5py's can span several)."""
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
+        store = store_for(path)
+    except FisherlabError as exc:
+        raise FisherlabError(f"cannot read {path}: {exc}") from None
+    return store.read(path, factors=factors)
 
 
 class OutputLock:
@@ -213,15 +205,6 @@ class OutputLock:
             os.close(fd)  # closing the only descriptor releases the flock
 
 
-def _is_netcdf3(path: Path) -> bool:
-    """Whether the file starts with the netCDF3 signature ``CDF`` (what ``fisherlab train`` writes)."""
-    try:
-        with path.open("rb") as f:
-            return f.read(3) == b"CDF"
-    except OSError:
-        return False
-
-
 class ResultsWriter:
     """Appends snapshot datasets to the file on disk (or writes a whole dataset).
 
@@ -230,17 +213,18 @@ class ResultsWriter:
     output is refused instead of silently overwriting the first.
 
     Args:
-        path: Output file (``.nc``).
+        path: Output file; its suffix chooses the result store (``.nc``: :class:`~fisherlab.store.NetCDFStore`).
         attrs: Run attributes (str/int/float only); may be completed before the first write.
         overwrite: Replace an existing file; otherwise an existing path is an error.
 
     Raises:
         FisherlabError: Existing path without ``overwrite``, unwritable directory, another
-            run writing the same path.
+            run writing the same path, a suffix no store is registered for.
     """
 
     def __init__(self, path: str | Path, attrs: dict[str, str | int | float], *, overwrite: bool = False) -> None:
         self.path = Path(path)
+        self.store = store_for(self.path)
         if self.path.is_dir():
             raise FisherlabError(f"output {self.path} is a directory")
         try:
@@ -249,7 +233,7 @@ class ResultsWriter:
             raise FisherlabError(f"cannot create directory {self.path.parent}: {exc.strerror}") from None
         if not os.access(self.path.parent, os.W_OK):
             raise FisherlabError(f"output directory {self.path.parent} is not writable")
-        self._store: AppendStore | None = None
+        self._store: Appender | None = None
         self._appended = 0
         self._closed = False
         self.write_seconds = 0.0  # time spent appending snapshots
@@ -265,8 +249,8 @@ class ResultsWriter:
         if self.path.exists() and not overwrite:
             self.close()
             raise FisherlabError(f"output {self.path} already exists; choose another --out or pass --overwrite")
-        for stale in self.path.parent.glob(f"{glob.escape(self.path.name)}.*.tmp"):  # left by a killed run (we hold
-            if stale.name[len(self.path.name) + 1 : -4].isdigit():  # the lock, so no live run writes them)
+        for stale in self.path.parent.glob(f"{glob.escape(self.path.name)}.*.tmp"):  # a killed run's <name>.<pid>.tmp
+            if stale.name[len(self.path.name) + 1 : -4].isdigit():  # (we hold the lock: no live run writes them)
                 stale.unlink(missing_ok=True)
         self.attrs = attrs
 
@@ -307,7 +291,7 @@ class ResultsWriter:
             snapshot = snapshot.assign(factor_variables(name, a, g))
         try:
             if self._store is None:
-                self._store = AppendStore(self.path, snapshot, dict(self.attrs))
+                self._store = self.store.create(self.path, snapshot, dict(self.attrs))
             else:
                 self._store.append(snapshot)
         except FisherlabError:
@@ -318,15 +302,10 @@ class ResultsWriter:
         self.write_seconds += time.perf_counter() - start
 
     def write(self, ds: xr.Dataset) -> xr.Dataset:
-        """Write a whole dataset with the run attributes: temporary file, then ``os.replace``."""
+        """Write a whole dataset with the run attributes, replacing the file atomically (the store's
+        :meth:`~fisherlab.store_registry.ResultStore.write`: temporary file, then ``os.replace``)."""
         ds.attrs = dict(self.attrs)
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        try:
-            ds.to_netcdf(tmp, engine="scipy")
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise FisherlabError(f"cannot write {self.path}: {exc.strerror}") from None
+        self.store.write(self.path, ds)
         return ds
 
 
@@ -355,7 +334,7 @@ def factor_variables(layer: str, a: Tensor, g: Tensor) -> dict[str, xr.DataArray
 
 def load_factors(path: str | Path, iteration: int, layer: str) -> dict[str, Tensor | int | str]:
     """Read the per-sample factors of one layer at one iteration from a results file
-    (stored with ``--store-factors``); only that slice is read.
+    (stored with ``--store-factors``); the ``.nc`` store reads only that slice.
 
     Returns:
         ``{"a": [N, T, d_in], "g": [N, V, T, d_out], "iteration": int, "layer": str}``.
@@ -366,19 +345,12 @@ def load_factors(path: str | Path, iteration: int, layer: str) -> dict[str, Tens
     path = Path(path)
     if not path.is_file():
         raise FisherlabError(f"no such results file: {path}")
-    names = (f"factors_a_{layer}", f"factors_g_{layer}")
-    if not is_hdf5(path):
-        raise FisherlabError(f"{path} holds no stored factors (not a netCDF4 probe file)")
     try:
-        with open_hdf5(path) as h5:
-            if not all(n in h5 for n in names):
-                raise FisherlabError(f"{path} holds no stored factors of layer {layer!r} (--store-factors)")
-            rows = np.flatnonzero((h5["iteration"][:] == iteration) & (h5[WRITTEN][:] == 1))
-            if not rows.size:
-                raise FisherlabError(f"{path} has no snapshot at iteration {iteration}")
-            a, g = (torch.from_numpy(h5[n][int(rows[0])]) for n in names)
-    except (OSError, RuntimeError, ValueError, KeyError) as exc:
-        raise FisherlabError(f"cannot read factors from {path} (damaged file?): {_first_line(exc)}") from None
+        store = store_for(path)
+    except FisherlabError as exc:
+        raise FisherlabError(f"{path} holds no stored factors: {exc}") from None
+    found = store.read_factors(path, iteration, layer)
+    a, g = (torch.from_numpy(np.ascontiguousarray(found[k])) for k in ("a", "g"))
     return {"a": a, "g": g, "iteration": iteration, "layer": layer}
 
 

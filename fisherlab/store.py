@@ -10,6 +10,10 @@ included); each row gets its ``snapshot_written`` flag only after its data are f
 Every variable of the first snapshot fixes the layout (dims, dtypes, attributes); later
 snapshots must match it. Variables named ``factors_*`` (stored per-sample factors) are
 chunked one row at a time and gzip-compressed.
+
+:class:`NetCDFStore` is this file format as a :class:`~fisherlab.store_registry.ResultStore`
+(the ``.nc`` store): :class:`AppendStore` to write, :func:`read` to read, and the netCDF3 files
+``fisherlab train`` writes whole (by scipy).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import xarray as xr
 
 from fisherlab._errors import FisherlabError
 
-__all__ = ["HDF5_SIGNATURE", "WRITTEN", "AppendStore", "is_hdf5", "open_hdf5", "read"]
+__all__ = ["HDF5_SIGNATURE", "WRITTEN", "AppendStore", "NetCDFStore", "is_hdf5", "open_hdf5", "read"]
 
 #: The first bytes of every HDF5 (netCDF4) file.
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -285,3 +289,80 @@ def read(path: str | Path, *, drop_factors: bool = True) -> xr.Dataset:
     if WRITTEN in ds:
         ds = ds.isel(iteration=np.flatnonzero(ds[WRITTEN].values == 1)).drop_vars(WRITTEN)
     return ds
+
+
+def _is_netcdf3(path: Path) -> bool:
+    """Whether the file starts with the netCDF3 signature ``CDF`` (what ``fisherlab train`` writes)."""
+    try:
+        with path.open("rb") as f:
+            return f.read(3) == b"CDF"
+    except OSError:
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (h5py's can span several)."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+class NetCDFStore:
+    """The ``.nc`` result store: probe runs appended to netCDF4 in HDF5-SWMR mode (:class:`AppendStore`),
+    whole datasets (``fisherlab train``) written as netCDF3 by scipy; reads both.
+
+    Every finished snapshot survives ``kill -9``; a file whose writer died or still runs reads as of
+    its last finished snapshot; a damaged file is one error line, never a hang (:func:`open_hdf5`).
+    """
+
+    def create(self, path: Path, first: xr.Dataset, attrs: dict[str, str | int | float]) -> AppendStore:
+        """Create ``path`` with the layout of ``first`` and write ``first`` (see :class:`AppendStore`)."""
+        return AppendStore(path, first, attrs)
+
+    def write(self, path: Path, ds: xr.Dataset) -> None:
+        """Write ``ds`` as netCDF3 (scipy) to ``<name>.<pid>.tmp``, then ``os.replace`` it onto ``path``."""
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            ds.to_netcdf(tmp, engine="scipy")
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise FisherlabError(f"cannot write {path}: {exc.strerror}") from None
+
+    def read(self, path: Path, *, factors: bool = False) -> xr.Dataset:
+        """Read a netCDF4 probe file (its finished rows, :func:`read`) or a netCDF3 file into memory.
+
+        Raises:
+            FisherlabError: Neither netCDF4 nor netCDF3, or damaged.
+        """
+        if not is_hdf5(path) and not _is_netcdf3(path):
+            raise FisherlabError(f"cannot read {path}: not a fisherlab results file (neither netCDF4/HDF5 nor netCDF3)")
+        try:
+            if is_hdf5(path):
+                return read(path, drop_factors=not factors)
+            with xr.open_dataset(path, engine="scipy") as ds:
+                return ds.load()
+        except (ValueError, OSError, RuntimeError, TypeError, KeyError) as exc:  # RuntimeError: h5py, damaged metadata
+            raise FisherlabError(
+                f"cannot read {path} as a netCDF dataset (damaged or not netCDF): {_first_line(exc)}"
+            ) from None
+
+    def read_factors(self, path: Path, iteration: int, layer: str) -> dict[str, np.ndarray]:
+        """Read only the factors of ``layer`` at ``iteration`` (one chunk each) from a netCDF4 probe file.
+
+        Raises:
+            FisherlabError: Not netCDF4, no factors of that layer or iteration, or a damaged file.
+        """
+        names = (f"factors_a_{layer}", f"factors_g_{layer}")
+        if not is_hdf5(path):
+            raise FisherlabError(f"{path} holds no stored factors (not a netCDF4 probe file)")
+        try:
+            with open_hdf5(path) as h5:
+                if not all(n in h5 for n in names):
+                    raise FisherlabError(f"{path} holds no stored factors of layer {layer!r} (--store-factors)")
+                rows = np.flatnonzero((h5["iteration"][:] == iteration) & (h5[WRITTEN][:] == 1))
+                if not rows.size:
+                    raise FisherlabError(f"{path} has no snapshot at iteration {iteration}")
+                a, g = (np.asarray(h5[n][int(rows[0])]) for n in names)
+        except (OSError, RuntimeError, ValueError, KeyError) as exc:
+            raise FisherlabError(f"cannot read factors from {path} (damaged file?): {_first_line(exc)}") from None
+        return {"a": a, "g": g}

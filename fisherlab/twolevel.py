@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,10 @@ from fisherlab.fisher import WholeFisher
 from fisherlab.kron import KronSum, pi_damping
 from fisherlab.operators import BlockDiagonal, Params, axpy, dot
 from fisherlab.vocabulary import TKO, CoarseSpace, Variable
+
+if TYPE_CHECKING:
+    from fisherlab.approximations import Approximation
+    from fisherlab.probe import ProbeSnapshot
 
 __all__ = [
     "TKO",
@@ -42,6 +47,7 @@ __all__ = [
     "tko_coarse_operator",
     "two_level",
     "two_level_metrics",
+    "two_level_metrics_of_snapshot",
 ]
 
 
@@ -387,3 +393,44 @@ def two_level_metrics(
         "energy_natural_gradient": res.energy_zeta,
     }
     return values, keys
+
+
+def two_level_metrics_of_snapshot(
+    snapshot: ProbeSnapshot,
+    approximations: Mapping[str, Mapping[str, Approximation]],
+    methods: Sequence[str],
+    *,
+    damping: float,
+    spaces: Sequence[CoarseSpace | str],
+    taylor_order: int = 2,
+) -> tuple[dict[str, np.ndarray | float], list[str]]:
+    """:func:`two_level_metrics` of one probe snapshot: the Fisher of every captured layer (in capture
+    order), ``∇h`` of each, and per method the block-diagonal of its approximations of those layers.
+
+    Args:
+        snapshot: A probe pass over every layer (two-level increments need all of them).
+        approximations: Per layer (every layer of ``snapshot``), per method, its approximation.
+        methods: The methods, in the order of the per-method values.
+        damping: ``λ``.
+        spaces: Coarse spaces (``tko`` is added).
+        taylor_order: ``q`` of the Taylor space.
+
+    Returns:
+        As :func:`two_level_metrics`; a method whose operator is not a :class:`~fisherlab.kron.KronSum`
+        on every layer (no Kronecker solve) is NaN.
+    """
+    order = list(snapshot.factors)
+    diagonals = {
+        m: BlockDiagonal(tuple(approximations[n][m].kron for n in order))
+        if all(isinstance(approximations[n][m].operator, KronSum) for n in order)
+        else None
+        for m in methods
+    }
+    return two_level_metrics(
+        snapshot.whole_fisher(order),
+        [snapshot.gradients[n] for n in order],
+        diagonals,
+        damping=damping,
+        spaces=spaces,
+        taylor_order=taylor_order,
+    )

@@ -22,6 +22,7 @@ STAGES = [
     "losses",
     "data",
     "store",  # leaves
+    "store_registry",  # the result stores by suffix (the HDF5-SWMR .nc store built in)
     "fisher",
     "probe",
     "approximations",
@@ -32,8 +33,12 @@ STAGES = [
     "config",
     "problems",
     "results",
-    "run",
-    "lightning",  # optional extra: a callback around run.FisherProbe
+    "snapshot",  # one probe pass, every method and metric -> one dataset row
+    "fisher_probe",  # FisherProbe: probing inside any training loop
+    "launch",  # before a paper-problem run: layers, memory, the torchrun process group
+    "probe_loop",  # probe_training, run_probe: the loops around FisherProbe
+    "run",  # re-exports under the former home
+    "lightning",  # optional extra: a callback around FisherProbe
     "train",
     "plots",
     "dense",  # runs, files, figures, dense twins
@@ -122,3 +127,10 @@ def test_config_imports_no_implementation_module() -> None:
     """Settings name things; they do not compute them."""
     package = Path(fisherlab.__file__).parent
     assert _imports(package / "config.py") <= {"_errors", "vocabulary", "method_registry"}
+
+
+def test_the_probe_loop_stays_small() -> None:
+    """Issue 17: the probe loop module holds the loops only (at most 200 lines); the snapshot, the
+    user-loop API and the launch checks live in modules of their own."""
+    package = Path(fisherlab.__file__).parent
+    assert len((package / "probe_loop.py").read_text().splitlines()) <= 200

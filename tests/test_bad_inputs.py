@@ -373,9 +373,9 @@ def test_a_network_beyond_memory_is_refused_naming_the_setting(
 ) -> None:
     """`--problem resnet18 --layers all` at a batch whose per-sample factors (about 54 GiB in float64) do not
     fit in the memory there is (8 GiB here): one line naming --layers, before any work (issue 20 item 5)."""
-    from fisherlab import run
+    from fisherlab import launch
 
-    monkeypatch.setattr(run, "available_bytes", lambda device: 8 * 2.0**30)
+    monkeypatch.setattr(launch, "available_bytes", lambda device: 8 * 2.0**30)
     args = ["probe", "--problem", "resnet18", "--layers", "all", "--batch-size", "1500", "--iterations", "2"]
     assert cli.main([*args, "--every", "1", "--out", str(tmp_path / "r.nc"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from fisherlab import cli
-from fisherlab import run as run_module
+from fisherlab import cli, fisher_probe, probe_loop
 from fisherlab._errors import FisherlabError
 from fisherlab.config import ProbeConfig
 from fisherlab.losses import LossKind
 from fisherlab.method_registry import METHODS
+from fisherlab.probe_loop import probe_training
 from fisherlab.results import load, validate
-from fisherlab.run import probe_training
 from tests.cases import SmallConvNet, small_mlp
 
 
@@ -162,14 +161,15 @@ def test_interrupted_run_keeps_finished_snapshots(
     """Ctrl-C or SIGTERM after the snapshot at iteration 4: the file holds iterations 0, 2, 4 and is valid;
     before the first snapshot: no file, and the message does not claim one (issue 20 item 6). One line, the
     lock released, exit 130 (Ctrl-C) or 143 (SIGTERM)."""
-    real = getattr(run_module, f"_{where}")
+    module, name = {"step": (probe_loop, "train_step"), "snapshot": (fisher_probe, "assemble_snapshot")}[where]
+    real = getattr(module, name)
 
     def interrupted(*args):  # type: ignore[no-untyped-def]
-        if args[5 if where == "step" else 0] == at:  # _step(model, loss, optimizer, x, y, iteration), _snapshot(it)
+        if args[5 if where == "step" else 0] == at:  # train_step(model, loss, optimizer, x, y, iteration), snapshot(it)
             interrupt()
         return real(*args)
 
-    monkeypatch.setattr(run_module, f"_{where}", interrupted)
+    monkeypatch.setattr(module, name, interrupted)
     out = tmp_path / "r.nc"
     args = ["probe", "--iterations", "10", "--every", "2", "--methods", "kfac", "--metrics", "frobenius_error"]
     assert cli.main([*args, "--out", str(out), "--no-progress", "--figure", "none"]) == status
@@ -192,7 +192,7 @@ def test_diverging_training_is_reported() -> None:
         model[0].weight[0, 0] = float("nan")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(FisherlabError, match="training loss became nan"):
-        run_module._step(
+        probe_loop.train_step(
             model, LossKind.MSE, opt, torch.randn(3, 4, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64), 7
         )
 
@@ -285,8 +285,8 @@ def test_two_level_end_to_end(tmp_path) -> None:
 
 
 def test_layers_all_names_every_probeable_layer() -> None:
+    from fisherlab.launch import resolve_layers
     from fisherlab.problems import get_problem
-    from fisherlab.run import resolve_layers
 
     resnet = get_problem("resnet18")
     every = resolve_layers(resnet, ("all",))

@@ -23,8 +23,8 @@ from fisherlab.fisher import ExactBlock
 from fisherlab.kron import KronSum
 from fisherlab.layers import LayerFactors
 from fisherlab.probe import Probe
+from fisherlab.probe_loop import probe_training
 from fisherlab.results import ResultsWriter, load, load_factors
-from fisherlab.run import probe_training
 from fisherlab.twolevel import smallest_eigenvector
 from tests.cases import make_factors, small_mlp
 

@@ -14,8 +14,8 @@ from torch import nn
 import fisherlab as fl
 from fisherlab._errors import UndefinedMetricWarning
 from fisherlab.approximations import kfac_factors
+from fisherlab.fisher_probe import USER_LOOP
 from fisherlab.results import load, validate
-from fisherlab.run import USER_LOOP
 
 
 def _net(seed: int = 0) -> nn.Module:

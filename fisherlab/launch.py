@@ -1,0 +1,139 @@
+"""Before a ``fisherlab probe`` run of a paper problem: the layers it names, whether a snapshot fits in
+memory, and the process group ``torchrun`` describes.
+
+Each refuses a run that cannot work with one line, before any work: unknown layers
+(:func:`resolve_layers`), a snapshot beyond the memory there is (:func:`check_memory`), a
+process that disagrees with the others on the configuration (:func:`join_process_group`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch
+from torch import Tensor, nn
+from torch import distributed as dist
+
+from fisherlab._errors import FisherlabError
+from fisherlab.config import ProbeConfig
+from fisherlab.data import ImageData
+from fisherlab.distributed import init_from_environment
+from fisherlab.layers import probeable_layers
+from fisherlab.problems import Problem
+from fisherlab.results import config_json
+
+__all__ = ["available_bytes", "check_memory", "join_process_group", "resolve_layers", "snapshot_bytes"]
+
+
+def resolve_layers(problem: Problem, layers: tuple[str, ...]) -> tuple[str, ...]:
+    """The layers ``--layers`` names on ``problem``: ``all`` is every probeable layer.
+
+    Raises:
+        FisherlabError: Unknown layer names, listing the problem's layers.
+    """
+    known = problem.layer_names()
+    if tuple(layers) == ("all",):
+        return tuple(known)
+    bad = [name for name in layers if name not in known]
+    if bad or not layers:
+        listing = f"1 to {known[-1]}" if all(n.isdigit() for n in known) else ", ".join(known)
+        raise FisherlabError(f"unknown layers {bad} for {problem.name}: it has layers {listing} (or all)")
+    return tuple(layers)
+
+
+def snapshot_bytes(problem: Problem, data: ImageData, config: ProbeConfig, batch_size: int) -> dict[str, float]:
+    """An estimate of the memory one snapshot of a ``fisherlab probe`` run holds at once, in bytes:
+    ``factors`` (every probed layer's per-sample factors, ``N (T d_in + V T d_out)`` numbers in float64)
+    and ``gram`` (the largest layer's ``N V x N V`` Gram matrix); shapes from a forward pass on the meta
+    device (no memory, no compute). ``V``: ``--mc-samples``, the number of outputs for ``exact``, 1 for
+    ``empirical``."""
+    model = problem.model(device="meta")
+    layers = probeable_layers(model)
+    probed = layers if config.two_level else {name: layers[name] for name in config.layers}
+    shapes: dict[str, tuple[int, int, int]] = {}  # name -> (T, d_in, d_out)
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            if isinstance(module, nn.Conv2d):
+                d_in = module.in_channels // module.groups * math.prod(module.kernel_size)
+                shapes[name] = (output[0].numel() // module.out_channels, d_in + 1, module.out_channels)
+            else:
+                shapes[name] = (inputs[0][0].numel() // module.in_features, module.in_features + 1, module.out_features)
+
+        return hook
+
+    handles = [module.register_forward_hook(record(name)) for name, module in probed.items()]
+    try:
+        output = model(problem.inputs(data.train[:1].to("meta")))
+    finally:
+        for handle in handles:
+            handle.remove()
+    v = {"mc": config.mc_samples, "exact": output[0].numel(), "empirical": 1}[config.fisher.value]
+    n = batch_size
+    factors = sum(n * (t * d_in + v * t * d_out) * 8 for t, d_in, d_out in shapes.values())
+    return {"factors": float(factors), "gram": float((n * v) ** 2 * 8), "directions": v}
+
+
+def available_bytes(device: torch.device) -> float | None:
+    """Memory a run may still take: free GPU memory on CUDA, ``MemAvailable`` on Linux; ``None`` if unknown."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(problem: Problem, data: ImageData, config: ProbeConfig, device: torch.device) -> None:
+    """Refuse, before any work, a run whose snapshot cannot fit in memory (instead of the OOM killer).
+
+    Raises:
+        FisherlabError: The estimate of :func:`snapshot_bytes` exceeds the available memory; names the
+            setting that matters most.
+    """
+    available = available_bytes(device)
+    if available is None:
+        return
+    n = config.batch_size or problem.batch_size
+    need = snapshot_bytes(problem, data, config, min(n, data.train.shape[0]))
+    total = need["factors"] + need["gram"]
+    if total <= available:
+        return
+    v = int(need["directions"])
+    settings = {
+        "mc-samples": f"--mc-samples {v}" if config.fisher.value == "mc" and v > 1 else "",
+        "layers": f"the --layers probed ({len(config.layers)})" if len(config.layers) > 1 else "",
+        "batch-size": f"--batch-size {n}",
+    }
+    order = (
+        ["mc-samples", "batch-size", "layers"]
+        if need["gram"] > need["factors"]
+        else ["mc-samples", "layers", "batch-size"]
+    )
+    named = [settings[key] for key in order if settings[key]]
+    raise FisherlabError(
+        f"a snapshot needs about {total / 2**30:.1f} GiB (per-sample factors {need['factors'] / 2**30:.1f} GiB, "
+        f"Gram matrix of {n} x {v} directions {need['gram'] / 2**30:.1f} GiB) but {available / 2**30:.1f} GiB of "
+        f"{'GPU ' if device.type == 'cuda' else ''}memory are available; lower {' or '.join(named)}"
+    )
+
+
+def join_process_group(device: torch.device, config: ProbeConfig) -> bool:
+    """Join the process group that ``torchrun`` describes (gloo on CPU, NCCL on CUDA) after a handshake
+    of world size and configuration (:func:`~fisherlab.distributed.init_from_environment`: a
+    mismatch fails at once, with one line); ``True`` when this call joined."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = timedelta(seconds=int(os.environ.get("FISHERLAB_DIST_TIMEOUT", "300")))
+    init_from_environment(backend, timeout, settings=config_json(config))
+    return True
