@@ -40,9 +40,9 @@ from fisherlab.layers import LayerFactors
 from fisherlab.losses import per_sample_loss
 from fisherlab.metrics import BlockReference, spectral_error_bounded
 from fisherlab.metrics.error2 import _error_interval
-from fisherlab.sample_span import on_sample_span
 from fisherlab.probe import Probe
 from fisherlab.problems import get_problem
+from fisherlab.sample_span import on_sample_span
 
 RANK2 = (Method.DEFLATION, Method.LANCZOS, Method.KFAC_CORRECTED)
 

@@ -41,8 +41,8 @@ __all__ = [
     "on_sample_span",
     "restrict",
     "restricted_warm_starts",
-    "span_basis",
     "span_bases",
+    "span_basis",
 ]
 
 

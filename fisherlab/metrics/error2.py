@@ -287,6 +287,7 @@ def _leading_eigenvalues(
     floor = -tau if r <= dim + zeros - negatives else None
     return torch.sort(values[values > 0], descending=True).values, tau, floor
 
+
 def _in_first_eigenbasis(approx: KronSum) -> tuple[Callable[[Tensor], Tensor], float]:
     """``F̂`` in the eigenbasis ``U_out ⊗ U_in`` of its first term (an orthogonal similarity: the
     same eigenvalues), where that term is diagonal: a batched product costs an elementwise
@@ -304,6 +305,7 @@ def _in_first_eigenbasis(approx: KronSum) -> tuple[Callable[[Tensor], Tensor], f
 
     d_out, d_in = approx.d_out, approx.d_in
     return product, 2 * rest.rank * (d_out**2 * d_in + d_out * d_in**2) + 2 * d_out * d_in
+
 
 def spectral_error_bounded(
     ref: BlockReference,

@@ -33,8 +33,8 @@ class BlockReference:
         layer: Layer name used in warnings.
         zeros: Eigenvalues of the approximations known to be 0 besides ``block.dim`` (``block``
             is the restriction of a larger one, :meth:`~fisherlab.fisher.ExactBlock.sample_span`).
-        limits: What error 2's eigensolver may spend (``None``:
-            :meth:`SpectralLimits.for_device <fisherlab.metrics.error2.SpectralLimits.for_device>` of the block's device).
+        limits: What error 2's eigensolver may spend (``None``: :meth:`SpectralLimits.for_device
+            <fisherlab.metrics.error2.SpectralLimits.for_device>` of the block's device).
     """
 
     block: ExactBlock

@@ -213,7 +213,9 @@ NETWORK_METRICS: tuple[NetworkMetric, ...] = (
         "1",
         "||zeta_m - zeta||_F* / ||zeta||_F*, zeta_m[i] = (approximation_i + pi-damping)^-1 grad_i h",
     ),
-    NetworkMetric("block_cosine", PER_NETWORK_METHOD, "cosine(zeta_m, zeta), block-diagonal method", "1", "Euclidean cosine"),
+    NetworkMetric(
+        "block_cosine", PER_NETWORK_METHOD, "cosine(zeta_m, zeta), block-diagonal method", "1", "Euclidean cosine"
+    ),
     NetworkMetric("energy_kfac", ("iteration",), "E(0)", "1", "||zeta_KFAC - zeta||^2_F* (T eq. 4.2)"),
     NetworkMetric(
         "energy_natural_gradient",
