@@ -428,7 +428,7 @@ def _spectral_error_bounded(
         full, kron = dim, kron.on_ranges()  # same eigenvalues but zeros; smaller when the batch is
         dim, zeros = kron.dim, full - kron.dim + ref.zeros
         d_out, d_in = kron.d_out, kron.d_in
-        per_vector = 2 * (kron.rank - 1) * (d_out**2 * d_in + d_out * d_in**2) + 2 * d_out * d_in  # see below
+        per_vector: float = 2 * (kron.rank - 1) * (d_out**2 * d_in + d_out * d_in**2) + 2 * d_out * d_in  # see below
     else:
         zeros, d_out, d_in = ref.zeros, approx.d_out, approx.d_in
         per_vector = 2 * d_out * d_in * (d_out + d_in)  # a matvec of a Kronecker-like operator (unknown: a guess)
