@@ -47,6 +47,7 @@ from fisherlab.metrics import (
     BLOCK_METRICS,
     BlockEvaluation,
     BlockReference,
+    SpectralLimits,
     Spectrum,
     evaluate_block,
     frobenius_error,
@@ -99,6 +100,7 @@ __all__ = [  # noqa: RUF022 (grouped by pipeline stage, not sorted)
     # metrics
     "BLOCK_METRICS",
     "BlockReference",
+    "SpectralLimits",
     "Spectrum",
     "frobenius_error",
     "spectral_error",

@@ -29,9 +29,9 @@ from torch import Tensor
 from fisherlab._errors import FisherlabError
 from fisherlab.config import ProbeConfig, TrainConfig
 from fisherlab.losses import LossKind
-from fisherlab.metrics import BLOCK_METRICS, LAYER_METRICS, Variable
+from fisherlab.metrics import BLOCK_METRICS, LAYER_METRICS, NETWORK_METRICS, RUN_METRICS, Variable
 from fisherlab.store import WRITTEN, AppendStore, is_hdf5, open_hdf5, read
-from fisherlab.twolevel import TKO, TWO_LEVEL_METRICS
+from fisherlab.twolevel import TKO
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -53,18 +53,9 @@ __all__ = [
     "validate",
 ]
 
-#: Variables of every probe snapshot besides the registered metrics: the training run itself.
-RUN_VARIABLES: tuple[Variable, ...] = (
-    Variable(
-        "train_loss",
-        ("iteration",),
-        "training loss",
-        "1",
-        "mean over the batch of the per-sample loss (summed over outputs)",
-    ),
-    Variable("wall_time", ("iteration",), "wall time since start", "s", "wall clock at the end of the snapshot"),
-    Variable("probe_time", ("iteration",), "probe pass time", "s", "forward + backward passes of the probe"),
-)
+#: Variables of every probe snapshot besides the Fisher's: the training run itself (the run-level
+#: entries of the metric registry, :data:`fisherlab.metrics.RUN_METRICS`).
+RUN_VARIABLES: tuple[Variable, ...] = RUN_METRICS
 
 #: Variables of ``fisherlab train`` (dims ``optimizer``, ``epoch``).
 TRAIN_VARIABLES: tuple[Variable, ...] = (
@@ -90,11 +81,13 @@ def _schema(variables: tuple[Variable, ...]) -> dict[str, tuple[tuple[str, ...],
     return {v.name: (v.dims, v.long_name, v.units, v.definition) for v in variables}
 
 
-#: The probe schema, generated from the metric registry: name -> (dims, long_name, units, definition).
-VARIABLES: dict[str, tuple[tuple[str, ...], str, str, str]] = _schema((*BLOCK_METRICS, *LAYER_METRICS, *RUN_VARIABLES))
+#: The probe schema, generated from the metric registry (per layer and method, per layer, per run):
+#: name -> (dims, long_name, units, definition).
+VARIABLES: dict[str, tuple[tuple[str, ...], str, str, str]] = _schema((*BLOCK_METRICS, *LAYER_METRICS, *RUN_METRICS))
 
-#: Variables of two-level runs (``--two-level``), T §4.4; ``coarse_space`` includes ``tko``.
-TWO_LEVEL_VARIABLES: dict[str, tuple[tuple[str, ...], str, str, str]] = _schema(TWO_LEVEL_METRICS)
+#: Variables of two-level runs (``--two-level``), T §4.4: the registry's whole-network entries;
+#: ``coarse_space`` includes ``tko``.
+TWO_LEVEL_VARIABLES: dict[str, tuple[tuple[str, ...], str, str, str]] = _schema(NETWORK_METRICS)
 
 
 def validate(ds: xr.Dataset) -> None:
