@@ -38,9 +38,11 @@ from fisherlab.config import select_device
 from fisherlab.fisher import ExactBlock
 from fisherlab.layers import LayerFactors
 from fisherlab.losses import per_sample_loss
-from fisherlab.metrics import BlockReference, _error_interval, _on_sample_span, spectral_error_bounded
+from fisherlab.metrics import BlockReference, spectral_error_bounded
+from fisherlab.metrics.error2 import _error_interval
 from fisherlab.probe import Probe
 from fisherlab.problems import get_problem
+from fisherlab.sample_span import on_sample_span
 
 RANK2 = (Method.DEFLATION, Method.LANCZOS, Method.KFAC_CORRECTED)
 
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.synchronize(device)
             t = time.perf_counter() - start
             worst = max(worst, t / step)
-            side = _on_sample_span(block, approx.kron).on_ranges().dim
+            side = on_sample_span(block, approx.kron).on_ranges().dim
             line = (
                 f"{name:<14} {method.value:<15} {block.dim:>6} {side:>5} {ref.eigenvalues.numel():>4} "
                 f"{step * 1e3:7.1f} {t:8.3f} {t / step:7.1f}  {res.value:.6e} ± {res.bound:.1e} ({res.eigenvalues})"

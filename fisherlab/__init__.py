@@ -48,6 +48,7 @@ from fisherlab.metrics import (
     BLOCK_METRICS,
     BlockEvaluation,
     BlockReference,
+    SpectralLimits,
     Spectrum,
     evaluate_block,
     frobenius_error,
@@ -101,6 +102,7 @@ __all__ = [  # noqa: RUF022 (grouped by pipeline stage, not sorted)
     # metrics
     "BLOCK_METRICS",
     "BlockReference",
+    "SpectralLimits",
     "Spectrum",
     "frobenius_error",
     "spectral_error",

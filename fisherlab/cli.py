@@ -67,6 +67,13 @@ def _metrics_help() -> str:
     return f"comma-separated error metrics, frobenius_error always included (default: all). {listing}"
 
 
+def _problem_table() -> str:
+    """The registered problems with their descriptions (``Problem.description``), for the help's epilog."""
+    width = max(len(name) for name in PROBLEMS)
+    rows = [f"  {name:<{width}}  {problem.description}" for name, problem in PROBLEMS.items()]
+    return "\nproblems (--problem):\n" + "\n".join(rows) + "\n"
+
+
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     from fisherlab._version import __version__
 
@@ -80,7 +87,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p = sub.add_parser(
         "probe",
         help="train a problem and probe the exact Fisher every k iterations",
-        epilog=PROBE_EXAMPLES,
+        epilog=PROBE_EXAMPLES + _problem_table(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(

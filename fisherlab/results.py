@@ -29,9 +29,8 @@ import xarray as xr
 from torch import Tensor
 
 from fisherlab._errors import FisherlabError
-from fisherlab.metrics import BLOCK_METRICS, LAYER_METRICS
+from fisherlab.metrics import BLOCK_METRICS, LAYER_METRICS, NETWORK_METRICS, RUN_METRICS
 from fisherlab.store_registry import Appender, store_for
-from fisherlab.twolevel import TWO_LEVEL_METRICS
 from fisherlab.vocabulary import TKO, LossKind, Variable
 
 if TYPE_CHECKING:
@@ -56,18 +55,9 @@ __all__ = [
     "validate",
 ]
 
-#: Variables of every probe snapshot besides the registered metrics: the training run itself.
-RUN_VARIABLES: tuple[Variable, ...] = (
-    Variable(
-        "train_loss",
-        ("iteration",),
-        "training loss",
-        "1",
-        "mean over the batch of the per-sample loss (summed over outputs)",
-    ),
-    Variable("wall_time", ("iteration",), "wall time since start", "s", "wall clock at the end of the snapshot"),
-    Variable("probe_time", ("iteration",), "probe pass time", "s", "forward + backward passes of the probe"),
-)
+#: Variables of every probe snapshot besides the Fisher's: the training run itself (the run-level
+#: entries of the metric registry, :data:`fisherlab.metrics.RUN_METRICS`).
+RUN_VARIABLES: tuple[Variable, ...] = RUN_METRICS
 
 #: Variables of ``fisherlab train`` (dims ``optimizer``, ``epoch``).
 TRAIN_VARIABLES: tuple[Variable, ...] = (
@@ -93,11 +83,13 @@ def _schema(variables: tuple[Variable, ...]) -> dict[str, tuple[tuple[str, ...],
     return {v.name: (v.dims, v.long_name, v.units, v.definition) for v in variables}
 
 
-#: The probe schema, generated from the metric registry: name -> (dims, long_name, units, definition).
-VARIABLES: dict[str, tuple[tuple[str, ...], str, str, str]] = _schema((*BLOCK_METRICS, *LAYER_METRICS, *RUN_VARIABLES))
+#: The probe schema, generated from the metric registry (per layer and method, per layer, per run):
+#: name -> (dims, long_name, units, definition).
+VARIABLES: dict[str, tuple[tuple[str, ...], str, str, str]] = _schema((*BLOCK_METRICS, *LAYER_METRICS, *RUN_METRICS))
 
-#: Variables of two-level runs (``--two-level``), T §4.4; ``coarse_space`` includes ``tko``.
-TWO_LEVEL_VARIABLES: dict[str, tuple[tuple[str, ...], str, str, str]] = _schema(TWO_LEVEL_METRICS)
+#: Variables of two-level runs (``--two-level``), T §4.4: the registry's whole-network entries;
+#: ``coarse_space`` includes ``tko``.
+TWO_LEVEL_VARIABLES: dict[str, tuple[tuple[str, ...], str, str, str]] = _schema(NETWORK_METRICS)
 
 
 def validate(ds: xr.Dataset) -> None:

@@ -20,7 +20,7 @@ from fisherlab.block_operators import (
 from fisherlab.dense import dense_frobenius_error, dense_spectral_error
 from fisherlab.fisher import ExactBlock
 from fisherlab.method_registry import METHODS, register_method, resolve_methods, unregister_method
-from fisherlab.metrics import BlockReference, frobenius_error, spectral_error_bounded
+from fisherlab.metrics import BlockReference, SpectralLimits, frobenius_error, spectral_error_bounded
 from fisherlab.testing import check_block_operator
 from tests.cases import FACTOR_CASES, ids, make_factors, small_mlp
 from tests.tolerances import EXACT64
@@ -111,7 +111,7 @@ def test_generic_error_2_by_block_lanczos_on_matvec() -> None:
     ref = BlockReference.of(block)
     f_hat = block.as_dense() + 0.01 * torch.eye(block.dim, dtype=torch.float64)  # F plus a small shift: rank D
     operator = _MatvecOnly(DenseBlockOperator(f_hat, (block.d_out, block.d_in)))
-    res = spectral_error_bounded(ref, operator, memory_limit=150_000)  # dense D² needs 180 000 bytes
+    res = spectral_error_bounded(ref, operator, limits=SpectralLimits(memory=150_000))  # dense D² needs 180 000 bytes
     want = float(dense_spectral_error(block.as_dense(), f_hat))
     assert res.eigenvalues < block.dim  # not all of them: the interval closed early
     assert abs(res.value - want) <= res.bound + 1e-7 * want and res.bound <= max(1e-6 * want, 1e-9)
