@@ -61,8 +61,9 @@ class FisherProbe:
         metrics: Error metrics (default ``config.metrics``; without ``config`` error 1 only,
             ``("frobenius_error",)``: error 2 of the Kronecker-rank-2 methods costs 20x more on a
             small MLP; add ``"spectral_error"`` or pass ``config=ProbeConfig()`` for both).
-        out: A ``.nc`` file to append every snapshot to (locked until :meth:`close`); ``None``
-            keeps the snapshots in memory only.
+        out: A results file to append every snapshot to (locked until :meth:`close`): ``.nc``, or
+            the suffix of a store added with :func:`~fisherlab.store_registry.register_store`;
+            ``None`` keeps the snapshots in memory only.
         config: Every other setting (Fisher kind, metrics, tolerances, two-level, ...);
             loop fields (``iterations``, ``lr``, ``batch_size``, ``problem``) are ignored.
             Default :data:`USER_LOOP_CONFIG` (``ProbeConfig`` with error 1 only).
@@ -164,7 +165,7 @@ class FisherProbe:
         with torch.autocast(x.device.type, enabled=False), torch.inference_mode(False):
             ds, snap = assemble_snapshot(
                 step, self.probe, x, y, self.names, self.config, self._previous, self._t0, shard, self._zero_warned
-            )  # type: ignore[arg-type]
+            )
         if not self._cost_said:
             self._cost_said = True
             tqdm.write(_cost_line(time.perf_counter() - started, x.device, self.names, self.config), file=sys.stderr)

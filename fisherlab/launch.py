@@ -12,6 +12,7 @@ import math
 import os
 from collections.abc import Callable
 from datetime import timedelta
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -61,7 +62,8 @@ def snapshot_bytes(problem: Problem, data: ImageData, config: ProbeConfig, batch
                 d_in = module.in_channels // module.groups * math.prod(module.kernel_size)
                 shapes[name] = (output[0].numel() // module.out_channels, d_in + 1, module.out_channels)
             else:
-                shapes[name] = (inputs[0][0].numel() // module.in_features, module.in_features + 1, module.out_features)
+                linear = cast(nn.Linear, module)
+                shapes[name] = (inputs[0][0].numel() // linear.in_features, linear.in_features + 1, linear.out_features)
 
         return hook
 

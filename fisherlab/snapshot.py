@@ -34,7 +34,7 @@ def assemble_snapshot(
     it: int,
     probe: Probe,
     x: Tensor,
-    y: Tensor,
+    y: Tensor | None,
     names: list[str],
     config: ProbeConfig,
     previous: dict[str, WarmStarts],
@@ -48,7 +48,7 @@ def assemble_snapshot(
         it: The iteration (the row's ``iteration`` coordinate).
         probe: The hooks (on every layer when ``config.two_level``, else on ``names``).
         x: This process's rows of the batch.
-        y: Their true targets.
+        y: Their true targets (``None`` where the Fisher kind needs none).
         names: The probed layers (the ``layer`` coordinate).
         config: Methods, metrics, approximation and two-level settings.
         previous: Warm starts per layer from the last snapshot; updated in place.
@@ -102,7 +102,7 @@ def assemble_snapshot(
     coords: dict[str, list[str]] = {}
     scalars = {"train_loss": snap.loss, "probe_time": probe_time}
     if config.two_level:
-        values, spaces = two_level_metrics_of_snapshot(
+        network, spaces = two_level_metrics_of_snapshot(
             snap,
             current,
             methods,
@@ -112,9 +112,9 @@ def assemble_snapshot(
         )
         for variable in TWO_LEVEL_METRICS:
             if len(variable.dims) == 1:
-                scalars[variable.name] = float(values[variable.name])  # type: ignore[arg-type]
+                scalars[variable.name] = float(network[variable.name])
             else:
-                extra[variable.name] = (variable.dims[1:], np.asarray(values[variable.name]))
+                extra[variable.name] = (variable.dims[1:], np.asarray(network[variable.name]))
         coords["coarse_space"] = spaces
     scalars["wall_time"] = time.perf_counter() - t0
     return snapshot_dataset(it, names, list(methods), per_method, per_layer, scalars, extra, coords), snap

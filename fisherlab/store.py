@@ -96,7 +96,7 @@ class AppendStore:
             long_name="snapshot completely written", units="1", definition="1 once the row's data are on disk"
         )
         for name, var in first.data_vars.items():
-            factors = name.startswith("factors_")
+            factors = str(name).startswith("factors_")
             rows = 1 if factors else _CHUNK_ROWS
             created = nc.create_variable(
                 name,
@@ -124,7 +124,7 @@ class AppendStore:
             FisherlabError: A variable, dim or size that differs from the first snapshot.
         """
         if set(snapshot.data_vars) != set(self._layout):
-            diff = sorted(set(snapshot.data_vars) ^ set(self._layout))
+            diff = sorted(map(str, set(snapshot.data_vars) ^ set(self._layout)))
             raise FisherlabError(f"snapshot variables differ from the first snapshot's: {diff}")
         for name, var in snapshot.data_vars.items():
             dims, shape = self._layout[name]
