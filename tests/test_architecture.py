@@ -43,20 +43,55 @@ STAGES = [
 ]
 
 
-def _imports(path: Path) -> set[str]:
-    deps = set()
+#: A subpackage is one stage; its modules are in layers too, first to last.
+SUBSTAGES = {
+    "approximations": [
+        "base",  # Approximation, warm starts, shared stages, the registry walk
+        "deflated",  # the second Kronecker term of a deflated block
+        "kfac_family",
+        "kronecker_svd_family",
+        "lanczos_family",
+        "__init__",  # registers the families' methods in the papers' order
+    ],
+}
+
+
+def _dotted(path: Path) -> list[str]:
+    """``fisherlab/approximations/base.py`` -> ``["approximations", "base"]``."""
+    package = Path(fisherlab.__file__).parent
+    return list(path.relative_to(package).with_suffix("").parts)
+
+
+def _imported_modules(path: Path) -> set[tuple[str, ...]]:
+    """The fisherlab modules ``path`` imports, as name parts below ``fisherlab``."""
+    deps: set[tuple[str, ...]] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fisherlab"):
-            parts = node.module.split(".")
-            deps |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names if a.name != "__version__"}
+            parts = tuple(node.module.split(".")[1:])
+            deps |= {parts} if parts else {(a.name,) for a in node.names if a.name != "__version__"}
         elif isinstance(node, ast.Import):
-            deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("fisherlab.")}
-    return deps - {path.stem}
+            deps |= {tuple(a.name.split(".")[1:]) for a in node.names if a.name.startswith("fisherlab.")}
+    return deps
+
+
+def _imports(path: Path) -> set[str]:
+    """The stages ``path`` imports from (a subpackage's modules: the subpackage's stage)."""
+    return {d[0] for d in _imported_modules(path)} - {_dotted(path)[0] if len(_dotted(path)) > 1 else path.stem}
+
+
+def _package_modules() -> dict[str, set[str]]:
+    """Each stage's imports; a subpackage's modules pooled under their stage."""
+    package = Path(fisherlab.__file__).parent
+    modules: dict[str, set[str]] = {}
+    for path in package.rglob("*.py"):
+        stage = _dotted(path)[0]
+        if stage in SUBSTAGES or path.parent == package:
+            modules.setdefault(stage, set()).update(_imports(path))
+    return modules
 
 
 def test_no_import_from_a_later_stage() -> None:
-    package = Path(fisherlab.__file__).parent
-    modules = {p.stem: _imports(p) for p in package.glob("*.py")}
+    modules = _package_modules()
     assert set(modules) <= set(STAGES), f"place new modules in STAGES: {set(modules) - set(STAGES)}"
     backward = [
         f"{m} -> {d}"
@@ -67,11 +102,27 @@ def test_no_import_from_a_later_stage() -> None:
     assert not backward, backward
 
 
+def test_subpackage_modules_are_in_layers() -> None:
+    """Inside a subpackage too, no module imports from one after it (the families import the base, not each other
+    backwards)."""
+    package = Path(fisherlab.__file__).parent
+    for sub, order in SUBSTAGES.items():
+        found = {p.stem for p in (package / sub).glob("*.py")}
+        assert found == set(order), f"place the modules of fisherlab.{sub} in SUBSTAGES: {found ^ set(order)}"
+        backward = [
+            f"{sub}.{path.stem} -> {sub}.{dep[1]}"
+            for path in (package / sub).glob("*.py")
+            for dep in _imported_modules(path)
+            if len(dep) > 1 and dep[0] == sub and order.index(dep[1]) > order.index(path.stem)
+        ]
+        assert not backward, backward
+
+
 def test_core_modules_do_not_import_heavy_optional_packages() -> None:
     """scikit-learn and scikit-image are not dependencies (the stand-in images are bundled)."""
     package = Path(fisherlab.__file__).parent
     imported = set()
-    for path in package.glob("*.py"):
+    for path in package.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 imported |= {a.name.split(".")[0] for a in node.names}
