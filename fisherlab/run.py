@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -152,7 +152,7 @@ class FisherProbe:
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         out = out if rank == 0 else None  # one writer: global rank 0
         writer = writer if rank == 0 else None
-        given = {"every": every, "methods": methods, "metrics": metrics}  # validated by ProbeConfig
+        given: dict[str, Any] = {"every": every, "methods": methods, "metrics": metrics}  # ProbeConfig validates
         config = replace(config or USER_LOOP_CONFIG, **{k: v for k, v in given.items() if v is not None})
         self.loss = as_enum(LossKind, loss, "loss")
         kwargs = {
