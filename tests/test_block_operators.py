@@ -10,7 +10,13 @@ import pytest
 import torch
 
 import fisherlab as fl
-from fisherlab.block_operators import DenseBlockOperator, DiagonalBlockOperator, EigenbasisDiagonal, LiftedOperator
+from fisherlab.block_operators import (
+    DenseBlockOperator,
+    DiagonalBlockOperator,
+    EigenbasisDiagonal,
+    LiftedOperator,
+    LowRankOperator,
+)
 from fisherlab.dense import dense_frobenius_error, dense_spectral_error
 from fisherlab.fisher import ExactBlock
 from fisherlab.method_registry import METHODS, register_method, resolve_methods, unregister_method
@@ -41,16 +47,19 @@ def _operators(d_out: int, d_in: int, device: torch.device) -> dict[str, tuple[o
     lift = torch.kron(u_out, u_in)
     eye_out = torch.eye(d_out, dtype=torch.float64, device=device)
     kron = fl.KronSum((psd[:d_out, :d_out] + eye_out,), (torch.eye(d_in, dtype=torch.float64, device=device),))
+    u = _orthogonal(side, gen)[:, :3].to(device)  # three orthonormal columns
+    lam = torch.tensor([2.0, 0.5, 0.25], dtype=torch.float64, device=device)
     return {
         "dense": (DenseBlockOperator(psd, (d_out, d_in)), psd),
         "diagonal": (DiagonalBlockOperator(s), torch.diag(s.flatten())),
         "eigenbasis_diagonal": (EigenbasisDiagonal(q_out, q_in, s), q @ torch.diag(s.flatten()) @ q.T),
         "lifted": (LiftedOperator(DenseBlockOperator(small, (k_out, k_in)), u_out, u_in), lift @ small @ lift.T),
         "kron_sum": (kron, torch.kron(kron.outs[0], kron.ins[0])),
+        "lowrank": (LowRankOperator(u.T.reshape(3, d_out, d_in), lam), u @ torch.diag(lam) @ u.T),
     }
 
 
-@pytest.mark.parametrize("kind", ["dense", "diagonal", "eigenbasis_diagonal", "lifted", "kron_sum"])
+@pytest.mark.parametrize("kind", ["dense", "diagonal", "eigenbasis_diagonal", "lifted", "kron_sum", "lowrank"])
 def test_every_operator_type_meets_the_contract(kind: str, device: torch.device) -> None:
     operator, dense = _operators(3, 4, device)[kind]
     check_block_operator(operator, dense)
