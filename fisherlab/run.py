@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -153,15 +153,8 @@ class FisherProbe:
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         out = out if rank == 0 else None  # one writer: global rank 0
         writer = writer if rank == 0 else None
-        config = replace(config or USER_LOOP_CONFIG)
-        if every is not None:
-            if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-                raise FisherlabError(f"every must be a positive integer (probe when step % every == 0), got {every!r}")
-            config.every = every
-        if methods is not None:
-            config = replace(config, methods=tuple(methods))
-        if metrics is not None:
-            config = replace(config, metrics=tuple(metrics))
+        given: dict[str, Any] = {"every": every, "methods": methods, "metrics": metrics}  # ProbeConfig validates
+        config = replace(config or USER_LOOP_CONFIG, **{k: v for k, v in given.items() if v is not None})
         self.loss = as_enum(LossKind, loss, "loss")
         kwargs = {
             "fisher": config.fisher,
@@ -172,8 +165,8 @@ class FisherProbe:
         }
         self.names = list(Probe(model, self.loss, layers=layers, **kwargs).layers)  # type: ignore[arg-type]
         if layers is not None or writer is None:
-            config.layers = tuple(self.names)
-        config.check_probe()
+            config = replace(config, layers=tuple(self.names))
+        config.check_store_factors()
         self.config = config
         self.model = model
         self.probe = Probe(model, self.loss, layers=None if config.two_level else layers, **kwargs)  # type: ignore[arg-type]
@@ -295,6 +288,21 @@ def probe_training(
         The dataset of all snapshots (also on disk when ``writer`` is given).
     """
     config.check()
+    return _probe_training(model, loss, batches, optimizer, config, layers=layers, writer=writer, progress=progress)
+
+
+def _probe_training(
+    model: nn.Module,
+    loss: LossKind | str,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    optimizer: torch.optim.Optimizer,
+    config: ProbeConfig,
+    *,
+    layers: dict[str, nn.Module] | list[str] | None,
+    writer: ResultsWriter | None,
+    progress: bool,
+) -> xr.Dataset:
+    """:func:`probe_training` of a checked ``config``."""
     loss = as_enum(LossKind, loss, "loss")
     batches = iter(batches)
     fisher_probe = FisherProbe(model, loss, layers=layers, config=config, writer=writer)
@@ -455,6 +463,7 @@ def run_probe(config: ProbeConfig, out: str | Path, *, overwrite: bool = False, 
     apply_threads(config.threads)
     problem = get_problem(config.problem)
     config = replace(config, layers=resolve_layers(problem, config.layers))
+    config.check_store_factors()  # before any work (FisherProbe checks it against the layers it finds)
     device = select_device(config.device)
     started = _init_distributed(device, config)
     if dist.is_available() and dist.is_initialized() and device.type == "cuda":
@@ -602,7 +611,7 @@ def _train_problem(
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr or 1e-2, momentum=0.9)
     batches = problem.batches(data, batch_size=config.batch_size, seed=config.seed, device=device, dtype=dtype)
-    return probe_training(
+    return _probe_training(  # run_probe checked the config
         model,
         problem.loss,
         batches,

@@ -25,7 +25,12 @@ STAGES = [
     "sample_span",  # a block restricted to the span of its per-sample factors, and back (fisher's methods use it)
     "fisher",
     "probe",
-    "approximations",
+    "approximations.base",  # Approximation, warm starts, shared stages, the registry walk
+    "approximations.deflated",  # the second Kronecker term of a deflated block
+    "approximations.kfac_family",
+    "approximations.kronecker_svd_family",
+    "approximations.lanczos_family",
+    "approximations",  # registers the families' methods in the papers' order
     "methods",  # the zoo (fisherlab/methods/*.py, one stage): EKFAC, Shampoo, diagonal, low rank, ...
     "metrics.reference",  # the metrics, one module per job
     "metrics.error1",
