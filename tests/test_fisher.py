@@ -4,6 +4,8 @@ KFAC = exact block for one sample, cross-layer blocks."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -209,3 +211,14 @@ def test_the_sample_span_feature_is_one_module_reached_from_its_old_homes() -> N
     torch.testing.assert_close(span.block.as_dense(), direct.block.as_dense())
     assert approximations.SpanMatrix is sample_span.SpanMatrix
     assert approximations.restricted_warm_starts is sample_span.restricted_warm_starts
+
+
+def test_rearranged_dense_matches_index_definition() -> None:
+    """R(F)[(o1, o2), (i1, i2)] = F[(o1, i1), (o2, i2)], entry by entry (K eq. 7)."""
+    block = ExactBlock(make_factors({"id": "x", "n": 3, "v": 2, "t": 2, "d_in": 3, "d_out": 2, "seed": 5}))
+    f, d_out, d_in = block.as_dense(), block.factors.d_out, block.factors.d_in
+    expected = torch.empty(d_out * d_out, d_in * d_in, dtype=f.dtype)
+    for o1, o2, i1, i2 in itertools.product(range(d_out), range(d_out), range(d_in), range(d_in)):
+        expected[o1 * d_out + o2, i1 * d_in + i2] = f[o1 * d_in + i1, o2 * d_in + i2]
+    assert torch.equal(block.rearranged_dense(), expected)
+    assert torch.equal(rearrange(f, d_out, d_in), expected)
