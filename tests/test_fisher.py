@@ -15,7 +15,7 @@ from fisherlab.fisher import ExactBlock, cross_block_dense, full_fisher_dense
 from fisherlab.kron import KronSum
 from fisherlab.layers import LayerFactors
 from fisherlab.metrics import BlockReference
-from tests.cases import FACTOR_CASES, ids, make_factors
+from tests.cases import FACTOR_CASES, ids, make_factors, rng
 from tests.tolerances import EXACT64
 
 
@@ -44,7 +44,7 @@ def test_rearranged_products_match_dense(block: ExactBlock) -> None:
     """R(F) vec(Y) and R(F)^T vec(X) (K Prop. 3.1, all position pairs) equal the dense rearrangement."""
     f = block.factors
     r = rearrange(block.as_dense(), f.d_out, f.d_in)
-    gen = torch.Generator().manual_seed(0)
+    gen = rng(0)
     y = torch.randn(f.d_in, f.d_in, generator=gen, dtype=torch.float64)
     x = torch.randn(f.d_out, f.d_out, generator=gen, dtype=torch.float64)
     scale = r.abs().max()
@@ -56,7 +56,7 @@ def test_rearranged_products_match_dense(block: ExactBlock) -> None:
 def test_matvec_matches_dense(block: ExactBlock) -> None:
     """F vec(W) from factors equals the dense product."""
     f = block.factors
-    w = torch.randn(f.d_out, f.d_in, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    w = torch.randn(f.d_out, f.d_in, generator=rng(1), dtype=torch.float64)
     torch.testing.assert_close(block.matvec(w).flatten(), block.as_dense() @ w.flatten(), **EXACT64)
 
 
@@ -73,7 +73,7 @@ def test_gram_norm_and_spectrum_match_dense(block: ExactBlock) -> None:
 def test_inner_with_kronecker_sum_matches_dense(block: ExactBlock) -> None:
     """<F, sum_k X_k ⊗ Y_k>_F from factors equals the dense inner product."""
     f = block.factors
-    gen = torch.Generator().manual_seed(2)
+    gen = rng(2)
     k = KronSum(
         tuple(torch.randn(f.d_out, f.d_out, generator=gen, dtype=torch.float64) for _ in range(2)),
         tuple(torch.randn(f.d_in, f.d_in, generator=gen, dtype=torch.float64) for _ in range(2)),
@@ -84,7 +84,7 @@ def test_inner_with_kronecker_sum_matches_dense(block: ExactBlock) -> None:
 def test_kronecker_svd_identity(block: ExactBlock) -> None:
     """||F - X ⊗ Y||_F = ||R(F) - vec X vec Y^T||_F for arbitrary X, Y (K Thm. 3.1, eq. 7)."""
     f = block.factors
-    gen = torch.Generator().manual_seed(3)
+    gen = rng(3)
     x = torch.randn(f.d_out, f.d_out, generator=gen, dtype=torch.float64)
     y = torch.randn(f.d_in, f.d_in, generator=gen, dtype=torch.float64)
     dense = block.as_dense()
@@ -110,7 +110,7 @@ def test_kfac_not_exact_for_many_samples() -> None:
 
 def test_cross_blocks_assemble_full_fisher() -> None:
     """Diagonal blocks of the full F are the layer blocks; off-diagonal ones are F_ij = J_i^T J_j / N."""
-    gen = torch.Generator().manual_seed(4)
+    gen = rng(4)
     a1, a2 = (
         torch.randn(6, 1, 3, generator=gen, dtype=torch.float64),
         torch.randn(6, 1, 4, generator=gen, dtype=torch.float64),
@@ -166,7 +166,7 @@ def test_conv_position_pair_route_matches_dense(case: dict, route: str, monkeypa
     block.__dict__["route"] = route  # both routes, whichever the cost model prefers here
     f = block.factors
     r = rearrange(_dense_from_definition(f), f.d_out, f.d_in)
-    gen = torch.Generator().manual_seed(0)
+    gen = rng(0)
     y = torch.randn(f.d_in, f.d_in, generator=gen, dtype=torch.float64)
     x = torch.randn(f.d_out, f.d_out, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(block.rearranged_matvec(y).flatten(), r @ y.flatten(), **EXACT64)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fisherlab.kron import KronSum, pi_damping
-from tests.cases import spd, symmetric
+from tests.cases import rng, spd, symmetric
 from tests.tolerances import DAMPED_SOLVE, EXACT64
 
 #: Eigenvalues of a sum restricted to its factors' ranges, padded with exact zeros, against a dense
@@ -16,7 +16,7 @@ ZERO_PADDED = {"rtol": 1e-10, "atol": 1e-10}
 
 
 def _sum(rank: int, seed: int = 0) -> KronSum:
-    gen = torch.Generator().manual_seed(seed)
+    gen = rng(seed)
     outs = (spd(4, gen),) + tuple(0.3 * symmetric(4, gen) for _ in range(rank - 1))
     ins = (spd(3, gen),) + tuple(symmetric(3, gen) for _ in range(rank - 1))
     return KronSum(outs, ins)
@@ -26,7 +26,7 @@ def _sum(rank: int, seed: int = 0) -> KronSum:
 def test_matvec_norm_trace_match_dense(rank: int) -> None:
     """matvec, ||·||_F and trace of a Kronecker sum equal the dense ones (acting on W.flatten())."""
     k = _sum(rank)
-    w = torch.randn(4, 3, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    w = torch.randn(4, 3, generator=rng(9), dtype=torch.float64)
     dense = k.as_dense()
     torch.testing.assert_close(k.matvec(w).flatten(), dense @ w.flatten(), **EXACT64)
     torch.testing.assert_close(k.frobenius_norm_squared(), (dense**2).sum(), **EXACT64)
@@ -47,7 +47,7 @@ def test_eigenvalues_match_dense(rank: int, by_magnitude: bool) -> None:
 
 def test_pi_damping_balances_traces() -> None:
     """π-damping adds √λ/π and π√λ with π² = (tr(in)/d_in)/(tr(out)/d_out) (K §2.2)."""
-    gen = torch.Generator().manual_seed(1)
+    gen = rng(1)
     out, in_ = spd(4, gen), 5 * spd(3, gen)
     o, i = pi_damping(out, in_, 0.01)
     pi = ((torch.trace(in_) / 3) / (torch.trace(out) / 4)).sqrt()
@@ -60,7 +60,7 @@ def test_pi_damping_balances_traces() -> None:
 def test_solve_matches_dense(rank: int, damping: float) -> None:
     """(A ⊗ B [+ C ⊗ D]) u = v by K §3.4 equals a dense solve of the π-damped system."""
     k = _sum(rank, seed=4)
-    v = torch.randn(4, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    v = torch.randn(4, 3, generator=rng(5), dtype=torch.float64)
     out, in_ = pi_damping(k.outs[0], k.ins[0], damping) if damping else (k.outs[0], k.ins[0])
     damped = KronSum((out,) + k.outs[1:], (in_,) + k.ins[1:]).as_dense()
     expected = torch.linalg.solve(damped, v.flatten())
@@ -70,7 +70,7 @@ def test_solve_matches_dense(rank: int, damping: float) -> None:
 def test_restriction_to_the_factor_ranges_keeps_every_nonzero_eigenvalue() -> None:
     """Out factors of rank 3 (of 10), in factors of rank 5 (of 8): the restricted sum is 3 x 5 and its
     eigenvalues, padded with zeros, are the dense eigenvalues of the whole sum."""
-    gen = torch.Generator().manual_seed(5)
+    gen = rng(5)
     basis_out = torch.randn(10, 3, generator=gen, dtype=torch.float64)
     low_out = [
         basis_out @ torch.diag(torch.tensor(d, dtype=torch.float64)) @ basis_out.T for d in ([3, 1, 0.5], [1, -2, 0.1])
@@ -87,7 +87,7 @@ def test_restriction_to_the_factor_ranges_keeps_every_nonzero_eigenvalue() -> No
 
 def test_batched_matvec_equals_one_matrix_at_a_time() -> None:
     """The batched product (two GEMMs over all terms) equals the per-matrix product, any leading dims."""
-    gen = torch.Generator().manual_seed(7)
+    gen = rng(7)
     k = _sum(2)
     w = torch.randn(2, 3, k.d_out, k.d_in, generator=gen, dtype=torch.float64)
     expected = torch.stack([torch.stack([k.matvec(m) for m in row]) for row in w])
@@ -96,7 +96,7 @@ def test_batched_matvec_equals_one_matrix_at_a_time() -> None:
 
 def test_restricted_projects_a_sum_inside_the_spans_and_refuses_one_outside() -> None:
     """Factors inside span(u) x span(v): same eigenvalues but zeros; a factor outside: None."""
-    gen = torch.Generator().manual_seed(9)
+    gen = rng(9)
     u = torch.linalg.qr(torch.randn(10, 4, generator=gen, dtype=torch.float64)).Q
     v = torch.linalg.qr(torch.randn(8, 3, generator=gen, dtype=torch.float64)).Q
     k = KronSum(

@@ -8,7 +8,7 @@ import torch
 
 from fisherlab.kron import KronSum
 from fisherlab.krylov import blas_threads, block_lanczos_eigenvalues
-from tests.cases import spd, symmetric
+from tests.cases import rng, spd, symmetric
 from tests.tolerances import EXACT64
 
 
@@ -17,7 +17,7 @@ def test_block_lanczos_finds_the_largest_magnitude_eigenvalues(wanted: int, max_
     """Block Lanczos on the batched Kronecker product, with room for the whole space or (16 vectors)
     thick restarts: converged Ritz values are the largest-magnitude eigenvalues of the dense matrix,
     residuals within the tolerance."""
-    gen = torch.Generator().manual_seed(3)
+    gen = rng(3)
     k = KronSum((spd(10, gen), -0.8 * spd(10, gen)), (spd(8, gen), symmetric(8, gen)))  # indefinite
     ev = torch.linalg.eigvalsh(k.as_dense())
     expected = ev[torch.argsort(ev.abs(), descending=True)][:wanted]
@@ -32,7 +32,7 @@ def test_block_lanczos_finds_the_largest_magnitude_eigenvalues(wanted: int, max_
 def test_block_lanczos_on_an_invariant_start_block_keeps_an_orthonormal_basis() -> None:
     """A start block that spans an invariant subspace (breakdown): the next directions are still
     orthogonal to the basis, and every eigenvalue comes out right."""
-    gen = torch.Generator().manual_seed(4)
+    gen = rng(4)
     q = torch.linalg.qr(torch.randn(12, 12, generator=gen, dtype=torch.float64)).Q
     values = torch.linspace(3, 0.1, 12, dtype=torch.float64)
     a = q @ torch.diag(values) @ q.T
@@ -61,7 +61,7 @@ def test_blas_threads_sets_and_restores_the_thread_count() -> None:
 def test_block_lanczos_grows_its_rayleigh_quotient_as_used() -> None:
     """Room for the whole space (max_dim = D = 4 096) but 8 eigenvalues wanted: the zeroed Rayleigh quotient
     grows with the vectors used, not max_dim (it zeroed a D x D matrix: 1.4 s, 2 GiB for D = 15 936)."""
-    gen = torch.Generator().manual_seed(6)
+    gen = rng(6)
     diag = torch.cat(
         [torch.linspace(10, 5, 8, dtype=torch.float64), torch.rand(4088, generator=gen, dtype=torch.float64)]
     )

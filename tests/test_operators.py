@@ -71,7 +71,7 @@ def test_whole_fisher_matvec_matches_dense_with_cross_blocks() -> None:
 
 def test_coarse_solve_is_the_minimum_norm_solution() -> None:
     """β = F⁺ r for a rank-deficient PSD F (a vanished coarse column), as numpy's lstsq gives."""
-    gen = torch.Generator().manual_seed(6)
+    gen = rng(6)
     v = torch.randn(4, 2, generator=gen, dtype=torch.float64)
     f = torch.zeros(5, 5, dtype=torch.float64)
     f[:4, :4] = v @ v.T  # rank 2 in a 5x5 system

@@ -19,7 +19,7 @@ from fisherlab.losses import output_fisher_sqrt as _output_fisher_sqrt
 from fisherlab.losses import sample_targets as _sample_targets
 from fisherlab.probe import Probe
 from fisherlab.problems import Transformer
-from tests.cases import SmallConvNet, small_mlp
+from tests.cases import SmallConvNet, rng, small_mlp
 from tests.tolerances import BITWISE, EXACT64, ROUNDOFF64
 
 
@@ -58,7 +58,7 @@ def test_mc_per_sample_gradients_use_sampled_targets(loss: LossKind) -> None:
     snap = Probe(model, loss, fisher="mc", seed=11)(x, y_true)
     with torch.no_grad():
         z = model(x)
-    y = _sample_targets(loss, z, torch.Generator().manual_seed(11))
+    y = _sample_targets(loss, z, rng(11))
     expected = per_sample_gradients(model, loss, x, y, Probe(model, loss).layers)
     for name, f in snap.factors.items():
         torch.testing.assert_close(f.per_sample_gradients()[:, 0], expected[name], **EXACT64)
@@ -205,7 +205,7 @@ def test_module_called_twice_is_weight_sharing(fisher: str) -> None:
 def _tiny() -> tuple[Transformer, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     model = Transformer(vocab=11, d_model=8, heads=2, n_blocks=1, length=6).double()
-    gen = torch.Generator().manual_seed(1)
+    gen = rng(1)
     return model, torch.randint(0, 11, (5, 6), generator=gen), torch.randint(0, 11, (5, 6), generator=gen)
 
 

@@ -45,7 +45,7 @@ def _fisher(case: dict, seed: int = 0) -> WholeFisher:
 
 
 def _grads(fisher: WholeFisher, seed: int = 1) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
+    gen = rng(seed)
     return [torch.randn(b.factors.d_out, b.factors.d_in, generator=gen, dtype=torch.float64) for b in fisher.blocks]
 
 
@@ -196,7 +196,7 @@ def test_rank_deficient_basis_is_handled() -> None:
 def test_spectral_vector_is_deterministic_for_a_repeated_eigenvalue() -> None:
     """With a repeated smallest eigenvalue the vector is the normalised projection of 1 onto its
     eigenspace, whatever basis eigh returns (the same matrix, rotated inside the eigenspace)."""
-    gen = torch.Generator().manual_seed(0)
+    gen = rng(0)
     q, _ = torch.linalg.qr(torch.randn(5, 5, generator=gen, dtype=torch.float64))
     m = q @ torch.diag(torch.tensor([1.0, 1.0, 1.0, 2.0, 3.0], dtype=torch.float64)) @ q.T
     space = q[:, :3]
