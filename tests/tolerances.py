@@ -21,3 +21,8 @@ MONTE_CARLO = {"rtol": 0.0, "atol": 0.02}  # frequencies of >= 10⁴ draws vs th
 def scaled(tol: dict[str, float], scale: float) -> dict[str, float]:
     """``tol`` with its absolute part multiplied by ``scale`` (e.g. the reference's largest entry)."""
     return {"rtol": tol["rtol"], "atol": tol["atol"] * scale}
+
+
+def as_approx(tol: dict[str, float]) -> dict[str, float]:
+    """``tol`` as ``pytest.approx``'s keywords (``rel``, ``abs``)."""
+    return {"rel": tol["rtol"], "abs": tol["atol"]}
