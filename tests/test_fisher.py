@@ -193,26 +193,6 @@ def test_route_follows_the_operation_count(monkeypatch: pytest.MonkeyPatch) -> N
     assert route(16, 4609, 512) == "pairs"
 
 
-def test_the_sample_span_feature_is_one_module_reached_from_its_old_homes() -> None:
-    """fisherlab.sample_span holds the feature; ExactBlock's methods delegate to it and the old import paths
-    (approximations.SpanMatrix, restricted_warm_starts) name the same objects."""
-    from fisherlab import approximations, sample_span
-
-    gen = torch.Generator().manual_seed(3)
-    block = ExactBlock(
-        LayerFactors(
-            torch.randn(3, 1, 13, generator=gen, dtype=torch.float64),
-            torch.randn(3, 1, 1, 20, generator=gen, dtype=torch.float64),
-        )
-    )
-    span, direct = block.sample_span(), sample_span.restrict(block)
-    assert span is not None and direct is not None and isinstance(span, sample_span.SampleSpan)
-    assert (span.block.d_out, span.block.d_in, span.zeros) == (3, 3, 20 * 13 - 9)
-    torch.testing.assert_close(span.block.as_dense(), direct.block.as_dense())
-    assert approximations.SpanMatrix is sample_span.SpanMatrix
-    assert approximations.restricted_warm_starts is sample_span.restricted_warm_starts
-
-
 def test_rearranged_dense_matches_index_definition() -> None:
     """R(F)[(o1, o2), (i1, i2)] = F[(o1, i1), (o2, i2)], entry by entry (K eq. 7)."""
     block = ExactBlock(make_factors({"id": "x", "n": 3, "v": 2, "t": 2, "d_in": 3, "d_out": 2, "seed": 5}))
