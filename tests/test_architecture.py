@@ -201,7 +201,6 @@ COVERED_ELSEWHERE = {
     "__main__": "two lines into cli.main: test_cli.py",
     "_version": "one string, stored as provenance (fisherlab_version) by every results test",
     "_errors": "the error and warning types, raised and matched by every module's tests and test_bad_inputs.py",
-    "config": "test_cli.py (config files and flags), test_approximations.py (solver defaults), test_bad_inputs.py",
     "dense": "the brute-force twins themselves: the reference side of test_probe.py, test_fisher.py, test_metrics.py",
     "method_registry": "test_block_operators.py (a method of one's own registered, scored and stored)",
     "testing": "test_block_operators.py (check_block_operator on every operator type and device)",
