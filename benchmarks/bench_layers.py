@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     step = step_baseline(train_step, device, max(STEP_REPEATS, args.repeats))
     probe = Probe(model, problem.loss, layers=names, fisher="mc")
     t_probe, snap = timed(lambda: probe(x, y), device, args.repeats, warmup=False)
-    report = Report.from_args(SCRIPT, args, device, unit="s", width=24)
+    report = Report.from_args(SCRIPT, args, device, unit="s", width=38)
     report.line(f"{problem.name}, batch {x.shape[0]}, device {device}")
     report.set_baseline(step)
     report.row(f"probe pass, {len(names)} layers", t_probe, layers=len(names))

@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         )[0]  # type: ignore[attr-defined]
         rows.append((f"block-diagonal {m.value}: approximations, all layers", t_approx))
         rows.append((f"block-diagonal {m.value}: damped solves", t_solve))
+    report.width = max(len(name) for name, _ in rows)
     for name, t in rows:
         report.row(name, t)
     report.write()
