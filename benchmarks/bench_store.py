@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if n < 10:
         raise SystemExit(f"--snapshots must be at least 10, got {n}")
     snaps = [snapshot(i) for i in range(n)]
-    report = Report.from_args(SCRIPT, args, device, baseline_name="one append", ratio_label="append", width=40)
+    report = Report.from_args(SCRIPT, args, device, baseline_name="one append", ratio_label="append", width=44)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "append.nc"
         times = []
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         t = np.array(times)
         k = min(100, n)
         report.line(f"append, {n} snapshots: total {t.sum():.2f} s")
-        report.set_baseline(float(t.mean()), "one append (mean)")
+        report.set_baseline(float(t.mean()), "one append, mean")
         first, last = float(t[:k].mean()), float(t[-k:].mean())
         report.row(f"append, first {k} (mean)", first)
         report.row(f"append, last {k} (mean)", last, detail=f"(ratio last/first {last / first:.2f})")
