@@ -37,9 +37,11 @@ from benchmarks._common import Report, add_common_arguments, make_train_step, se
 from fisherlab.approximations import Method, approximate_all
 from fisherlab.fisher import ExactBlock
 from fisherlab.layers import LayerFactors
-from fisherlab.metrics import BlockReference, _error_interval, _on_sample_span, spectral_error_bounded
+from fisherlab.metrics import BlockReference, spectral_error_bounded
+from fisherlab.metrics.error2 import _error_interval
 from fisherlab.probe import Probe
 from fisherlab.problems import get_problem
+from fisherlab.sample_span import on_sample_span
 
 RANK2 = (Method.DEFLATION, Method.LANCZOS, Method.KFAC_CORRECTED)
 SCRIPT = Path(__file__).stem
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                 lambda a=approx, ref=ref: spectral_error_bounded(ref, a.kron), device, args.repeats, warmup=False
             )
             worst = max(worst, t / step)
-            side = _on_sample_span(block, approx.kron).on_ranges().dim
+            side = on_sample_span(block, approx.kron).on_ranges().dim
             r = ref.eigenvalues.numel()
             detail = (
                 f"D {block.dim:>6}, side {side:>5}, r {r:>4}, step {step * 1e3:5.1f} ms: "

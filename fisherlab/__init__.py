@@ -4,7 +4,22 @@ Public API, grouped by pipeline stage (losses → probe → exact Fisher → app
 metrics → two-level → config → results → run → figures).
 """
 
-from fisherlab import optim, twolevel
+import sys as _sys
+
+
+def _interrupted_at_start(kind: type[BaseException], value: BaseException, tb: object) -> None:
+    """Ctrl-C while the ``fisherlab`` command still imports: one line, no traceback (exit 130 stays)."""
+    if issubclass(kind, KeyboardInterrupt):
+        print("fisherlab: interrupted", file=_sys.stderr)
+    else:
+        _sys.__excepthook__(kind, value, tb)  # type: ignore[arg-type]
+
+
+_argv0 = (getattr(_sys, "argv", None) or [""])[0]
+if _argv0 == "-m" or _argv0.endswith(("/fisherlab", "\\fisherlab", "fisherlab.exe")):
+    _sys.excepthook = _interrupted_at_start  # `python -m fisherlab` / the console script, not an importing program
+
+from fisherlab import methods, optim, twolevel  # methods: registers the zoo (ekfac, shampoo, ...)
 from fisherlab._errors import ConvergenceWarning, FisherlabError
 from fisherlab._version import __version__ as __version__
 from fisherlab.approximations import (
@@ -20,7 +35,7 @@ from fisherlab.approximations import (
     lanczos,
     warm_starts,
 )
-from fisherlab.block_operators import DenseBlockOperator, DiagonalBlockOperator, EigenbasisDiagonal
+from fisherlab.block_operators import DenseBlockOperator, DiagonalBlockOperator, EigenbasisDiagonal, LowRankOperator
 from fisherlab.config import ProbeConfig, TrainConfig
 from fisherlab.fisher import ExactBlock, WholeFisher, cross_block_dense, full_fisher_dense
 from fisherlab.kron import KronSum, pi_damping
@@ -32,6 +47,7 @@ from fisherlab.metrics import (
     BLOCK_METRICS,
     BlockEvaluation,
     BlockReference,
+    SpectralLimits,
     Spectrum,
     evaluate_block,
     frobenius_error,
@@ -63,6 +79,7 @@ __all__ = [  # noqa: RUF022 (grouped by pipeline stage, not sorted)
     "DenseBlockOperator",
     "DiagonalBlockOperator",
     "EigenbasisDiagonal",
+    "LowRankOperator",
     "Method",
     "METHODS",
     "MethodSpec",
@@ -83,6 +100,7 @@ __all__ = [  # noqa: RUF022 (grouped by pipeline stage, not sorted)
     # metrics
     "BLOCK_METRICS",
     "BlockReference",
+    "SpectralLimits",
     "Spectrum",
     "frobenius_error",
     "spectral_error",
@@ -98,6 +116,7 @@ __all__ = [  # noqa: RUF022 (grouped by pipeline stage, not sorted)
     "probe_training",
     "run_probe",
     # modules
+    "methods",
     "optim",
     "twolevel",
     # errors

@@ -20,11 +20,12 @@ from torch import Tensor
 from fisherlab._errors import ConvergenceWarning, FisherlabError
 from fisherlab.block_operators import DenseBlockOperator, LiftedOperator, ScaledOperator
 from fisherlab.distributed import all_reduce_sum
-from fisherlab.fisher import ExactBlock, SampleSpan
+from fisherlab.fisher import ExactBlock
 from fisherlab.kron import KronSum
 from fisherlab.krylov import SingularTriplets, lanczos_svd, power_svd
 from fisherlab.layers import LayerFactors
 from fisherlab.method_registry import METHODS, ApproxConfig, MethodContext, MethodSpec, register, resolve_methods
+from fisherlab.sample_span import SampleSpan, SpanMatrix, restricted_warm_starts
 from fisherlab.vocabulary import PAPER_METHODS, Method
 
 __all__ = [
@@ -107,45 +108,6 @@ class Approximation:
         k_in = span.block.d_in
         warm = tuple(SpanMatrix(span.in_basis, w) if w.shape == (k_in, k_in) else w for w in self.warm_start)
         return replace(self, operator=operator, warm_start=warm)
-
-
-@dataclass(frozen=True)
-class SpanMatrix:
-    """The input-side matrix ``U core Uᵀ`` kept as its basis ``U [d_in, k]`` (orthonormal) and ``core [k, k]``.
-
-    A warm start of a layer restricted to its sample span (:meth:`Approximation.lifted`); the
-    next snapshot maps it onto its own span with a ``k × k'`` overlap, never forming ``d_in²``.
-    """
-
-    basis: Tensor
-    core: Tensor
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """The shape of the whole matrix."""
-        return (self.basis.shape[0], self.basis.shape[0])
-
-    def on(self, basis: Tensor | None) -> Tensor:
-        """``Vᵀ U core Uᵀ V`` for the orthonormal ``basis`` ``V`` (``None``: the whole matrix)."""
-        if basis is None:
-            return self.basis @ self.core @ self.basis.T
-        overlap = basis.T @ self.basis
-        return overlap @ self.core @ overlap.T
-
-
-def restricted_warm_starts(warm: WarmStarts | None, span: SampleSpan | None) -> WarmStarts | None:
-    """Warm starts (``[d_in, d_in]`` matrices or :class:`SpanMatrix`) on ``span.block`` (``None``: the whole block)."""
-    if warm is None:
-        return None
-    basis = None if span is None else span.in_basis
-
-    def on_span(w: Tensor | SpanMatrix) -> Tensor:
-        if isinstance(w, SpanMatrix):
-            return w.on(basis)
-        whole = span is not None and basis is not None and w.shape == (basis.shape[0], basis.shape[0])
-        return span.restrict_in(w) if whole else w
-
-    return {m: tuple(on_span(w) for w in ws) for m, ws in warm.items()}
 
 
 def _symmetric(m: Tensor) -> Tensor:

@@ -10,6 +10,8 @@ eigenvalues from ``as_dense`` or block Lanczos on ``matvec``).
   scores an approximation of their own (``fl.register_method``).
 * :class:`DiagonalBlockOperator` — ``diag(s)``, ``s [d_out, d_in]``.
 * :class:`EigenbasisDiagonal` — ``(Q_out ⊗ Q_in) diag(s) (Q_out ⊗ Q_in)ᵀ`` (EKFAC's form).
+* :class:`LowRankOperator` — ``U diag(λ) Uᵀ`` with ``k`` orthonormal columns (the best rank-``k``
+  approximation of a block, from its Gram matrix).
 * :class:`LiftedOperator` — an operator of the block restricted to the sample span, as one of the
   whole block: ``(U_g ⊗ U_a) B (U_g ⊗ U_a)ᵀ``.
 """
@@ -23,7 +25,14 @@ from torch import Tensor
 
 from fisherlab._errors import FisherlabError
 
-__all__ = ["DenseBlockOperator", "DiagonalBlockOperator", "EigenbasisDiagonal", "LiftedOperator", "ScaledOperator"]
+__all__ = [
+    "DenseBlockOperator",
+    "DiagonalBlockOperator",
+    "EigenbasisDiagonal",
+    "LiftedOperator",
+    "LowRankOperator",
+    "ScaledOperator",
+]
 
 
 def _check_damping(damping: float) -> None:
@@ -239,6 +248,93 @@ class EigenbasisDiagonal:
         _check_damping(damping)
         inner = self.rotate(v) / (self.values + damping).to(v.dtype)
         return self.q_out.to(v.dtype) @ inner @ self.q_in.T.to(v.dtype)
+
+
+@dataclass(frozen=True)
+class LowRankOperator:
+    """``U diag(λ) Uᵀ = Σ_i λ_i vec(U_i) vec(U_i)ᵀ``: ``k`` orthonormal eigenvectors and their eigenvalues.
+
+    Args:
+        vectors: ``U [k, d_out, d_in]``, orthonormal in the Frobenius inner product.
+        values: ``λ [k]``.
+    """
+
+    vectors: Tensor
+    values: Tensor
+
+    def __post_init__(self) -> None:
+        if self.vectors.ndim != 3 or self.values.shape != self.vectors.shape[:1]:
+            raise FisherlabError(
+                f"LowRankOperator needs vectors [k, d_out, d_in] and values [k], got {tuple(self.vectors.shape)} "
+                f"and {tuple(self.values.shape)}"
+            )
+
+    @property
+    def rank(self) -> int:
+        """``k``."""
+        return self.values.numel()
+
+    @property
+    def d_out(self) -> int:
+        """Output side."""
+        return self.vectors.shape[1]
+
+    @property
+    def d_in(self) -> int:
+        """Input side, bias column included."""
+        return self.vectors.shape[2]
+
+    @property
+    def dim(self) -> int:
+        """Side ``d_out d_in``."""
+        return self.d_out * self.d_in
+
+    def to(self, dtype: torch.dtype) -> LowRankOperator:
+        """Cast."""
+        return LowRankOperator(self.vectors.to(dtype), self.values.to(dtype))
+
+    def _coefficients(self, w: Tensor) -> Tensor:
+        """``Uᵀ vec(W)`` as ``[..., k]``."""
+        return torch.einsum("koi,...oi->...k", self.vectors.to(w.dtype), w)
+
+    def matvec(self, w: Tensor) -> Tensor:
+        """``Σ_i λ_i <U_i, W> U_i``."""
+        c = self._coefficients(w) * self.values.to(w.dtype)
+        return torch.einsum("...k,koi->...oi", c, self.vectors.to(w.dtype))
+
+    def frobenius_norm_squared(self) -> Tensor:
+        """``Σ λ²``."""
+        return torch.sum(self.values**2)
+
+    def frobenius_norm(self) -> Tensor:
+        """``‖λ‖``."""
+        return self.frobenius_norm_squared().sqrt()
+
+    def eigenvalues(self) -> Tensor:
+        """``λ`` and ``d_out d_in - k`` zeros, descending."""
+        zeros = self.values.new_zeros(self.dim - self.rank)
+        return torch.sort(torch.cat([self.values, zeros]), descending=True).values
+
+    def as_dense(self) -> Tensor:
+        """``U diag(λ) Uᵀ``; small layers only."""
+        u = self.vectors.reshape(self.rank, self.dim)
+        return u.T @ (self.values[:, None] * u)
+
+    def solve(self, v: Tensor, *, damping: float = 0.0) -> Tensor:
+        """``(U diag(λ) Uᵀ + damping I)⁻¹ vec(V) = (V - Σ_i λ_i / (λ_i + damping) <U_i, V> U_i) / damping``.
+
+        Raises:
+            FisherlabError: ``damping = 0`` while ``k < d_out d_in`` (the operator is singular).
+        """
+        _check_damping(damping)
+        if damping == 0:
+            if self.rank < self.dim:
+                raise FisherlabError("LowRankOperator.solve: the operator is singular; pass a positive damping")
+            return torch.einsum(
+                "...k,koi->...oi", self._coefficients(v) / self.values.to(v.dtype), self.vectors.to(v.dtype)
+            )
+        c = self._coefficients(v) * (self.values / (self.values + damping)).to(v.dtype)
+        return (v - torch.einsum("...k,koi->...oi", c, self.vectors.to(v.dtype))) / damping
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
+import time
 import typing
 import warnings
 from datetime import datetime
@@ -63,6 +66,13 @@ def _metrics_help() -> str:
     return f"comma-separated error metrics, frobenius_error always included (default: all). {listing}"
 
 
+def _problem_table() -> str:
+    """The registered problems with their descriptions (``Problem.description``), for the help's epilog."""
+    width = max(len(name) for name in PROBLEMS)
+    rows = [f"  {name:<{width}}  {problem.description}" for name, problem in PROBLEMS.items()]
+    return "\nproblems (--problem):\n" + "\n".join(rows) + "\n"
+
+
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     from fisherlab._version import __version__
 
@@ -76,7 +86,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p = sub.add_parser(
         "probe",
         help="train a problem and probe the exact Fisher every k iterations",
-        epilog=PROBE_EXAMPLES,
+        epilog=PROBE_EXAMPLES + _problem_table(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -142,6 +152,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         type=int,
         default=d.krylov_dim,
         help="Krylov dimension per Lanczos restart (default: %(default)s)",
+    )
+    p.add_argument(
+        "--lowrank-rank",
+        type=int,
+        default=d.lowrank_rank,
+        help="rank k of the lowrank method, the top-k eigenpairs of each block (default: %(default)s)",
     )
     p.add_argument(
         "--two-level",
@@ -387,11 +403,11 @@ def _probe(args: argparse.Namespace) -> int:
     figure = None if args.figure == "none" else Path(args.figure or out.with_suffix(".png"))
     if figure is not None and figure.suffix.lower() not in (".png", ".pdf"):
         raise FisherlabError(f"--figure must end in .png or .pdf, got {figure.name}")
+    started = time.time()
     try:
         ds = run_probe(config, out, overwrite=args.overwrite, progress=not args.no_progress)
-    except KeyboardInterrupt:
-        print(f"fisherlab: interrupted; finished snapshots are in {out}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc, out, started, "snapshots")
     if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 writes, draws and reports
         return 0
     if figure is not None:
@@ -405,6 +421,26 @@ def _probe(args: argparse.Namespace) -> int:
         f"error 1 at iteration {int(last['iteration'])}: {' '.join(parts)}"
     )
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised by the CLI's SIGTERM handler: a run ends as on Ctrl-C (output closed, lock released)."""
+
+    status = 128 + signal.SIGTERM
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def _interrupted(exc: KeyboardInterrupt, out: Path, started: float, what: str) -> int:
+    """Say where the finished ``what`` (snapshots, epochs) are, or that there are none; the exit status
+    (130 for Ctrl-C, 143 for SIGTERM)."""
+    cause = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+    written = out.is_file() and out.stat().st_mtime >= started - 1  # this run's file, not an old one
+    where = f"finished {what} are in {out}" if written else f"no {what[:-1]} had finished, nothing was written"
+    print(f"fisherlab: {cause}; {where}", file=sys.stderr)
+    return getattr(exc, "status", 130)
 
 
 def _two_level_path(figure: Path) -> Path:
@@ -429,6 +465,9 @@ def _plot(args: argparse.Namespace) -> int:
     if train_files:
         print(f"wrote {save_figure(training_figure(first), out)}")
         return 0
+    for path, ds in zip(args.paths, datasets.values(), strict=True):
+        if "method" not in ds.dims:
+            raise FisherlabError(f"{path} has no method dim: not a fisherlab probe file")
     runs = datasets if len(datasets) > 1 else first
     written = [save_figure(error_figure(runs), out)]
     if len(datasets) == 1 and "gap" in first:
@@ -447,11 +486,11 @@ def _train(args: argparse.Namespace) -> int:
     out = Path(args.out or f"data/train-{config.problem}-{datetime.now():%Y%m%d-%H%M%S}.nc")
     if out.suffix != ".nc":
         raise FisherlabError(f"--out must end in .nc, got {out.name}")
+    started = time.time()
     try:
         ds = run_training(config, out, overwrite=args.overwrite, progress=not args.no_progress)
-    except KeyboardInterrupt:
-        print(f"fisherlab: interrupted; finished epochs are in {out}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc, out, started, "epochs")
     figure = save_figure(training_figure(ds), out.with_suffix(".png"))
     final = " ".join(
         f"{o}={float(ds['train_loss'].sel({'optimizer': o}).dropna('epoch')[-1]):.4g}" for o in ds["optimizer"].values
@@ -501,10 +540,38 @@ def main(argv: list[str] | None = None) -> int:
 
     Bad input (``FisherlabError``) prints one ``fisherlab: error: ...`` line and returns 2.
     Warnings (a solver that did not converge, an undefined metric) print one line each, once.
+    Ctrl-C returns 130 and SIGTERM 143, each after one line (a run closes its file, keeping every
+    finished snapshot, and releases its lock); a closed pipe on stdout returns 141 quietly.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser, commands = _parser()
     args = parser.parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # SIGTERM ends a run as Ctrl-C does
+    try:
+        return _main(args, argv, parser, commands)
+    except KeyboardInterrupt as exc:  # outside a run (plot, info, start-up): one line
+        print(
+            "fisherlab: " + ("terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"), file=sys.stderr
+        )
+        return getattr(exc, "status", 130)
+    except BrokenPipeError:  # `fisherlab info f | head -1`: the reader left; stop quietly as other tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's final flush of stdout must not fail again
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _main(
+    args: argparse.Namespace,
+    argv: list[str],
+    parser: argparse.ArgumentParser,
+    commands: dict[str, argparse.ArgumentParser],
+) -> int:
+    """:func:`main` after parsing: the command, errors and warnings as one line each."""
     with warnings.catch_warnings():
         warnings.simplefilter("once", ConvergenceWarning)
         warnings.simplefilter("once", UndefinedMetricWarning)

@@ -72,6 +72,7 @@ class ProbeConfig:
     max_iter: int = ApproxConfig.max_iter
     lanczos_rank: int = ApproxConfig.lanczos_rank
     krylov_dim: int = ApproxConfig.krylov_dim
+    lowrank_rank: int = ApproxConfig.lowrank_rank
     device: str = "auto"
     dtype: Precision = Precision.FLOAT32
     accumulate: Accumulation = Accumulation.MIXED
@@ -99,7 +100,11 @@ class ProbeConfig:
     def approx(self) -> ApproxConfig:
         """The solver settings of the approximations."""
         return ApproxConfig(
-            tol=self.tol, max_iter=self.max_iter, lanczos_rank=self.lanczos_rank, krylov_dim=self.krylov_dim
+            tol=self.tol,
+            max_iter=self.max_iter,
+            lanczos_rank=self.lanczos_rank,
+            krylov_dim=self.krylov_dim,
+            lowrank_rank=self.lowrank_rank,
         )
 
     def check(self) -> None:

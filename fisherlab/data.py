@@ -24,6 +24,7 @@ Hinton & Salakhutdinov (2006).
 from __future__ import annotations
 
 import gzip
+import math
 import pickle
 import sys
 from dataclasses import dataclass
@@ -201,13 +202,43 @@ def _embedded(problem: str, seed: int) -> ImageData:
 PIXELS = {"mnist": 784, "curves": 784, "faces": 625, "cifar10": 3 * 32 * 32}
 
 
-def _read_bytes(path: Path) -> bytes:
+#: Most bytes a data file may hold (decompressed): a small ``.gz`` that expands to gigabytes is refused
+#: after reading this much, not decompressed into memory whole. MNIST's images are 47 MB.
+MAX_DATA_BYTES = 2**31
+
+
+def _read_bytes(path: Path, limit: int | None = None) -> bytes:
+    """The (decompressed) bytes of ``path``: an IDX file up to the size its header announces (trailing
+    bytes are not read), any file up to ``limit``.
+
+    Raises:
+        FisherlabError: Unreadable, or larger than ``limit`` (default :data:`MAX_DATA_BYTES`; announced or actual).
+    """
+    limit = MAX_DATA_BYTES if limit is None else limit
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as fh:  # type: ignore[operator]
-            return fh.read()
+            raw = bytearray(fh.read(16))
+            magic = int.from_bytes(raw[:4], "big")
+            if magic in (2049, 2051) and len(raw) >= 8:  # IDX labels / images: the header gives the size
+                dims = [int.from_bytes(raw[4 * i : 4 * i + 4], "big") for i in range(1, 2 if magic == 2049 else 4)]
+                announced = 4 + 4 * len(dims) + math.prod(dims)
+                if announced > limit:
+                    raise FisherlabError(
+                        f"{path} announces {announced / 2**30:.1f} GiB of data (header {dims}); more than the "
+                        f"{limit / 2**30:.1f} GiB fisherlab reads from one data file"
+                    )
+                limit = announced
+            while len(raw) <= limit:
+                chunk = fh.read(min(2**24, limit + 1 - len(raw)))
+                if not chunk:
+                    return bytes(raw)
+                raw += chunk
     except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
         raise FisherlabError(f"cannot read {path}: {exc}") from None
+    if magic in (2049, 2051):
+        return bytes(raw[:limit])  # the announced data; what follows is never decompressed
+    raise FisherlabError(f"{path} expands to more than {limit / 2**30:.1f} GiB; not a data file fisherlab reads")
 
 
 def _read_idx(path: Path, pixels: int) -> np.ndarray:

@@ -65,7 +65,8 @@ def rearrange(f: Tensor, d_out: int, d_in: int) -> Tensor:
 def dense_kronecker_approximation(f: Tensor, d_out: int, d_in: int, rank: int) -> Tensor:
     """Best Kronecker-rank-``rank`` approximation of a dense ``F`` by a full SVD of ``R(F)``."""
     u, s, vt = torch.linalg.svd(rearrange(f, d_out, d_in), full_matrices=False)
-    return sum(s[k] * torch.kron(u[:, k].reshape(d_out, d_out), vt[k].reshape(d_in, d_in)) for k in range(rank))  # type: ignore[return-value]
+    terms = [s[k] * torch.kron(u[:, k].reshape(d_out, d_out), vt[k].reshape(d_in, d_in)) for k in range(rank)]
+    return torch.stack(terms).sum(0)
 
 
 def dense_corrected_approximation(f: Tensor, first: Tensor, d_out: int, d_in: int) -> Tensor:

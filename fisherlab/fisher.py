@@ -32,6 +32,7 @@ from fisherlab.distributed import Shard, all_reduce_sum
 from fisherlab.kron import KronSum
 from fisherlab.layers import LayerFactors
 from fisherlab.operators import BlockOperator, Params, axpy, dot
+from fisherlab.sample_span import SampleSpan, restrict, span_bases
 
 __all__ = ["ExactBlock", "WholeFisher", "cross_block_dense", "full_fisher_dense", "jvp", "vjp"]
 
@@ -62,19 +63,6 @@ def _power_of_two_scale(t: Tensor, shard: Shard | None) -> float:
         return 1.0
     exponent = math.frexp(biggest)[1]
     return 1.0 if abs(exponent) <= NORMALISE_EXPONENT else math.ldexp(1.0, exponent)
-
-
-def span_basis(rows: Tensor, side: int) -> Tensor | None:
-    """Orthonormal basis ``[side, k]`` of the span of the vectors ``rows.reshape(-1, side)``, when
-    there are fewer of them than ``side`` (else ``None``): thin SVD, directions below
-    ``side · eps`` of the largest singular value cut (Golub & Van Loan §5.4.1)."""
-    cols = rows.reshape(-1, side)
-    if cols.shape[0] >= side:
-        return None
-    u, sv, _ = torch.linalg.svd(cols.T, full_matrices=False)
-    if not sv[0] > 0:
-        return None
-    return u[:, sv > side * torch.finfo(sv.dtype).eps * sv[0]]
 
 
 def _sandwich_out(dw: Tensor, y: Tensor) -> Tensor:
@@ -150,37 +138,19 @@ class ExactBlock:
 
     def sample_span(self, *, max_fraction: float = 0.5) -> SampleSpan | None:
         """The block restricted to the span of its per-sample factors, when that is at most
-        ``max_fraction`` of its side (else ``None``; also on a sharded batch).
+        ``max_fraction`` of its side (else ``None``; also on a sharded batch): :func:`fisherlab.sample_span.restrict`.
 
-        ``F = (1/N) Σ vec(DW) vec(DW)ᵀ`` with ``DW = Σ_t g aᵀ`` lives in ``span{g_nvt} ⊗ span{a_nt}``,
-        of dimension at most ``N V T · N T``: with orthonormal bases ``U_g``, ``U_a`` of the two
-        spans, ``F = (U_g ⊗ U_a) F' (U_g ⊗ U_a)ᵀ`` where ``F'`` is the block of the factors
-        ``U_gᵀ g``, ``U_aᵀ a`` (exact up to the rounding the thin SVD cuts). Every approximation
-        of K (Kronecker factors are sums of per-sample products, singular vectors of ``R(F)``
-        lie in its range) is the lifted approximation of ``F'``, and both errors are the same:
-        a wide layer at a small batch shrinks from ``d_out d_in`` to ``(N V T)(N T)``.
+        ``F = (1/N) Σ vec(DW) vec(DW)ᵀ`` with ``DW = Σ_t g aᵀ`` lives in ``span{g_nvt} ⊗ span{a_nt}``:
+        every approximation of K and both errors are the same on the restriction ``F'``, and a wide
+        layer at a small batch shrinks from ``d_out d_in`` to ``(N V T)(N T)`` (:mod:`fisherlab.sample_span`).
         """
-        f = self.factors
-        if self.span_bases is None:
-            return None
-        out_basis, in_basis = self.span_bases
-        k_out = f.d_out if out_basis is None else out_basis.shape[1]
-        k_in = f.d_in if in_basis is None else in_basis.shape[1]
-        if k_out * k_in > max_fraction * f.dim:
-            return None
-        a = f.a if in_basis is None else f.a @ in_basis
-        g = f.g if out_basis is None else f.g @ out_basis
-        return SampleSpan(ExactBlock(LayerFactors(a, g, f.shard)), out_basis, in_basis, f.dim)
+        return restrict(self, max_fraction=max_fraction)
 
     @cached_property
     def span_bases(self) -> tuple[Tensor | None, Tensor | None] | None:
-        """Orthonormal bases ``(U_g, U_a)`` of ``span{g_nvt}`` and ``span{a_nt}`` (:func:`span_basis`;
-        ``None`` for a side with at least as many vectors as dimensions), computed once; ``None``
-        on a sharded batch, where each process holds only its rows."""
-        f = self.factors
-        if f.shard is not None and f.shard.world_size > 1:
-            return None
-        return span_basis(f.g, f.d_out), span_basis(f.a, f.d_in)
+        """Orthonormal bases ``(U_g, U_a)`` of ``span{g_nvt}`` and ``span{a_nt}``
+        (:func:`fisherlab.sample_span.span_bases`), computed once per block."""
+        return span_bases(self.factors)
 
     @cached_property
     def route(self) -> str:
@@ -375,44 +345,6 @@ def jvp(factors: LayerFactors, w: Tensor) -> Tensor:
 def vjp(factors: LayerFactors, c: Tensor) -> Tensor:
     """``Jᵀ c`` of one layer for ``c [N, V]``: ``Σ_{n,v} c_nv DW_nv`` as ``[d_out, d_in]``."""
     return torch.einsum("nv,nvto,nti->oi", c, factors.g, factors.a)
-
-
-@dataclass(frozen=True)
-class SampleSpan:
-    """An exact block restricted to the span of its per-sample factors (:meth:`ExactBlock.sample_span`).
-
-    Args:
-        block: The restricted block ``F'`` (factors ``U_gᵀ g``, ``U_aᵀ a``).
-        out_basis: ``U_g [d_out, k_out]`` (``None``: the output side is not restricted).
-        in_basis: ``U_a [d_in, k_in]`` (``None``: the input side is not restricted).
-        dim: Side ``d_out d_in`` of the unrestricted block.
-    """
-
-    block: ExactBlock
-    out_basis: Tensor | None
-    in_basis: Tensor | None
-    dim: int
-
-    @property
-    def zeros(self) -> int:
-        """Eigenvalues of the unrestricted block (and of any approximation of it) known to be 0."""
-        return self.dim - self.block.dim
-
-    def lift_out(self, m: Tensor) -> Tensor:
-        """``U_g m U_gᵀ``: an output-side factor of ``F'`` as one of ``F``."""
-        return m if self.out_basis is None else self.out_basis @ m @ self.out_basis.T
-
-    def lift_in(self, m: Tensor) -> Tensor:
-        """``U_a m U_aᵀ``: an input-side factor of ``F'`` as one of ``F``."""
-        return m if self.in_basis is None else self.in_basis @ m @ self.in_basis.T
-
-    def restrict_in(self, m: Tensor) -> Tensor:
-        """``U_aᵀ m U_a``: an input-side matrix of ``F`` (a warm start) as one of ``F'``."""
-        return m if self.in_basis is None else self.in_basis.T @ m @ self.in_basis
-
-    def lift(self, kron: KronSum) -> KronSum:
-        """An approximation of ``F'`` as the same approximation of ``F``."""
-        return KronSum(tuple(self.lift_out(o) for o in kron.outs), tuple(self.lift_in(i) for i in kron.ins))
 
 
 @dataclass(frozen=True)

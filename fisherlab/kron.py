@@ -130,10 +130,6 @@ class KronSum:
         """The ``[d_out*d_in, d_out*d_in]`` matrix; small layers, tests and notebooks only."""
         return sum(torch.kron(o, i) for o, i in zip(self.outs, self.ins, strict=True))  # type: ignore[return-value]
 
-    def rearranged(self) -> Tensor:
-        """Dense van Loan rearrangement ``R = sum_k vec(out_k) vec(in_k)^T`` (K Thm. 3.1)."""
-        return sum(torch.outer(o.flatten(), i.flatten()) for o, i in zip(self.outs, self.ins, strict=True))  # type: ignore[return-value]
-
     def frobenius_norm_squared(self) -> Tensor:
         """``||sum_k out_k ⊗ in_k||_F^2 = sum_kl <out_k, out_l><in_k, in_l>``."""
         o = torch.stack([x.flatten() for x in self.outs])

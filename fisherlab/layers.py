@@ -219,7 +219,8 @@ def layer_kind(module: nn.Module) -> LayerKind | None:
     """The registered kind of ``module`` (its exact type first, then a base class), or ``None``."""
     kinds = list(LAYER_KINDS.values())
     exact = [k for k in kinds if type(module) is k.module_type]
-    return (exact or [k for k in kinds if isinstance(module, k.module_type)] or [None])[0]
+    found = exact or [k for k in kinds if isinstance(module, k.module_type)]
+    return found[0] if found else None
 
 
 def _kind(module: nn.Module) -> LayerKind:
@@ -262,7 +263,7 @@ def conv_patches(conv: nn.Conv2d, x: Tensor) -> Tensor:
 
 
 def _conv_unsupported(conv: nn.Module) -> str:
-    if conv.groups != 1:  # type: ignore[operator]
+    if conv.groups != 1:
         return f"with groups={conv.groups} is not supported (groups=1 only)"
     if conv.padding_mode != "zeros" or (isinstance(conv.padding, str) and conv.padding != "valid"):
         return "with string padding or non-zero padding_mode is not supported"
@@ -348,7 +349,7 @@ def layer_matrix(module: nn.Module, attr: str = "data") -> Tensor:
     kind = _kind(module)
     weight, bias = module.weight, module.bias
     if attr == "data":
-        return weight_matrix(kind.to_rows(weight.detach()), None if bias is None else bias.detach())  # type: ignore[union-attr]
+        return weight_matrix(kind.to_rows(weight.detach()), None if bias is None else bias.detach())  # type: ignore[operator]
     return weight_matrix(kind.to_rows(getattr(weight, attr)), None if bias is None else getattr(bias, attr))
 
 

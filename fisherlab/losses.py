@@ -14,6 +14,7 @@ directions ``d`` whose backpropagation gives ``g = dL/ds`` at each layer:
 from __future__ import annotations
 
 from enum import Enum
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -36,12 +37,15 @@ __all__ = [
 ]
 
 
-def as_enum(kind: type[Enum], value: object, what: str) -> Enum:
+AnyEnum = TypeVar("AnyEnum", bound=Enum)
+
+
+def as_enum(kind: type[AnyEnum], value: object, what: str) -> AnyEnum:
     """``kind(value)``, or a :class:`FisherlabError` that lists the choices."""
     try:
         return kind(value)
     except ValueError:
-        choices = ", ".join(e.value for e in kind)  # type: ignore[attr-defined]
+        choices = ", ".join(str(e.value) for e in kind)
         raise FisherlabError(f"unknown {what} {value!r}; choose one of: {choices}") from None
 
 
@@ -180,7 +184,7 @@ def check_output_targets(loss: LossKind, z: Tensor, y: Tensor) -> None:
                 f"labels must lie in 0..{classes - 1}"
             )
     if loss == LossKind.BCE and y.numel():
-        low, high = float(y.min()), float(y.max())
-        if not (0.0 <= low and high <= 1.0):  # NaN fails too
-            bad = low if not 0.0 <= low else high
-            raise FisherlabError(f"loss 'bce' needs targets in [0, 1], got {bad}")
+        lowest, highest = float(y.min()), float(y.max())
+        if not (0.0 <= lowest and highest <= 1.0):  # NaN fails too
+            outside = lowest if not 0.0 <= lowest else highest
+            raise FisherlabError(f"loss 'bce' needs targets in [0, 1], got {outside}")

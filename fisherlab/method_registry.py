@@ -57,6 +57,7 @@ class ApproxConfig:
         lanczos_rank: Kronecker rank of the Lanczos method.
         krylov_dim: Krylov dimension per Lanczos restart cycle (at least ``lanczos_rank + 2`` is used).
         max_restarts: Cap on Lanczos restart cycles.
+        lowrank_rank: Rank ``k`` of the ``lowrank`` method (the top-``k`` eigenpairs of the block).
 
     Raises:
         FisherlabError: A tolerance outside ``(0, 1)`` or caps below 1 (``krylov_dim`` below 2).
@@ -67,12 +68,15 @@ class ApproxConfig:
     lanczos_rank: int = 2
     krylov_dim: int = 20
     max_restarts: int = 50
+    lowrank_rank: int = 10
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.tol) and 0 < self.tol < 1):
             raise FisherlabError(f"--tol must lie in (0, 1), got {self.tol}")
         if self.max_iter < 1 or self.lanczos_rank < 1 or self.krylov_dim < 2 or self.max_restarts < 1:
             raise FisherlabError("--max-iter and --lanczos-rank must be at least 1, --krylov-dim at least 2")
+        if self.lowrank_rank < 1:
+            raise FisherlabError(f"--lowrank-rank must be at least 1, got {self.lowrank_rank}")
 
 
 @dataclass(frozen=True)

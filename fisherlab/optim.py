@@ -17,7 +17,8 @@ Parameters outside the probed Linear/Conv2d layers (batch norm) take a plain SGD
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +40,28 @@ __all__ = ["OPTIMIZER_NAMES", "KroneckerOptimizer", "layer_gradient", "make_opti
 def layer_gradient(module: nn.Module, attr: str = "grad") -> Tensor:
     """``[d_out, d_in]`` matrix of a Linear/Conv2d layer's gradient (or ``attr="data"``: weight), bias column last."""
     return layer_matrix(module, attr)
+
+
+def _weight(module: nn.Module) -> Tensor:
+    """A probed layer's weight parameter."""
+    return cast(Tensor, module.weight)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How the factors are refreshed and the steps clipped (K §2.2, App. E).
+
+    Args:
+        alpha: Cap of the moving-average weight ``ρ = min(1 − 1/k, alpha)``.
+        t1: Refresh the factors every ``t1`` steps.
+        t2: Refactorise the damped blocks every ``t2`` steps.
+        kl_clip: KL clipping bound of the step (``None``: no clipping).
+    """
+
+    alpha: float
+    t1: int
+    t2: int
+    kl_clip: float | None
 
 
 class KroneckerOptimizer(torch.optim.Optimizer):
@@ -97,11 +120,12 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         self.probe = Probe(model, loss, fisher=fisher, seed=seed)
         self.layers = self.probe.layers
         self.approx_config = ApproxConfig(tol=tol, max_iter=max_iter)
-        self.hyper = {"alpha": alpha, "t1": t1, "t2": t2, "kl_clip": kl_clip}
+        self.hyper = Schedule(alpha, t1, t2, kl_clip)
         layer_params = {id(p) for m in self.layers.values() for p in m.parameters(recurse=False)}
         other = [p for p in model.parameters() if id(p) not in layer_params and p.requires_grad]
-        groups = [{"params": [m.weight for m in self.layers.values()], "kind": "preconditioned"}]
-        groups[0]["params"] += [m.bias for m in self.layers.values() if m.bias is not None]
+        params: list[Tensor] = [_weight(m) for m in self.layers.values()]
+        params += [cast(Tensor, m.bias) for m in self.layers.values() if m.bias is not None]
+        groups: list[dict[str, Any]] = [{"params": params, "kind": "preconditioned"}]
         if other:
             groups.append({"params": other, "kind": "sgd"})
         super().__init__(groups, {"lr": lr, "damping": damping, "weight_decay": weight_decay})
@@ -110,7 +134,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
 
     # -- state kept in self.state[weight] so that state_dict round-trips -------------------
     def _layer_state(self, name: str) -> dict[str, Any]:
-        return self.state[self.layers[name].weight]
+        return self.state[_weight(self.layers[name])]
 
     @property
     def steps(self) -> int:
@@ -138,13 +162,13 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         self._solvers = []
         first = self._layer_state(next(iter(self.layers)))
         if "probe_rng" in first:  # load_state_dict casts it to the parameters' dtype; set_rng_state casts back
-            self.probe.set_rng_state(first["probe_rng"], self.layers[next(iter(self.layers))].weight.device)
+            self.probe.set_rng_state(first["probe_rng"], _weight(self.layers[next(iter(self.layers))]).device)
 
     # -- the step ----------------------------------------------------------------------------
     @torch.no_grad()
-    def step(
+    def step(  # type: ignore[override]
         self, closure: Callable[[], float] | None = None, *, inputs: Tensor | None = None, targets: Tensor | None = None
-    ) -> float | None:  # type: ignore[override]
+    ) -> float | None:
         """One preconditioned step; ``inputs`` (the batch) is needed when factors refresh.
 
         ``targets`` are needed only with ``fisher="empirical"`` (the MC Fisher samples its own).
@@ -159,7 +183,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         k = self.steps
         group = self.param_groups[0]
         lr, damping, wd = group["lr"], group["damping"], group["weight_decay"]
-        refresh = k % self.hyper["t1"] == 0
+        refresh = k % self.hyper.t1 == 0
         if refresh or self.two_level is not None:  # two-level: F• of the current batch (T Alg. 1)
             if inputs is None:
                 raise FisherlabError("step(inputs=x) is needed: the optimizer probes the Fisher on this batch")
@@ -170,22 +194,22 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             self._refresh(self._snapshot)
         grads: dict[str, Tensor] = {}
         for name, module in self.layers.items():
-            if module.weight.grad is None:
+            if _weight(module).grad is None:
                 raise FisherlabError(f"layer {name!r} has no gradient; call loss.backward() before step()")
             g = layer_gradient(module)
             grads[name] = g + wd * layer_gradient(module, "data") if wd else g
-        if k % self.hyper["t2"] == 0 or not self._solvers:
+        if k % self.hyper.t2 == 0 or not self._solvers:
             self._solvers = self.block_diagonal().solvers(damping=damping)
         dt = self.approximation(next(iter(self.layers))).outs[0].dtype  # type: ignore[union-attr]
         zeta = dict(zip(self.layers, solve_all(self._solvers, [grads[n].to(dt) for n in self.layers]), strict=True))
         if self.two_level is not None:
             zeta = self._coarse_correction(zeta, grads, damping)
         nu = 1.0
-        if self.hyper["kl_clip"] is not None:
+        if self.hyper.kl_clip is not None:
             inner = sum(float(torch.sum(zeta[n] * grads[n].to(dt)).abs()) for n in self.layers)
-            nu = min(1.0, (self.hyper["kl_clip"] / inner) ** 0.5) if inner > 0 else 1.0
+            nu = min(1.0, (self.hyper.kl_clip / inner) ** 0.5) if inner > 0 else 1.0
         for name, module in self.layers.items():
-            subtract_from_layer(module, (lr * nu) * zeta[name].to(module.weight.dtype))
+            subtract_from_layer(module, (lr * nu) * zeta[name].to(_weight(module).dtype))
         for group in self.param_groups[1:]:
             for p in group["params"]:
                 if p.grad is not None:
@@ -202,12 +226,12 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         for name in self.layers:
             st = self._layer_state(name)
             block = ExactBlock(snap.factors[name])
-            warm = {self.method: tuple(st["warm"])} if "warm" in st else None
+            warm = {self.method.value: tuple(st["warm"])} if "warm" in st else None
             # on the whole layer: the moving averages and the state_dict keep whole-layer factors and warm starts
-            new = approximate_all(block, [self.method], self.approx_config, warm=warm, layer=name, restrict=False)
-            new = new[self.method]
+            built = approximate_all(block, [self.method], self.approx_config, warm=warm, layer=name, restrict=False)
+            new = built[self.method.value]
             refreshes = int(st.get("refreshes", 0)) + 1
-            rho = min(1.0 - 1.0 / refreshes, self.hyper["alpha"])
+            rho = min(1.0 - 1.0 / refreshes, self.hyper.alpha)
             if "outs" in st and len(st["outs"]) == new.kron.rank:
                 st["outs"] = [rho * o + (1 - rho) * n for o, n in zip(st["outs"], new.kron.outs, strict=True)]
                 st["ins"] = [rho * i + (1 - rho) * n for i, n in zip(st["ins"], new.kron.ins, strict=True)]

@@ -222,8 +222,8 @@ class Probe:
             for h in handles:
                 h.remove()
             with torch.no_grad():
-                for k, b in self.model.named_buffers():
-                    b.copy_(buffers[k])
+                for key, b in self.model.named_buffers():
+                    b.copy_(buffers[key])
         dt = self.accumulate_dtype
         n = x.shape[0] if shard is None else shard.n_total
         factors: dict[str, LayerFactors] = {}

@@ -11,6 +11,7 @@ are netCDF3 by scipy, replaced atomically. Open either with :func:`load` (or
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import platform
@@ -20,7 +21,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import h5py
 import numpy as np
 import torch
 import xarray as xr
@@ -29,9 +29,9 @@ from torch import Tensor
 from fisherlab._errors import FisherlabError
 from fisherlab.config import ProbeConfig, TrainConfig
 from fisherlab.losses import LossKind
-from fisherlab.metrics import BLOCK_METRICS, LAYER_METRICS, Variable
-from fisherlab.store import WRITTEN, AppendStore, is_hdf5, read
-from fisherlab.twolevel import TKO, TWO_LEVEL_METRICS
+from fisherlab.metrics import BLOCK_METRICS, LAYER_METRICS, NETWORK_METRICS, RUN_METRICS, Variable
+from fisherlab.store import WRITTEN, AppendStore, is_hdf5, open_hdf5, read
+from fisherlab.twolevel import TKO
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -41,6 +41,7 @@ __all__ = [
     "TRAIN_VARIABLES",
     "TWO_LEVEL_VARIABLES",
     "VARIABLES",
+    "OutputLock",
     "ResultsWriter",
     "annotate",
     "config_json",
@@ -52,18 +53,9 @@ __all__ = [
     "validate",
 ]
 
-#: Variables of every probe snapshot besides the registered metrics: the training run itself.
-RUN_VARIABLES: tuple[Variable, ...] = (
-    Variable(
-        "train_loss",
-        ("iteration",),
-        "training loss",
-        "1",
-        "mean over the batch of the per-sample loss (summed over outputs)",
-    ),
-    Variable("wall_time", ("iteration",), "wall time since start", "s", "wall clock at the end of the snapshot"),
-    Variable("probe_time", ("iteration",), "probe pass time", "s", "forward + backward passes of the probe"),
-)
+#: Variables of every probe snapshot besides the Fisher's: the training run itself (the run-level
+#: entries of the metric registry, :data:`fisherlab.metrics.RUN_METRICS`).
+RUN_VARIABLES: tuple[Variable, ...] = RUN_METRICS
 
 #: Variables of ``fisherlab train`` (dims ``optimizer``, ``epoch``).
 TRAIN_VARIABLES: tuple[Variable, ...] = (
@@ -89,11 +81,13 @@ def _schema(variables: tuple[Variable, ...]) -> dict[str, tuple[tuple[str, ...],
     return {v.name: (v.dims, v.long_name, v.units, v.definition) for v in variables}
 
 
-#: The probe schema, generated from the metric registry: name -> (dims, long_name, units, definition).
-VARIABLES: dict[str, tuple[tuple[str, ...], str, str, str]] = _schema((*BLOCK_METRICS, *LAYER_METRICS, *RUN_VARIABLES))
+#: The probe schema, generated from the metric registry (per layer and method, per layer, per run):
+#: name -> (dims, long_name, units, definition).
+VARIABLES: dict[str, tuple[tuple[str, ...], str, str, str]] = _schema((*BLOCK_METRICS, *LAYER_METRICS, *RUN_METRICS))
 
-#: Variables of two-level runs (``--two-level``), T §4.4; ``coarse_space`` includes ``tko``.
-TWO_LEVEL_VARIABLES: dict[str, tuple[tuple[str, ...], str, str, str]] = _schema(TWO_LEVEL_METRICS)
+#: Variables of two-level runs (``--two-level``), T §4.4: the registry's whole-network entries;
+#: ``coarse_space`` includes ``tko``.
+TWO_LEVEL_VARIABLES: dict[str, tuple[tuple[str, ...], str, str, str]] = _schema(NETWORK_METRICS)
 
 
 def validate(ds: xr.Dataset) -> None:
@@ -135,8 +129,81 @@ def load(path: str | Path, *, factors: bool = False) -> xr.Dataset:
             return read(path, drop_factors=not factors)
         with xr.open_dataset(path, engine="scipy") as ds:
             return ds.load()
-    except (ValueError, OSError, TypeError, KeyError) as exc:
-        raise FisherlabError(f"cannot read {path} as a netCDF dataset: {exc}") from None
+    except (ValueError, OSError, RuntimeError, TypeError, KeyError) as exc:  # RuntimeError: h5py on damaged metadata
+        raise FisherlabError(
+            f"cannot read {path} as a netCDF dataset (damaged or not netCDF): {_first_line(exc)}"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (h5py's can span several)."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+class OutputLock:
+    """An exclusive lock on ``path`` (``flock``) that deletes its file on release, safely.
+
+    Deleting a lock file races with a process that opened it just before: that process would
+    lock the deleted file while a third creates and locks a new one. So :meth:`acquire`
+    checks, once it holds the lock, that ``path`` still names the file it locked, and tries
+    again otherwise; :meth:`release` deletes the file while it still holds the lock. The OS
+    releases the lock of a process that dies (a leftover file is then harmless). Where
+    ``fcntl`` is missing (Windows) ``filelock`` is used and the file is kept.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._fallback: object | None = None
+
+    def acquire(self) -> bool:
+        """Take the lock without waiting; ``False`` when another process holds it.
+
+        Raises:
+            OSError: The lock file cannot be created.
+        """
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            from filelock import FileLock, Timeout
+
+            self._fallback = FileLock(str(self.path))
+            try:
+                self._fallback.acquire(timeout=0)  # type: ignore[attr-defined]
+            except Timeout:
+                return False
+            return True
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            try:
+                now = os.stat(self.path)
+                mine = os.fstat(fd)
+                same = (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                return True
+            os.close(fd)  # the holder deleted the file after we opened it: lock the current one
+
+    def release(self) -> None:
+        """Delete the lock file (still holding the lock), then release it; a no-op when not held."""
+        if self._fallback is not None:  # pragma: no cover - Windows
+            self._fallback.release()  # type: ignore[attr-defined]
+            self._fallback = None
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)  # closing the only descriptor releases the flock
 
 
 def _is_netcdf3(path: Path) -> bool:
@@ -166,8 +233,6 @@ class ResultsWriter:
     """
 
     def __init__(self, path: str | Path, attrs: dict[str, str | int | float], *, overwrite: bool = False) -> None:
-        from filelock import FileLock, Timeout
-
         self.path = Path(path)
         if self.path.is_dir():
             raise FisherlabError(f"output {self.path} is a directory")
@@ -179,19 +244,23 @@ class ResultsWriter:
             raise FisherlabError(f"output directory {self.path.parent} is not writable")
         self._store: AppendStore | None = None
         self._appended = 0
+        self._closed = False
         self.write_seconds = 0.0  # time spent appending snapshots
-        self._lock = FileLock(str(self.path) + ".lock")
+        self._lock = OutputLock(Path(str(self.path) + ".lock"))
         try:
-            self._lock.acquire(timeout=0)
-        except Timeout:
-            raise FisherlabError(
-                f"another fisherlab run is writing {self.path} (lock {self.path}.lock held); choose another --out"
-            ) from None
+            held = self._lock.acquire()
         except OSError as exc:
             raise FisherlabError(f"cannot lock {self.path}: {exc.strerror}") from None
+        if not held:
+            raise FisherlabError(
+                f"another fisherlab run is writing {self.path} (lock {self.path}.lock held); choose another --out"
+            )
         if self.path.exists() and not overwrite:
             self.close()
             raise FisherlabError(f"output {self.path} already exists; choose another --out or pass --overwrite")
+        for stale in self.path.parent.glob(f"{glob.escape(self.path.name)}.*.tmp"):  # left by a killed run (we hold
+            if stale.name[len(self.path.name) + 1 : -4].isdigit():  # the lock, so no live run writes them)
+                stale.unlink(missing_ok=True)
         self.attrs = attrs
 
     def __enter__(self) -> Self:
@@ -206,26 +275,38 @@ class ResultsWriter:
         return self._appended
 
     def close(self) -> None:
-        """Close the file and release the output lock (the file keeps every appended snapshot)."""
-        if self._store is not None:
-            self._store.close()
+        """Close the file and release the output lock (the file keeps every appended snapshot);
+        a no-op once closed. Appending afterwards raises (it never reopens, so never truncates)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._store is not None:
+                self._store.close()
+        finally:
             self._store = None
-        self._lock.release()
-        Path(self._lock.lock_file).unlink(missing_ok=True)
+            self._lock.release()
 
     def append(self, snapshot: xr.Dataset, factors: dict[str, tuple[Tensor, Tensor]] | None = None) -> None:
         """Append one snapshot (and the per-sample factors ``{layer: (a, g)}`` to store) to the file.
 
         The first snapshot fixes the file's layout; the run attributes are written with it.
         """
+        if self._closed:
+            raise FisherlabError(f"{self.path} was closed; a closed results writer appends nothing (open a new one)")
         start = time.perf_counter()
         snapshot = annotate(snapshot.copy())
         for name, (a, g) in (factors or {}).items():
             snapshot = snapshot.assign(factor_variables(name, a, g))
-        if self._store is None:
-            self._store = AppendStore(self.path, snapshot, dict(self.attrs))
-        else:
-            self._store.append(snapshot)
+        try:
+            if self._store is None:
+                self._store = AppendStore(self.path, snapshot, dict(self.attrs))
+            else:
+                self._store.append(snapshot)
+        except FisherlabError:
+            if self._store is None or self._store.closed:  # a failed write: release the output, write no more
+                self.close()
+            raise
         self._appended = self._store.rows
         self.write_seconds += time.perf_counter() - start
 
@@ -282,15 +363,15 @@ def load_factors(path: str | Path, iteration: int, layer: str) -> dict[str, Tens
     if not is_hdf5(path):
         raise FisherlabError(f"{path} holds no stored factors (not a netCDF4 probe file)")
     try:
-        with h5py.File(path, "r", swmr=True) as h5:
+        with open_hdf5(path) as h5:
             if not all(n in h5 for n in names):
                 raise FisherlabError(f"{path} holds no stored factors of layer {layer!r} (--store-factors)")
             rows = np.flatnonzero((h5["iteration"][:] == iteration) & (h5[WRITTEN][:] == 1))
             if not rows.size:
                 raise FisherlabError(f"{path} has no snapshot at iteration {iteration}")
             a, g = (torch.from_numpy(h5[n][int(rows[0])]) for n in names)
-    except (OSError, ValueError, KeyError) as exc:
-        raise FisherlabError(f"cannot read factors from {path}: {exc}") from None
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+        raise FisherlabError(f"cannot read factors from {path} (damaged file?): {_first_line(exc)}") from None
     return {"a": a, "g": g, "iteration": iteration, "layer": layer}
 
 

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -38,6 +38,7 @@ from fisherlab.data import ImageData, announce_data
 from fisherlab.distributed import Shard, all_reduce_sum, init_from_environment, shard_of_batch
 from fisherlab.fisher import ExactBlock
 from fisherlab.kron import KronSum
+from fisherlab.layers import probeable_layers
 from fisherlab.losses import LossKind, as_enum, per_sample_loss
 from fisherlab.metrics import BLOCK_METRICS, LAYER_METRICS, evaluate_block
 from fisherlab.operators import BlockDiagonal
@@ -197,6 +198,7 @@ class FisherProbe:
         self._snapshots: list[xr.Dataset] = []
         self._dataset: xr.Dataset | None = None
         self._t0 = time.perf_counter()
+        self._closed = False
 
     def step(self, step: int, x: Tensor, y: Tensor | None, *, shard: Shard | None = None) -> xr.Dataset | None:
         """Probe the batch ``(x, y)`` when ``step % every == 0``; returns that snapshot, else ``None``.
@@ -205,6 +207,8 @@ class FisherProbe:
         Under ``torch.distributed`` ``(x, y)`` are this rank's rows of the global batch; ``shard``
         says which when the caller knows (else every rank's row count is exchanged).
         """
+        if self._closed:
+            raise FisherlabError("this FisherProbe is closed; create a new one (with a new out) to probe again")
         if step % self.config.every:
             return None
         if shard is None:  # collective under torch.distributed: every rank probes its own rows
@@ -240,7 +244,11 @@ class FisherProbe:
         return self._dataset
 
     def close(self) -> xr.Dataset | None:
-        """Release the output (when this probe opened it); returns the dataset (``None`` if never probed)."""
+        """Release the output (when this probe opened it); returns the dataset (``None`` if never probed).
+
+        :meth:`step` raises afterwards: the file is never reopened, so never truncated.
+        """
+        self._closed = True
         if self._owns_writer and self.writer is not None:
             self.writer.close()
             self._owns_writer = False
@@ -457,6 +465,12 @@ def run_probe(config: ProbeConfig, out: str | Path, *, overwrite: bool = False, 
         # rank 0 refuses an existing or locked output before any work; other ranks write nothing
         with ResultsWriter(out, {}, overwrite=overwrite) if leader else contextlib.nullcontext() as writer:
             data = problem.data(config.data_dir, seed=config.seed)
+            if config.batch_size and config.batch_size > data.train.shape[0]:
+                raise FisherlabError(
+                    f"--batch-size {config.batch_size} exceeds the {data.train.shape[0]} training examples of "
+                    f"{data.source}"
+                )
+            check_memory(problem, data, config, device)
             if writer is not None:
                 announce_data(data.source, data.stand_in)
                 writer.attrs.update(run_attrs(config, device, data.source, problem.loss, stand_in=data.stand_in))
@@ -475,6 +489,87 @@ def run_probe(config: ProbeConfig, out: str | Path, *, overwrite: bool = False, 
     finally:
         if started:
             dist.destroy_process_group()
+
+
+def snapshot_bytes(problem: Problem, data: ImageData, config: ProbeConfig, batch_size: int) -> dict[str, float]:
+    """An estimate of the memory one snapshot of a ``fisherlab probe`` run holds at once, in bytes:
+    ``factors`` (every probed layer's per-sample factors, ``N (T d_in + V T d_out)`` numbers in float64)
+    and ``gram`` (the largest layer's ``N V x N V`` Gram matrix); shapes from a forward pass on the meta
+    device (no memory, no compute). ``V``: ``--mc-samples``, the number of outputs for ``exact``, 1 for
+    ``empirical``."""
+    model = problem.model(device="meta")
+    layers = probeable_layers(model)
+    probed = layers if config.two_level else {name: layers[name] for name in config.layers}
+    shapes: dict[str, tuple[int, int, int]] = {}  # name -> (T, d_in, d_out)
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            if isinstance(module, nn.Conv2d):
+                d_in = module.in_channels // module.groups * math.prod(module.kernel_size)
+                shapes[name] = (output[0].numel() // module.out_channels, d_in + 1, module.out_channels)
+            else:
+                shapes[name] = (inputs[0][0].numel() // module.in_features, module.in_features + 1, module.out_features)
+
+        return hook
+
+    handles = [module.register_forward_hook(record(name)) for name, module in probed.items()]
+    try:
+        output = model(problem.inputs(data.train[:1].to("meta")))
+    finally:
+        for handle in handles:
+            handle.remove()
+    v = {"mc": config.mc_samples, "exact": output[0].numel(), "empirical": 1}[config.fisher.value]
+    n = batch_size
+    factors = sum(n * (t * d_in + v * t * d_out) * 8 for t, d_in, d_out in shapes.values())
+    return {"factors": float(factors), "gram": float((n * v) ** 2 * 8), "directions": v}
+
+
+def available_bytes(device: torch.device) -> float | None:
+    """Memory a run may still take: free GPU memory on CUDA, ``MemAvailable`` on Linux; ``None`` if unknown."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(problem: Problem, data: ImageData, config: ProbeConfig, device: torch.device) -> None:
+    """Refuse, before any work, a run whose snapshot cannot fit in memory (instead of the OOM killer).
+
+    Raises:
+        FisherlabError: The estimate of :func:`snapshot_bytes` exceeds the available memory; names the
+            setting that matters most.
+    """
+    available = available_bytes(device)
+    if available is None:
+        return
+    n = config.batch_size or problem.batch_size
+    need = snapshot_bytes(problem, data, config, min(n, data.train.shape[0]))
+    total = need["factors"] + need["gram"]
+    if total <= available:
+        return
+    v = int(need["directions"])
+    settings = {
+        "mc-samples": f"--mc-samples {v}" if config.fisher.value == "mc" and v > 1 else "",
+        "layers": f"the --layers probed ({len(config.layers)})" if len(config.layers) > 1 else "",
+        "batch-size": f"--batch-size {n}",
+    }
+    order = (
+        ["mc-samples", "batch-size", "layers"]
+        if need["gram"] > need["factors"]
+        else ["mc-samples", "layers", "batch-size"]
+    )
+    named = [settings[key] for key in order if settings[key]]
+    raise FisherlabError(
+        f"a snapshot needs about {total / 2**30:.1f} GiB (per-sample factors {need['factors'] / 2**30:.1f} GiB, "
+        f"Gram matrix of {n} x {v} directions {need['gram'] / 2**30:.1f} GiB) but {available / 2**30:.1f} GiB of "
+        f"{'GPU ' if device.type == 'cuda' else ''}memory are available; lower {' or '.join(named)}"
+    )
 
 
 def _init_distributed(device: torch.device, config: ProbeConfig) -> bool:

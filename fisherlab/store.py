@@ -14,6 +14,10 @@ chunked one row at a time and gzip-compressed.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
+import re
 from pathlib import Path
 
 import h5netcdf
@@ -23,7 +27,7 @@ import xarray as xr
 
 from fisherlab._errors import FisherlabError
 
-__all__ = ["HDF5_SIGNATURE", "WRITTEN", "AppendStore", "is_hdf5", "read"]
+__all__ = ["HDF5_SIGNATURE", "WRITTEN", "AppendStore", "is_hdf5", "open_hdf5", "read"]
 
 #: The first bytes of every HDF5 (netCDF4) file.
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -33,6 +37,11 @@ WRITTEN = "snapshot_written"
 
 #: Rows per chunk of the small per-snapshot variables.
 _CHUNK_ROWS = 256
+
+#: Metadata read attempts of an SWMR reader. HDF5's default (100) sleeps 1, 2, 4, ... ns between
+#: attempts, so a damaged file (bad checksum on every attempt) reads for ~2^100 ns: forever. 24
+#: attempts wait at most ~17 ms per metadata block, plenty for a concurrent writer's flush.
+SWMR_READ_ATTEMPTS = 24
 
 
 def is_hdf5(path: str | Path) -> bool:
@@ -55,10 +64,20 @@ class AppendStore:
 
     def __init__(self, path: str | Path, first: xr.Dataset, attrs: dict[str, str | int | float]) -> None:
         self.path = Path(path)
+        self.rows = 0
         try:
             self._h5 = h5py.File(self.path, "w", libver="latest")
         except OSError as exc:
-            raise FisherlabError(f"cannot create {self.path}: {exc}") from None
+            raise FisherlabError(f"cannot create {self.path}: {_reason(exc)}") from None
+        try:
+            self._create(first, attrs)
+        except (OSError, RuntimeError) as exc:  # h5py's write errors (a full disk, an I/O error)
+            self._abandon()
+            self.path.unlink(missing_ok=True)  # it holds no finished snapshot: leave no half-made file
+            raise FisherlabError(f"cannot write the first snapshot to {self.path}: {_reason(exc)}") from None
+
+    def _create(self, first: xr.Dataset, attrs: dict[str, str | int | float]) -> None:
+        """Lay the file out after ``first``, switch to SWMR and write ``first`` as row 0."""
         nc = h5netcdf.File(self._h5, "a")
         self._layout = {name: (v.dims, v.shape[1:]) for name, v in first.data_vars.items()}
         nc.dimensions = {d: (None if d == "iteration" else n) for d, n in first.sizes.items()}
@@ -89,8 +108,7 @@ class AppendStore:
         nc.close()  # the netCDF layout is complete; rows go through h5py (the file stays open)
         self._h5.swmr_mode = True  # from here on only appends: the file stays consistent on a crash
         self._datasets = {name: self._h5[name] for name in [*first.data_vars, "iteration", WRITTEN]}
-        self.rows = 0
-        self.append(first)
+        self._write_row(first)
 
     def append(self, snapshot: xr.Dataset) -> None:
         """Write one snapshot as the next row and flush it (data first, then its flag).
@@ -112,6 +130,19 @@ class AppendStore:
                     f"first snapshot's was {shape} (a results file keeps one layout; stored factors need one batch "
                     "size)"
                 )
+        if self._h5 is None:
+            raise FisherlabError(f"{self.path} is closed (an earlier write failed or close() was called)")
+        try:
+            self._write_row(snapshot)
+        except (OSError, RuntimeError) as exc:  # h5py's write errors (a full disk, an I/O error)
+            self._abandon()
+            raise FisherlabError(
+                f"cannot write iteration {int(snapshot['iteration'][0])} to {self.path}: {_reason(exc)}; the file "
+                f"keeps its {self.rows} finished snapshots"
+            ) from None
+
+    def _write_row(self, snapshot: xr.Dataset) -> None:
+        """Write ``snapshot`` as the next row: data, flush, then its ``snapshot_written`` flag, flush."""
         row, data = self.rows, self._datasets
         for dataset in data.values():
             dataset.resize(row + 1, axis=0)
@@ -127,9 +158,60 @@ class AppendStore:
         self._h5.flush()
         self.rows = row + 1
 
+    @property
+    def closed(self) -> bool:
+        """Whether the file is closed (by :meth:`close`, or after a failed write)."""
+        return self._h5 is None
+
     def close(self) -> None:
-        """Close the file (it stays readable without SWMR afterwards)."""
-        self._h5.close()
+        """Close the file (it stays readable without SWMR afterwards); a no-op once closed.
+
+        Raises:
+            FisherlabError: The final metadata cannot be written (the file keeps its finished snapshots).
+        """
+        if self._h5 is None:
+            return
+        try:
+            self._h5.close()
+        except (OSError, RuntimeError) as exc:
+            self._abandon()
+            raise FisherlabError(
+                f"cannot finish {self.path}: {_reason(exc)}; the file keeps its {self.rows} finished snapshots"
+            ) from None
+        self._h5 = None
+
+    def _abandon(self) -> None:
+        """Close the file after a failed write without writing anything more to it.
+
+        HDF5 cannot close a file whose metadata it failed to write (it retries at exit and can
+        crash the process), so its file descriptor is first pointed at ``/dev/null``: what HDF5
+        still flushes goes nowhere, and the file keeps exactly the rows flushed before, each
+        flagged only once complete (SWMR's write order), readable as after ``kill -9``.
+        """
+        h5, self._h5 = self._h5, None
+        if h5 is None:
+            return
+        try:
+            fd = h5.id.get_vfd_handle()
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, fd)
+            os.close(null)
+        except (OSError, RuntimeError, ValueError, TypeError):
+            pass
+        try:
+            h5.close()
+        except (OSError, RuntimeError, ValueError):
+            pass
+
+
+def _reason(exc: BaseException) -> str:
+    """A one-line reason from an h5py error: the OS message when it carries one (``No space left on device``)."""
+    text = str(exc)
+    found = re.search(r"error message = '([^']*)'", text)
+    if found and found.group(1):
+        return found.group(1)
+    lines = text.strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _plain(attrs: dict) -> dict[str, str | int | float]:
@@ -149,18 +231,53 @@ def _h5_dtype(values: np.ndarray) -> object:
     return h5py.string_dtype() if values.dtype.kind in "OUS" else values.dtype
 
 
+@functools.cache
+def _set_read_attempts() -> object | None:
+    """HDF5's ``H5Pset_metadata_read_attempts`` (not wrapped by h5py), or ``None`` where it cannot be found."""
+    try:
+        function = ctypes.CDLL(h5py.h5p.__file__).H5Pset_metadata_read_attempts  # found in h5py's libhdf5
+    except (OSError, AttributeError):
+        return None
+    function.argtypes, function.restype = [ctypes.c_int64, ctypes.c_uint], ctypes.c_int
+    return function
+
+
+def open_hdf5(path: str | Path) -> h5py.File:
+    """Open an HDF5 file for reading without ever hanging on a damaged file.
+
+    A finished file opens the normal way (a damaged one fails at once). A file whose writer
+    still runs or was killed is refused by the normal open ("truncated" while it grows, "already
+    open for write" after ``kill -9``); it is then opened in SWMR-read mode with a bounded number
+    of metadata read attempts (:data:`SWMR_READ_ATTEMPTS`), so a damaged one fails within a second.
+
+    Raises:
+        OSError, RuntimeError: The file cannot be read (h5py's errors; callers name the file).
+    """
+    try:
+        return h5py.File(path, "r")
+    except OSError:
+        pass
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_libver_bounds(h5py.h5f.LIBVER_EARLIEST, h5py.h5f.LIBVER_LATEST)
+    set_attempts = _set_read_attempts()
+    if set_attempts is not None:
+        set_attempts(fapl.id, SWMR_READ_ATTEMPTS)  # type: ignore[operator]
+    fid = h5py.h5f.open(str(path).encode(), h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ, fapl=fapl)
+    return h5py.File(fid)
+
+
 def read(path: str | Path, *, drop_factors: bool = True) -> xr.Dataset:
     """Read a file of :class:`AppendStore` into memory: the rows whose ``snapshot_written`` is 1.
 
-    Opens in SWMR-read mode, so a file whose writer died (or still runs) reads as of its last
-    flushed snapshot.
+    Opens with :func:`open_hdf5`, so a file whose writer died (or still runs) reads as of its last
+    flushed snapshot, and a damaged file raises instead of hanging.
 
     Args:
         path: The file.
         drop_factors: Leave out stored per-sample factors (read them with
             :func:`fisherlab.results.load_factors`).
     """
-    with h5py.File(path, "r", swmr=True) as h5, h5netcdf.File(h5, "r") as nc:
+    with open_hdf5(path) as h5, h5netcdf.File(h5, "r") as nc:
         drop = [n for n in nc.variables if n.startswith("factors_")] if drop_factors else []
         with xr.open_dataset(xr.backends.H5NetCDFStore(nc), drop_variables=drop) as ds:
             ds = ds.load()

@@ -122,6 +122,11 @@ def run_training(config: TrainConfig, out: str | Path, *, overwrite: bool = Fals
     device = select_device(config.device)
     with ResultsWriter(out, {}, overwrite=overwrite) as writer:  # refuses an existing or locked output before any work
         images = problem.data(config.data_dir, seed=config.seed)
+        if config.batch_size and config.batch_size > images.train.shape[0]:
+            raise FisherlabError(
+                f"--batch-size {config.batch_size} exceeds the {images.train.shape[0]} training examples of "
+                f"{images.source}"
+            )
         announce_data(images.source, images.stand_in)
         if images.valid.shape[0] == 0:
             print(

@@ -21,8 +21,9 @@ from fisherlab.approximations import kfac_factors
 from fisherlab.distributed import all_reduce_sum
 from fisherlab.fisher import WholeFisher
 from fisherlab.kron import KronSum, pi_damping
+from fisherlab.metrics.registry import NETWORK_METRICS, NetworkMetric
 from fisherlab.operators import BlockDiagonal, Params, axpy, dot
-from fisherlab.vocabulary import TKO, CoarseSpace, Variable
+from fisherlab.vocabulary import TKO, CoarseSpace
 
 __all__ = [
     "TKO",
@@ -299,46 +300,9 @@ def cosine(x: Params, y: Params) -> float:
 
 # -- the two-level metrics of a probe snapshot (T §4.4) ------------------------------------
 
-_PER_SPACE = ("iteration", "coarse_space")
-_PER_METHOD = ("iteration", "method")
-
-#: Stored variables of two-level runs (``--two-level``); ``coarse_space`` includes ``tko``.
-TWO_LEVEL_METRICS: tuple[Variable, ...] = (
-    Variable(
-        "gap",
-        _PER_SPACE,
-        "E(beta*) - E(0)",
-        "1",
-        "<F_coarse beta, beta> - 2 <R0^T beta, r_KFAC> (T eq. 4.6); beta_TKO for coarse_space tko",
-    ),
-    Variable(
-        "energy_error",
-        _PER_SPACE,
-        "relative energy-norm error of the two-level increment",
-        "1",
-        "||zeta_2L - zeta||_F* / ||zeta||_F*, zeta = (F + lambda I)^-1 grad h exact (Woodbury)",
-    ),
-    Variable(
-        "cosine", _PER_SPACE, "cosine(zeta_2L, zeta)", "1", "Euclidean cosine with the exact damped natural gradient"
-    ),
-    Variable("energy_two_level", _PER_SPACE, "E(beta*)", "1", "||zeta_2L - zeta||^2_F* computed directly"),
-    Variable(
-        "block_energy_error",
-        _PER_METHOD,
-        "relative energy-norm error, block-diagonal method",
-        "1",
-        "||zeta_m - zeta||_F* / ||zeta||_F*, zeta_m[i] = (approximation_i + pi-damping)^-1 grad_i h",
-    ),
-    Variable("block_cosine", _PER_METHOD, "cosine(zeta_m, zeta), block-diagonal method", "1", "Euclidean cosine"),
-    Variable("energy_kfac", ("iteration",), "E(0)", "1", "||zeta_KFAC - zeta||^2_F* (T eq. 4.2)"),
-    Variable(
-        "energy_natural_gradient",
-        ("iteration",),
-        "||zeta||^2_F*",
-        "1",
-        "squared energy norm of the exact damped natural gradient",
-    ),
-)
+#: Stored variables of two-level runs (``--two-level``); ``coarse_space`` includes ``tko``: the
+#: whole-network entries of the metric registry (:data:`fisherlab.metrics.NETWORK_METRICS`).
+TWO_LEVEL_METRICS: tuple[NetworkMetric, ...] = NETWORK_METRICS
 
 
 def two_level_metrics(

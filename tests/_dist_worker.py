@@ -1,6 +1,6 @@
 """One rank of the distributed tests: ``python -m tests._dist_worker MODE WORLD RANK INIT_FILE OUT``.
 
-MODE ``snapshot``: probe one global batch with every method, both errors and two-level; rank 0
+MODE ``snapshot``: probe one global batch with every registered method, both errors and two-level; rank 0
 writes the dataset to OUT. MODE ``die``: probe every step of a short run writing OUT; rank 1
 dies after the first snapshot.
 """
@@ -22,6 +22,7 @@ GLOBAL_BATCH = 11  # not divisible by 2 or 3: shards of different sizes
 
 def config() -> fl.ProbeConfig:
     return fl.ProbeConfig(
+        methods=("all",),  # the papers' five and the zoo (issue 18): every distributed sum
         two_level=True,
         tol=1e-12,
         max_iter=20_000,

@@ -22,9 +22,16 @@ STAGES = [
     "losses",
     "data",
     "store",  # leaves
+    "sample_span",  # a block restricted to the span of its per-sample factors, and back (fisher's methods use it)
     "fisher",
     "probe",
     "approximations",
+    "methods",  # the zoo (fisherlab/methods/*.py, one stage): EKFAC, Shampoo, diagonal, low rank, ...
+    "metrics.reference",  # the metrics, one module per job
+    "metrics.error1",
+    "metrics.error2",
+    "metrics.registry",  # every stored variable: per layer and method, per layer, whole network, run
+    "metrics.evaluate",
     "metrics",
     "twolevel",
     "optim",  # the science
@@ -43,20 +50,79 @@ STAGES = [
 ]
 
 
+def _module_name(path: Path, package: Path) -> str:
+    """``metrics.error2`` for ``fisherlab/metrics/error2.py``; a package's ``__init__`` is the package
+    (``metrics``); ``__init__`` for the top package's own."""
+    parts = path.relative_to(package).with_suffix("").parts
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _modules(package: Path) -> dict[str, Path]:
+    """Every module of the package, subpackages included, by :func:`_module_name`."""
+    return {_module_name(p, package): p for p in sorted(package.rglob("*.py"))}
+
+
+def _stage(name: str) -> str:
+    """A module's stage: its own entry in :data:`STAGES`, else its package's (a subpackage listed as
+    one stage, like ``methods``, whose modules may import each other)."""
+    while name not in STAGES and "." in name:
+        name = name.rsplit(".", 1)[0]
+    return name
+
+
+def _type_only(node: ast.AST) -> bool:
+    """``if TYPE_CHECKING:``: imports for annotations only, which never run."""
+    test = node.test if isinstance(node, ast.If) else None
+    return isinstance(test, ast.Name | ast.Attribute) and ast.unparse(test).endswith("TYPE_CHECKING")
+
+
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node of ``tree`` outside ``if TYPE_CHECKING:`` blocks."""
+    out, todo = [], [tree]
+    while todo:
+        node = todo.pop()
+        out.append(node)
+        if isinstance(node, ast.If) and _type_only(node):
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+    return out
+
+
 def _imports(path: Path) -> set[str]:
+    """The package's modules ``path`` imports at run time (type-only imports excluded), named as in
+    :data:`STAGES`: ``fisherlab.metrics.error2`` is ``metrics.error2``, ``fisherlab.metrics`` (or a name
+    from it that is not a submodule) ``metrics``."""
+    package = Path(fisherlab.__file__).parent
+    known = set(_modules(package))
     deps = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fisherlab"):
-            parts = node.module.split(".")
-            deps |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names if a.name != "__version__"}
+            module = node.module.split(".", 1)[1] if "." in node.module else ""
+            for alias in node.names:
+                sub = f"{module}.{alias.name}" if module else alias.name
+                if sub in known:
+                    deps.add(sub)  # a submodule imported by name: `from fisherlab.metrics import error2`
+                elif module:
+                    deps.add(module)
         elif isinstance(node, ast.Import):
-            deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("fisherlab.")}
-    return deps - {path.stem}
+            deps |= {a.name.split(".", 1)[1] for a in node.names if a.name.startswith("fisherlab.")}
+    own = _module_name(path, package) if path.is_relative_to(package) else path.stem
+    return deps - {own, "__version__"}
 
 
 def test_no_import_from_a_later_stage() -> None:
+    """Every module of the package imports only from earlier stages: a subpackage's modules by their
+    dotted names (``metrics.error2``; its ``__init__`` by the package's name, after them), or the whole
+    subpackage as one stage (``methods``)."""
     package = Path(fisherlab.__file__).parent
-    modules = {p.stem: _imports(p) for p in package.glob("*.py")}
+    modules: dict[str, set[str]] = {}
+    for name, path in _modules(package).items():
+        stage = _stage(name)
+        modules.setdefault(stage, set()).update(_stage(d) for d in _imports(path) if _stage(d) != stage)
+    assert modules.get("methods") and modules.get("metrics.error2"), "subpackages must be parsed"
     assert set(modules) <= set(STAGES), f"place new modules in STAGES: {set(modules) - set(STAGES)}"
     backward = [
         f"{m} -> {d}"
@@ -67,11 +133,25 @@ def test_no_import_from_a_later_stage() -> None:
     assert not backward, backward
 
 
+def test_the_import_check_sees_subpackages_and_skips_type_only_imports(tmp_path: Path) -> None:
+    """``_imports`` names submodules by their dotted names and ignores ``if TYPE_CHECKING:`` imports."""
+    source = tmp_path / "x.py"
+    source.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "from fisherlab.metrics.error2 import SpectralLimits\n"
+        "from fisherlab.metrics import evaluate_block, registry\n"
+        "import fisherlab.kron\n"
+        "if TYPE_CHECKING:\n"
+        "    from fisherlab.run import FisherProbe\n"
+    )
+    assert _imports(source) == {"metrics.error2", "metrics", "metrics.registry", "kron"}
+
+
 def test_core_modules_do_not_import_heavy_optional_packages() -> None:
     """scikit-learn and scikit-image are not dependencies (the stand-in images are bundled)."""
     package = Path(fisherlab.__file__).parent
     imported = set()
-    for path in package.glob("*.py"):
+    for path in _modules(package).values():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 imported |= {a.name.split(".")[0] for a in node.names}

@@ -11,6 +11,7 @@ import gzip
 import json
 import os
 import pickle
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from scipy.io import savemat
 
 import fisherlab as fl
 from fisherlab import cli
+from fisherlab._errors import FisherlabError
 from fisherlab.kron import KronSum
 from fisherlab.layers import LayerFactors
 
@@ -161,9 +163,13 @@ BAD_PROBE_INPUTS: list[tuple[str, Setup, str]] = [
     ("every-zero", _flags("--every", "0"), "--every must be a positive integer"),
     ("seed-beyond-64-bits", _flags("--seed", str(2**70)), "--seed must be an integer from 0 to 2**63 - 1"),
     ("seed-negative", _flags("--seed", "-1"), "--seed must be an integer from 0 to 2**63 - 1"),
+    # beyond the data or the memory (issue 20 item 5: silently cut to the data, or the OOM killer)
+    ("batch-size-beyond-data", _flags("--batch-size", "1000000000"), "--batch-size 1000000000 exceeds the 16000"),
+    ("mc-samples-beyond-memory", _flags("--mc-samples", "100000"), "memory are available; lower --mc-samples 100000"),
+    ("exact-fisher-beyond-memory", _flags("--fisher", "exact", "--batch-size", "8000"), "lower --batch-size 8000"),
     # problems, methods and layers (already handled before; kept here so the table is complete)
     ("unknown-problem", _flags("--problem", "cifar"), "unknown problem 'cifar'"),
-    ("unknown-method", _flags("--methods", "kfac,shampoo"), "unknown methods"),
+    ("unknown-method", _flags("--methods", "kfac,shampo"), "unknown methods"),
     ("unknown-layer", _flags("--layers", "99"), "unknown layers"),
     ("missing-data-dir", _flags("--problem", "mnist", "--data-dir", "/nonexistent/mnist"), "does not exist"),
 ]
@@ -194,6 +200,7 @@ BAD_TRAIN_INPUTS: list[tuple[str, list[str], str]] = [
     ("epochs-zero", ["--epochs", "0"], "--epochs"),
     ("epochs-1e12", ["--epochs", str(10**12)], "--epochs must be at most 1,000,000"),
     ("seed-beyond-64-bits", ["--seed", str(2**70)], "--seed must be an integer from 0 to 2**63 - 1"),
+    ("batch-size-beyond-data", ["--batch-size", "100000000"], "--batch-size 100000000 exceeds the 16000"),
 ]
 
 
@@ -335,3 +342,45 @@ def test_bad_api_input_is_one_clear_error(call: Callable[[], object], error: typ
     with pytest.raises(error) as info:
         call()
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (lambda: bytes(3_000_000), "expands to more than"),  # a gzip bomb of zeros, no IDX header
+        (lambda: _idx_images(12)[:4] + (10**6).to_bytes(4, "big") + _idx_images(12)[8:], "announces"),
+        (lambda: _idx_images(12) + bytes(3_000_000), None),  # trailing bytes are never decompressed: loads
+    ],
+)
+def test_gzipped_data_is_decompressed_within_a_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: Callable[[], bytes], message: str | None
+) -> None:
+    """A small .gz that expands beyond the bound (here 1 MB) is refused after reading at most the bound,
+    not decompressed whole into memory (issue 20 item 5)."""
+    from fisherlab import data
+
+    monkeypatch.setattr(data, "MAX_DATA_BYTES", 10**6)
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(content(), compresslevel=1))
+    if message is None:
+        assert data.load_images("mnist", tmp_path).train.shape == (12, 784)
+    else:
+        with pytest.raises(FisherlabError, match=message):
+            data.load_images("mnist", tmp_path)
+
+
+def test_a_network_beyond_memory_is_refused_naming_the_setting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--problem resnet18 --layers all` at a batch whose per-sample factors (about 54 GiB in float64) do not
+    fit in the memory there is (8 GiB here): one line naming --layers, before any work (issue 20 item 5)."""
+    from fisherlab import run
+
+    monkeypatch.setattr(run, "available_bytes", lambda device: 8 * 2.0**30)
+    args = ["probe", "--problem", "resnet18", "--layers", "all", "--batch-size", "1500", "--iterations", "2"]
+    assert cli.main([*args, "--every", "1", "--out", str(tmp_path / "r.nc"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.fullmatch(
+        r"fisherlab: error: a snapshot needs about 5\d\.\d GiB .* but 8\.0 GiB of memory are available; "
+        r"lower the --layers probed \(\d+\) or --batch-size 1500",
+        err[-1],
+    ), err

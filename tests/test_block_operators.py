@@ -10,11 +10,17 @@ import pytest
 import torch
 
 import fisherlab as fl
-from fisherlab.block_operators import DenseBlockOperator, DiagonalBlockOperator, EigenbasisDiagonal, LiftedOperator
+from fisherlab.block_operators import (
+    DenseBlockOperator,
+    DiagonalBlockOperator,
+    EigenbasisDiagonal,
+    LiftedOperator,
+    LowRankOperator,
+)
 from fisherlab.dense import dense_frobenius_error, dense_spectral_error
 from fisherlab.fisher import ExactBlock
 from fisherlab.method_registry import METHODS, register_method, resolve_methods, unregister_method
-from fisherlab.metrics import BlockReference, frobenius_error, spectral_error_bounded
+from fisherlab.metrics import BlockReference, SpectralLimits, frobenius_error, spectral_error_bounded
 from fisherlab.testing import check_block_operator
 from tests.cases import FACTOR_CASES, ids, make_factors, small_mlp
 from tests.tolerances import EXACT64
@@ -41,16 +47,19 @@ def _operators(d_out: int, d_in: int, device: torch.device) -> dict[str, tuple[o
     lift = torch.kron(u_out, u_in)
     eye_out = torch.eye(d_out, dtype=torch.float64, device=device)
     kron = fl.KronSum((psd[:d_out, :d_out] + eye_out,), (torch.eye(d_in, dtype=torch.float64, device=device),))
+    u = _orthogonal(side, gen)[:, :3].to(device)  # three orthonormal columns
+    lam = torch.tensor([2.0, 0.5, 0.25], dtype=torch.float64, device=device)
     return {
         "dense": (DenseBlockOperator(psd, (d_out, d_in)), psd),
         "diagonal": (DiagonalBlockOperator(s), torch.diag(s.flatten())),
         "eigenbasis_diagonal": (EigenbasisDiagonal(q_out, q_in, s), q @ torch.diag(s.flatten()) @ q.T),
         "lifted": (LiftedOperator(DenseBlockOperator(small, (k_out, k_in)), u_out, u_in), lift @ small @ lift.T),
         "kron_sum": (kron, torch.kron(kron.outs[0], kron.ins[0])),
+        "lowrank": (LowRankOperator(u.T.reshape(3, d_out, d_in), lam), u @ torch.diag(lam) @ u.T),
     }
 
 
-@pytest.mark.parametrize("kind", ["dense", "diagonal", "eigenbasis_diagonal", "lifted", "kron_sum"])
+@pytest.mark.parametrize("kind", ["dense", "diagonal", "eigenbasis_diagonal", "lifted", "kron_sum", "lowrank"])
 def test_every_operator_type_meets_the_contract(kind: str, device: torch.device) -> None:
     operator, dense = _operators(3, 4, device)[kind]
     check_block_operator(operator, dense)
@@ -102,7 +111,7 @@ def test_generic_error_2_by_block_lanczos_on_matvec() -> None:
     ref = BlockReference.of(block)
     f_hat = block.as_dense() + 0.01 * torch.eye(block.dim, dtype=torch.float64)  # F plus a small shift: rank D
     operator = _MatvecOnly(DenseBlockOperator(f_hat, (block.d_out, block.d_in)))
-    res = spectral_error_bounded(ref, operator, memory_limit=150_000)  # dense D² needs 180 000 bytes
+    res = spectral_error_bounded(ref, operator, limits=SpectralLimits(memory=150_000))  # dense D² needs 180 000 bytes
     want = float(dense_spectral_error(block.as_dense(), f_hat))
     assert res.eigenvalues < block.dim  # not all of them: the interval closed early
     assert abs(res.value - want) <= res.bound + 1e-7 * want and res.bound <= max(1e-6 * want, 1e-9)

@@ -4,7 +4,10 @@ model, interrupted runs, and one clear message per bad input (exit status 2, no 
 from __future__ import annotations
 
 import itertools
+import os
+import signal
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +16,7 @@ from fisherlab import run as run_module
 from fisherlab._errors import FisherlabError
 from fisherlab.config import ProbeConfig
 from fisherlab.losses import LossKind
+from fisherlab.method_registry import METHODS
 from fisherlab.results import load, validate
 from fisherlab.run import probe_training
 from tests.cases import SmallConvNet, small_mlp
@@ -55,6 +59,24 @@ def test_probe_end_to_end(tmp_path, capsys) -> None:
     assert cli.main(["info", str(out)]) == 0
 
 
+def test_probe_all_methods(tmp_path) -> None:
+    """`--methods all` scores every registered method (the zoo of issue 18 included) on the default problem;
+    the figure and `info` take them all; EKFAC <= KFAC and eshampoo <= shampoo on every snapshot."""
+    out = tmp_path / "all.nc"
+    assert (
+        cli.main(["probe", "--methods", "all", "--iterations", "2", "--every", "1", "--out", str(out), "--no-progress"])
+        == 0
+    )
+    ds = load(out)
+    validate(ds)
+    assert list(ds["method"].values) == list(METHODS)
+    err = ds["frobenius_error"]
+    assert bool(np.isfinite(err).all()) and bool(np.isfinite(ds["spectral_error"]).all())
+    assert bool((err.sel({"method": "ekfac"}) <= err.sel({"method": "kfac"}) * (1 + 1e-8)).all())
+    assert bool((err.sel({"method": "eshampoo"}) <= err.sel({"method": "shampoo"}) * (1 + 1e-8)).all())
+    assert (tmp_path / "all.png").exists() and cli.main(["info", str(out)]) == 0
+
+
 def test_config_file_and_flags(tmp_path) -> None:
     """--config supplies fields; explicit flags win; the resolved config is stored."""
     cfg = tmp_path / "c.json"
@@ -73,7 +95,7 @@ def test_config_file_and_flags(tmp_path) -> None:
 
 BAD_INPUTS = [
     (["--problem", "cifar"], "unknown problem 'cifar'"),
-    (["--methods", "kfac,shampoo"], "unknown methods"),
+    (["--methods", "kfac,shampo"], "unknown methods"),
     (["--layers", "99"], "unknown layers"),
     (["--iterations", "-3"], "--iterations must be a positive integer"),
     (["--iterations", "5", "--every", "10"], "larger than --iterations"),
@@ -117,22 +139,50 @@ def test_existing_and_unwritable_outputs(tmp_path, capsys) -> None:
     assert "cannot create directory" in capsys.readouterr().err
 
 
-def test_interrupted_run_keeps_finished_snapshots(tmp_path, monkeypatch, capsys) -> None:
-    """Ctrl-C after the snapshot at iteration 4: the file holds iterations 0, 2, 4 and is valid."""
-    real_step = run_module._step
+def _sigterm() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
 
-    def step(model, loss, optimizer, x, y, iteration, *rest):  # type: ignore[no-untyped-def]
-        if iteration == 5:
-            raise KeyboardInterrupt
-        return real_step(model, loss, optimizer, x, y, iteration, *rest)
 
-    monkeypatch.setattr(run_module, "_step", step)
+def _ctrl_c() -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(
+    ("where", "at", "interrupt", "status", "message", "kept"),
+    [
+        ("step", 5, _ctrl_c, 130, "interrupted; finished snapshots are in {out}", [0, 2, 4]),
+        ("step", 5, _sigterm, 143, "terminated (SIGTERM); finished snapshots are in {out}", [0, 2, 4]),
+        ("snapshot", 0, _ctrl_c, 130, "interrupted; no snapshot had finished, nothing was written", None),
+        ("snapshot", 0, _sigterm, 143, "terminated (SIGTERM); no snapshot had finished, nothing was written", None),
+    ],
+)
+def test_interrupted_run_keeps_finished_snapshots(
+    tmp_path, monkeypatch, capsys, where: str, at: int, interrupt, status: int, message: str, kept: list[int] | None
+) -> None:
+    """Ctrl-C or SIGTERM after the snapshot at iteration 4: the file holds iterations 0, 2, 4 and is valid;
+    before the first snapshot: no file, and the message does not claim one (issue 20 item 6). One line, the
+    lock released, exit 130 (Ctrl-C) or 143 (SIGTERM)."""
+    real = getattr(run_module, f"_{where}")
+
+    def interrupted(*args):  # type: ignore[no-untyped-def]
+        if args[5 if where == "step" else 0] == at:  # _step(model, loss, optimizer, x, y, iteration), _snapshot(it)
+            interrupt()
+        return real(*args)
+
+    monkeypatch.setattr(run_module, f"_{where}", interrupted)
     out = tmp_path / "r.nc"
-    assert cli.main(["probe", "--iterations", "10", "--every", "2", "--out", str(out), "--no-progress"]) == 130
-    assert "interrupted" in capsys.readouterr().err
-    ds = load(out)
-    validate(ds)
-    assert list(ds["iteration"].values) == [0, 2, 4]
+    args = ["probe", "--iterations", "10", "--every", "2", "--methods", "kfac", "--metrics", "frobenius_error"]
+    assert cli.main([*args, "--out", str(out), "--no-progress", "--figure", "none"]) == status
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "fisherlab: " + message.format(out=out) and "Traceback" not in "".join(err)
+    assert not (tmp_path / "r.nc.lock").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    if kept is None:
+        assert not out.exists()
+    else:
+        ds = load(out)
+        validate(ds)
+        assert list(ds["iteration"].values) == kept
 
 
 def test_diverging_training_is_reported() -> None:

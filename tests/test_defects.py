@@ -258,8 +258,8 @@ def test_probe_of_several_layers_with_a_large_learning_rate() -> None:
 def test_python_api_bad_inputs() -> None:
     """Public entry points refuse bad input with a ValueError that says what was expected (defect 13)."""
     block = ExactBlock(make_factors({"id": "x", "n": 4, "v": 1, "t": 1, "d_in": 3, "d_out": 2, "seed": 0}))
-    with pytest.raises(ValueError, match=r"unknown methods \['shampoo'\]"):
-        approximate_all(block, ["shampoo"])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match=r"unknown methods \['shampo'\]"):
+        approximate_all(block, ["shampo"])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="at least one sample"):
         LayerFactors(torch.zeros(0, 1, 3), torch.zeros(0, 1, 1, 2))
     kron = KronSum((torch.eye(2, dtype=torch.float64),), (torch.eye(3, dtype=torch.float64),))

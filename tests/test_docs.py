@@ -40,5 +40,9 @@ def test_every_public_name_is_in_the_api_reference() -> None:
 
 def test_every_package_module_has_a_page() -> None:
     package = Path(fisherlab.__file__).parent
-    modules = {f"fisherlab.{p.stem}" for p in package.glob("*.py") if p.stem not in {"__init__", "__main__"}}
+    modules = {
+        ".".join(("fisherlab", *p.relative_to(package).with_suffix("").parts)).removesuffix(".__init__")
+        for p in package.rglob("*.py")
+        if p.relative_to(package).as_posix() not in {"__init__.py", "__main__.py"}
+    }
     assert modules <= _documented_modules(), sorted(modules - _documented_modules())

@@ -189,3 +189,23 @@ def test_route_follows_the_operation_count(monkeypatch: pytest.MonkeyPatch) -> N
     # ResNet-18 layer4 conv (16 positions, 4 609 inputs): the per-sample gradients fit at batch 3, but
     # DW Y DWᵀ costs 35x the position pairs (their rank is only T)
     assert route(16, 4609, 512) == "pairs"
+
+
+def test_the_sample_span_feature_is_one_module_reached_from_its_old_homes() -> None:
+    """fisherlab.sample_span holds the feature; ExactBlock's methods delegate to it and the old import paths
+    (approximations.SpanMatrix, restricted_warm_starts) name the same objects."""
+    from fisherlab import approximations, sample_span
+
+    gen = torch.Generator().manual_seed(3)
+    block = ExactBlock(
+        LayerFactors(
+            torch.randn(3, 1, 13, generator=gen, dtype=torch.float64),
+            torch.randn(3, 1, 1, 20, generator=gen, dtype=torch.float64),
+        )
+    )
+    span, direct = block.sample_span(), sample_span.restrict(block)
+    assert span is not None and direct is not None and isinstance(span, sample_span.SampleSpan)
+    assert (span.block.d_out, span.block.d_in, span.zeros) == (3, 3, 20 * 13 - 9)
+    torch.testing.assert_close(span.block.as_dense(), direct.block.as_dense())
+    assert approximations.SpanMatrix is sample_span.SpanMatrix
+    assert approximations.restricted_warm_starts is sample_span.restricted_warm_starts

@@ -119,7 +119,7 @@ def test_bad_arguments_are_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(fl.FisherlabError, match="unknown layer"):
         fl.FisherProbe(model, "ce", layers=["nope"])
     with pytest.raises(fl.FisherlabError, match="unknown methods"):
-        fl.FisherProbe(model, "ce", methods=["shampoo"])
+        fl.FisherProbe(model, "ce", methods=["shampo"])
     with pytest.raises(fl.FisherlabError, match="unknown loss"):
         fl.FisherProbe(model, "hinge")
     with pytest.raises(fl.FisherlabError, match="no snapshot yet"):
@@ -235,3 +235,16 @@ def test_default_is_error_1_only_and_the_first_snapshot_says_its_cost(capsys: py
     cost = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fisherlab: probe cost:")]
     assert len(cost) == 2  # one per probe
     assert " s, peak memory " in cost[0] and "GiB" in cost[0] and "error 1 only" in cost[1]
+
+
+def test_step_after_close_raises_and_keeps_the_file(tmp_path: Path) -> None:
+    """Three snapshots, close, one more step: an error, and the file still holds all three (issue 20 item 1:
+    the step reopened the file for writing and truncated it to the one new snapshot)."""
+    model = _net()
+    probe = fl.FisherProbe(model, "ce", every=1, methods=["kfac"], out=tmp_path / "p.nc")
+    _train(model, probe, steps=3)
+    probe.close()
+    with pytest.raises(fl.FisherlabError, match="closed"):
+        probe.step(3, torch.randn(16, 6), torch.randint(0, 3, (16,)))
+    assert list(load(tmp_path / "p.nc")["iteration"].values) == [0, 1, 2]
+    assert not (tmp_path / "p.nc.lock").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,9 +17,12 @@ from fisherlab.dense import dense_frobenius_error, dense_spectral_error
 from fisherlab.fisher import ExactBlock
 from fisherlab.kron import KronSum
 from fisherlab.layers import LayerFactors
-from fisherlab.metrics import BlockReference, Spectrum, evaluate_block, frobenius_error, spectral_error
+from fisherlab.metrics import BlockReference, SpectralLimits, Spectrum, evaluate_block, frobenius_error, spectral_error
 from tests.cases import FACTOR_CASES, ids, make_factors
 from tests.tolerances import EXACT64
+
+#: Error-2 limits that never diagonalise a multi-term F̂ densely (side 10 and below): block Lanczos.
+NO_DENSE = SpectralLimits(dense_max_side=10)
 
 
 @pytest.mark.parametrize("case", FACTOR_CASES, ids=ids(FACTOR_CASES))
@@ -84,25 +88,20 @@ def _rank2_case(seed: int = 0, batch: int = 40) -> tuple[BlockReference, KronSum
 
 @pytest.mark.parametrize("batch", [40, 6])
 @pytest.mark.parametrize("spectrum", list(Spectrum))
-def test_iterative_error_2_matches_dense(monkeypatch: pytest.MonkeyPatch, spectrum: Spectrum, batch: int) -> None:
+def test_iterative_error_2_matches_dense(spectrum: Spectrum, batch: int) -> None:
     """Beyond the dense limit, the largest eigenvalues by block Lanczos give error 2 to 1e-8."""
-    from fisherlab import kron as kron_module
     from fisherlab.metrics import spectral_error_bounded
 
     ref, kron, _ = _rank2_case(batch=batch)  # 6 samples: factors of rank 6 < 12 outputs, restricted to their ranges
     dense = dense_spectral_error(ref.block.as_dense(), kron.as_dense(), spectrum)
     assert (kron.on_ranges().d_out < kron.d_out) == (batch == 6)
-    monkeypatch.setattr(kron_module, "symmetric_eig_dense_limit", 10)
-    res = spectral_error_bounded(ref, kron, spectrum=spectrum)
+    res = spectral_error_bounded(ref, kron, spectrum=spectrum, limits=NO_DENSE)
     assert res.value == pytest.approx(float(dense), rel=1e-8) and res.bound <= 1e-8 * res.value and not res.note
 
 
-def test_iterative_error_2_of_an_indefinite_approximation_waits_for_the_positive_eigenvalues(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_iterative_error_2_of_an_indefinite_approximation_waits_for_the_positive_eigenvalues() -> None:
     """F̂ with large negative eigenvalues: the r largest-magnitude ones converge first, but error 2 (eigenvalue
     convention) needs the r algebraically largest; the iterative value still equals the dense one."""
-    from fisherlab import kron as kron_module
     from fisherlab.metrics import spectral_error_bounded
 
     gen = torch.Generator().manual_seed(7)
@@ -120,45 +119,42 @@ def test_iterative_error_2_of_an_indefinite_approximation_waits_for_the_positive
 
     kron = KronSum((spd(12), -3 * spd(12)), (spd(31), spd(31)))  # the largest in magnitude are negative
     dense = dense_spectral_error(block.as_dense(), kron.as_dense(), Spectrum.EIGENVALUES)
-    monkeypatch.setattr(kron_module, "symmetric_eig_dense_limit", 10)
-    res = spectral_error_bounded(ref, kron, spectrum=Spectrum.EIGENVALUES)
+    res = spectral_error_bounded(ref, kron, spectrum=Spectrum.EIGENVALUES, limits=NO_DENSE)
     assert res.value == pytest.approx(float(dense), rel=1e-8) and res.bound <= 1e-8 * res.value and not res.note
 
 
 @pytest.mark.parametrize("spectrum", list(Spectrum))
-def test_error_2_under_a_memory_limit_is_bounded_and_the_bound_holds(
-    monkeypatch: pytest.MonkeyPatch, spectrum: Spectrum
-) -> None:
+def test_error_2_under_a_memory_limit_is_bounded_and_the_bound_holds(spectrum: Spectrum) -> None:
     """With room for a basis of 24 to 40 vectors (thick restarts keep 8 to 24 Ritz vectors, fewer than
     the 40 eigenvalues error 2 needs): the interval [value - bound, value + bound] holds the dense error 2;
     with room for no basis: NaN, an infinite bound and the reason."""
-    from fisherlab import kron as kron_module
-    from fisherlab.metrics import _SOLVER_COPIES, spectral_error_bounded
+    from fisherlab.metrics import spectral_error_bounded
+    from fisherlab.metrics.error2 import _SOLVER_COPIES
 
     ref, kron, _ = _rank2_case(1)
     dense = dense_spectral_error(ref.block.as_dense(), kron.as_dense(), spectrum)
-    monkeypatch.setattr(kron_module, "symmetric_eig_dense_limit", 10)
     width = 8  # the block size for r = 40
     for basis in (24, 32, 40):
         limit = (basis + _SOLVER_COPIES * width) * kron.dim * 8
-        res = spectral_error_bounded(ref, kron, spectrum=spectrum, memory_limit=limit)
+        res = spectral_error_bounded(ref, kron, spectrum=spectrum, limits=replace(NO_DENSE, memory=limit))
         assert 0 < res.eigenvalues <= basis - 2 * width and res.bound > 0 and "fit in" in res.note
         assert res.value - res.bound <= float(dense) <= res.value + res.bound
-    none = spectral_error_bounded(ref, kron, memory_limit=(2 + _SOLVER_COPIES) * kron.dim * 8)
+    none = spectral_error_bounded(ref, kron, limits=replace(NO_DENSE, memory=(2 + _SOLVER_COPIES) * kron.dim * 8))
     assert math.isnan(none.value) and none.bound == math.inf and "needs" in none.note
 
 
-def test_bounded_error_2_is_stored_with_its_bound_and_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fisherlab import kron as kron_module
-    from fisherlab import metrics as metrics_module
+def test_bounded_error_2_is_stored_with_its_bound_and_one_warning() -> None:
     from fisherlab.metrics import evaluate_block
 
     ref, _, _ = _rank2_case(2)
-    monkeypatch.setattr(kron_module, "symmetric_eig_dense_limit", 10)
-    monkeypatch.setattr(metrics_module, "SPECTRAL_MEMORY_LIMIT", 8 * ref.block.dim * 8)
-    with pytest.warns(metrics_module.UndefinedMetricWarning, match="error 2 of layer 'x'") as record:
+    limits = replace(NO_DENSE, memory=8 * ref.block.dim * 8)
+    with pytest.warns(UndefinedMetricWarning, match="error 2 of layer 'x'") as record:
         ev = evaluate_block(
-            ref.block, [Method.KFAC, Method.DEFLATION], ApproxConfig(tol=1e-10, max_iter=5000), layer="x"
+            ref.block,
+            [Method.KFAC, Method.DEFLATION],
+            ApproxConfig(tol=1e-10, max_iter=5000),
+            layer="x",
+            limits=limits,
         )
     assert len(record) == 1  # deflation only: KFAC's single Kronecker product is exact
     assert 0 < ev.values["spectral_error_bound"][Method.KFAC] < 1e-12  # rounding only, never 0
@@ -167,18 +163,15 @@ def test_bounded_error_2_is_stored_with_its_bound_and_one_warning(monkeypatch: p
     assert math.isnan(skipped.values["spectral_error_bound"][Method.KFAC])  # not computed with its error metric
 
 
-def test_error_2_past_the_work_limit_is_bounded_and_the_bound_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_error_2_past_the_work_limit_is_bounded_and_the_bound_holds() -> None:
     """An eigensolver budget of a few block applications: bounded value, the note names the work limit,
     and the interval holds the dense error 2."""
-    from fisherlab import kron as kron_module
-    from fisherlab import metrics as metrics_module
     from fisherlab.metrics import spectral_error_bounded
 
     ref, kron, dense = _rank2_case(3)
-    monkeypatch.setattr(kron_module, "symmetric_eig_dense_limit", 10)
     per_vector = 2 * 2 * (12**2 * 31 + 12 * 31**2)
-    monkeypatch.setattr(metrics_module, "SPECTRAL_WORK_LIMIT", 3 * 40 * per_vector)  # 3 iterations of 40 vectors
-    res = spectral_error_bounded(ref, kron)
+    limits = replace(NO_DENSE, work=3 * 40 * per_vector)  # 3 iterations of 40 vectors
+    res = spectral_error_bounded(ref, kron, limits=limits)
     assert res.bound > 0 and "work limit" in res.note
     assert res.value - res.bound <= float(dense) <= res.value + res.bound
 
@@ -220,19 +213,18 @@ def test_errors_on_the_sample_span_match_the_whole_block(spectrum: Spectrum, con
 
 
 def test_the_eigensolver_limits_follow_the_device(device: torch.device) -> None:
-    """CPU: the module constants; CUDA: at least as much memory (a share of the free GPU memory), more work."""
-    from fisherlab import metrics as metrics_module
-
-    memory, work = metrics_module.spectral_limits(device)
+    """CPU: the defaults; CUDA: at least as much memory (a share of the free GPU memory), more work."""
+    limits, default = SpectralLimits.for_device(device), SpectralLimits()
+    memory, work = limits.memory, limits.work
     if device.type == "cpu":
-        assert (memory, work) == (metrics_module.SPECTRAL_MEMORY_LIMIT, metrics_module.SPECTRAL_WORK_LIMIT)
+        assert (memory, work) == (default.memory, default.work)
     else:
-        assert memory >= metrics_module.SPECTRAL_MEMORY_LIMIT and work == metrics_module.SPECTRAL_GPU_WORK_LIMIT
+        assert memory >= default.memory and work == default.gpu_work
 
 
 def test_a_warm_start_kept_on_its_span_maps_like_the_whole_matrix() -> None:
     """SpanMatrix(U, C) on another span V is Vᵀ (U C Uᵀ) V; on None it is U C Uᵀ."""
-    from fisherlab.approximations import SpanMatrix
+    from fisherlab.sample_span import SpanMatrix
 
     gen = torch.Generator().manual_seed(8)
     u = torch.linalg.qr(torch.randn(11, 4, generator=gen, dtype=torch.float64)).Q
@@ -291,7 +283,7 @@ def test_small_error_1_matches_dense(spread: float) -> None:
 def test_error_1_beyond_the_work_limit_keeps_the_expansion_with_its_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the non-cancelling route would cost too much, the expansion's value is stored with a resolution
     that covers its error."""
-    monkeypatch.setattr(metrics, "FROBENIUS_WORK_LIMIT", 0)
+    monkeypatch.setattr(metrics.error1, "FROBENIUS_WORK_LIMIT", 0)
     for spread in (0.0, 1e-6):
         block = _exact_block(EXACT_CASES[0], spread)
         kron = approximate_all(block, [Method.KFAC])[Method.KFAC].kron
@@ -374,22 +366,20 @@ KRONECKER_EXACT_CASES = [  # (Kronecker rank of the block, methods exact on it, 
     ("terms", "methods", "route"), KRONECKER_EXACT_CASES, ids=[f"{c[0]}-{c[2]}" for c in KRONECKER_EXACT_CASES]
 )
 def test_error_2_of_an_exact_approximation_is_at_the_rounding_floor_or_bounded(
-    monkeypatch: pytest.MonkeyPatch, terms: int, methods: list[Method], route: str
+    terms: int, methods: list[Method], route: str
 ) -> None:
     """KFAC/KPSVD on a block that is one Kronecker product, deflation/Lanczos on one of Kronecker rank 2: the
     dense error 2 is ~1e-16; the stored one is too where every eigenvalue of F̂ is known (factors, dense), and
     its bound covers it and is never 0 (it was 3e-8 ± 0: ||F̂||² - Σ μ_i² cancelled). Through Lanczos, where
     only the leading eigenvalues are known, the bound covers what that cancellation leaves."""
-    from fisherlab import kron as kron_module
     from fisherlab.metrics import spectral_error_bounded
 
     block = _kronecker_block(terms)
     ref = BlockReference.of(block)
-    if route == "lanczos":
-        monkeypatch.setattr(kron_module, "symmetric_eig_dense_limit", 10)
+    limits = NO_DENSE if route == "lanczos" else None
     for method, approx in approximate_all(block, methods, ApproxConfig(tol=1e-12, max_iter=5000)).items():
         dense = float(dense_spectral_error(block.as_dense(), approx.kron.as_dense()))
-        res = spectral_error_bounded(ref, approx.kron)
+        res = spectral_error_bounded(ref, approx.kron, limits=limits)
         assert dense < 1e-14, method
         assert 0 < res.bound and abs(res.value - dense) <= res.bound, (method, res, dense)
         if route != "lanczos":
@@ -398,23 +388,19 @@ def test_error_2_of_an_exact_approximation_is_at_the_rounding_floor_or_bounded(
 
 @pytest.mark.parametrize("case", FACTOR_CASES, ids=ids(FACTOR_CASES))
 @pytest.mark.parametrize("route", ["dense", "lanczos"])
-def test_stored_error_2_is_within_its_bound_of_the_dense_value(
-    monkeypatch: pytest.MonkeyPatch, case: dict, route: str
-) -> None:
+def test_stored_error_2_is_within_its_bound_of_the_dense_value(case: dict, route: str) -> None:
     """Every method, both spectra, dense and Lanczos routes: |stored - dense| <= bound, bound > 0 (it was 0
     with the value off by the rounding of the formula and the eigensolver's residuals)."""
-    from fisherlab import kron as kron_module
     from fisherlab.metrics import spectral_error_bounded
 
-    if route == "lanczos":
-        monkeypatch.setattr(kron_module, "symmetric_eig_dense_limit", 10)
+    limits = NO_DENSE if route == "lanczos" else None
     block = ExactBlock(make_factors(case))
     ref = BlockReference.of(block)
     for method, approx in approximate_all(block, list(Method), ApproxConfig(tol=1e-8)).items():
         f_hat = approx.kron.as_dense()
         for spectrum in Spectrum:
             dense = float(dense_spectral_error(block.as_dense(), f_hat, spectrum))
-            res = spectral_error_bounded(ref, approx.kron, spectrum=spectrum)
+            res = spectral_error_bounded(ref, approx.kron, spectrum=spectrum, limits=limits)
             assert 0 < res.bound <= 1e-8 * max(res.value, 1e-6), (method, spectrum, res)
             assert abs(res.value - dense) <= res.bound + 1e-17, (method, spectrum, res, dense)
 
@@ -426,20 +412,18 @@ def test_error_2_diagonalises_densely_when_that_is_cheaper_than_lanczos(
     """Above the dense side (patched to 10), r = 80 of a 372-sided F̂ (4 r < D, so it went to Lanczos, which
     needs ~2.5 r vectors, r² D reorthogonalisation and r³ checks: 5x slower on MNIST layer 5 at init) is
     diagonalised densely; r = 20 still iterates. Both equal the dense value."""
-    from fisherlab import metrics as metrics_module
-    from fisherlab.metrics import spectral_error_bounded
+    from fisherlab.metrics import error2, spectral_error_bounded
 
     ref, kron, _ = _rank2_case(batch=batch)
     routes: list[str] = []
-    lanczos = metrics_module.block_lanczos_eigenvalues
+    lanczos = error2.block_lanczos_eigenvalues
 
     def recording(*args: object, **kwargs: object) -> object:
         routes.append("lanczos")
         return lanczos(*args, **kwargs)
 
-    monkeypatch.setattr(metrics_module, "SPECTRAL_DENSE_SIDE", 10)
-    monkeypatch.setattr(metrics_module, "block_lanczos_eigenvalues", recording)
-    res = spectral_error_bounded(ref, kron)
+    monkeypatch.setattr(error2, "block_lanczos_eigenvalues", recording)
+    res = spectral_error_bounded(ref, kron, limits=SpectralLimits(dense_side=10))
     assert routes == ([] if route == "dense" else ["lanczos"])
     dense = float(dense_spectral_error(ref.block.as_dense(), kron.as_dense()))
     assert abs(res.value - dense) <= res.bound + 1e-17 and res.bound <= 1e-8 * res.value
@@ -455,31 +439,28 @@ def test_error_2_runs_its_eigensolver_with_threads_that_fit_the_machine(
 ) -> None:
     """On a machine whose load average leaves no free core, error 2's eigensolver runs with one thread
     (two threads on a loaded 2-core machine took 81 s for a 1.5 s call); idle, torch's number;
-    SPECTRAL_THREADS fixes it; torch's setting is restored afterwards."""
-    from fisherlab import kron as kron_module
-    from fisherlab import metrics as metrics_module
-    from fisherlab.metrics import spectral_error_bounded, spectral_threads
+    SpectralLimits.threads fixes it; torch's setting is restored afterwards."""
+    from fisherlab.metrics import error2, spectral_error_bounded, spectral_threads
 
     outside = torch.get_num_threads()
     torch.set_num_threads(2)
     before = 2
-    monkeypatch.setattr(metrics_module.os, "getloadavg", lambda: (load, load, load))
-    monkeypatch.setattr(metrics_module.os, "sched_getaffinity", lambda pid: set(range(2)))
-    monkeypatch.setattr(metrics_module, "SPECTRAL_THREADS", fixed)
+    monkeypatch.setattr(error2.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(error2.os, "sched_getaffinity", lambda pid: set(range(2)))
+    limits = replace(NO_DENSE, threads=fixed)
     want = before if expected == "torch" else expected
-    assert spectral_threads(torch.device("cpu")) == want and spectral_threads(torch.device("meta")) is None
+    assert spectral_threads(torch.device("cpu"), fixed) == want and spectral_threads(torch.device("meta")) is None
     seen: list[int] = []
-    lanczos = metrics_module.block_lanczos_eigenvalues
+    lanczos = error2.block_lanczos_eigenvalues
 
     def recording(*args: object, **kwargs: object) -> object:
         seen.append(torch.get_num_threads())
         return lanczos(*args, **kwargs)
 
-    monkeypatch.setattr(kron_module, "symmetric_eig_dense_limit", 10)
-    monkeypatch.setattr(metrics_module, "block_lanczos_eigenvalues", recording)
+    monkeypatch.setattr(error2, "block_lanczos_eigenvalues", recording)
     ref, kron, _ = _rank2_case(batch=6)
     try:
-        spectral_error_bounded(ref, kron)
+        spectral_error_bounded(ref, kron, limits=limits)
         assert seen == [want] and torch.get_num_threads() == before
     finally:
         torch.set_num_threads(outside)

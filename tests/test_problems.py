@@ -49,3 +49,11 @@ def test_every_problem_has_a_builder_and_a_kind() -> None:
         assert isinstance(problem.kind, ProblemKind) and callable(problem.build), problem.name
     with pytest.raises(fl.FisherlabError, match="already registered"):
         register_problem(PROBLEMS["curves"])
+
+
+def test_probe_help_lists_every_problem_with_its_description() -> None:
+    from fisherlab.cli import _parser
+
+    help_text = _parser()[1]["probe"].format_help()
+    for problem in PROBLEMS.values():
+        assert f"{problem.name}  " in help_text and problem.description in help_text, problem.name

@@ -65,3 +65,19 @@ def test_validate_and_load_reject_other_files(tmp_path) -> None:
         load(bad)
     with pytest.raises(FisherlabError, match="no such results file"):
         load(tmp_path / "missing.nc")
+
+
+def test_the_probe_schema_is_read_from_registries_of_one_shape() -> None:
+    """Per (layer, method), per layer, whole-network (two-level) and run-level variables are registry entries
+    of one shape (Variable subclasses with name, dims and attributes); the schemas are exactly those entries."""
+    from fisherlab.metrics import NETWORK_METRICS, RUN_METRICS, BlockMetric, LayerMetric, NetworkMetric, RunMetric
+    from fisherlab.results import TWO_LEVEL_VARIABLES, VARIABLES
+    from fisherlab.twolevel import TWO_LEVEL_METRICS
+    from fisherlab.vocabulary import Variable
+
+    registries = {BlockMetric: BLOCK_METRICS, LayerMetric: LAYER_METRICS, RunMetric: RUN_METRICS}
+    assert all(isinstance(v, kind) and isinstance(v, Variable) for kind, reg in registries.items() for v in reg)
+    assert list(VARIABLES) == [v.name for reg in registries.values() for v in reg]
+    assert all(isinstance(v, NetworkMetric) for v in NETWORK_METRICS) and TWO_LEVEL_METRICS is NETWORK_METRICS
+    assert {v.name: v.dims for v in NETWORK_METRICS} == {k: dims for k, (dims, *_) in TWO_LEVEL_VARIABLES.items()}
+    assert {v.name for v in RUN_METRICS} == {"train_loss", "wall_time", "probe_time"}

@@ -1,0 +1,133 @@
+"""One exact block, every registered metric of every method: restrict → approximate → measure → lift.
+
+:func:`evaluate_block` restricts a layer wider than its batch to its sample span
+(:mod:`fisherlab.sample_span`), builds the approximations (:func:`~fisherlab.approximations.approximate_all`),
+computes every entry of the registry (:mod:`fisherlab.metrics.registry`) against one
+:class:`~fisherlab.metrics.reference.BlockReference` per block, and lifts the approximations back.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fisherlab._errors import UndefinedMetricWarning
+from fisherlab.approximations import PAPER_METHODS, ApproxConfig, Approximation, WarmStarts, approximate_all
+from fisherlab.fisher import ExactBlock
+from fisherlab.method_registry import METHODS, resolve_methods
+from fisherlab.metrics.error2 import SpectralLimits
+from fisherlab.metrics.reference import BlockReference
+from fisherlab.metrics.registry import BLOCK_METRICS, LAYER_METRICS
+from fisherlab.sample_span import restricted_warm_starts
+from fisherlab.vocabulary import ERROR_METRICS, Spectrum
+
+__all__ = ["BlockEvaluation", "evaluate_block"]
+
+
+@dataclass(frozen=True)
+class BlockEvaluation:
+    """Approximations of one exact block and every registered metric of them (K §4.1).
+
+    Args:
+        approximations: Per method name.
+        values: ``values[metric][method]`` for every :data:`BLOCK_METRICS` entry (NaN for an
+            error metric not asked for, or undefined).
+        layer_values: ``layer_values[metric]`` for every :data:`LAYER_METRICS` entry.
+    """
+
+    approximations: dict[str, Approximation]
+    values: dict[str, dict[str, float]]
+    layer_values: dict[str, float]
+
+
+def _scaled_back(value: float, factor: float, power: int) -> float:
+    """``value * factor**power`` that overflows to inf (Python's ``**`` raises instead)."""
+    for _ in range(power):
+        value *= factor
+    return value
+
+
+def evaluate_block(
+    block: ExactBlock,
+    methods: Sequence[object] | None = None,
+    config: ApproxConfig | None = None,
+    *,
+    spectrum: Spectrum | str = Spectrum.EIGENVALUES,
+    metrics: Sequence[str] = ERROR_METRICS,
+    warm: WarmStarts | None = None,
+    layer: str = "",
+    limits: SpectralLimits | None = None,
+) -> BlockEvaluation:
+    """Build every approximation of ``block`` and compute every registered metric of each.
+
+    Restrict → approximate → measure → lift: a layer wider than its batch is first restricted to
+    the span of its per-sample factors (:meth:`~fisherlab.fisher.ExactBlock.sample_span`: the same
+    approximations and errors on a smaller block) for every method registered ``span_invariant``
+    (the papers' five); the others are built and measured on the whole block. Approximations are
+    returned lifted to the whole block. The Gram matrix (hence ``||F||_F`` and the spectrum) is
+    computed once per block and shared. Error metrics not in ``metrics`` are stored as NaN (error 2
+    of Kronecker-rank-2 methods is the one cost that grows like ``(d_out d_in)^3``). A zero block
+    warns once (:class:`UndefinedMetricWarning`) and gives NaN errors.
+
+    Args:
+        block: The exact block.
+        methods: Registered method names (default: the papers' five), ``all`` or ``package.module:attribute``.
+        config: Solver settings.
+        spectrum: What error 2 compares.
+        metrics: Error metrics to compute.
+        warm: Warm starts per method (:func:`~fisherlab.approximations.warm_starts`).
+        layer: Layer name used in warnings.
+        limits: What error 2's eigensolver may spend (default: :meth:`SpectralLimits.for_device
+            <fisherlab.metrics.error2.SpectralLimits.for_device>` of the block's device).
+    """
+    names = resolve_methods(PAPER_METHODS if methods is None else methods)
+    block, s_out, s_in = block.normalised()  # extreme scales: F = s_out² s_in² F', errors are relative
+    span = block.sample_span()  # a wide layer at a small batch: the same errors on a smaller block
+    on_span = [m for m in names if span is not None and METHODS[m].span_invariant]
+    whole = [m for m in names if m not in on_span]
+    refs: dict[str, BlockReference] = {}
+    approx: dict[str, Approximation] = {}
+    if on_span:
+        assert span is not None
+        ref = BlockReference.of(span.block, spectrum=spectrum, layer=layer, zeros=span.zeros, limits=limits)
+        warm_on_span = restricted_warm_starts(warm, span)
+        built = approximate_all(span.block, on_span, config, warm=warm_on_span, layer=layer, restrict=False)
+        for name, a in built.items():
+            refs[name], approx[name] = ref, a
+    if whole:
+        ref = BlockReference.of(block, spectrum=spectrum, layer=layer, limits=limits)
+        for name, a in approximate_all(block, whole, config, warm=warm, layer=layer, restrict=False).items():
+            refs[name], approx[name] = ref, a
+    any_ref = next(iter(refs.values()), None) or BlockReference.of(block, spectrum=spectrum, layer=layer, limits=limits)
+    zero = not float(any_ref.norm_squared) > 0
+    if zero:
+        warnings.warn(
+            f"the exact Fisher block of layer {layer!r} is zero (no gradient reaches it: dead or saturated units); "
+            "error 1 and error 2 are undefined there and stored as NaN (fisher_frobenius_norm = 0)",
+            UndefinedMetricWarning,
+            stacklevel=2,
+        )
+    values: dict[str, dict[str, float]] = {}
+    skipped = {m.name for m in BLOCK_METRICS if m.error and (zero or m.name not in metrics)}
+    for metric in BLOCK_METRICS:
+        skip = metric.name in skipped or metric.accompanies in skipped
+        values[metric.name] = {m: math.nan if skip else float(metric.compute(refs[m], approx[m])) for m in names}
+    layer_values = {
+        metric.name: _scaled_back(float(metric.compute(any_ref)), s_out * s_in, 2 * metric.power)
+        for metric in LAYER_METRICS
+    }
+    if not all(math.isfinite(v) for v in layer_values.values()) and not zero:
+        exponent = 2 * (math.log2(s_out) + math.log2(s_in))
+        warnings.warn(
+            f"the exact Fisher block of layer {layer!r} is beyond float64 (||F||_F ~ 2^{exponent:.0f} x "
+            f"{float(any_ref.norm_squared.sqrt()):.3g}); its errors, relative, are stored, "
+            "fisher_frobenius_norm as inf",
+            UndefinedMetricWarning,
+            stacklevel=2,
+        )
+    if span is not None:
+        approx = {m: approx[m].lifted(span) if m in on_span else approx[m] for m in names}
+    approx = {m: a.scaled(s_out, s_in) for m, a in approx.items()}
+    return BlockEvaluation(approx, values, layer_values)
