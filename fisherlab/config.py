@@ -2,13 +2,15 @@
 
 Fields are typed (enums for every choice), so a ``--config`` JSON file, the CLI flags and the
 Python API are checked alike; each config is stored whole as JSON in the dataset attribute
-``config_json``. Validation raises :class:`~fisherlab.FisherlabError` with the flag's name and
-what was expected.
+``config_json``. The configs are frozen and validated once, on construction (a changed copy is
+made with :func:`dataclasses.replace`, which validates the copy); validation raises
+:class:`~fisherlab.FisherlabError` with the flag's name and what was expected.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -34,7 +36,7 @@ __all__ = ["ApproxConfig", "BaseOptimizer", "Precision", "ProbeConfig", "TrainCo
 def _enum_tuple(kind: type[Enum], values: tuple, what: str) -> tuple:
     unknown = [v for v in values if v not in {e.value for e in kind}]
     if unknown or not values:
-        raise FisherlabError(f"unknown {what} {unknown}; choose from: {', '.join(e.value for e in kind)}")  # type: ignore[attr-defined]
+        raise FisherlabError(f"unknown {what} {unknown}; choose from: {', '.join(str(e.value) for e in kind)}")
     return tuple(kind(v) for v in values)
 
 
@@ -43,16 +45,20 @@ def _enum_value(kind: type[Enum], value: object) -> Enum:
         return kind(value)
     except ValueError:
         raise FisherlabError(
-            f"unknown {kind.__name__} {value!r}; choose one of: {', '.join(e.value for e in kind)}"
-        ) from None  # type: ignore[attr-defined]
+            f"unknown {kind.__name__} {value!r}; choose one of: {', '.join(str(e.value) for e in kind)}"
+        ) from None
 
 
-@dataclass
+@dataclass(frozen=True)
 class ProbeConfig:
     """Everything a probe run needs; stored as JSON in the dataset attribute ``config_json``.
 
     Defaults give the embedded CURVES problem, layer 5, in about 50 s on an idle 2-core CPU.
-    String values of enum fields are accepted and converted.
+    String values of enum fields are accepted and converted, lists made tuples. Frozen: change a
+    copy with :func:`dataclasses.replace`.
+
+    Raises:
+        FisherlabError: The first nonsensical value, with what was expected (on construction).
     """
 
     problem: str = "curves"
@@ -85,16 +91,51 @@ class ProbeConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        self.optimizer = _enum_value(BaseOptimizer, self.optimizer)  # type: ignore[assignment]
-        self.fisher = _enum_value(FisherKind, self.fisher)  # type: ignore[assignment]
-        self.spectrum = _enum_value(Spectrum, self.spectrum)  # type: ignore[assignment]
-        self.dtype = _enum_value(Precision, self.dtype)  # type: ignore[assignment]
-        self.accumulate = _enum_value(Accumulation, self.accumulate)  # type: ignore[assignment]
-        self.methods = resolve_methods(self.methods)
+        """Convert (strings to enums, lists to tuples) and validate every setting, once."""
+        convert = object.__setattr__  # frozen: the conversions happen here or nowhere
+        for name, kind in (
+            ("optimizer", BaseOptimizer),
+            ("fisher", FisherKind),
+            ("spectrum", Spectrum),
+            ("dtype", Precision),
+            ("accumulate", Accumulation),
+        ):
+            convert(self, name, _enum_value(kind, getattr(self, name)))
+        for name in ("layers", "metrics", "store_factors"):
+            if isinstance(getattr(self, name), list):
+                convert(self, name, tuple(getattr(self, name)))
+        convert(self, "methods", resolve_methods(self.methods))
         if not self.methods:
             raise FisherlabError("--methods names no method")
         if self.coarse_spaces:
-            self.coarse_spaces = _enum_tuple(CoarseSpace, tuple(self.coarse_spaces), "coarse spaces")
+            convert(self, "coarse_spaces", _enum_tuple(CoarseSpace, tuple(self.coarse_spaces), "coarse spaces"))
+        self._validate()
+
+    def _validate(self) -> None:
+        """Each setting on its own (:meth:`check` adds the loop's rule between two of them)."""
+        _ = self.approx  # tolerance and caps: ApproxConfig validates its own fields
+        if isinstance(self.every, bool) or not isinstance(self.every, numbers.Integral) or self.every < 1:
+            raise FisherlabError(f"--every must be a positive integer, got {self.every!r}")
+        _check_seed(self.seed)
+        if self.mc_samples < 1:
+            raise FisherlabError(f"--mc-samples must be at least 1, got {self.mc_samples}")
+        bad_metrics = [m for m in self.metrics if m not in ERROR_METRICS]
+        if bad_metrics or "frobenius_error" not in self.metrics:
+            raise FisherlabError(
+                f"--metrics must include frobenius_error and may add {', '.join(ERROR_METRICS[1:])}; "
+                f"got {list(self.metrics)}"
+            )
+        if not (math.isfinite(self.damping) and self.damping > 0):
+            raise FisherlabError(f"--damping must be finite and positive, got {self.damping}")
+        if self.taylor_order < 1:
+            raise FisherlabError(f"--taylor-order must be at least 1, got {self.taylor_order}")
+        if self.iterations < 1:
+            raise FisherlabError(f"--iterations must be a positive integer, got {self.iterations}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise FisherlabError(f"--lr must be finite and positive, got {self.lr}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise FisherlabError(f"--batch-size must be positive, got {self.batch_size}")
+        _check_threads(self.threads)
 
     @property
     def approx(self) -> ApproxConfig:
@@ -108,49 +149,26 @@ class ProbeConfig:
         )
 
     def check(self) -> None:
-        """Validate values that do not depend on the model (the whole run: loop and probe).
+        """The rule between settings that a run driving its own loop adds (:func:`~fisherlab.run.probe_training`,
+        ``fisherlab probe``): ``every`` at most ``iterations``. :class:`~fisherlab.run.FisherProbe` inside a
+        loop it does not drive ignores ``iterations``; every other setting was validated on construction.
 
         Raises:
-            FisherlabError: The first nonsensical value, with what was expected.
+            FisherlabError: ``--every`` larger than ``--iterations``.
         """
-        self.check_probe()
-        if self.iterations < 1:
-            raise FisherlabError(f"--iterations must be a positive integer, got {self.iterations}")
         if self.every > self.iterations:
             raise FisherlabError(
                 f"--every ({self.every}) is larger than --iterations ({self.iterations}): "
                 "only iteration 0 would be probed"
             )
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise FisherlabError(f"--lr must be finite and positive, got {self.lr}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise FisherlabError(f"--batch-size must be positive, got {self.batch_size}")
-        _check_threads(self.threads)
 
-    def check_probe(self) -> None:
-        """Validate the probe and analysis settings only: what :class:`~fisherlab.run.FisherProbe`
-        uses inside a loop it does not drive (``iterations``, ``lr``, ``batch_size`` are not its).
+    def check_store_factors(self) -> None:
+        """``store_factors`` names probed layers: checked where the layers are resolved against the model
+        (:class:`~fisherlab.run.FisherProbe`), since ``layers`` may say ``all`` or be given there.
 
         Raises:
-            FisherlabError: The first nonsensical value, with what was expected.
+            FisherlabError: A layer in ``store_factors`` that is not probed.
         """
-        self.__post_init__()  # fields may have been reassigned since construction
-        if self.every < 1:
-            raise FisherlabError(f"--every must be a positive integer, got {self.every}")
-        _check_seed(self.seed)
-        if self.mc_samples < 1:
-            raise FisherlabError(f"--mc-samples must be at least 1, got {self.mc_samples}")
-        _ = self.approx  # tolerance and caps
-        bad_metrics = [m for m in self.metrics if m not in ERROR_METRICS]
-        if bad_metrics or "frobenius_error" not in self.metrics:
-            raise FisherlabError(
-                f"--metrics must include frobenius_error and may add {', '.join(ERROR_METRICS[1:])}; "
-                f"got {list(self.metrics)}"
-            )
-        if not (math.isfinite(self.damping) and self.damping > 0):
-            raise FisherlabError(f"--damping must be finite and positive, got {self.damping}")
-        if self.taylor_order < 1:
-            raise FisherlabError(f"--taylor-order must be at least 1, got {self.taylor_order}")
         missing = [name for name in self.store_factors if name not in self.layers]
         if missing:
             raise FisherlabError(
@@ -158,9 +176,15 @@ class ProbeConfig:
             )
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    """Configuration of a ``fisherlab train`` run (stored in ``config_json``)."""
+    """Configuration of a ``fisherlab train`` run (stored in ``config_json``).
+
+    Frozen and validated on construction (change a copy with :func:`dataclasses.replace`).
+
+    Raises:
+        FisherlabError: The first nonsensical value, with what was expected.
+    """
 
     problem: str = "curves"
     data_dir: str | None = None
@@ -180,8 +204,11 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
 
-    def check(self) -> None:
-        """Validate values; raises :class:`FisherlabError` with what was expected."""
+    def __post_init__(self) -> None:
+        """Validate every setting, once."""
+        for name in ("optimizers", "lr", "damping"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         unknown = [o for o in self.optimizers if o not in OPTIMIZER_NAMES]
         if unknown or not self.optimizers:
             raise FisherlabError(f"unknown optimizers {unknown}; choose from: {', '.join(OPTIMIZER_NAMES)}")

@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import xarray as xr
@@ -100,15 +100,8 @@ class FisherProbe:
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         out = out if rank == 0 else None  # one writer: global rank 0
         writer = writer if rank == 0 else None
-        config = replace(config or USER_LOOP_CONFIG)
-        if every is not None:
-            if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-                raise FisherlabError(f"every must be a positive integer (probe when step % every == 0), got {every!r}")
-            config.every = every
-        if methods is not None:
-            config = replace(config, methods=tuple(methods))
-        if metrics is not None:
-            config = replace(config, metrics=tuple(metrics))
+        given: dict[str, Any] = {"every": every, "methods": methods, "metrics": metrics}  # ProbeConfig validates
+        config = replace(config or USER_LOOP_CONFIG, **{k: v for k, v in given.items() if v is not None})
         self.loss = as_enum(LossKind, loss, "loss")
         kwargs = {
             "fisher": config.fisher,
@@ -119,8 +112,8 @@ class FisherProbe:
         }
         self.names = list(Probe(model, self.loss, layers=layers, **kwargs).layers)  # type: ignore[arg-type]
         if layers is not None or writer is None:
-            config.layers = tuple(self.names)
-        config.check_probe()
+            config = replace(config, layers=tuple(self.names))
+        config.check_store_factors()
         self.config = config
         self.model = model
         self.probe = Probe(model, self.loss, layers=None if config.two_level else layers, **kwargs)  # type: ignore[arg-type]

@@ -1,5 +1,5 @@
 """Before a ``fisherlab probe`` run of a paper problem: the layers it names, whether a snapshot fits in
-memory, and the process group ``torchrun`` describes.
+memory, the process group ``torchrun`` describes, and the problem's model, optimizer and batches.
 
 Each refuses a run that cannot work with one line, before any work: unknown layers
 (:func:`resolve_layers`), a snapshot beyond the memory there is (:func:`check_memory`), a
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import cast
 
@@ -26,7 +26,14 @@ from fisherlab.layers import probeable_layers
 from fisherlab.problems import Problem
 from fisherlab.results import config_json
 
-__all__ = ["available_bytes", "check_memory", "join_process_group", "resolve_layers", "snapshot_bytes"]
+__all__ = [
+    "available_bytes",
+    "build_training",
+    "check_memory",
+    "join_process_group",
+    "resolve_layers",
+    "snapshot_bytes",
+]
 
 
 def resolve_layers(problem: Problem, layers: tuple[str, ...]) -> tuple[str, ...]:
@@ -139,3 +146,17 @@ def join_process_group(device: torch.device, config: ProbeConfig) -> bool:
     timeout = timedelta(seconds=int(os.environ.get("FISHERLAB_DIST_TIMEOUT", "300")))
     init_from_environment(backend, timeout, settings=config_json(config))
     return True
+
+
+def build_training(
+    problem: Problem, data: ImageData, config: ProbeConfig, device: torch.device, dtype: torch.dtype
+) -> tuple[nn.Module, torch.optim.Optimizer, Iterator[tuple[Tensor, Tensor]]]:
+    """The paper problem's model (seeded), optimizer (``config.optimizer``: Adam, or SGD with momentum 0.9)
+    and endless batches, as :func:`~fisherlab.probe_loop.probe_training` trains and probes them."""
+    model = problem.model(seed=config.seed, dtype=dtype, device=device)
+    if config.optimizer == "adam":
+        optimizer: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=config.lr or 1e-3)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr or 1e-2, momentum=0.9)
+    batches = problem.batches(data, batch_size=config.batch_size, seed=config.seed, device=device, dtype=dtype)
+    return model, optimizer, batches

@@ -27,12 +27,12 @@ from tqdm.auto import tqdm
 
 from fisherlab._errors import FisherlabError
 from fisherlab.config import ProbeConfig, apply_threads, select_device
-from fisherlab.data import ImageData, announce_data
+from fisherlab.data import announce_data
 from fisherlab.distributed import Shard, all_reduce_sum, local_rows, split_global_batch
 from fisherlab.fisher_probe import FisherProbe
-from fisherlab.launch import check_memory, join_process_group, resolve_layers
+from fisherlab.launch import build_training, check_memory, join_process_group, resolve_layers
 from fisherlab.losses import LossKind, as_enum, per_sample_loss
-from fisherlab.problems import Problem, get_problem
+from fisherlab.problems import get_problem
 from fisherlab.results import ResultsWriter, run_attrs
 
 __all__ = ["probe_training", "run_probe", "train_step"]
@@ -92,6 +92,21 @@ def probe_training(
         The dataset of all snapshots (also on disk when ``writer`` is given).
     """
     config.check()
+    return _probe_training(model, loss, batches, optimizer, config, layers=layers, writer=writer, progress=progress)
+
+
+def _probe_training(
+    model: nn.Module,
+    loss: LossKind | str,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    optimizer: torch.optim.Optimizer,
+    config: ProbeConfig,
+    *,
+    layers: dict[str, nn.Module] | list[str] | None,
+    writer: ResultsWriter | None,
+    progress: bool,
+) -> xr.Dataset:
+    """:func:`probe_training` of a checked ``config``."""
     loss = as_enum(LossKind, loss, "loss")
     batches = iter(batches)
     fisher_probe = FisherProbe(model, loss, layers=layers, config=config, writer=writer)
@@ -132,6 +147,7 @@ def run_probe(config: ProbeConfig, out: str | Path, *, overwrite: bool = False, 
     apply_threads(config.threads)
     problem = get_problem(config.problem)
     config = replace(config, layers=resolve_layers(problem, config.layers))
+    config.check_store_factors()  # before any work (FisherProbe checks it against the layers it finds)
     device = select_device(config.device)
     started = join_process_group(device, config)
     if dist.is_available() and dist.is_initialized() and device.type == "cuda":
@@ -152,7 +168,17 @@ def run_probe(config: ProbeConfig, out: str | Path, *, overwrite: bool = False, 
                 announce_data(data.source, data.stand_in)
                 writer.attrs.update(run_attrs(config, device, data.source, problem.loss, stand_in=data.stand_in))
             t0 = time.perf_counter()
-            result = _train_problem(problem, data, config, device, dtype, writer, progress)
+            model, optimizer, batches = build_training(problem, data, config, device, dtype)
+            result = _probe_training(  # the config is checked
+                model,
+                problem.loss,
+                batches,
+                optimizer,
+                config,
+                layers=list(config.layers),
+                writer=writer,
+                progress=progress,
+            )
             if writer is not None:
                 total = time.perf_counter() - t0
                 print(
@@ -166,31 +192,3 @@ def run_probe(config: ProbeConfig, out: str | Path, *, overwrite: bool = False, 
     finally:
         if started:
             dist.destroy_process_group()
-
-
-def _train_problem(
-    problem: Problem,
-    data: ImageData,
-    config: ProbeConfig,
-    device: torch.device,
-    dtype: torch.dtype,
-    writer: ResultsWriter | None,
-    progress: bool,
-) -> xr.Dataset:
-    """The paper problem's model, optimizer and batches, trained and probed by :func:`probe_training`."""
-    model = problem.model(seed=config.seed, dtype=dtype, device=device)
-    if config.optimizer == "adam":
-        optimizer: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=config.lr or 1e-3)
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr or 1e-2, momentum=0.9)
-    batches = problem.batches(data, batch_size=config.batch_size, seed=config.seed, device=device, dtype=dtype)
-    return probe_training(
-        model,
-        problem.loss,
-        batches,
-        optimizer,
-        config,
-        layers=list(config.layers),
-        writer=writer,
-        progress=progress,
-    )

@@ -161,7 +161,7 @@ class OutputLock:
 
             self._fallback = FileLock(str(self.path))
             try:
-                self._fallback.acquire(timeout=0)  # type: ignore[attr-defined]
+                self._fallback.acquire(timeout=0)
             except Timeout:
                 return False
             return True

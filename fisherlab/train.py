@@ -116,7 +116,6 @@ def run_training(config: TrainConfig, out: str | Path, *, overwrite: bool = Fals
     """
     from fisherlab._version import __version__
 
-    config.check()
     apply_threads(config.threads)
     problem = get_problem(config.problem)
     device = select_device(config.device)

@@ -314,7 +314,7 @@ def test_second_stage_at_the_default_tolerance_matches_the_dense_optimal_term(ca
 def test_approximate_all_works_on_the_sample_span_of_a_wide_layer(monkeypatch: pytest.MonkeyPatch) -> None:
     """A layer wider than its batch: approximate_all builds on the span (as evaluate_block does) and
     returns the same approximations, lifted to the whole layer."""
-    from fisherlab import approximations
+    from fisherlab.approximations import kronecker_svd_family
     from fisherlab.metrics import evaluate_block
 
     gen = torch.Generator().manual_seed(3)
@@ -325,8 +325,10 @@ def test_approximate_all_works_on_the_sample_span_of_a_wide_layer(monkeypatch: p
         )
     )
     sides: list[int] = []
-    real = approximations.kpsvd
-    monkeypatch.setattr(approximations, "kpsvd", lambda block, **kw: (sides.append(block.dim), real(block, **kw))[1])
+    real = kronecker_svd_family.kpsvd  # what the registered KPSVD builder calls
+    monkeypatch.setattr(
+        kronecker_svd_family, "kpsvd", lambda block, **kw: (sides.append(block.dim), real(block, **kw))[1]
+    )
     config = ApproxConfig(tol=ITERATIVE_TOL)
     got = approximate_all(wide, ALL, config)
     assert sides == [9 * 6]  # the span: 9 output x 6 input directions, not 9 x 41

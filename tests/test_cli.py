@@ -284,18 +284,6 @@ def test_two_level_end_to_end(tmp_path) -> None:
     assert (tmp_path / "again-twolevel.png").exists()
 
 
-def test_layers_all_names_every_probeable_layer() -> None:
-    from fisherlab.launch import resolve_layers
-    from fisherlab.problems import get_problem
-
-    resnet = get_problem("resnet18")
-    every = resolve_layers(resnet, ("all",))
-    assert len(every) == 21 and every[0] == "conv1" and "layer4.1.conv2" in every and every[-1] == "fc"
-    assert resolve_layers(get_problem("mnist"), ("2", "5")) == ("2", "5")
-    with pytest.raises(FisherlabError, match=r"unknown layers \['layer9'\].*conv1, layer1.0.conv1"):
-        resolve_layers(resnet, ("layer9",))
-
-
 def test_plot_overlays_runs_of_the_same_file_name(tmp_path, monkeypatch, capsys) -> None:
     """`plot a/run.nc b/run.nc` draws two runs, labelled a/run and b/run (issue 20, item 11)."""
     from fisherlab import plots
@@ -346,3 +334,12 @@ def test_foreign_file_is_not_a_results_file(tmp_path, capsys) -> None:
         assert cli.main([command, str(tmp_path / "x.nc")]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "not a fisherlab results file" in err and "pip" not in err
+
+
+def test_output_under_a_regular_file_is_refused(tmp_path, capsys) -> None:
+    """An output whose directory cannot exist (a path under a regular file) fails for root too."""
+    blocker = tmp_path / "plain-file"
+    blocker.write_text("x")
+    status = cli.main(["probe", "--iterations", "2", "--every", "1", "--out", str(blocker / "r.nc"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("fisherlab: error: cannot create directory") and err.count("\n") == 1

@@ -31,5 +31,15 @@ def test_the_readme_has_python_blocks_and_few_exceptions() -> None:
 def test_readme_block_runs_as_written(line: int, code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if code.startswith(SKIP):
         pytest.skip(code.splitlines()[0][len(SKIP) :].strip())
+    import torch
+
+    from fisherlab.method_registry import METHODS
+
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})  # noqa: S102
+    registered = dict(METHODS)  # restored below: a block may register methods of its own
+    torch.manual_seed(0)  # the blocks draw random data: the same draws whatever ran before in this process
+    try:
+        exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})  # noqa: S102
+    finally:
+        METHODS.clear()
+        METHODS.update(registered)
