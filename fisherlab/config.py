@@ -49,7 +49,7 @@ __all__ = [
 def _enum_tuple(kind: type[Enum], values: tuple, what: str) -> tuple:
     unknown = [v for v in values if v not in {e.value for e in kind}]
     if unknown or not values:
-        raise FisherlabError(f"unknown {what} {unknown}; choose from: {', '.join(e.value for e in kind)}")  # type: ignore[attr-defined]
+        raise FisherlabError(f"unknown {what} {unknown}; choose from: {', '.join(str(e.value) for e in kind)}")
     return tuple(kind(v) for v in values)
 
 
@@ -58,8 +58,8 @@ def _enum_value(kind: type[Enum], value: object) -> Enum:
         return kind(value)
     except ValueError:
         raise FisherlabError(
-            f"unknown {kind.__name__} {value!r}; choose one of: {', '.join(e.value for e in kind)}"
-        ) from None  # type: ignore[attr-defined]
+            f"unknown {kind.__name__} {value!r}; choose one of: {', '.join(str(e.value) for e in kind)}"
+        ) from None
 
 
 @dataclass(frozen=True)

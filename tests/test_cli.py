@@ -377,3 +377,12 @@ def test_foreign_file_is_not_a_results_file(tmp_path, capsys) -> None:
         assert cli.main([command, str(tmp_path / "x.nc")]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "not a fisherlab results file" in err and "pip" not in err
+
+
+def test_output_under_a_regular_file_is_refused(tmp_path, capsys) -> None:
+    """An output whose directory cannot exist (a path under a regular file) fails for root too."""
+    blocker = tmp_path / "plain-file"
+    blocker.write_text("x")
+    status = cli.main(["probe", "--iterations", "2", "--every", "1", "--out", str(blocker / "r.nc"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("fisherlab: error: cannot create directory") and err.count("\n") == 1
