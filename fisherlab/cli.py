@@ -63,7 +63,8 @@ def _metrics_help() -> str:
     """``--metrics`` help from the metric registry."""
     errors = [m for m in BLOCK_METRICS if m.error]
     listing = "; ".join(f"{m.name}: {m.long_name}" + (f" ({m.cli_note})" if m.cli_note else "") for m in errors)
-    return f"comma-separated error metrics, frobenius_error always included (default: all). {listing}"
+    default = ",".join(ProbeConfig().metrics)
+    return f"comma-separated error metrics, frobenius_error always included (default: {default}). {listing}"
 
 
 def _problem_table() -> str:
@@ -118,6 +119,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "--batch-size", type=int, default=None, help="default: the paper's (curves 256, mnist 512, faces 1024)"
     )
     p.add_argument("--fisher", default=d.fisher.value, help="mc | exact | empirical (default: %(default)s)")
+    p.add_argument(
+        "--approx-fisher",
+        default=None,
+        help="mc | exact | empirical: build the approximations from this Fisher kind and score them against the "
+        "exact block of --fisher (default: --fisher's kind)",
+    )
     p.add_argument(
         "--mc-samples",
         type=int,

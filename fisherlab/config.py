@@ -19,6 +19,7 @@ import torch
 from fisherlab._errors import FisherlabError
 from fisherlab.method_registry import ApproxConfig, resolve_methods
 from fisherlab.vocabulary import (
+    DEFAULT_METRICS,
     ERROR_METRICS,
     OPTIMIZER_NAMES,
     PAPER_METHODS,
@@ -70,10 +71,11 @@ class ProbeConfig:
     lr: float | None = None
     batch_size: int | None = None
     fisher: FisherKind = FisherKind.MC
+    approx_fisher: FisherKind | None = None
     mc_samples: int = 1
     methods: tuple[str, ...] = PAPER_METHODS
     spectrum: Spectrum = Spectrum.EIGENVALUES
-    metrics: tuple[str, ...] = ERROR_METRICS
+    metrics: tuple[str, ...] = DEFAULT_METRICS
     tol: float = ApproxConfig.tol  # the solver defaults are ApproxConfig's (one place)
     max_iter: int = ApproxConfig.max_iter
     lanczos_rank: int = ApproxConfig.lanczos_rank
@@ -101,6 +103,8 @@ class ProbeConfig:
             ("accumulate", Accumulation),
         ):
             convert(self, name, _enum_value(kind, getattr(self, name)))
+        if self.approx_fisher is not None:
+            convert(self, "approx_fisher", _enum_value(FisherKind, self.approx_fisher))
         for name in ("layers", "metrics", "store_factors"):
             if isinstance(getattr(self, name), list):
                 convert(self, name, tuple(getattr(self, name)))
@@ -110,6 +114,11 @@ class ProbeConfig:
         if self.coarse_spaces:
             convert(self, "coarse_spaces", _enum_tuple(CoarseSpace, tuple(self.coarse_spaces), "coarse spaces"))
         self._validate()
+
+    @property
+    def approx_kind(self) -> FisherKind:
+        """The Fisher kind the approximations are built from (``approx_fisher``, default ``fisher``)."""
+        return self.fisher if self.approx_fisher is None else self.approx_fisher
 
     def _validate(self) -> None:
         """Each setting on its own (:meth:`check` adds the loop's rule between two of them)."""

@@ -158,6 +158,7 @@ class FisherProbe:
         self.loss = as_enum(LossKind, loss, "loss")
         kwargs = {
             "fisher": config.fisher,
+            "approx_fisher": config.approx_fisher,
             "mc_samples": config.mc_samples,
             "seed": config.seed + 1,
             "accumulate_dtype": config.accumulate.dtype,
@@ -363,7 +364,7 @@ def _snapshot(
     if config.two_level:  # block-diagonal increments need every layer, not only the probed ones
         for name in snap.factors:
             if name not in names:
-                block = ExactBlock(snap.factors[name])
+                block = snap.approx_block(name) or ExactBlock(snap.factors[name])  # --approx-fisher's kind
                 current[name] = approximate_all(block, methods, config.approx, warm=previous.get(name), layer=name)
                 previous[name] = warm_starts(current[name])
     for li, name in enumerate(names):
@@ -378,6 +379,9 @@ def _snapshot(
                 metrics=config.metrics,
                 warm=previous.get(name),
                 layer=name,
+                damping=config.damping,
+                gradient=snap.gradients.get(name),
+                approx_block=snap.approx_block(name),
             )
         if not ev.layer_values["fisher_frobenius_norm"] > 0:
             zero_warned.add(name)
