@@ -40,7 +40,7 @@ from fisherlab.block_operators import (
 )
 from fisherlab.fisher import WholeFisher
 from fisherlab.kron import KronSum
-from fisherlab.metrics.error1 import FROBENIUS_RECOMPUTE_BELOW, _frobenius_difference, inner_with_block
+from fisherlab.metrics.error1 import FROBENIUS_RECOMPUTE_BELOW, _frobenius_difference, _inner
 from fisherlab.metrics.error2 import SPECTRAL_DENSE_SIDE
 from fisherlab.metrics.reference import BlockReference
 from fisherlab.operators import BlockOperator
@@ -105,10 +105,7 @@ def scale_free_error(ref: BlockReference, approx: BlockOperator) -> float:
     norm_squared = float(ref.norm_squared)
     if not norm_squared > 0:
         return math.nan
-    key = ("inner", id(approx))
-    if key not in ref.cache:
-        ref.cache[key] = (approx, float(inner_with_block(ref.block, approx)))
-    inner = ref.cache[key][1]
+    inner = _inner(ref, approx)  # shared with error 1
     approx_squared = float(approx.frobenius_norm_squared())
     if not approx_squared > 0:
         return 1.0
