@@ -8,7 +8,9 @@ computes alike: it does not shrink with more ranks). Ranks are processes on this
 than about the method.
 
     python -m benchmarks.bench_distributed                       # ranks 1 2 4
-    python -m benchmarks.bench_distributed --ranks 1 2 --metrics frobenius_error
+    python -m benchmarks.bench_distributed --ranks 1 2 --metrics frobenius_error [--json out.json]
+
+Ratios are to the first ``--ranks`` entry (one rank by default), measured in the same run.
 """
 
 from __future__ import annotations
@@ -16,18 +18,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from benchmarks._common import Report, add_common_arguments, peak_rss_bytes, setup, timed
+
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).stem
 
 
-def worker(world: int, rank: int, init: str, batch: int, metrics: tuple[str, ...], out: str) -> None:
-    """One rank: probe its rows of the global batch once (after a warm-up snapshot), report time and memory."""
+def worker(world: int, rank: int, init: str, batch: int, metrics: tuple[str, ...], out: str, repeats: int = 1) -> None:
+    """One rank: probe its rows of the global batch (after a warm-up snapshot; the median of ``repeats``
+    snapshots), report time and memory."""
     import torch
     from torch import distributed as dist
 
@@ -42,27 +46,31 @@ def worker(world: int, rank: int, init: str, batch: int, metrics: tuple[str, ...
     x = x.repeat((batch + x.shape[0] - 1) // x.shape[0], 1)[:batch].double()
     rows = x.tensor_split(world)[rank]
     config = fl.ProbeConfig(layers=("5",), metrics=metrics)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = peak_rss_bytes()
     probe = fl.FisherProbe(model, "bce", every=1, layers=["5"], config=config)
     probe.step(0, rows, rows)  # warm-up (and warm starts, as in a run)
-    start = time.perf_counter()
-    probe.step(1, rows, rows)
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    iteration = iter(range(1, repeats + 1))
+    seconds = timed(lambda: probe.step(next(iteration), rows, rows), torch.device("cpu"), repeats, warmup=False)[0]
+    peak = peak_rss_bytes()
     Path(out).write_text(
-        json.dumps({"rank": rank, "seconds": seconds, "peak_mib": peak / 1024, "step_mib": (peak - base) / 1024})
+        json.dumps({"rank": rank, "seconds": seconds, "peak_mib": peak / 2**20, "step_mib": (peak - base) / 2**20})
     )
     if world > 1:
         dist.destroy_process_group()
 
 
-def run(world: int, batch: int, metrics: tuple[str, ...]) -> list[dict]:
+def run(world: int, batch: int, metrics: tuple[str, ...], repeats: int = 1) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         outs = [Path(tmp) / f"r{r}.json" for r in range(world)]
         code = "import sys, json; from benchmarks.bench_distributed import worker; worker(*json.loads(sys.argv[1]))"
         procs = [
             subprocess.Popen(
-                [sys.executable, "-c", code, json.dumps([world, r, f"{tmp}/init", batch, list(metrics), str(outs[r])])],
+                [
+                    sys.executable,
+                    "-c",
+                    code,
+                    json.dumps([world, r, f"{tmp}/init", batch, list(metrics), str(outs[r]), repeats]),
+                ],
                 cwd=ROOT,
                 env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
             )
@@ -74,32 +82,59 @@ def run(world: int, batch: int, metrics: tuple[str, ...]) -> list[dict]:
         return [json.loads(o.read_text()) for o in outs]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--batch", type=int, default=2048)
     parser.add_argument("--metrics", default="frobenius_error,spectral_error")
-    args = parser.parse_args(argv)
+    return add_common_arguments(
+        parser,
+        SCRIPT,
+        repeats=1,
+        repeats_help="timed snapshots per rank (median), after a warm-up snapshot",
+        device=False,
+        threads=False,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = setup(args)
     metrics = tuple(args.metrics.split(","))
-    print(
+    report = Report.from_args(
+        SCRIPT,
+        args,
+        device,
+        baseline_name=f"{args.ranks[0]} ranks",
+        ratio_label=f"{args.ranks[0]}-rank",
+        width=10,
+        unit="s",
+    )
+    report.line(
         f"MNIST auto-encoder layer 5, global batch {args.batch}, every method, metrics {','.join(metrics)}, "
-        f"gloo on CPU ({os.cpu_count()} cores), one thread per rank"
+        f"gloo on CPU ({os.cpu_count()} cores), one thread per rank; time, peak and snapshot memory per rank"
     )
     base: dict | None = None
-    print(
-        f"{'ranks':>5} {'time/rank s':>12} {'ratio':>6} {'peak MiB/rank':>14} {'ratio':>6} "
-        f"{'snapshot MiB/rank':>18} {'ratio':>6}"
-    )
     for world in args.ranks:
-        rows = run(world, args.batch, metrics)
+        rows = run(world, args.batch, metrics, args.repeats)
         t = max(r["seconds"] for r in rows)
         peak = max(r["peak_mib"] for r in rows)
         step = max(r["step_mib"] for r in rows)
-        base = base or {"t": t, "peak": peak, "step": step}
-        print(
-            f"{world:>5} {t:>12.2f} {t / base['t']:>6.2f} {peak:>14.0f} {peak / base['peak']:>6.2f} {step:>18.0f} "
-            f"{step / max(base['step'], 1e-9):>6.2f}"
+        if base is None:
+            base = {"t": t, "peak": peak, "step": step}
+            report.baseline = t
+        peak_ratio, step_ratio = peak / base["peak"], step / max(base["step"], 1e-9)
+        report.row(
+            f"{world} ranks",
+            t,
+            detail=f"peak {peak:6.0f} MiB/rank ({peak_ratio:.2f}x), snapshot {step:6.0f} MiB/rank ({step_ratio:.2f}x)",
+            ranks=world,
+            peak_mib_per_rank=peak,
+            peak_ratio=peak_ratio,
+            snapshot_mib_per_rank=step,
+            snapshot_ratio=step_ratio,
         )
+    report.write()
     return 0
 
 

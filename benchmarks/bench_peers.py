@@ -6,7 +6,7 @@ Peers are optional; install them without their dependencies (a plain install pul
 
     pip install --no-deps curvlinops-for-pytorch einconv linear_operator opt-einsum backpack-for-pytorch einops \
         unfoldNd nngeometry asdfghjkl
-    python -m benchmarks.bench_peers [--repeats 5] [--device cuda]
+    python -m benchmarks.bench_peers [--repeats 5] [--device cuda] [--json out.json]
 
 A peer that is not installed, or fails on this loss, is listed with the reason.
 """
@@ -16,14 +16,17 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from benchmarks.bench_probe import timed, trained_problem
+from benchmarks._common import Report, add_common_arguments, setup, step_baseline, timed, trained_problem
 from fisherlab.approximations import kfac_factors
-from fisherlab.config import Accumulation, select_device
+from fisherlab.config import Accumulation
 from fisherlab.probe import Probe
+
+SCRIPT = Path(__file__).stem
 
 
 def _fisherlab(model: nn.Module, x: torch.Tensor, accumulate: Accumulation) -> Callable[[], object]:
@@ -99,16 +102,19 @@ def _asdl(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     raise NotImplementedError(f"asdl's Fisher takes {', '.join(loss_types)} only; this problem's loss is BCE")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args(argv)
-    device = select_device(args.device)
+    return add_common_arguments(parser, SCRIPT, repeats=5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = setup(args)
     problem, model, x, train_step = trained_problem("mnist", device)
-    step, _ = timed(train_step, device, args.repeats)
-    print(f"MNIST auto-encoder, batch {x.shape[0]}, all 8 layers, KFAC factors (MC, 1 sample), device {device}")
-    print(f"{'training step (baseline)':<38} {step * 1e3:8.1f} ms   1.00x")
+    step = step_baseline(train_step, device, args.repeats)
+    report = Report.from_args(SCRIPT, args, device, width=38, indent="")
+    report.line(f"MNIST auto-encoder, batch {x.shape[0]}, all 8 layers, KFAC factors (MC, 1 sample), device {device}")
+    report.set_baseline(step)
     rows: list[tuple[str, Callable[[], Callable[[], object]]]] = [
         ("fisherlab (default: mixed)", lambda: _fisherlab(model, x, Accumulation.MIXED)),
         ("fisherlab (--accumulate float64)", lambda: _fisherlab(model, x, Accumulation.FLOAT64)),
@@ -122,9 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             t, _ = timed(make(), device, args.repeats)
         except Exception as exc:  # noqa: BLE001 - a peer that is missing or refuses this loss is reported, not fatal
-            print(f"{name:<38} {'—':>8}      (unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:80]})")
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+            report.row(name, None, detail=f"(unavailable: {reason})", unavailable=reason)
             continue
-        print(f"{name:<38} {t * 1e3:8.1f} ms  {t / step:5.2f}x")
+        report.row(name, t)
+    report.write()
     return 0
 
 

@@ -20,24 +20,23 @@ within 5× of it. ``side``: F̂'s side after the restrictions, where it is diago
 ``--dense`` adds dense ``eigvalsh`` of the whole F̂ where it fits
 (MNIST layer 5 only) and prints the difference.
 
-    python -m benchmarks.bench_spectral [--device cuda] [--threads 1] [--dense] [--cases mnist5-binary,...]
+    python -m benchmarks.bench_spectral [--device cuda] [--threads 1] [--dense] [--cases mnist5-binary,...] \
+        [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from benchmarks.bench_probe import timed
+from benchmarks._common import Report, add_common_arguments, make_train_step, setup, step_baseline, timed
 from fisherlab.approximations import Method, approximate_all
-from fisherlab.config import select_device
 from fisherlab.fisher import ExactBlock
 from fisherlab.layers import LayerFactors
-from fisherlab.losses import per_sample_loss
 from fisherlab.metrics import BlockReference, spectral_error_bounded
 from fisherlab.metrics.error2 import _error_interval
 from fisherlab.probe import Probe
@@ -45,6 +44,9 @@ from fisherlab.problems import get_problem
 from fisherlab.sample_span import on_sample_span
 
 RANK2 = (Method.DEFLATION, Method.LANCZOS, Method.KFAC_CORRECTED)
+SCRIPT = Path(__file__).stem
+#: Training steps timed for the baseline before each case at least.
+STEP_REPEATS = 5
 
 
 def _dense_error_2(ref: BlockReference, kron) -> float:  # type: ignore[no-untyped-def]
@@ -74,13 +76,7 @@ def _trained(
     if binary:
         x = (x > 0.5).to(x.dtype)
     y = x if problem.kind == "autoencoder" else data.train_labels[:n].to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def train_step() -> None:
-        opt.zero_grad()
-        per_sample_loss(problem.loss, model(x), y).mean().backward()
-        opt.step()
-
+    train_step = make_train_step(problem, model, x, y, torch.optim.Adam(model.parameters(), lr=1e-3))
     for _ in range(steps):
         train_step()
     torch.manual_seed(seed)
@@ -104,50 +100,76 @@ CASES: dict[str, Callable[[torch.device], ExactBlock]] = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     parser.add_argument("--methods", default=",".join(m.value for m in RANK2), help="comma-separated rank-2 methods")
     parser.add_argument("--dense", action="store_true", help="also dense eigvalsh of F̂ (MNIST layer 5 only)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = select_device(args.device)
-    _, train_step = _trained("mnist", "5", device, seed=0, steps=20)
-    print(
-        f"device {device}, {torch.get_num_threads()} threads; baseline: an MNIST training step (batch 512), "
-        "timed again before each case (median of 5) so that ratios hold on a machine whose load changes"
+    return add_common_arguments(
+        parser,
+        SCRIPT,
+        repeats=1,
+        repeats_help=(
+            f"timed runs (median, no warm-up) of each error 2; the training step baseline before each case "
+            f"is the median of max({STEP_REPEATS}, repeats) after a warm-up"
+        ),
     )
-    print(
-        f"{'case':<14} {'method':<15} {'D':>6} {'side':>5} {'r':>4} {'step ms':>7} {'time s':>8} {'x step':>7}  "
-        "error 2 ± bound (eigenvalues)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = setup(args)
+    _, train_step = _trained("mnist", "5", device, seed=0, steps=20)
+    step_repeats = max(STEP_REPEATS, args.repeats)
+    report = Report.from_args(SCRIPT, args, device, unit="s", width=30)
+    report.line(
+        f"device {device}, {torch.get_num_threads()} threads; baseline: an MNIST training step (batch 512), "
+        f"timed again before each case (median of {step_repeats}) so that ratios hold on a machine whose load changes"
+    )
+    report.line(
+        f"{report.indent}{'case, method':<{report.width}}  {'time':>12}   {'ratio':>8}         "
+        "D, side, r (eigenvalues of F), step: error 2 ± bound (eigenvalues)"
     )
     worst = 0.0
     for name in args.cases.split(","):
         block = CASES[name](device)
         ref = BlockReference.of(block)
         ref.eigenvalues, block.span_bases  # noqa: B018 - shared by the methods, not one method's error 2
-        for method, approx in approximate_all(block, [Method(m) for m in args.methods.split(",")]).items():
-            step, _ = timed(train_step, device, 5)
-            start = time.perf_counter()
-            res = spectral_error_bounded(ref, approx.kron)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t = time.perf_counter() - start
+        for key, approx in approximate_all(block, [Method(m) for m in args.methods.split(",")]).items():
+            method = getattr(key, "value", key)  # approximate_all's keys are the methods' names
+            step = step_baseline(train_step, device, step_repeats)
+            t, res = timed(
+                lambda a=approx, ref=ref: spectral_error_bounded(ref, a.kron), device, args.repeats, warmup=False
+            )
             worst = max(worst, t / step)
             side = on_sample_span(block, approx.kron).on_ranges().dim
-            line = (
-                f"{name:<14} {method.value:<15} {block.dim:>6} {side:>5} {ref.eigenvalues.numel():>4} "
-                f"{step * 1e3:7.1f} {t:8.3f} {t / step:7.1f}  {res.value:.6e} ± {res.bound:.1e} ({res.eigenvalues})"
-                f"{'; ' + res.note if res.note else ''}"
+            r = ref.eigenvalues.numel()
+            detail = (
+                f"D {block.dim:>6}, side {side:>5}, r {r:>4}, step {step * 1e3:5.1f} ms: "
+                f"{res.value:.6e} ± {res.bound:.1e} ({res.eigenvalues}){'; ' + res.note if res.note else ''}"  # type: ignore[attr-defined]
             )
+            dense_diff = None
             if args.dense and name.startswith("mnist5"):
-                dense = _dense_error_2(ref, approx.kron)
-                line += f"; dense |diff| {abs(dense - res.value):.1e}"
-            print(line, flush=True)
-    print(f"worst: {worst:.1f}x a training step (target 5x)")
+                dense_diff = abs(_dense_error_2(ref, approx.kron) - res.value)  # type: ignore[attr-defined]
+                detail += f"; dense |diff| {dense_diff:.1e}"
+            report.row(
+                f"{name} {method}",
+                t,
+                baseline=step,
+                detail=detail,
+                case=name,
+                method=method,
+                dim=block.dim,
+                side=side,
+                rank=r,
+                error_2=res.value,  # type: ignore[attr-defined]
+                error_2_bound=res.bound,  # type: ignore[attr-defined]
+                eigenvalues=res.eigenvalues,  # type: ignore[attr-defined]
+                note=res.note,  # type: ignore[attr-defined]
+                dense_abs_diff=dense_diff,
+            )
+    report.line(f"worst: {worst:.1f}x a training step (target 5x)")
+    report.write()
     return 0
 
 

@@ -5,43 +5,49 @@ damped natural gradient (Woodbury), each coarse space (basis, F_coarse, β*, gap
 block-diagonal increments of every single-layer method, as ratios to a training step
 measured in the same run.
 
-    python benchmarks/bench_two_level.py [--device cuda] [--repeats 3]
+    python -m benchmarks.bench_two_level [--device cuda] [--repeats 3] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-from benchmarks.bench_probe import timed, trained_problem
+from benchmarks._common import Report, add_common_arguments, setup, step_baseline, timed, trained_problem
 from fisherlab.approximations import Method, approximate_all, kfac_factors
-from fisherlab.config import select_device
 from fisherlab.fisher import ExactBlock
 from fisherlab.probe import Probe
 from fisherlab.twolevel import CoarseSpace, WholeFisher, damped_kfac_solve, two_level
 
+SCRIPT = Path(__file__).stem
 
-def main() -> None:
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problem", default="mnist")
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--damping", type=float, default=1e-3)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    device = select_device(args.device)
+    return add_common_arguments(parser, SCRIPT, repeats=3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = setup(args)
     problem, model, x, train_step = trained_problem(args.problem, device)
-    t_step, _ = timed(train_step, device, args.repeats)
+    t_step = step_baseline(train_step, device, args.repeats)
     probe = Probe(model, problem.loss, fisher="mc")
     t_probe, snap = timed(lambda: probe(x, x), device, args.repeats)
     names = list(snap.factors)  # type: ignore[attr-defined]
     fisher = WholeFisher(tuple(ExactBlock(snap.factors[n]) for n in names))  # type: ignore[attr-defined]
     grads = [snap.gradients[n] for n in names]  # type: ignore[attr-defined]
     lam = args.damping
-    print(
+    report = Report.from_args(SCRIPT, args, device, width=54)
+    report.line(
         f"{problem.name} auto-encoder, batch {x.shape[0]}, {len(names)} layers, "
         f"{sum(b.dim for b in fisher.blocks):,} parameters, "
         f"damping {lam}, device {device}"
     )
-    print(f"training step (baseline): {t_step * 1e3:.1f} ms")
+    report.set_baseline(t_step)
     rows = [("probe pass (all layers)", t_probe)]
     kfacs = [kfac_factors(b) for b in fisher.blocks]
     rows.append(
@@ -74,10 +80,12 @@ def main() -> None:
         )[0]  # type: ignore[attr-defined]
         rows.append((f"block-diagonal {m.value}: approximations, all layers", t_approx))
         rows.append((f"block-diagonal {m.value}: damped solves", t_solve))
-    width = max(len(r[0]) for r in rows)
+    report.width = max(len(name) for name, _ in rows)
     for name, t in rows:
-        print(f"  {name:<{width}}  {t * 1e3:10.1f} ms  {t / t_step:8.2f} x step")
+        report.row(name, t)
+    report.write()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,6 +4,7 @@ and :mod:`fisherlab.plots`."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -38,6 +39,8 @@ PLOT_EXAMPLES = """examples:
 """
 
 
+CONFIG_HELP = "JSON file with the same fields as the flags (flags given explicitly win)"
+
 TRAIN_EXAMPLES = """examples:
   fisherlab train --problem curves --epochs 5
   fisherlab train --problem mnist --optimizers sgd,adam,kfac,deflation,kfac2l_residuals --lr 0.1,1 --damping 1e-3,1e-2
@@ -55,16 +58,18 @@ def _csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-def _values(items: tuple[Enum, ...] | tuple[str, ...]) -> str:
-    return ",".join(getattr(v, "value", v) for v in items)  # type: ignore[arg-type]
-
-
-def _metrics_help() -> str:
-    """``--metrics`` help from the metric registry."""
+def _metrics_listing() -> str:
+    """The error metrics of the metric registry, for ``--metrics``' help."""
     errors = [m for m in BLOCK_METRICS if m.error]
-    listing = "; ".join(f"{m.name}: {m.long_name}" + (f" ({m.cli_note})" if m.cli_note else "") for m in errors)
-    default = ",".join(ProbeConfig().metrics)
-    return f"comma-separated error metrics, frobenius_error always included (default: {default}). {listing}"
+    return "; ".join(f"{m.name}: {m.long_name}" + (f" ({m.cli_note})" if m.cli_note else "") for m in errors)
+
+
+#: The listings a :class:`~fisherlab.config.Flag`'s ``choices`` names, read when the parser is built.
+_LISTINGS: dict[str, typing.Callable[[], str]] = {
+    "problems": lambda: " | ".join(PROBLEMS),
+    "methods": lambda: ", ".join(METHODS),
+    "metrics": _metrics_listing,
+}
 
 
 def _problem_table() -> str:
@@ -72,6 +77,59 @@ def _problem_table() -> str:
     width = max(len(name) for name in PROBLEMS)
     rows = [f"  {name:<{width}}  {problem.description}" for name, problem in PROBLEMS.items()]
     return "\nproblems (--problem):\n" + "\n".join(rows) + "\n"
+
+
+def _shown(value: object) -> str:
+    """A default or a choice as written on the command line: enums by value, tuples comma-separated."""
+    if isinstance(value, tuple):
+        return ",".join(_shown(v) for v in value)
+    return str(value.value if isinstance(value, Enum) else value)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """One ``--flag-name`` per field of ``config_class`` that has a :class:`~fisherlab.config.Flag`: default
+    from the field's default, type from its annotation (enums as their values, checked by the config so a bad
+    value is one ``fisherlab: error:`` line; tuples comma-separated; ``bool`` a switch), help from the flag."""
+    hints = typing.get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
+        flag = f.metadata.get("flag")
+        if flag is None:
+            continue
+        kind = hints[f.name]
+        if type(None) in typing.get_args(kind):  # Optional: the flag takes the other type
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        item = typing.get_args(kind)[0] if typing.get_origin(kind) is tuple else None
+        enum = next((k for k in (kind, item) if isinstance(k, type) and issubclass(k, Enum)), None)
+        choices = _LISTINGS[flag.choices]() if flag.choices else _shown(tuple(enum)) if enum else ""
+        name = "--" + f.name.replace("_", "-")
+        help_text = flag.help.format(default=_shown(f.default), choices=choices).replace("%", "%%")
+        default = None if flag.default_none else f.default
+        if kind is bool:
+            if default:
+                parser.add_argument(f"--no-{name[2:]}", dest=f.name, action="store_false", help=help_text)
+            else:
+                parser.add_argument(name, action="store_true", help=help_text)
+            continue
+        options: dict[str, typing.Any] = {"default": default, "help": help_text, "metavar": flag.metavar}
+        if item is not None:
+            options["type"] = _floats if item is float else _csv
+        elif enum is not None:
+            options["default"] = None if default is None else _shown(default)  # the config converts and checks it
+            options["metavar"] = flag.metavar or "{" + ",".join(e.value for e in enum) + "}"
+        elif kind in (int, float):
+            options["type"] = kind
+        parser.add_argument(name, **options)
+
+
+def _config_from_args(config_class: type, args: argparse.Namespace, **values: object) -> typing.Any:
+    """``config_class`` from the parsed flags (and ``--config`` fields) of its fields, ``values`` winning."""
+    for f in dataclasses.fields(config_class):
+        if f.name in values or not hasattr(args, f.name):
+            continue
+        value = getattr(args, f.name)
+        flag = f.metadata.get("flag")
+        values[f.name] = None if flag is not None and flag.zero_disables and value == 0 else value
+    return config_class(**values)
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -83,143 +141,14 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     )
     parser.add_argument("--version", action="version", version=f"fisherlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    d = ProbeConfig()
     p = sub.add_parser(
         "probe",
         help="train a problem and probe the exact Fisher every k iterations",
         epilog=PROBE_EXAMPLES + _problem_table(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--problem",
-        default=d.problem,
-        help=f"{' | '.join(PROBLEMS)} (default: %(default)s; embedded data, no download)",
-    )
-    p.add_argument(
-        "--data-dir",
-        default=None,
-        help="directory with the real data files (MNIST IDX, FACES/CURVES .mat); default: embedded data",
-    )
-    p.add_argument(
-        "--layers",
-        type=_csv,
-        default=None,
-        help="comma-separated layer numbers, 1 = first layer, or module paths (resnet18: layer4.0.conv2), or all "
-        "(default: 5 for the auto-encoders)",
-    )
-    p.add_argument("--iterations", type=int, default=d.iterations, help="training iterations (default: %(default)s)")
-    p.add_argument("--every", type=int, default=d.every, help="probe every k iterations (default: %(default)s)")
-    p.add_argument(
-        "--optimizer",
-        default=d.optimizer.value,
-        help="sgd | adam, the independent optimizer that trains the network (default: %(default)s)",
-    )
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 1e-3 for adam, 1e-2 for sgd)")
-    p.add_argument(
-        "--batch-size", type=int, default=None, help="default: the paper's (curves 256, mnist 512, faces 1024)"
-    )
-    p.add_argument("--fisher", default=d.fisher.value, help="mc | exact | empirical (default: %(default)s)")
-    p.add_argument(
-        "--approx-fisher",
-        default=None,
-        help="mc | exact | empirical: build the approximations from this Fisher kind and score them against the "
-        "exact block of --fisher (default: --fisher's kind)",
-    )
-    p.add_argument(
-        "--mc-samples",
-        type=int,
-        default=d.mc_samples,
-        help="target draws per input for --fisher mc (default: %(default)s)",
-    )
-    p.add_argument(
-        "--methods",
-        type=_csv,
-        default=d.methods,
-        help=f"comma-separated registered methods ({', '.join(METHODS)}), 'all', or package.module:attribute for one "
-        "of your own (fisherlab.register_method); default: the papers' five",
-    )
-    p.add_argument(
-        "--spectrum",
-        default=d.spectrum.value,
-        help="eigenvalues (paper text) | singular_values (authors' code) for error 2",
-    )
-    p.add_argument("--metrics", type=_csv, default=d.metrics, help=_metrics_help())
-    p.add_argument(
-        "--tol", type=float, default=d.tol, help="relative tolerance of power SVD and Lanczos (default: %(default)s)"
-    )
-    p.add_argument("--max-iter", type=int, default=d.max_iter, help="power SVD iteration cap (default: %(default)s)")
-    p.add_argument(
-        "--lanczos-rank",
-        type=int,
-        default=d.lanczos_rank,
-        help="Kronecker rank of the Lanczos method (default: %(default)s)",
-    )
-    p.add_argument(
-        "--krylov-dim",
-        type=int,
-        default=d.krylov_dim,
-        help="Krylov dimension per Lanczos restart (default: %(default)s)",
-    )
-    p.add_argument(
-        "--lowrank-rank",
-        type=int,
-        default=d.lowrank_rank,
-        help="rank k of the lowrank method, the top-k eigenpairs of each block (default: %(default)s)",
-    )
-    p.add_argument(
-        "--two-level",
-        action="store_true",
-        help="also probe every layer and measure two-level KFAC (T): gaps E(beta*)-E(0), "
-        "energy errors vs the exact natural gradient",
-    )
-    p.add_argument(
-        "--damping",
-        type=float,
-        default=d.damping,
-        help="lambda of F + lambda I and of the pi-damped KFAC (default: %(default)s)",
-    )
-    p.add_argument(
-        "--coarse-spaces",
-        type=_csv,
-        default=d.coarse_spaces,
-        help=f"subset of {_values(d.coarse_spaces)} (tko is always added)",
-    )
-    p.add_argument(
-        "--taylor-order", type=int, default=d.taylor_order, help="q of the Taylor coarse space (default: %(default)s)"
-    )
-    p.add_argument(
-        "--device", default=d.device, help="auto | cpu | cuda | cuda:N (default: auto = CUDA when available)"
-    )
-    p.add_argument(
-        "--dtype",
-        default=d.dtype.value,
-        help="training dtype float32 | float64 (default: %(default)s)",
-    )
-    p.add_argument(
-        "--accumulate",
-        default=d.accumulate.value,
-        help="precision of the probe's factors and sums: mixed (factors and metrics in float64, KFAC's moments "
-        "in the model's precision) | float64 | float32 (fastest, but error 1 then has a floor near 1e-3; "
-        "default: %(default)s)",
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=d.seed,
-        help="seed of initialisation, data order and MC targets (default: %(default)s)",
-    )
-    p.add_argument(
-        "--threads", type=int, default=None, help="CPU threads of torch (default: torch's choice, one per core)"
-    )
-    p.add_argument(
-        "--store-factors",
-        type=_csv,
-        default=(),
-        help="layers whose per-sample factors are stored at each snapshot, compressed, in the results file",
-    )
-    p.add_argument(
-        "--config", default=None, help="JSON file with the same fields as the flags (flags given explicitly win)"
-    )
+    _add_config_flags(p, ProbeConfig)
+    p.add_argument("--config", default=None, help=CONFIG_HELP)
     p.add_argument("--out", default=None, help="results file .nc (default: data/probe-<problem>-<time>.nc)")
     p.add_argument("--figure", default=None, help="figure path .png/.pdf (default: next to --out); 'none' to skip")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -243,82 +172,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         epilog=TRAIN_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    td = TrainConfig()
-    t.add_argument(
-        "--problem",
-        default=td.problem,
-        help=f"{' | '.join(PROBLEMS)} (default: %(default)s)",
-    )
-    t.add_argument(
-        "--data-dir", default=None, help="directory with the real data files (default: embedded data, no download)"
-    )
-    t.add_argument(
-        "--optimizers",
-        type=_csv,
-        default=td.optimizers,
-        help="comma-separated: sgd, adam, kfac, kpsvd, deflation, lanczos, kfac_corrected, kfac2l_<coarse space>, "
-        "kfac2l_tko (default: %(default)s)",
-    )
-    t.add_argument("--epochs", type=int, default=td.epochs, help="epochs per optimizer (default: %(default)s)")
-    t.add_argument(
-        "--batch-size", type=int, default=None, help="default: the paper's (curves 256, mnist 512, faces 1024)"
-    )
-    t.add_argument(
-        "--lr",
-        type=_floats,
-        default=(),
-        help="one value, or several for a grid search (default: sgd 1e-2, adam 1e-3, "
-        "Kronecker methods 1 with KL clipping)",
-    )
-    t.add_argument(
-        "--damping",
-        type=_floats,
-        default=td.damping,
-        help="one value or a grid, Kronecker methods only (default: %(default)s)",
-    )
-    t.add_argument(
-        "--weight-decay", type=float, default=td.weight_decay, help="coupled L2 coefficient (default: %(default)s)"
-    )
-    t.add_argument(
-        "--kl-clip",
-        type=float,
-        default=td.kl_clip,
-        help="KL clipping constant c (K App. E); 0 disables (default: %(default)s)",
-    )
-    t.add_argument("--t1", type=int, default=td.t1, help="refresh factors every T1 steps (default: %(default)s)")
-    t.add_argument(
-        "--t2",
-        type=int,
-        default=td.t2,
-        help="refactorise the damped approximation every T2 steps (default: %(default)s)",
-    )
-    t.add_argument(
-        "--patience", type=int, default=td.patience, help="early stopping patience in epochs (default: %(default)s)"
-    )
-    t.add_argument(
-        "--max-batches", type=int, default=None, help="cap on batches per epoch for quick runs (default: a whole epoch)"
-    )
-    t.add_argument(
-        "--eval-samples",
-        type=int,
-        default=None,
-        help="training and validation losses on the first N images of each set (default: all; quick runs)",
-    )
-    t.add_argument(
-        "--device", default=td.device, help="auto | cpu | cuda | cuda:N (default: auto = CUDA when available)"
-    )
-    t.add_argument(
-        "--seed",
-        type=int,
-        default=td.seed,
-        help="seed of initialisation, data order and MC targets (default: %(default)s)",
-    )
-    t.add_argument(
-        "--threads", type=int, default=None, help="CPU threads of torch (default: torch's choice, one per core)"
-    )
-    t.add_argument(
-        "--config", default=None, help="JSON file with the same fields as the flags (flags given explicitly win)"
-    )
+    _add_config_flags(t, TrainConfig)
+    t.add_argument("--config", default=None, help=CONFIG_HELP)
     t.add_argument("--out", default=None, help="results file .nc (default: data/train-<problem>-<time>.nc)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -328,12 +183,11 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
 
 
 def _config(args: argparse.Namespace) -> ProbeConfig:
-    values = {k: getattr(args, k) for k in ProbeConfig.__dataclass_fields__}
-    if values["layers"] is None:
-        from fisherlab.problems import get_problem
+    if args.layers is not None:
+        return _config_from_args(ProbeConfig, args)
+    from fisherlab.problems import get_problem
 
-        values["layers"] = get_problem(values["problem"]).default_layers
-    return ProbeConfig(**values)
+    return _config_from_args(ProbeConfig, args, layers=get_problem(args.problem).default_layers)
 
 
 def _config_defaults(path: str, config_class: type) -> dict[str, object]:
@@ -487,9 +341,7 @@ def _train(args: argparse.Namespace) -> int:
     from fisherlab.plots import save_figure, training_figure
     from fisherlab.train import run_training
 
-    values = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__}
-    values["kl_clip"] = values["kl_clip"] or None  # 0 disables
-    config = TrainConfig(**values)
+    config = _config_from_args(TrainConfig, args)
     out = Path(args.out or f"data/train-{config.problem}-{datetime.now():%Y%m%d-%H%M%S}.nc")
     if out.suffix != ".nc":
         raise FisherlabError(f"--out must end in .nc, got {out.name}")

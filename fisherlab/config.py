@@ -2,7 +2,10 @@
 
 Fields are typed (enums for every choice), so a ``--config`` JSON file, the CLI flags and the
 Python API are checked alike; each config is stored whole as JSON in the dataset attribute
-``config_json``. The configs are frozen and validated once, on construction (a changed copy is
+``config_json``. Each field also carries its command-line flag (:class:`Flag` in the field's metadata:
+the help, and where needed a metavar or the registry its values come from); :mod:`fisherlab.cli` generates
+``fisherlab probe`` and ``fisherlab train``'s flags from the fields, so a field, its flag, default, type and
+help are written once. The configs are frozen and validated once, on construction (a changed copy is
 made with :func:`dataclasses.replace`, which validates the copy); validation raises
 :class:`~fisherlab.FisherlabError` with the flag's name and what was expected.
 """
@@ -13,6 +16,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import torch
 
@@ -31,13 +35,22 @@ from fisherlab.vocabulary import (
     Spectrum,
 )
 
-__all__ = ["ApproxConfig", "BaseOptimizer", "Precision", "ProbeConfig", "TrainConfig", "apply_threads", "select_device"]
+__all__ = [
+    "ApproxConfig",
+    "BaseOptimizer",
+    "Flag",
+    "Precision",
+    "ProbeConfig",
+    "TrainConfig",
+    "apply_threads",
+    "select_device",
+]
 
 
 def _enum_tuple(kind: type[Enum], values: tuple, what: str) -> tuple:
     unknown = [v for v in values if v not in {e.value for e in kind}]
     if unknown or not values:
-        raise FisherlabError(f"unknown {what} {unknown}; choose from: {', '.join(e.value for e in kind)}")  # type: ignore[attr-defined]
+        raise FisherlabError(f"unknown {what} {unknown}; choose from: {', '.join(str(e.value) for e in kind)}")
     return tuple(kind(v) for v in values)
 
 
@@ -46,8 +59,51 @@ def _enum_value(kind: type[Enum], value: object) -> Enum:
         return kind(value)
     except ValueError:
         raise FisherlabError(
-            f"unknown {kind.__name__} {value!r}; choose one of: {', '.join(e.value for e in kind)}"
-        ) from None  # type: ignore[attr-defined]
+            f"unknown {kind.__name__} {value!r}; choose one of: {', '.join(str(e.value) for e in kind)}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a config field appears on the command line, in the field's ``metadata["flag"]``.
+
+    :mod:`fisherlab.cli` makes ``--flag-name`` from the field's name, the default from the field's
+    default and the type from its annotation (``int``, ``float``, ``str``; ``bool`` a switch; an enum with
+    its values shown as choices; a tuple comma-separated); the rest is said here. A field without a flag
+    says why in ``metadata["no_flag"]``.
+
+    Attributes:
+        help: The flag's help. ``{default}`` is replaced by the default (enums by their values, tuples
+            comma-separated) and ``{choices}`` by the accepted values: an enum's, or the listing named by
+            ``choices``.
+        choices: The registry whose names a ``str`` field takes, by its name in the CLI's listings
+            (``problems``, ``methods``, ``metrics``): registries later than the configs, read when the
+            parser is built, so the help lists what is registered then.
+        metavar: The value's placeholder in the help (default: argparse's, the flag's name in capitals; an
+            enum's values in braces).
+        default_none: The flag's default is None, resolved by the CLI, not the field's (``--layers``: the
+            problem's default layers).
+        zero_disables: ``0`` on the command line means None (``--kl-clip 0``).
+    """
+
+    help: str
+    choices: str | None = None
+    metavar: str | None = None
+    default_none: bool = False
+    zero_disables: bool = False
+
+
+def _flag(help: str, **flag: Any) -> dict[str, Flag]:
+    """A config field's metadata: its :class:`Flag` (``flag``: the settings beside the help)."""
+    return {"flag": Flag(help, **flag)}
+
+
+# help shared by both configs' flags
+_DATA_DIR = "directory with the real data files (MNIST IDX, FACES/CURVES .mat); default: embedded data, no download"
+_BATCH_SIZE = "default: the paper's (curves 256, mnist 512, faces 1024)"
+_DEVICE = "auto | cpu | cuda | cuda:N (default: auto = CUDA when available)"
+_SEED = "seed of initialisation, data order and MC targets (default: {default})"
+_THREADS = "CPU threads of torch (default: torch's choice, one per core)"
 
 
 @dataclass(frozen=True)
@@ -62,35 +118,110 @@ class ProbeConfig:
         FisherlabError: The first nonsensical value, with what was expected (on construction).
     """
 
-    problem: str = "curves"
-    data_dir: str | None = None
-    layers: tuple[str, ...] = ("5",)
-    iterations: int = 500
-    every: int = 10
-    optimizer: BaseOptimizer = BaseOptimizer.ADAM
-    lr: float | None = None
-    batch_size: int | None = None
-    fisher: FisherKind = FisherKind.MC
-    approx_fisher: FisherKind | None = None
-    mc_samples: int = 1
-    methods: tuple[str, ...] = PAPER_METHODS
-    spectrum: Spectrum = Spectrum.EIGENVALUES
-    metrics: tuple[str, ...] = DEFAULT_METRICS
-    tol: float = ApproxConfig.tol  # the solver defaults are ApproxConfig's (one place)
-    max_iter: int = ApproxConfig.max_iter
-    lanczos_rank: int = ApproxConfig.lanczos_rank
-    krylov_dim: int = ApproxConfig.krylov_dim
-    lowrank_rank: int = ApproxConfig.lowrank_rank
-    device: str = "auto"
-    dtype: Precision = Precision.FLOAT32
-    accumulate: Accumulation = Accumulation.MIXED
-    seed: int = 0
-    store_factors: tuple[str, ...] = field(default=())
-    two_level: bool = False
-    damping: float = 1e-3
-    coarse_spaces: tuple[CoarseSpace, ...] = tuple(CoarseSpace)
-    taylor_order: int = 2
-    threads: int | None = None
+    problem: str = field(
+        default="curves",
+        metadata=_flag("{choices} (default: {default}; embedded data, no download)", choices="problems"),
+    )
+    data_dir: str | None = field(default=None, metadata=_flag(_DATA_DIR))
+    layers: tuple[str, ...] = field(
+        default=("5",),
+        metadata=_flag(
+            "comma-separated layer numbers, 1 = first layer, or module paths (resnet18: layer4.0.conv2), or all "
+            "(default: 5 for the auto-encoders)",
+            default_none=True,
+        ),
+    )
+    iterations: int = field(default=500, metadata=_flag("training iterations (default: {default})"))
+    every: int = field(default=10, metadata=_flag("probe every k iterations (default: {default})"))
+    optimizer: BaseOptimizer = field(
+        default=BaseOptimizer.ADAM,
+        metadata=_flag("the independent optimizer that trains the network (default: {default})"),
+    )
+    lr: float | None = field(default=None, metadata=_flag("learning rate (default: 1e-3 for adam, 1e-2 for sgd)"))
+    batch_size: int | None = field(default=None, metadata=_flag(_BATCH_SIZE))
+    fisher: FisherKind = field(
+        default=FisherKind.MC,
+        metadata=_flag(
+            "the Fisher probed: mc (sampled targets), exact (expectation over the model's outputs) or empirical "
+            "(the data's targets) (default: {default})"
+        ),
+    )
+    approx_fisher: FisherKind | None = field(
+        default=None,
+        metadata=_flag(
+            "build the approximations from this Fisher kind and score them against the exact block of --fisher "
+            "(cross-kind scoring, attribute approx_fisher; default: --fisher's kind)"
+        ),
+    )
+    mc_samples: int = field(default=1, metadata=_flag("target draws per input for --fisher mc (default: {default})"))
+    methods: tuple[str, ...] = field(
+        default=PAPER_METHODS,
+        metadata=_flag(
+            "comma-separated registered methods ({choices}), 'all', or package.module:attribute for one of your own "
+            "(fisherlab.register_method); default: the papers' five",
+            choices="methods",
+        ),
+    )
+    spectrum: Spectrum = field(
+        default=Spectrum.EIGENVALUES,
+        metadata=_flag("eigenvalues (paper text) or singular_values (authors' code) for error 2 (default: {default})"),
+    )
+    metrics: tuple[str, ...] = field(
+        default=DEFAULT_METRICS,
+        metadata=_flag(
+            "comma-separated error metrics, frobenius_error always included (default: {default}). {choices}",
+            choices="metrics",
+        ),
+    )
+    # the solver defaults are ApproxConfig's (one place)
+    tol: float = field(
+        default=ApproxConfig.tol, metadata=_flag("relative tolerance of power SVD and Lanczos (default: {default})")
+    )
+    max_iter: int = field(default=ApproxConfig.max_iter, metadata=_flag("power SVD iteration cap (default: {default})"))
+    lanczos_rank: int = field(
+        default=ApproxConfig.lanczos_rank, metadata=_flag("Kronecker rank of the Lanczos method (default: {default})")
+    )
+    krylov_dim: int = field(
+        default=ApproxConfig.krylov_dim, metadata=_flag("Krylov dimension per Lanczos restart (default: {default})")
+    )
+    lowrank_rank: int = field(
+        default=ApproxConfig.lowrank_rank,
+        metadata=_flag("rank k of the lowrank method, the top-k eigenpairs of each block (default: {default})"),
+    )
+    device: str = field(default="auto", metadata=_flag(_DEVICE))
+    dtype: Precision = field(default=Precision.FLOAT32, metadata=_flag("training dtype (default: {default})"))
+    accumulate: Accumulation = field(
+        default=Accumulation.MIXED,
+        metadata=_flag(
+            "precision of the probe's factors and sums: mixed (factors and metrics in float64, KFAC's moments "
+            "in the model's precision), float64, or float32 (fastest, but error 1 then has a floor near 1e-3) "
+            "(default: {default})"
+        ),
+    )
+    seed: int = field(default=0, metadata=_flag(_SEED))
+    store_factors: tuple[str, ...] = field(
+        default=(),
+        metadata=_flag("layers whose per-sample factors are stored at each snapshot, compressed, in the results file"),
+    )
+    two_level: bool = field(
+        default=False,
+        metadata=_flag(
+            "also probe every layer and measure two-level KFAC (T): gaps E(beta*)-E(0), "
+            "energy errors vs the exact natural gradient"
+        ),
+    )
+    damping: float = field(
+        default=1e-3,
+        metadata=_flag(
+            "lambda of F + lambda I (two-level, solve_error, kl_divergence) and of the pi-damped KFAC "
+            "(default: {default})"
+        ),
+    )
+    coarse_spaces: tuple[CoarseSpace, ...] = field(
+        default=tuple(CoarseSpace), metadata=_flag("subset of {choices} (default: all; tko is always added)")
+    )
+    taylor_order: int = field(default=2, metadata=_flag("q of the Taylor coarse space (default: {default})"))
+    threads: int | None = field(default=None, metadata=_flag(_THREADS))
 
     def __post_init__(self) -> None:
         """Convert (strings to enums, lists to tuples) and validate every setting, once."""
@@ -195,23 +326,47 @@ class TrainConfig:
         FisherlabError: The first nonsensical value, with what was expected.
     """
 
-    problem: str = "curves"
-    data_dir: str | None = None
-    optimizers: tuple[str, ...] = ("sgd", "adam", "kfac", "kpsvd", "deflation")
-    epochs: int = 3
-    batch_size: int | None = None
-    lr: tuple[float, ...] = ()
-    damping: tuple[float, ...] = (1e-2,)
-    weight_decay: float = 1e-3
-    kl_clip: float | None = 1e-2
-    t1: int = 5
-    t2: int = 20
-    patience: int = 10
-    max_batches: int | None = None
-    eval_samples: int | None = None
-    device: str = "auto"
-    seed: int = 0
-    threads: int | None = None
+    problem: str = field(default="curves", metadata=_flag("{choices} (default: {default})", choices="problems"))
+    data_dir: str | None = field(default=None, metadata=_flag(_DATA_DIR))
+    optimizers: tuple[str, ...] = field(
+        default=("sgd", "adam", "kfac", "kpsvd", "deflation"),
+        metadata=_flag(
+            "comma-separated: sgd, adam, kfac, kpsvd, deflation, lanczos, kfac_corrected, kfac2l_<coarse space>, "
+            "kfac2l_tko (default: {default})"
+        ),
+    )
+    epochs: int = field(default=3, metadata=_flag("epochs per optimizer (default: {default})"))
+    batch_size: int | None = field(default=None, metadata=_flag(_BATCH_SIZE))
+    lr: tuple[float, ...] = field(
+        default=(),
+        metadata=_flag(
+            "one value, or several for a grid search (default: sgd 1e-2, adam 1e-3, Kronecker methods 1 with KL "
+            "clipping)"
+        ),
+    )
+    damping: tuple[float, ...] = field(
+        default=(1e-2,), metadata=_flag("one value or a grid, Kronecker methods only (default: {default})")
+    )
+    weight_decay: float = field(default=1e-3, metadata=_flag("coupled L2 coefficient (default: {default})"))
+    kl_clip: float | None = field(
+        default=1e-2,
+        metadata=_flag("KL clipping constant c (K App. E); 0 disables (default: {default})", zero_disables=True),
+    )
+    t1: int = field(default=5, metadata=_flag("refresh factors every T1 steps (default: {default})"))
+    t2: int = field(
+        default=20, metadata=_flag("refactorise the damped approximation every T2 steps (default: {default})")
+    )
+    patience: int = field(default=10, metadata=_flag("early stopping patience in epochs (default: {default})"))
+    max_batches: int | None = field(
+        default=None, metadata=_flag("cap on batches per epoch for quick runs (default: a whole epoch)")
+    )
+    eval_samples: int | None = field(
+        default=None,
+        metadata=_flag("training and validation losses on the first N images of each set (default: all; quick runs)"),
+    )
+    device: str = field(default="auto", metadata=_flag(_DEVICE))
+    seed: int = field(default=0, metadata=_flag(_SEED))
+    threads: int | None = field(default=None, metadata=_flag(_THREADS))
 
     def __post_init__(self) -> None:
         """Validate every setting, once."""

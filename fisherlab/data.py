@@ -117,7 +117,7 @@ def stdlib_text() -> str:
 def _bundled(name: str) -> dict[str, np.ndarray]:
     """Arrays of a bundled stand-in file (``fisherlab/standins/``), read without pickle."""
     with (
-        resources.files("fisherlab").joinpath("standins", name).open("rb") as fh,
+        resources.files("fisherlab").joinpath("standins").joinpath(name).open("rb") as fh,
         np.load(fh, allow_pickle=False) as npz,
     ):
         return {key: npz[key] for key in npz.files}
@@ -217,7 +217,7 @@ def _read_bytes(path: Path, limit: int | None = None) -> bytes:
     limit = MAX_DATA_BYTES if limit is None else limit
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rb") as fh:  # type: ignore[operator]
+        with opener(path, "rb") as fh:
             raw = bytearray(fh.read(16))
             magic = int.from_bytes(raw[:4], "big")
             if magic in (2049, 2051) and len(raw) >= 8:  # IDX labels / images: the header gives the size

@@ -1,10 +1,14 @@
-"""Small random cases shared by the tests, as data with ids."""
+"""The one factory of the tests' cases: small random factors (as data with ids), blocks, symmetric
+matrices, batches, models and data files. Every draw comes from an explicit ``torch.Generator`` (or
+an explicit seed), so a case is the same wherever it is built."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
+from fisherlab.fisher import ExactBlock
 from fisherlab.layers import LayerFactors
 
 FACTOR_CASES = [
@@ -23,7 +27,7 @@ def make_factors(case: dict, device: torch.device | str = "cpu") -> LayerFactors
     unknown = set(case) - _KEYS
     if unknown:
         raise KeyError(f"unknown case keys {unknown}")
-    gen = torch.Generator().manual_seed(case["seed"])
+    gen = rng(case["seed"])
     n, v, t, di, do = case["n"], case["v"], case["t"], case["d_in"], case["d_out"]
     a = torch.randn(n, t, di, generator=gen, dtype=torch.float64)
     a[..., -1] = 1.0  # bias column
@@ -33,6 +37,54 @@ def make_factors(case: dict, device: torch.device | str = "cpu") -> LayerFactors
 
 def ids(cases: list[dict]) -> list[str]:
     return [c["id"] for c in cases]
+
+
+def rng(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed``: the source of every draw of a case."""
+    return torch.Generator().manual_seed(seed)
+
+
+def plain_factors(gen: torch.Generator, n: int, t: int, d_in: int, d_out: int, v: int = 1) -> LayerFactors:
+    """Uncorrelated standard-normal float64 factors ``a [n, t, d_in]`` then ``g [n, v, t, d_out]``, both
+    drawn from ``gen`` in that order (no bias column: for checks that need no structure)."""
+    a = torch.randn(n, t, d_in, generator=gen, dtype=torch.float64)
+    return LayerFactors(a, torch.randn(n, v, t, d_out, generator=gen, dtype=torch.float64))
+
+
+def plain_blocks(gen: torch.Generator, n: int, v: int, shapes: list[tuple[int, int, int]]) -> tuple[ExactBlock, ...]:
+    """One exact block of ``plain_factors`` per ``(t, d_in, d_out)`` in ``shapes``, drawn in turn from ``gen``."""
+    return tuple(ExactBlock(plain_factors(gen, n, t, d_in, d_out, v)) for t, d_in, d_out in shapes)
+
+
+def spd(d: int, gen: torch.Generator, *, width: int = 2, ridge: float = 0.0) -> torch.Tensor:
+    """A symmetric positive (semi-)definite ``x xᵀ / d (+ ridge I)``, ``x [d, width d]`` drawn from ``gen``."""
+    x = torch.randn(d, width * d, generator=gen, dtype=torch.float64)
+    m = x @ x.T / d
+    return m + ridge * torch.eye(d, dtype=torch.float64) if ridge else m
+
+
+def symmetric(d: int, gen: torch.Generator) -> torch.Tensor:
+    """A symmetric indefinite ``(x + xᵀ) / 2``, ``x [d, d]`` drawn from ``gen``."""
+    x = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    return (x + x.T) / 2
+
+
+def regression_batch(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` float64 inputs of width 4 and smooth targets ``tanh(2 x[:, :3])`` for ``small_mlp`` under mse."""
+    gen = rng(seed)
+    x = torch.randn(n, 4, generator=gen, dtype=torch.float64)
+    return x, torch.tanh(2 * x[:, :3])
+
+
+def pi_damped_dense(out: torch.Tensor, in_: torch.Tensor, damping: float) -> torch.Tensor:
+    """(out + √λ/π I) ⊗ (in + √λ π I), π² = (tr in / d_in) / (tr out / d_out), written out densely: the
+    dense twin of a π-damped factor pair, built without ``fisherlab.kron`` (optimizer and two-level tests)."""
+    pi = ((torch.trace(in_) / in_.shape[0]) / (torch.trace(out) / out.shape[0])) ** 0.5
+    root = damping**0.5
+    return torch.kron(
+        out + root / pi * torch.eye(out.shape[0], dtype=out.dtype),
+        in_ + root * pi * torch.eye(in_.shape[0], dtype=in_.dtype),
+    )
 
 
 class SmallConvNet(nn.Module):
@@ -50,11 +102,29 @@ class SmallConvNet(nn.Module):
         return self.fc(x.flatten(1))
 
 
-def small_mlp(sizes: tuple[int, ...] = (4, 5, 3), seed: int = 0) -> nn.Sequential:
+def small_mlp(
+    sizes: tuple[int, ...] = (4, 5, 3), seed: int = 0, activation: type[nn.Module] = nn.Tanh
+) -> nn.Sequential:
+    """A float64 MLP of Linear layers (torch's initialisation under ``torch.manual_seed(seed)``), ``activation``
+    between them."""
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
     for i in range(len(sizes) - 1):
         layers.append(nn.Linear(sizes[i], sizes[i + 1]))
         if i < len(sizes) - 2:
-            layers.append(nn.Tanh())
+            layers.append(activation())
     return nn.Sequential(*layers).double()
+
+
+def idx_images(n: int, rows: int = 28, cols: int = 28, *, data_bytes: int | None = None) -> bytes:
+    """An MNIST IDX image file of ``n`` random images (cut to ``data_bytes`` bytes of pixels if given)."""
+    header = b"".join(v.to_bytes(4, "big") for v in (2051, n, rows, cols))
+    body = np.random.default_rng(0).integers(0, 255, n * rows * cols, dtype=np.uint8).tobytes()
+    return header + body[: data_bytes if data_bytes is not None else len(body)]
+
+
+def idx_labels(n: int, *, magic: int = 2049, top: int = 9) -> bytes:
+    """An MNIST IDX label file of ``n`` labels ``0, 1, ...`` capped at ``top``, the last one ``top``."""
+    labels = np.minimum(np.arange(n) % 10, top).astype(np.uint8)
+    labels[-1] = top
+    return magic.to_bytes(4, "big") + n.to_bytes(4, "big") + labels.tobytes()

@@ -1,5 +1,9 @@
 """Every bad input a user can hand the CLI gives one ``fisherlab: error:`` line naming the file or
-field and what was expected, exit status 2, no traceback and no output file (issue 11, defect 10).
+field and what was expected, exit status 2, no traceback and no output file (issue 11, defect 10);
+every bad argument to the Python API is one clear ``ValueError``/``FisherlabError`` (defect 13).
+
+This file is cross-cutting on purpose: it is table-driven over the user's two doors, the CLI and
+the public API, rather than over the modules that do the checking.
 
 Each case is data: an id, a function that writes the files it needs into a directory and
 returns the command's extra arguments, and a fragment of the expected message.
@@ -9,7 +13,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import pickle
 import re
 from collections.abc import Callable
@@ -23,22 +26,16 @@ from scipy.io import savemat
 import fisherlab as fl
 from fisherlab import cli
 from fisherlab._errors import FisherlabError
+from fisherlab.approximations import approximate_all
+from fisherlab.config import ProbeConfig
+from fisherlab.fisher import ExactBlock
 from fisherlab.kron import KronSum
 from fisherlab.layers import LayerFactors
+from fisherlab.probe import Probe
+from fisherlab.run import probe_training
+from tests.cases import idx_images, idx_labels, make_factors, small_mlp
 
 Setup = Callable[[Path], list[str]]
-
-
-def _idx_images(n: int, rows: int = 28, cols: int = 28, *, data_bytes: int | None = None) -> bytes:
-    header = b"".join(v.to_bytes(4, "big") for v in (2051, n, rows, cols))
-    body = np.random.default_rng(0).integers(0, 255, n * rows * cols, dtype=np.uint8).tobytes()
-    return header + body[: data_bytes if data_bytes is not None else len(body)]
-
-
-def _idx_labels(n: int, *, magic: int = 2049, top: int = 9) -> bytes:
-    labels = np.minimum(np.arange(n) % 10, top).astype(np.uint8)
-    labels[-1] = top
-    return magic.to_bytes(4, "big") + n.to_bytes(4, "big") + labels.tobytes()
 
 
 def _mnist(images: bytes, labels: bytes | None = None, problem: str = "mnist") -> Setup:
@@ -93,14 +90,14 @@ class _RunsCode:
 
 BAD_PROBE_INPUTS: list[tuple[str, Setup, str]] = [
     # MNIST IDX
-    ("mnist-truncated", _mnist(_idx_images(30, data_bytes=1000)), "is truncated"),
+    ("mnist-truncated", _mnist(idx_images(30, data_bytes=1000)), "is truncated"),
     (
         "mnist-header-exceeds-data",
-        _mnist(_idx_images(3)[:16].replace((3).to_bytes(4, "big"), (60000).to_bytes(4, "big"), 1)),
+        _mnist(idx_images(3)[:16].replace((3).to_bytes(4, "big"), (60000).to_bytes(4, "big"), 1)),
         "is truncated",
     ),
-    ("mnist-zero-images", _mnist(_idx_images(0)), "holds no images"),
-    ("mnist-10x10-images", _mnist(_idx_images(30, 10, 10)), "10x10 images"),
+    ("mnist-zero-images", _mnist(idx_images(0)), "holds no images"),
+    ("mnist-10x10-images", _mnist(idx_images(30, 10, 10)), "10x10 images"),
     ("mnist-not-idx", _mnist(b"hello world, not an idx file"), "magic number 2051"),
     (
         "mnist-bad-gzip",
@@ -110,14 +107,14 @@ BAD_PROBE_INPUTS: list[tuple[str, Setup, str]] = [
         )[1],
         "cannot read",
     ),
-    ("mnist-labels-too-short", _mnist(_idx_images(30), _idx_labels(20), "deeplinear14"), "20 labels for 30 images"),
+    ("mnist-labels-too-short", _mnist(idx_images(30), idx_labels(20), "deeplinear14"), "20 labels for 30 images"),
     (
         "mnist-labels-bad-magic",
-        _mnist(_idx_images(30), _idx_labels(30, magic=1234), "deeplinear14"),
+        _mnist(idx_images(30), idx_labels(30, magic=1234), "deeplinear14"),
         "magic number 2049",
     ),
-    ("mnist-labels-out-of-range", _mnist(_idx_images(30), _idx_labels(30, top=200), "deeplinear14"), "label 200"),
-    ("mnist-no-labels-for-classifier", _mnist(_idx_images(30), None, "deeplinear14"), "needs class labels"),
+    ("mnist-labels-out-of-range", _mnist(idx_images(30), idx_labels(30, top=200), "deeplinear14"), "label 200"),
+    ("mnist-no-labels-for-classifier", _mnist(idx_images(30), None, "deeplinear14"), "needs class labels"),
     # CURVES .mat
     ("curves-wrong-shape", _curves(lambda p: savemat(p, {"bdata": np.zeros((10, 50))})), "has shape (10, 50)"),
     ("curves-empty-file", _curves(lambda p: p.write_bytes(b"")), "cannot read"),
@@ -236,35 +233,8 @@ def test_crafted_cifar_batch_runs_no_code(tmp_path: Path, capsys: pytest.Capture
     assert target.exists()
 
 
-def test_real_cifar_layout_loads(tmp_path: Path) -> None:
-    """Well-formed python batches (protocols 2 and 5, numpy arrays inside) are accepted."""
-    from fisherlab.data import load_images
-
-    for i in range(1, 6):
-        d = {
-            b"batch_label": b"training batch",
-            b"labels": [i % 10] * 3,
-            b"data": np.full((3, 3072), i, np.uint8),
-            b"filenames": [b"x"] * 3,
-        }
-        (tmp_path / f"data_batch_{i}").write_bytes(pickle.dumps(d, protocol=2 if i % 2 else 5))
-    data = load_images("cifar10", tmp_path)
-    assert data.train.shape == (15, 3072) and not data.stand_in
-
-
-def test_gzipped_mnist_with_labels_loads(tmp_path: Path) -> None:
-    from fisherlab.data import load_images
-
-    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx_images(12)))
-    (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx_labels(12))
-    data = load_images("mnist", tmp_path)
-    assert data.train.shape == (12, 784) and data.train_labels is not None and data.valid.shape[0] == 0
-    assert os.path.basename(str(tmp_path)) in data.source
-
-
 def _mlp(d_out: int = 3) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, d_out)).double()
+    return small_mlp((4, 5, d_out), activation=torch.nn.ReLU)
 
 
 def _x() -> torch.Tensor:
@@ -348,8 +318,8 @@ def test_bad_api_input_is_one_clear_error(call: Callable[[], object], error: typ
     ("content", "message"),
     [
         (lambda: bytes(3_000_000), "expands to more than"),  # a gzip bomb of zeros, no IDX header
-        (lambda: _idx_images(12)[:4] + (10**6).to_bytes(4, "big") + _idx_images(12)[8:], "announces"),
-        (lambda: _idx_images(12) + bytes(3_000_000), None),  # trailing bytes are never decompressed: loads
+        (lambda: idx_images(12)[:4] + (10**6).to_bytes(4, "big") + idx_images(12)[8:], "announces"),
+        (lambda: idx_images(12) + bytes(3_000_000), None),  # trailing bytes are never decompressed: loads
     ],
 )
 def test_gzipped_data_is_decompressed_within_a_bound(
@@ -384,3 +354,36 @@ def test_a_network_beyond_memory_is_refused_naming_the_setting(
         r"lower the --layers probed \(\d+\) or --batch-size 1500",
         err[-1],
     ), err
+
+
+def test_python_api_bad_inputs() -> None:
+    """Public entry points refuse bad input with a ValueError that says what was expected (defect 13)."""
+    block = ExactBlock(make_factors({"id": "x", "n": 4, "v": 1, "t": 1, "d_in": 3, "d_out": 2, "seed": 0}))
+    with pytest.raises(ValueError, match=r"unknown methods \['shampo'\]"):
+        approximate_all(block, ["shampo"])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="at least one sample"):
+        LayerFactors(torch.zeros(0, 1, 3), torch.zeros(0, 1, 1, 2))
+    kron = KronSum((torch.eye(2, dtype=torch.float64),), (torch.eye(3, dtype=torch.float64),))
+    for damping in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="damping must be finite and non-negative"):
+            kron.solve(torch.ones(2, 3, dtype=torch.float64), damping=damping)
+    model = small_mlp()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="one row per sample"):
+        Probe(model, "mse")(x, torch.zeros(4, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="floating-point targets"):
+        Probe(model, "mse")(x, torch.zeros(5, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer class targets"):
+        Probe(model, "ce")(x, torch.zeros(5, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="N >= 1"):
+        Probe(model, "mse")(x[:0], None)
+    short = [(x, torch.zeros(5, 3, dtype=torch.float64))] * 2
+    with pytest.raises(ValueError, match="batch iterator ended after 2 batches"):
+        probe_training(
+            model,
+            "mse",
+            short,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            ProbeConfig(iterations=3, every=1),
+            progress=False,
+        )

@@ -3,9 +3,12 @@ model, interrupted runs, and one clear message per bad input (exit status 2, no 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import signal
+import typing
+from enum import Enum
 
 import numpy as np
 import pytest
@@ -14,7 +17,7 @@ import torch
 from fisherlab import cli
 from fisherlab import run as run_module
 from fisherlab._errors import FisherlabError
-from fisherlab.config import ProbeConfig
+from fisherlab.config import Flag, ProbeConfig, TrainConfig
 from fisherlab.losses import LossKind
 from fisherlab.method_registry import METHODS
 from fisherlab.results import load, validate
@@ -91,6 +94,34 @@ def test_config_file_and_flags(tmp_path) -> None:
     ds = load(out)
     assert list(ds["iteration"].values) == [0, 2] and ds.attrs["fisher"] == "empirical"
     assert list(ds["method"].values) == ["kfac", "kpsvd"]
+
+
+@pytest.mark.parametrize(("command", "config_class"), [("probe", ProbeConfig), ("train", TrainConfig)])
+def test_every_config_field_is_a_flag_and_no_flags_give_the_defaults(command: str, config_class: type) -> None:
+    """Each field of the command's config has its flag, generated from the field (``--flag-name``, help from its
+    ``Flag``; an enum's values shown), unless it says why it has none; ``fisherlab <command>`` with no flags
+    gives the config's defaults."""
+    parser, commands = cli._parser()
+    actions = {action.dest: action for action in commands[command]._actions}
+    hints = typing.get_type_hints(config_class)
+    for field in dataclasses.fields(config_class):
+        if "no_flag" in field.metadata:  # deliberately CLI-less: the reason is said
+            assert isinstance(field.metadata["no_flag"], str) and field.metadata["no_flag"], field.name
+            assert field.name not in actions, field.name
+            continue
+        assert isinstance(field.metadata.get("flag"), Flag), f"{field.name}: neither a flag nor a no_flag reason"
+        action = actions[field.name]
+        assert f"--{field.name.replace('_', '-')}" in action.option_strings or action.option_strings == [
+            f"--no-{field.name.replace('_', '-')}"
+        ]
+        assert action.help and "{" not in action.help, field.name
+        if isinstance(hints[field.name], type) and issubclass(hints[field.name], Enum):
+            assert action.metavar == "{" + ",".join(e.value for e in hints[field.name]) + "}"
+    args = parser.parse_args([command])
+    config = cli._config(args) if command == "probe" else cli._config_from_args(TrainConfig, args)
+    assert config == config_class()
+    if command == "train":  # --kl-clip 0 disables clipping
+        assert cli._config_from_args(TrainConfig, parser.parse_args(["train", "--kl-clip", "0"])).kl_clip is None
 
 
 BAD_INPUTS = [
@@ -346,3 +377,12 @@ def test_foreign_file_is_not_a_results_file(tmp_path, capsys) -> None:
         assert cli.main([command, str(tmp_path / "x.nc")]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "not a fisherlab results file" in err and "pip" not in err
+
+
+def test_output_under_a_regular_file_is_refused(tmp_path, capsys) -> None:
+    """An output whose directory cannot exist (a path under a regular file) fails for root too."""
+    blocker = tmp_path / "plain-file"
+    blocker.write_text("x")
+    status = cli.main(["probe", "--iterations", "2", "--every", "1", "--out", str(blocker / "r.nc"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("fisherlab: error: cannot create directory") and err.count("\n") == 1

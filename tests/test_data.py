@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import os
+import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +15,8 @@ from scipy.io import savemat
 from fisherlab._errors import FisherlabError
 from fisherlab.data import curves_images, load_images
 from fisherlab.problems import PROBLEMS, get_problem, training_batches
+from tests.cases import idx_images, idx_labels
+from tests.tolerances import FLOAT32
 
 
 def test_curves_generator_is_seeded_and_in_range() -> None:
@@ -65,7 +70,7 @@ def test_mnist_idx_loader(tmp_path) -> None:
     with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as fh:
         fh.write(header + images.tobytes())
     data = load_images("mnist", tmp_path)
-    torch.testing.assert_close(data.train, torch.as_tensor(images, dtype=torch.float32) / 255)
+    torch.testing.assert_close(data.train, torch.as_tensor(images, dtype=torch.float32) / 255, **FLOAT32)
 
 
 def test_mat_loaders(tmp_path) -> None:
@@ -136,3 +141,25 @@ def test_every_problem_data_under_a_float64_default_dtype(name: str) -> None:
         assert got.dtype == want.dtype and torch.equal(got, want)
     assert x.dtype == (torch.int64 if problem.kind == "language" else torch.float32)
     assert y.dtype == (torch.int64 if problem.kind in ("language", "classifier") else torch.float32)
+
+
+def test_real_cifar_layout_loads(tmp_path: Path) -> None:
+    """Well-formed python batches (protocols 2 and 5, numpy arrays inside) are accepted."""
+    for i in range(1, 6):
+        d = {
+            b"batch_label": b"training batch",
+            b"labels": [i % 10] * 3,
+            b"data": np.full((3, 3072), i, np.uint8),
+            b"filenames": [b"x"] * 3,
+        }
+        (tmp_path / f"data_batch_{i}").write_bytes(pickle.dumps(d, protocol=2 if i % 2 else 5))
+    data = load_images("cifar10", tmp_path)
+    assert data.train.shape == (15, 3072) and not data.stand_in
+
+
+def test_gzipped_mnist_with_labels_loads(tmp_path: Path) -> None:
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_images(12)))
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(idx_labels(12))
+    data = load_images("mnist", tmp_path)
+    assert data.train.shape == (12, 784) and data.train_labels is not None and data.valid.shape[0] == 0
+    assert os.path.basename(str(tmp_path)) in data.source

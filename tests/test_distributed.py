@@ -20,8 +20,11 @@ from fisherlab._errors import FisherlabError
 from fisherlab.distributed import _handshake
 from fisherlab.results import load, validate
 from tests import _dist_worker as worker
+from tests.tolerances import scaled
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Sums over ranks, in float64, in another order than one process's: roundoff of the largest entry.
+REDUCED = {"rtol": 0.0, "atol": 1e-10}
 #: Wall-clock and solver bookkeeping (iteration counts may differ by one at the tolerance): not compared.
 NOT_COMPARED = {"approximation_time", "wall_time", "probe_time", "solver_iterations", "solver_residual", "converged"}
 
@@ -52,8 +55,8 @@ def _assert_same(got, expected) -> None:  # type: ignore[no-untyped-def]
     for name in sorted(set(expected.data_vars) - NOT_COMPARED):
         a, b = np.asarray(got[name].values, dtype=float), np.asarray(expected[name].values, dtype=float)
         scale = np.maximum(1.0, np.abs(b))  # NaN where undefined (two-level of a non-Kronecker method): compared as NaN
-        atol = 1e-10 * float(np.nanmax(scale)) if np.isfinite(scale).any() else 0.0
-        assert np.allclose(a, b, rtol=0, atol=atol, equal_nan=True), (name, a, b)
+        tol = scaled(REDUCED, float(np.nanmax(scale)) if np.isfinite(scale).any() else 0.0)
+        assert np.allclose(a, b, **tol, equal_nan=True), (name, a, b)
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,8 @@ KFAC = exact block for one sample, cross-layer blocks."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from fisherlab.fisher import ExactBlock, cross_block_dense, full_fisher_dense
 from fisherlab.kron import KronSum
 from fisherlab.layers import LayerFactors
 from fisherlab.metrics import BlockReference
-from tests.cases import FACTOR_CASES, ids, make_factors
+from tests.cases import FACTOR_CASES, ids, make_factors, rng
 from tests.tolerances import EXACT64
 
 
@@ -42,7 +44,7 @@ def test_rearranged_products_match_dense(block: ExactBlock) -> None:
     """R(F) vec(Y) and R(F)^T vec(X) (K Prop. 3.1, all position pairs) equal the dense rearrangement."""
     f = block.factors
     r = rearrange(block.as_dense(), f.d_out, f.d_in)
-    gen = torch.Generator().manual_seed(0)
+    gen = rng(0)
     y = torch.randn(f.d_in, f.d_in, generator=gen, dtype=torch.float64)
     x = torch.randn(f.d_out, f.d_out, generator=gen, dtype=torch.float64)
     scale = r.abs().max()
@@ -54,7 +56,7 @@ def test_rearranged_products_match_dense(block: ExactBlock) -> None:
 def test_matvec_matches_dense(block: ExactBlock) -> None:
     """F vec(W) from factors equals the dense product."""
     f = block.factors
-    w = torch.randn(f.d_out, f.d_in, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    w = torch.randn(f.d_out, f.d_in, generator=rng(1), dtype=torch.float64)
     torch.testing.assert_close(block.matvec(w).flatten(), block.as_dense() @ w.flatten(), **EXACT64)
 
 
@@ -71,7 +73,7 @@ def test_gram_norm_and_spectrum_match_dense(block: ExactBlock) -> None:
 def test_inner_with_kronecker_sum_matches_dense(block: ExactBlock) -> None:
     """<F, sum_k X_k ⊗ Y_k>_F from factors equals the dense inner product."""
     f = block.factors
-    gen = torch.Generator().manual_seed(2)
+    gen = rng(2)
     k = KronSum(
         tuple(torch.randn(f.d_out, f.d_out, generator=gen, dtype=torch.float64) for _ in range(2)),
         tuple(torch.randn(f.d_in, f.d_in, generator=gen, dtype=torch.float64) for _ in range(2)),
@@ -82,7 +84,7 @@ def test_inner_with_kronecker_sum_matches_dense(block: ExactBlock) -> None:
 def test_kronecker_svd_identity(block: ExactBlock) -> None:
     """||F - X ⊗ Y||_F = ||R(F) - vec X vec Y^T||_F for arbitrary X, Y (K Thm. 3.1, eq. 7)."""
     f = block.factors
-    gen = torch.Generator().manual_seed(3)
+    gen = rng(3)
     x = torch.randn(f.d_out, f.d_out, generator=gen, dtype=torch.float64)
     y = torch.randn(f.d_in, f.d_in, generator=gen, dtype=torch.float64)
     dense = block.as_dense()
@@ -108,7 +110,7 @@ def test_kfac_not_exact_for_many_samples() -> None:
 
 def test_cross_blocks_assemble_full_fisher() -> None:
     """Diagonal blocks of the full F are the layer blocks; off-diagonal ones are F_ij = J_i^T J_j / N."""
-    gen = torch.Generator().manual_seed(4)
+    gen = rng(4)
     a1, a2 = (
         torch.randn(6, 1, 3, generator=gen, dtype=torch.float64),
         torch.randn(6, 1, 4, generator=gen, dtype=torch.float64),
@@ -164,7 +166,7 @@ def test_conv_position_pair_route_matches_dense(case: dict, route: str, monkeypa
     block.__dict__["route"] = route  # both routes, whichever the cost model prefers here
     f = block.factors
     r = rearrange(_dense_from_definition(f), f.d_out, f.d_in)
-    gen = torch.Generator().manual_seed(0)
+    gen = rng(0)
     y = torch.randn(f.d_in, f.d_in, generator=gen, dtype=torch.float64)
     x = torch.randn(f.d_out, f.d_out, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(block.rearranged_matvec(y).flatten(), r @ y.flatten(), **EXACT64)
@@ -191,21 +193,12 @@ def test_route_follows_the_operation_count(monkeypatch: pytest.MonkeyPatch) -> N
     assert route(16, 4609, 512) == "pairs"
 
 
-def test_the_sample_span_feature_is_one_module_reached_from_its_old_homes() -> None:
-    """fisherlab.sample_span holds the feature; ExactBlock's methods delegate to it and the old import paths
-    (approximations.SpanMatrix, restricted_warm_starts) name the same objects."""
-    from fisherlab import approximations, sample_span
-
-    gen = torch.Generator().manual_seed(3)
-    block = ExactBlock(
-        LayerFactors(
-            torch.randn(3, 1, 13, generator=gen, dtype=torch.float64),
-            torch.randn(3, 1, 1, 20, generator=gen, dtype=torch.float64),
-        )
-    )
-    span, direct = block.sample_span(), sample_span.restrict(block)
-    assert span is not None and direct is not None and isinstance(span, sample_span.SampleSpan)
-    assert (span.block.d_out, span.block.d_in, span.zeros) == (3, 3, 20 * 13 - 9)
-    torch.testing.assert_close(span.block.as_dense(), direct.block.as_dense())
-    assert approximations.SpanMatrix is sample_span.SpanMatrix
-    assert approximations.restricted_warm_starts is sample_span.restricted_warm_starts
+def test_rearranged_dense_matches_index_definition() -> None:
+    """R(F)[(o1, o2), (i1, i2)] = F[(o1, i1), (o2, i2)], entry by entry (K eq. 7)."""
+    block = ExactBlock(make_factors({"id": "x", "n": 3, "v": 2, "t": 2, "d_in": 3, "d_out": 2, "seed": 5}))
+    f, d_out, d_in = block.as_dense(), block.factors.d_out, block.factors.d_in
+    expected = torch.empty(d_out * d_out, d_in * d_in, dtype=f.dtype)
+    for o1, o2, i1, i2 in itertools.product(range(d_out), range(d_out), range(d_in), range(d_in)):
+        expected[o1 * d_out + o2, i1 * d_in + i2] = f[o1 * d_in + i1, o2 * d_in + i2]
+    assert torch.equal(block.rearranged_dense(), expected)
+    assert torch.equal(rearrange(f, d_out, d_in), expected)

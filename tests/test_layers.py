@@ -13,6 +13,7 @@ import fisherlab as fl
 from fisherlab.dense import per_sample_gradients
 from fisherlab.layers import LAYER_KINDS, LayerKind, layer_matrix, register_layer_kind, subtract_from_layer
 from fisherlab.probe import Probe
+from tests.cases import rng
 from tests.tolerances import EXACT64
 
 
@@ -75,7 +76,7 @@ def test_an_unregistered_module_is_one_clear_error() -> None:
 
 def test_layer_factors_from_linear() -> None:
     """``LayerFactors.from_linear(a [N, d], g [N, d_out])`` appends the bias column and adds T = V = 1."""
-    gen = torch.Generator().manual_seed(0)
+    gen = rng(0)
     a, g = torch.randn(5, 3, generator=gen, dtype=torch.float64), torch.randn(5, 2, generator=gen, dtype=torch.float64)
     factors = fl.LayerFactors.from_linear(a, g)
     assert factors.a.shape == (5, 1, 4) and factors.g.shape == (5, 1, 1, 2)

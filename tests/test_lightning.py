@@ -12,6 +12,7 @@ pl = pytest.importorskip("lightning.pytorch")
 
 import fisherlab as fl
 from fisherlab.results import load, validate
+from tests.cases import rng
 
 
 class _Classifier(pl.LightningModule):
@@ -33,7 +34,7 @@ class _Classifier(pl.LightningModule):
 def _fit(callbacks: list, seed: int = 0) -> _Classifier:
     torch.manual_seed(seed)
     module = _Classifier()
-    gen = torch.Generator().manual_seed(1)
+    gen = rng(1)
     data = torch.utils.data.TensorDataset(torch.randn(64, 5, generator=gen), torch.randint(0, 3, (64,), generator=gen))
     loader = torch.utils.data.DataLoader(data, batch_size=8)
     trainer = pl.Trainer(

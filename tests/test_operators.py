@@ -7,30 +7,25 @@ import torch
 from fisherlab.approximations import kfac_factors
 from fisherlab.fisher import ExactBlock, WholeFisher
 from fisherlab.kron import KronSum
-from fisherlab.layers import LayerFactors
 from fisherlab.operators import BlockDiagonal, BlockOperator, ParamsOperator, axpy, dot
 from fisherlab.twolevel import coarse_solve
-from tests.tolerances import EXACT64
+from tests.cases import plain_factors, rng, spd
+from tests.tolerances import EXACT64, SOLVE64
 
-
-def _factors(n: int, d_in: int, d_out: int, t: int = 1, v: int = 2, seed: int = 0) -> LayerFactors:
-    gen = torch.Generator().manual_seed(seed)
-    a = torch.randn(n, t, d_in, generator=gen, dtype=torch.float64)
-    return LayerFactors(a, torch.randn(n, v, t, d_out, generator=gen, dtype=torch.float64))
+#: The top eigenvalues through the N x N Gram matrix vs eigvalsh of the D x D dense block: two
+#: eigendecompositions of differently conditioned matrices (SOLVE64 with a looser absolute part).
+GRAM_EIGENVALUES = {"rtol": 1e-9, "atol": 1e-10}
 
 
 def _kron(d_out: int, d_in: int, rank: int, seed: int) -> KronSum:
-    gen = torch.Generator().manual_seed(seed)
-
-    def sym(d: int) -> torch.Tensor:
-        m = torch.randn(d, d, generator=gen, dtype=torch.float64)
-        return m @ m.T / d + torch.eye(d, dtype=torch.float64)
-
-    return KronSum(tuple(sym(d_out) for _ in range(rank)), tuple(sym(d_in) for _ in range(rank)))
+    """``rank`` positive definite terms ``m mᵀ / d + I`` (outs first, then ins)."""
+    gen = rng(seed)
+    outs = tuple(spd(d_out, gen, width=1, ridge=1.0) for _ in range(rank))
+    return KronSum(outs, tuple(spd(d_in, gen, width=1, ridge=1.0) for _ in range(rank)))
 
 
 def test_operators_satisfy_the_protocols() -> None:
-    block = ExactBlock(_factors(5, 4, 3))
+    block = ExactBlock(plain_factors(rng(0), 5, 1, 4, 3, v=2))
     kron = kfac_factors(block)
     assert isinstance(block, BlockOperator) and isinstance(kron, BlockOperator)
     assert isinstance(WholeFisher((block,)), ParamsOperator) and isinstance(BlockDiagonal((kron,)), ParamsOperator)
@@ -38,7 +33,7 @@ def test_operators_satisfy_the_protocols() -> None:
 
 def test_block_operator_methods_match_their_dense_views() -> None:
     """matvec, inner and frobenius_norm of ExactBlock (conv-like T = 3) and KronSum equal the dense definitions."""
-    block = ExactBlock(_factors(6, 4, 3, t=3))
+    block = ExactBlock(plain_factors(rng(0), 6, 3, 4, 3, v=2))
     kron = _kron(3, 4, 2, seed=1)
     w = torch.randn(3, 4, dtype=torch.float64)
     for op in (block, kron):
@@ -47,7 +42,7 @@ def test_block_operator_methods_match_their_dense_views() -> None:
         torch.testing.assert_close(op.inner(kron), torch.sum(dense * kron.as_dense()), **EXACT64)
         torch.testing.assert_close(op.frobenius_norm(), torch.linalg.matrix_norm(dense), **EXACT64)
     ev = torch.linalg.eigvalsh(block.as_dense()).flip(0)
-    torch.testing.assert_close(block.eigenvalues(top=4), ev[:4], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(block.eigenvalues(top=4), ev[:4], **GRAM_EIGENVALUES)
 
 
 def test_block_diagonal_matvec_solve_and_dense() -> None:
@@ -66,7 +61,7 @@ def test_block_diagonal_matvec_solve_and_dense() -> None:
 
 
 def test_whole_fisher_matvec_matches_dense_with_cross_blocks() -> None:
-    f1, f2 = _factors(7, 4, 3, seed=4), _factors(7, 3, 2, t=1, seed=5)
+    f1, f2 = plain_factors(rng(4), 7, 1, 4, 3, v=2), plain_factors(rng(5), 7, 1, 3, 2, v=2)
     fisher = WholeFisher((ExactBlock(f1), ExactBlock(f2)))
     u = [torch.randn(3, 4, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)]
     flat = torch.cat([x.flatten() for x in u])
@@ -76,10 +71,10 @@ def test_whole_fisher_matvec_matches_dense_with_cross_blocks() -> None:
 
 def test_coarse_solve_is_the_minimum_norm_solution() -> None:
     """β = F⁺ r for a rank-deficient PSD F (a vanished coarse column), as numpy's lstsq gives."""
-    gen = torch.Generator().manual_seed(6)
+    gen = rng(6)
     v = torch.randn(4, 2, generator=gen, dtype=torch.float64)
     f = torch.zeros(5, 5, dtype=torch.float64)
     f[:4, :4] = v @ v.T  # rank 2 in a 5x5 system
     r = torch.randn(5, generator=gen, dtype=torch.float64)
     expected = torch.linalg.lstsq(f, r, rcond=1e-12, driver="gelsd").solution
-    torch.testing.assert_close(coarse_solve(f, r), expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(coarse_solve(f, r), expected, **SOLVE64)

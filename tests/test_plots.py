@@ -1,5 +1,6 @@
 """Figures from results datasets: unique run labels, one legend for every panel, user strings
-drawn literally (no mathtext), and a readable two-level gap axis (issue 20, item 11)."""
+drawn literally (no mathtext), a readable two-level gap axis (issue 20, item 11), and stand-in data named
+on the console and in every title."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from fisherlab.data import announce_data, load_images
 from fisherlab.plots import error_figure, plain, run_labels, save_figure, training_figure, two_level_figure
 from fisherlab.results import annotate
 
@@ -117,3 +119,28 @@ def test_two_level_gap_axis_is_readable() -> None:
         box = ax.yaxis.label.get_window_extent(renderer)
         assert box.y0 >= 0 and box.y1 <= fig.bbox.y1 and box.x0 >= 0, ax.get_ylabel()  # not clipped
     plt.close(fig)
+
+
+def test_stand_in_is_named_on_console_and_in_titles(capsys) -> None:
+    """A stand-in run says so when it starts and in every figure title (defect 5)."""
+    data = load_images("mnist")
+    assert data.stand_in
+    announce_data(data.source, data.stand_in)
+    assert "STAND-IN data, not the paper's dataset" in capsys.readouterr().err
+    values = np.full((1, 1, 1), 0.5)
+    ds = xr.Dataset(
+        {
+            "frobenius_error": (("iteration", "layer", "method"), values),
+            "spectral_error": (("iteration", "layer", "method"), values),
+        },
+        coords={"iteration": [0], "layer": ["5"], "method": ["kfac"]},
+        attrs={"problem": "mnist", "data_source": data.source, "stand_in": 1},
+    )
+    assert "STAND-IN" in error_figure(ds)._suptitle.get_text()
+    train = xr.Dataset(
+        {k: (("optimizer", "epoch"), np.ones((1, 2))) for k in ("train_loss", "valid_loss", "wall_time")},
+        coords={"optimizer": ["sgd"], "epoch": [0, 1]},
+        attrs={"problem": "mnist", "data_source": data.source},
+    )
+    assert "STAND-IN" in training_figure(train)._suptitle.get_text()
+    plt.close("all")

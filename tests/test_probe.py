@@ -1,7 +1,8 @@
 """The probe: per-sample gradients equal torch.func's (Linear and Conv2d with stride, padding,
 dilation, with and without bias; every loss); the ``exact`` Fisher equals JᵀHJ built by
 torch.func; ``mc`` with many draws approaches ``exact``; a probe pass leaves training
-undisturbed; bad input gives clear errors."""
+undisturbed; bad input gives clear errors; a module called twice is weight sharing; a sequence model's
+Linear layers (positions share the weight) match torch.func."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from torch.func import functional_call, jacrev, vmap
 from fisherlab._errors import FisherlabError
 from fisherlab.dense import per_sample_gradients
 from fisherlab.fisher import ExactBlock
-from fisherlab.losses import FisherKind, LossKind
+from fisherlab.losses import FisherKind, LossKind, per_sample_loss
 from fisherlab.losses import output_fisher_sqrt as _output_fisher_sqrt
 from fisherlab.losses import sample_targets as _sample_targets
 from fisherlab.probe import Probe
-from tests.cases import SmallConvNet, small_mlp
-from tests.tolerances import EXACT64
+from fisherlab.problems import Transformer
+from tests.cases import SmallConvNet, rng, small_mlp
+from tests.tolerances import BITWISE, EXACT64, ROUNDOFF64
 
 
 def _problem(kind: str, loss: LossKind) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -56,7 +58,7 @@ def test_mc_per_sample_gradients_use_sampled_targets(loss: LossKind) -> None:
     snap = Probe(model, loss, fisher="mc", seed=11)(x, y_true)
     with torch.no_grad():
         z = model(x)
-    y = _sample_targets(loss, z, torch.Generator().manual_seed(11))
+    y = _sample_targets(loss, z, rng(11))
     expected = per_sample_gradients(model, loss, x, y, Probe(model, loss).layers)
     for name, f in snap.factors.items():
         torch.testing.assert_close(f.per_sample_gradients()[:, 0], expected[name], **EXACT64)
@@ -128,7 +130,7 @@ def test_probe_leaves_training_undisturbed() -> None:
     assert set(snap.factors) == {"0", "3"}
     assert all(p.grad is None for p in model.parameters())
     for k, b in model.named_buffers():
-        torch.testing.assert_close(b, buffers[k], rtol=0, atol=0)
+        torch.testing.assert_close(b, buffers[k], **BITWISE)
     assert torch.equal(torch.get_rng_state(), rng)
 
 
@@ -159,3 +161,64 @@ def test_nan_output_is_reported() -> None:
 def test_fisher_kind_values() -> None:
     """Enum values are the strings stored in the dataset."""
     assert [k.value for k in FisherKind] == ["mc", "exact", "empirical"]
+
+
+class SharedLinear(nn.Module):
+    """One Linear applied twice per sample (shared weights), once on a sequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.shared(x))
+        h = torch.tanh(self.shared(torch.stack([h, 0.5 * h], 1))).sum(1)  # second call on a length-2 sequence
+        return self.head(h)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "exact"])
+def test_module_called_twice_is_weight_sharing(fisher: str) -> None:
+    """The Fisher block and gradient of a module called twice equal torch.func brute force (defect 11)."""
+    torch.manual_seed(0)
+    model = SharedLinear().double()
+    x, y = torch.randn(7, 4, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)
+    snap = Probe(model, "mse", fisher=fisher)(x, y)
+    psg = per_sample_gradients(model, "mse", x, y, {"shared": model.shared})["shared"]
+    torch.testing.assert_close(snap.gradients["shared"], psg.mean(0), **ROUNDOFF64)
+    block = snap.blocks()["shared"]
+    assert block.factors.n_positions == 3  # one position from the first call, two from the second
+    if fisher == "empirical":
+        jac = psg.reshape(7, -1)
+        torch.testing.assert_close(block.as_dense(), jac.T @ jac / 7, **ROUNDOFF64)
+    else:  # MSE: the exact Fisher is JᵀJ over the output units, the Gauss-Newton matrix
+        jac = torch.func.jacrev(
+            lambda w: torch.func.functional_call(model, {**dict(model.named_parameters()), "shared.weight": w}, (x,))
+        )(model.shared.weight.detach())
+        jb = torch.func.jacrev(
+            lambda b: torch.func.functional_call(model, {**dict(model.named_parameters()), "shared.bias": b}, (x,))
+        )(model.shared.bias.detach())
+        j = torch.cat([jac, jb[..., None]], -1).reshape(7 * 3, -1)
+        torch.testing.assert_close(block.as_dense(), j.T @ j / 7, **EXACT64)
+
+
+def _tiny() -> tuple[Transformer, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = Transformer(vocab=11, d_model=8, heads=2, n_blocks=1, length=6).double()
+    gen = rng(1)
+    return model, torch.randint(0, 11, (5, 6), generator=gen), torch.randint(0, 11, (5, 6), generator=gen)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # vmap over SDPA in the dense twin
+def test_sequence_fisher_matches_torch_func() -> None:
+    """Empirical Fisher of every Linear layer of a causal transformer (positions share the weight)
+    equals (1/N) Σ ∇_n ∇_nᵀ with ∇_n the torch.func gradient of sample n's loss summed over positions."""
+    model, x, y = _tiny()
+    snap = Probe(model, "ce", fisher="empirical")(x, y)
+    grads = per_sample_gradients(model, "ce", x, y, dict(Probe(model, "ce").layers))
+    for name, block in snap.blocks().items():
+        assert block.factors.n_positions == 6
+        jac = grads[name].flatten(1)
+        torch.testing.assert_close(block.as_dense(), jac.T @ jac / 5, **EXACT64, msg=name)
+        torch.testing.assert_close(snap.gradients[name], grads[name].mean(0), **EXACT64)
+    assert snap.loss == pytest.approx(float(per_sample_loss("ce", model(x), y).mean().detach()), rel=ROUNDOFF64["rtol"])  # type: ignore[arg-type]

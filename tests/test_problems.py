@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import fisherlab as fl
+from fisherlab import cli
 from fisherlab.losses import LossKind
 from fisherlab.problems import PROBLEMS, AutoEncoder, Problem, ProblemKind, register_problem
+from fisherlab.results import load, validate
 
 
 @pytest.fixture
@@ -57,3 +61,18 @@ def test_probe_help_lists_every_problem_with_its_description() -> None:
     help_text = _parser()[1]["probe"].format_help()
     for problem in PROBLEMS.values():
         assert f"{problem.name}  " in help_text and problem.description in help_text, problem.name
+
+
+def test_transformer_problem_end_to_end(tmp_path: Path) -> None:
+    """`fisherlab probe --problem transformer`: embedding and layer norms listed as skipped, both errors stored."""
+    out = tmp_path / "t.nc"
+    args = ["probe", "--problem", "transformer", "--iterations", "1", "--every", "1", "--batch-size", "2"]
+    assert (
+        cli.main([*args, "--layers", "blocks.0.qkv", "--methods", "kfac,deflation", "--out", str(out), "--no-progress"])
+        == 0
+    )
+    ds = load(out)
+    validate(ds)
+    assert "embed.weight" in ds.attrs["skipped_parameters"] and "blocks.0.ln1.weight" in ds.attrs["skipped_parameters"]
+    assert bool(ds["frobenius_error"].notnull().all()) and bool(ds["spectral_error"].notnull().all())
+    assert ds.attrs["stand_in"] == 1

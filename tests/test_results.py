@@ -81,3 +81,68 @@ def test_the_probe_schema_is_read_from_registries_of_one_shape() -> None:
     assert all(isinstance(v, NetworkMetric) for v in NETWORK_METRICS) and TWO_LEVEL_METRICS is NETWORK_METRICS
     assert {v.name: v.dims for v in NETWORK_METRICS} == {k: dims for k, (dims, *_) in TWO_LEVEL_VARIABLES.items()}
     assert {v.name for v in RUN_METRICS} == {"train_loss", "wall_time", "probe_time"}
+
+
+def test_second_writer_of_the_same_output_is_refused(tmp_path) -> None:
+    """Two runs writing one --out: the second is refused while the first holds the lock (defect 12)."""
+    out = tmp_path / "r.nc"
+    with ResultsWriter(out, {}), pytest.raises(FisherlabError, match="another fisherlab run is writing"):
+        ResultsWriter(out, {}, overwrite=True)
+    with ResultsWriter(out, {}, overwrite=True):  # released when the first finished
+        pass
+
+
+def test_stored_factors_live_in_the_results_file_and_overwrite_replaces_them(tmp_path) -> None:
+    """--store-factors puts each snapshot's factors in the results file (compressed); --overwrite keeps only
+    the new run's; load_factors reads one slice back, equal to a fresh probe of the same model."""
+    import torch
+
+    from fisherlab import cli
+    from fisherlab.fisher import ExactBlock
+    from fisherlab.layers import LayerFactors
+    from fisherlab.results import load_factors
+    from tests.tolerances import BITWISE
+
+    out = tmp_path / "r.nc"
+    base = [
+        "probe",
+        "--iterations",
+        "2",
+        "--layers",
+        "6",
+        "--methods",
+        "kfac",
+        "--metrics",
+        "frobenius_error",
+        "--store-factors",
+        "6",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--figure",
+        "none",
+    ]
+    assert cli.main([*base, "--every", "1"]) == 0
+    assert list(load(out, factors=True)["factors_a_6"]["iteration"].values) == [0, 1, 2]
+    assert cli.main([*base, "--every", "2", "--overwrite"]) == 0
+    stored = load(out, factors=True)
+    assert list(stored["iteration"].values) == [0, 2] and "factors_a_6" not in load(out)
+    d = load_factors(out, iteration=2, layer="6")
+    torch.testing.assert_close(d["a"], torch.from_numpy(stored["factors_a_6"].values[1]), **BITWISE)
+    assert ExactBlock(LayerFactors(d["a"], d["g"])).dim == 6 * 26  # type: ignore[arg-type]
+    with pytest.raises(FisherlabError, match="no snapshot at iteration 1"):
+        load_factors(out, iteration=1, layer="6")
+    with pytest.raises(FisherlabError, match="no stored factors of layer '5'"):
+        load_factors(out, iteration=2, layer="5")
+
+
+def test_stored_factor_loader_refuses_code(tmp_path) -> None:
+    """load_factors never unpickles: a crafted .pt handed in is refused with a clear error."""
+    import torch
+
+    from fisherlab.results import load_factors
+
+    path = tmp_path / "evil.pt"
+    torch.save({"a": torch.zeros(1), "g": print}, path)
+    with pytest.raises(FisherlabError, match="no stored factors"):
+        load_factors(path, iteration=0, layer="5")

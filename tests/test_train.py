@@ -1,14 +1,17 @@
 """`fisherlab train`: the comparison dataset (dims optimizer, epoch), grid search, early
-stopping, K Figure 2, and bad input."""
+stopping, K Figure 2, bad input, an interrupted run keeps its finished epochs, no validation set is NaN."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
-from fisherlab import cli
+from fisherlab import cli, train
 from fisherlab.config import TrainConfig
 from fisherlab.results import load
 from fisherlab.train import run_training
+from tests.cases import idx_images
 
 
 def test_train_end_to_end(tmp_path, capsys) -> None:
@@ -80,3 +83,56 @@ def test_train_offers_the_transformer(tmp_path, capsys) -> None:
     argv = ["train", "--problem", "transformer", "--optimizers", "sgd", "--epochs", "1", "--max-batches", "1"]
     assert cli.main([*argv, "--eval-samples", "16", "--batch-size", "8", "--out", str(out), "--no-progress"]) == 0
     assert load(out).attrs["problem"] == "transformer"
+
+
+def test_train_writes_every_epoch_and_survives_ctrl_c(tmp_path, monkeypatch, capsys) -> None:
+    """Ctrl-C in epoch 2 of the second optimizer: exit 130, one line, the file holds every finished epoch."""
+    real = train._mean_loss
+    calls = itertools.count()
+
+    def interrupting(*args: object) -> float:
+        if (
+            next(calls) == 10
+        ):  # sgd: 3 evaluations x (train, valid); adam: initial and epoch 1 done, epoch 2 interrupted
+            raise KeyboardInterrupt
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(train, "_mean_loss", interrupting)
+    out = tmp_path / "t.nc"
+    status = cli.main(
+        ["train", "--optimizers", "sgd,adam", "--epochs", "2", "--max-batches", "2", "--eval-samples", "256"]
+        + ["--out", str(out), "--no-progress"]
+    )
+    assert status == 130 and capsys.readouterr().err.strip().endswith(f"interrupted; finished epochs are in {out}")
+    ds = load(out)
+    assert list(ds["optimizer"].values) == ["sgd", "adam"] and ds.attrs["complete"] == 0
+    assert bool(np.isfinite(ds["train_loss"].sel({"optimizer": "sgd"})).all())
+    assert np.isfinite(ds["train_loss"].sel({"optimizer": "adam"}).values).tolist() == [True, True, False]
+
+
+def test_no_validation_data_is_nan_and_said(tmp_path, capsys) -> None:
+    """Real MNIST files with fewer than 50 001 images leave no validation set: NaN, said on the console (defect 4)."""
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(idx_images(40))
+    out = tmp_path / "t.nc"
+    status = cli.main(
+        [
+            "train",
+            "--problem",
+            "mnist",
+            "--data-dir",
+            str(tmp_path),
+            "--optimizers",
+            "sgd",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "20",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert status == 0
+    assert "no validation images; valid_loss is recorded as NaN" in capsys.readouterr().err
+    ds = load(out)
+    assert bool(ds["valid_loss"].isnull().all()) and bool(ds["train_loss"].notnull().all())

@@ -98,7 +98,10 @@ class Approximation:
         if span.in_basis is None:
             return replace(self, operator=operator)
         k_in = span.block.d_in
-        warm = tuple(SpanMatrix(span.in_basis, w) if w.shape == (k_in, k_in) else w for w in self.warm_start)
+        warm = tuple(
+            SpanMatrix(span.in_basis, w) if isinstance(w, Tensor) and w.shape == (k_in, k_in) else w
+            for w in self.warm_start
+        )
         return replace(self, operator=operator, warm_start=warm)
 
 
