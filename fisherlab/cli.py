@@ -115,7 +115,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> No
         if item is not None:
             options["type"] = _floats if item is float else _csv
         elif enum is not None:
-            options["default"] = _shown(default)  # the config converts and checks the value
+            options["default"] = None if default is None else _shown(default)  # the config converts and checks it
             options["metavar"] = flag.metavar or "{" + ",".join(e.value for e in enum) + "}"
         elif kind in (int, float):
             options["type"] = kind

@@ -23,6 +23,7 @@ import torch
 from fisherlab._errors import FisherlabError
 from fisherlab.method_registry import ApproxConfig, resolve_methods
 from fisherlab.vocabulary import (
+    DEFAULT_METRICS,
     ERROR_METRICS,
     OPTIMIZER_NAMES,
     PAPER_METHODS,
@@ -145,6 +146,13 @@ class ProbeConfig:
             "(the data's targets) (default: {default})"
         ),
     )
+    approx_fisher: FisherKind | None = field(
+        default=None,
+        metadata=_flag(
+            "build the approximations from this Fisher kind and score them against the exact block of --fisher "
+            "(cross-kind scoring, attribute approx_fisher; default: --fisher's kind)"
+        ),
+    )
     mc_samples: int = field(default=1, metadata=_flag("target draws per input for --fisher mc (default: {default})"))
     methods: tuple[str, ...] = field(
         default=PAPER_METHODS,
@@ -159,9 +167,9 @@ class ProbeConfig:
         metadata=_flag("eigenvalues (paper text) or singular_values (authors' code) for error 2 (default: {default})"),
     )
     metrics: tuple[str, ...] = field(
-        default=ERROR_METRICS,
+        default=DEFAULT_METRICS,
         metadata=_flag(
-            "comma-separated error metrics, frobenius_error always included (default: all). {choices}",
+            "comma-separated error metrics, frobenius_error always included (default: {default}). {choices}",
             choices="metrics",
         ),
     )
@@ -203,7 +211,11 @@ class ProbeConfig:
         ),
     )
     damping: float = field(
-        default=1e-3, metadata=_flag("lambda of F + lambda I and of the pi-damped KFAC (default: {default})")
+        default=1e-3,
+        metadata=_flag(
+            "lambda of F + lambda I (two-level, solve_error, kl_divergence) and of the pi-damped KFAC "
+            "(default: {default})"
+        ),
     )
     coarse_spaces: tuple[CoarseSpace, ...] = field(
         default=tuple(CoarseSpace), metadata=_flag("subset of {choices} (default: all; tko is always added)")
@@ -222,6 +234,8 @@ class ProbeConfig:
             ("accumulate", Accumulation),
         ):
             convert(self, name, _enum_value(kind, getattr(self, name)))
+        if self.approx_fisher is not None:
+            convert(self, "approx_fisher", _enum_value(FisherKind, self.approx_fisher))
         for name in ("layers", "metrics", "store_factors"):
             if isinstance(getattr(self, name), list):
                 convert(self, name, tuple(getattr(self, name)))
@@ -231,6 +245,11 @@ class ProbeConfig:
         if self.coarse_spaces:
             convert(self, "coarse_spaces", _enum_tuple(CoarseSpace, tuple(self.coarse_spaces), "coarse spaces"))
         self._validate()
+
+    @property
+    def approx_kind(self) -> FisherKind:
+        """The Fisher kind the approximations are built from (``approx_fisher``, default ``fisher``)."""
+        return self.fisher if self.approx_fisher is None else self.approx_fisher
 
     def _validate(self) -> None:
         """Each setting on its own (:meth:`check` adds the loop's rule between two of them)."""

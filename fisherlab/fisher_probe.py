@@ -105,6 +105,7 @@ class FisherProbe:
         self.loss = as_enum(LossKind, loss, "loss")
         kwargs = {
             "fisher": config.fisher,
+            "approx_fisher": config.approx_fisher,
             "mc_samples": config.mc_samples,
             "seed": config.seed + 1,
             "accumulate_dtype": config.accumulate.dtype,

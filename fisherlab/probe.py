@@ -65,6 +65,10 @@ class ProbeSnapshot:
         fisher: The Fisher kind used.
         skipped: The model's modules with parameters that were not probed, each as
             ``"name: why"`` (e.g. ``"bn: BatchNorm2d, only nn.Linear and nn.Conv2d are probed"``).
+        approx_factors: Per-layer factors of a second Fisher kind captured in the same pass, to build
+            approximations from (cross-kind scoring, ``Probe(approx_fisher=...)``); empty when that kind is
+            ``fisher``'s.
+        approx_fisher: That second kind (``None``: none).
     """
 
     factors: dict[str, LayerFactors]
@@ -72,10 +76,17 @@ class ProbeSnapshot:
     gradients: dict[str, Tensor]
     fisher: FisherKind
     skipped: tuple[str, ...] = field(default=())
+    approx_factors: dict[str, LayerFactors] = field(default_factory=dict)
+    approx_fisher: FisherKind | None = None
 
     def blocks(self) -> dict[str, ExactBlock]:
         """The exact Fisher block of every probed layer."""
         return {name: ExactBlock(f) for name, f in self.factors.items()}
+
+    def approx_block(self, name: str) -> ExactBlock | None:
+        """The block of layer ``name`` of the second Fisher kind (``None`` when none was captured)."""
+        f = self.approx_factors.get(name)
+        return None if f is None else ExactBlock(f)
 
     def whole_fisher(self, names: Iterable[str] | None = None) -> WholeFisher:
         """The Fisher of the layers ``names`` (default: all probed, in order) with their cross blocks."""
@@ -99,6 +110,9 @@ class Probe:
         moments_in_capture_dtype: Mark the factors so that KFAC's second moments are summed in
             the precision the model computed them in (``LayerFactors.moment_dtype``; the
             ``mixed`` accumulation of :class:`fisherlab.config.Accumulation`).
+        approx_fisher: A second Fisher kind whose output derivatives are captured in the same pass
+            (:attr:`ProbeSnapshot.approx_factors`: approximations built from one kind, scored against
+            the other); ``None`` or ``fisher``'s kind: none.
 
     Raises:
         FisherlabError: Unknown layer names, unsupported layer types, bad options.
@@ -119,10 +133,13 @@ class Probe:
         seed: int = 0,
         accumulate_dtype: torch.dtype = torch.float64,
         moments_in_capture_dtype: bool = False,
+        approx_fisher: FisherKind | str | None = None,
     ) -> None:
         self.model = model
         self.loss = as_enum(LossKind, loss, "loss")
         self.fisher = as_enum(FisherKind, fisher, "Fisher type")
+        second = None if approx_fisher is None else as_enum(FisherKind, approx_fisher, "Fisher type")
+        self.approx_fisher = None if second == self.fisher else second
         if mc_samples < 1:
             raise FisherlabError(f"mc_samples must be at least 1, got {mc_samples}")
         self.mc_samples = mc_samples
@@ -167,7 +184,7 @@ class Probe:
                 x = x.clone() if x.is_inference() else x
                 y = y.clone() if isinstance(y, Tensor) and y.is_inference() else y
                 return self(x, y, shard=shard)
-        if y is None and self.fisher == FisherKind.EMPIRICAL:
+        if y is None and FisherKind.EMPIRICAL in (self.fisher, self.approx_fisher):
             raise FisherlabError("the empirical Fisher needs the true targets y")
         check_targets(self.loss, x, y)
         inputs: dict[str, list[Tensor]] = {n: [] for n in self.layers}
@@ -203,19 +220,25 @@ class Probe:
                     losses = per_sample_loss(self.loss, z, y)
                     check_finite("loss", losses)
                     true_g = torch.autograd.grad(losses.sum(), outs, retain_graph=True)
-                directions = output_directions(
-                    self.loss,
-                    self.fisher,
-                    z,
-                    y,
-                    generator=self._gen(z.device),
-                    mc_samples=self.mc_samples,
-                    n_total=None if shard is None else shard.n_total,
-                    start=0 if shard is None else shard.start,
-                )
-                gs: list[list[Tensor]] = [[] for _ in outs]  # per call, per direction
-                for k, d in enumerate(directions):
-                    grads = torch.autograd.grad(z, outs, grad_outputs=d, retain_graph=k < len(directions) - 1)
+                kinds = [self.fisher] if self.approx_fisher is None else [self.fisher, self.approx_fisher]
+                per_kind = [
+                    output_directions(
+                        self.loss,
+                        kind,
+                        z,
+                        y,
+                        generator=self._gen(z.device),
+                        mc_samples=self.mc_samples,
+                        n_total=None if shard is None else shard.n_total,
+                        start=0 if shard is None else shard.start,
+                    )
+                    for kind in kinds
+                ]
+                directions = per_kind[0]
+                every = [d for ds in per_kind for d in ds]
+                gs: list[list[Tensor]] = [[] for _ in outs]  # per call, per direction (both kinds, in order)
+                for k, d in enumerate(every):
+                    grads = torch.autograd.grad(z, outs, grad_outputs=d, retain_graph=k < len(every) - 1)
                     for i, gr in enumerate(grads):
                         gs[i].append(gr)
         finally:
@@ -227,6 +250,7 @@ class Probe:
         dt = self.accumulate_dtype
         n = x.shape[0] if shard is None else shard.n_total
         factors: dict[str, LayerFactors] = {}
+        approx_factors: dict[str, LayerFactors] = {}
         gradients: dict[str, Tensor] = {}
         first = 0  # index of the layer's first call among ``outs``
         for name in names:
@@ -241,11 +265,16 @@ class Probe:
             check_finite(f"activations of layer {name!r}", a)
             moments = torch.promote_types(store, torch.float32) if self.moments_in_capture_dtype else dt
             factors[name] = LayerFactors(a, g, shard, compute_dtype=dt, moment_dtype=moments, name=name)
+            if self.approx_fisher is not None:
+                second = range(len(directions), len(every))
+                g2 = layer_outputs(module, [[gs[c][k] for c in calls] for k in second], store)
+                check_finite(f"pre-activation derivatives ({self.approx_fisher.value}) of layer {name!r}", g2)
+                approx_factors[name] = LayerFactors(a, g2, shard, compute_dtype=dt, moment_dtype=moments, name=name)
             if y is not None:
                 g_true = layer_outputs(module, [[true_g[c] for c in calls]], dt)[:, 0]
                 gradients[name] = all_reduce_sum(weight_gradient(a.to(dt), g_true), shard) / n
         loss = float(all_reduce_sum(losses.detach().sum().to(dt), shard)) / n if y is not None else float("nan")
-        return ProbeSnapshot(factors, loss, gradients, self.fisher, self.skipped)
+        return ProbeSnapshot(factors, loss, gradients, self.fisher, self.skipped, approx_factors, self.approx_fisher)
 
 
 def _skipped_modules(model: nn.Module, probed: dict[str, nn.Module]) -> tuple[str, ...]:

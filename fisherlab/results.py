@@ -392,6 +392,7 @@ def run_attrs(
         "loss": loss.value,
         "seed": config.seed,
         "fisher": config.fisher.value,
+        "approx_fisher": config.approx_kind.value,
         "mc_samples": config.mc_samples,
         "accumulate": config.accumulate.value,
         "spectrum": config.spectrum.value,

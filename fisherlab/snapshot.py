@@ -73,7 +73,7 @@ def assemble_snapshot(
     if config.two_level:  # block-diagonal increments need every layer, not only the probed ones
         for name in snap.factors:
             if name not in names:
-                block = ExactBlock(snap.factors[name])
+                block = snap.approx_block(name) or ExactBlock(snap.factors[name])  # --approx-fisher's kind
                 current[name] = approximate_all(block, methods, config.approx, warm=previous.get(name), layer=name)
                 previous[name] = warm_starts(current[name])
     for li, name in enumerate(names):
@@ -88,6 +88,9 @@ def assemble_snapshot(
                 metrics=config.metrics,
                 warm=previous.get(name),
                 layer=name,
+                damping=config.damping,
+                gradient=snap.gradients.get(name),
+                approx_block=snap.approx_block(name),
             )
         if not ev.layer_values["fisher_frobenius_norm"] > 0:
             zero_warned.add(name)

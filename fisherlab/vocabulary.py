@@ -13,6 +13,7 @@ from enum import Enum
 import torch
 
 __all__ = [
+    "DEFAULT_METRICS",
     "ERROR_METRICS",
     "OPTIMIZER_NAMES",
     "PAPER_METHODS",
@@ -170,5 +171,15 @@ OPTIMIZER_NAMES: tuple[str, ...] = (
 PAPER_METHODS: tuple[str, ...] = tuple(m.value for m in Method)
 
 #: The error metrics of :data:`fisherlab.metrics.BLOCK_METRICS` (``--metrics`` chooses among them;
-#: ``frobenius_error`` always): their names, for settings that must not import the metrics.
-ERROR_METRICS: tuple[str, ...] = ("frobenius_error", "spectral_error")
+#: ``frobenius_error`` and ``scale_free_error`` always): their names, for settings that must not import
+#: the metrics.
+ERROR_METRICS: tuple[str, ...] = (
+    "frobenius_error",
+    "spectral_error",
+    "scale_free_error",
+    "solve_error",
+    "kl_divergence",
+)
+
+#: The error metrics computed unless ``--metrics`` says otherwise (the solve error and the KL divergence are opt-in).
+DEFAULT_METRICS: tuple[str, ...] = ("frobenius_error", "spectral_error")

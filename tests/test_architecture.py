@@ -36,6 +36,7 @@ STAGES = [
     "metrics.reference",  # the metrics, one module per job
     "metrics.error1",
     "metrics.error2",
+    "metrics.usage",  # how approximations are used: scale-free error, damped solve, Laplace KL
     "metrics.registry",  # every stored variable: per layer and method, per layer, whole network, run
     "metrics.evaluate",
     "metrics",

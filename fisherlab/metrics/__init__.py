@@ -11,6 +11,9 @@ registry every stored variable is declared in: one module per job, in the order 
   spectra sorted descending. ``F`` has at most ``r = min(N V, D)`` nonzero eigenvalues, all ``>= 0``, so
   ``sum_i (λ_i - μ_i)² = sum_{i<=r} (λ_i - μ_i)² + ||F̂||_F² - sum_{i<=r} μ_i²`` needs only the ``r``
   largest eigenvalues of ``F̂``; the eigensolver's limits are a :class:`SpectralLimits` argument.
+* :mod:`~fisherlab.metrics.usage`: metrics that match how approximations are used: the scale-free
+  error ``min_c ||F - c F̂||_F / ||F||_F``, the error of the damped solve ``(F̂ + λI)⁻¹ ∇`` and the KL
+  divergence of the Laplace posteriors ``N(0, (F + λI)⁻¹)`` and ``N(0, (F̂ + λI)⁻¹)``.
 * :mod:`~fisherlab.metrics.registry`: every stored variable, per (layer, method)
   (:data:`BLOCK_METRICS`), per layer (:data:`LAYER_METRICS`), of the whole network
   (:data:`NETWORK_METRICS`) and of the run (:data:`RUN_METRICS`), one :class:`~fisherlab.vocabulary.Variable`
@@ -59,10 +62,19 @@ from fisherlab.metrics.registry import (
     NetworkMetric,
     RunMetric,
 )
-from fisherlab.vocabulary import ERROR_METRICS, Spectrum, Variable
+from fisherlab.metrics.usage import (
+    approximation_eigenvalues,
+    damped_solve,
+    exact_damped_solve,
+    kl_divergence,
+    scale_free_error,
+    solve_error,
+)
+from fisherlab.vocabulary import DEFAULT_METRICS, ERROR_METRICS, Spectrum, Variable
 
 __all__ = [
     "BLOCK_METRICS",
+    "DEFAULT_METRICS",
     "ERROR_METRICS",
     "FROBENIUS_MEMORY_LIMIT",
     "FROBENIUS_RECOMPUTE_BELOW",
@@ -91,10 +103,16 @@ __all__ = [
     "SpectralLimits",
     "Spectrum",
     "Variable",
+    "approximation_eigenvalues",
+    "damped_solve",
     "evaluate_block",
+    "exact_damped_solve",
     "frobenius_error",
     "frobenius_error_resolved",
     "inner_with_block",
+    "kl_divergence",
+    "scale_free_error",
+    "solve_error",
     "spectral_error",
     "spectral_error_bounded",
     "spectral_limits",

@@ -83,7 +83,7 @@ def frobenius_error_resolved(ref: BlockReference, approx: BlockOperator) -> Frob
     resolution. ``nan`` when ``F = 0``.
     """
     norm_squared = float(ref.norm_squared)
-    inner = float(inner_with_block(ref.block, approx))
+    inner = _inner(ref, approx)
     approx_squared = float(approx.frobenius_norm_squared())
     sq = norm_squared - 2 * inner + approx_squared
     value = math.sqrt(max(sq, 0.0) / norm_squared) if norm_squared > 0 else math.nan
@@ -108,6 +108,15 @@ def frobenius_error(ref: BlockReference, approx: BlockOperator) -> Tensor:
     """
     like = ref.norm_squared
     return torch.tensor(_frobenius(ref, approx).value, dtype=like.dtype, device=like.device)
+
+
+def _inner(ref: BlockReference, approx: BlockOperator) -> float:
+    """``<F, F̂>_F`` (:func:`inner_with_block`), computed once per (reference, approximation): error 1 and the
+    scale-free error (:mod:`fisherlab.metrics.usage`) share it."""
+    key = ("inner", id(approx))
+    if key not in ref.cache:
+        ref.cache[key] = (approx, float(inner_with_block(ref.block, approx)))  # approx kept alive: its id stays unique
+    return ref.cache[key][1]
 
 
 def _frobenius(ref: BlockReference, approx: BlockOperator) -> FrobeniusError:

@@ -13,15 +13,19 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fisherlab._errors import UndefinedMetricWarning
+import torch
+from torch import Tensor
+
+from fisherlab._errors import FisherlabError, UndefinedMetricWarning
 from fisherlab.approximations import PAPER_METHODS, ApproxConfig, Approximation, WarmStarts, approximate_all
 from fisherlab.fisher import ExactBlock
+from fisherlab.layers import LayerFactors
 from fisherlab.method_registry import METHODS, resolve_methods
 from fisherlab.metrics.error2 import SpectralLimits
 from fisherlab.metrics.reference import BlockReference
 from fisherlab.metrics.registry import BLOCK_METRICS, LAYER_METRICS
-from fisherlab.sample_span import restricted_warm_starts
-from fisherlab.vocabulary import ERROR_METRICS, Spectrum
+from fisherlab.sample_span import SampleSpan, restricted_warm_starts
+from fisherlab.vocabulary import DEFAULT_METRICS, Spectrum
 
 __all__ = ["BlockEvaluation", "evaluate_block"]
 
@@ -49,16 +53,41 @@ def _scaled_back(value: float, factor: float, power: int) -> float:
     return value
 
 
+def _scaled_like(block: ExactBlock, s_out: float, s_in: float) -> ExactBlock:
+    """``block`` with its factors divided by the exact block's scales (:meth:`ExactBlock.normalised`)."""
+    if s_out == 1 and s_in == 1:
+        return block
+    f = block.factors
+    return ExactBlock(LayerFactors(f.a / s_in, f.g / s_out, f.shard, None, f.moment_dtype))
+
+
+def _restricted_gradient(gradient: Tensor | None, span: SampleSpan) -> tuple[Tensor | None, float]:
+    """``(U_gᵀ ∇ U_a, ||∇ - U_g U_gᵀ ∇ U_a U_aᵀ||)``: the gradient on the sample span and the norm of its part
+    outside (formed, not subtracted in squares)."""
+    if gradient is None:
+        return None, 0.0
+    u_out, u_in = span.out_basis, span.in_basis
+    g = gradient.to(span.block.factors.dtype)
+    restricted = g if u_out is None else u_out.T.to(g.dtype) @ g
+    restricted = restricted if u_in is None else restricted @ u_in.to(g.dtype)
+    back = restricted if u_out is None else u_out.to(g.dtype) @ restricted
+    back = back if u_in is None else back @ u_in.T.to(g.dtype)
+    return restricted, float(torch.linalg.matrix_norm(g - back))
+
+
 def evaluate_block(
     block: ExactBlock,
     methods: Sequence[object] | None = None,
     config: ApproxConfig | None = None,
     *,
     spectrum: Spectrum | str = Spectrum.EIGENVALUES,
-    metrics: Sequence[str] = ERROR_METRICS,
+    metrics: Sequence[str] = DEFAULT_METRICS,
     warm: WarmStarts | None = None,
     layer: str = "",
     limits: SpectralLimits | None = None,
+    damping: float | None = None,
+    gradient: Tensor | None = None,
+    approx_block: ExactBlock | None = None,
 ) -> BlockEvaluation:
     """Build every approximation of ``block`` and compute every registered metric of each.
 
@@ -81,24 +110,56 @@ def evaluate_block(
         layer: Layer name used in warnings.
         limits: What error 2's eigensolver may spend (default: :meth:`SpectralLimits.for_device
             <fisherlab.metrics.error2.SpectralLimits.for_device>` of the block's device).
+        damping: ``λ`` of ``F + λI`` for the solve error and the KL divergence (:mod:`fisherlab.metrics.usage`;
+            ``None``: those are NaN with a warning when asked for).
+        gradient: The layer's mini-batch gradient ``∇`` as ``[d_out, d_in]`` (bias column last) for the
+            solve error (``None``: NaN with a warning when asked for).
+        approx_block: The block to build the approximations from (cross-kind scoring: e.g. KFAC of the
+            empirical Fisher scored against the MC block); default ``block``. Its factors must share
+            ``block``'s layer shape; the sample-span restriction is not used then.
     """
     names = resolve_methods(PAPER_METHODS if methods is None else methods)
+    if approx_block is block:
+        approx_block = None
+    if approx_block is not None and (approx_block.d_out, approx_block.d_in) != (block.d_out, block.d_in):
+        raise FisherlabError(
+            f"approx_block of layer {layer!r} is [{approx_block.d_out}, {approx_block.d_in}], the exact block "
+            f"[{block.d_out}, {block.d_in}]: they must be blocks of one layer"
+        )
     block, s_out, s_in = block.normalised()  # extreme scales: F = s_out² s_in² F', errors are relative
-    span = block.sample_span()  # a wide layer at a small batch: the same errors on a smaller block
+    if approx_block is not None:
+        approx_block = _scaled_like(approx_block, s_out, s_in)
+    if damping is not None:
+        damping = damping / (s_out * s_in) ** 2  # F + λI = s² (F' + λ/s² I): the same relative metrics
+    # a wide layer at a small batch: the same errors on a smaller block (approximations of this block only)
+    span = block.sample_span() if approx_block is None else None
     on_span = [m for m in names if span is not None and METHODS[m].span_invariant]
     whole = [m for m in names if m not in on_span]
     refs: dict[str, BlockReference] = {}
     approx: dict[str, Approximation] = {}
     if on_span:
         assert span is not None
-        ref = BlockReference.of(span.block, spectrum=spectrum, layer=layer, zeros=span.zeros, limits=limits)
+        restricted, outside = _restricted_gradient(gradient, span)
+        ref = BlockReference.of(
+            span.block,
+            spectrum=spectrum,
+            layer=layer,
+            zeros=span.zeros,
+            limits=limits,
+            damping=damping,
+            gradient=restricted,
+            gradient_outside=outside,
+        )
         warm_on_span = restricted_warm_starts(warm, span)
         built = approximate_all(span.block, on_span, config, warm=warm_on_span, layer=layer, restrict=False)
         for name, a in built.items():
             refs[name], approx[name] = ref, a
     if whole:
-        ref = BlockReference.of(block, spectrum=spectrum, layer=layer, limits=limits)
-        for name, a in approximate_all(block, whole, config, warm=warm, layer=layer, restrict=False).items():
+        ref = BlockReference.of(
+            block, spectrum=spectrum, layer=layer, limits=limits, damping=damping, gradient=gradient
+        )
+        source = block if approx_block is None else approx_block
+        for name, a in approximate_all(source, whole, config, warm=warm, layer=layer, restrict=False).items():
             refs[name], approx[name] = ref, a
     any_ref = next(iter(refs.values()), None) or BlockReference.of(block, spectrum=spectrum, layer=layer, limits=limits)
     zero = not float(any_ref.norm_squared) > 0
@@ -110,7 +171,7 @@ def evaluate_block(
             stacklevel=2,
         )
     values: dict[str, dict[str, float]] = {}
-    skipped = {m.name for m in BLOCK_METRICS if m.error and (zero or m.name not in metrics)}
+    skipped = {m.name for m in BLOCK_METRICS if m.error and (zero or (m.name not in metrics and not m.always))}
     for metric in BLOCK_METRICS:
         skip = metric.name in skipped or metric.accompanies in skipped
         values[metric.name] = {m: math.nan if skip else float(metric.compute(refs[m], approx[m])) for m in names}

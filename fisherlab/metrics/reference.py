@@ -35,6 +35,12 @@ class BlockReference:
             is the restriction of a larger one, :meth:`~fisherlab.fisher.ExactBlock.sample_span`).
         limits: What error 2's eigensolver may spend (``None``: :meth:`SpectralLimits.for_device
             <fisherlab.metrics.error2.SpectralLimits.for_device>` of the block's device).
+        damping: ``λ`` of ``F + λI`` (the solve error and the KL divergence, :mod:`fisherlab.metrics.usage`),
+            in the block's scale (``None``: those metrics are NaN).
+        gradient: The layer's mini-batch gradient ``∇`` as ``[d_out, d_in]`` on this block (restricted to the
+            sample span with it; ``None``: the solve error is NaN).
+        gradient_outside: ``||∇ - P ∇||`` of the part of the whole block's gradient outside a restricted
+            block's span (0 for an unrestricted block): both solves divide it by ``λ`` alike.
     """
 
     block: ExactBlock
@@ -43,6 +49,9 @@ class BlockReference:
     layer: str = ""
     zeros: int = 0
     limits: SpectralLimits | None = None
+    damping: float | None = None
+    gradient: Tensor | None = None
+    gradient_outside: float = 0.0
     cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -54,9 +63,13 @@ class BlockReference:
         layer: str = "",
         zeros: int = 0,
         limits: SpectralLimits | None = None,
+        damping: float | None = None,
+        gradient: Tensor | None = None,
+        gradient_outside: float = 0.0,
     ) -> BlockReference:
         """Compute the Gram matrix once; derive ``||F||_F²`` from it (and the spectrum when asked)."""
-        return cls(block, block.frobenius_norm_squared(), Spectrum(spectrum), layer, zeros, limits)
+        norm_squared = block.frobenius_norm_squared()
+        return cls(block, norm_squared, Spectrum(spectrum), layer, zeros, limits, damping, gradient, gradient_outside)
 
     @property
     def eigenvalues(self) -> Tensor:

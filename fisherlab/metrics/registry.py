@@ -26,6 +26,7 @@ from fisherlab.approximations import Approximation
 from fisherlab.metrics.error1 import FROBENIUS_MEMORY_LIMIT, FROBENIUS_RECOMPUTE_BELOW, FROBENIUS_WORK_LIMIT, _frobenius
 from fisherlab.metrics.error2 import SPECTRAL_MEMORY_LIMIT, SPECTRAL_WORK_LIMIT, _spectral
 from fisherlab.metrics.reference import BlockReference
+from fisherlab.metrics.usage import CG_RTOL, KL_DENSE_SIDE, kl_divergence, scale_free_error, solve_error
 from fisherlab.vocabulary import Variable
 
 __all__ = [
@@ -54,13 +55,15 @@ class BlockMetric(Variable):
 
     ``error`` metrics compare the approximation with the exact block: they can be chosen with
     ``--metrics``, are NaN (with a warning) where the block is zero, and are drawn by
-    :func:`fisherlab.plots.error_figure`.
+    :func:`fisherlab.plots.error_figure`. An ``always`` error metric is computed whatever
+    ``--metrics`` says (it costs nothing beyond error 1).
     """
 
     compute: Callable[[BlockReference, Approximation], float] = field(default=lambda ref, a: math.nan, repr=False)
     error: bool = False
     cli_note: str = ""
     accompanies: str = ""  # an error metric this one belongs to: NaN whenever that one is skipped
+    always: bool = False  # an error metric computed whatever --metrics says
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,45 @@ BLOCK_METRICS: tuple[BlockMetric, ...] = (
         f"{SPECTRAL_WORK_LIMIT:.0e} flops on CPU; a warning says so), inf when none did (value NaN)",
         compute=lambda ref, a: _spectral(ref, a.operator).bound,
         accompanies="spectral_error",
+    ),
+    BlockMetric(
+        "scale_free_error",
+        PER_METHOD,
+        "scale-free error 1",
+        "1",
+        "min_c ||F - c F_hat||_F / ||F||_F = sqrt(1 - <F, F_hat>^2 / (||F||^2 ||F_hat||^2)): error 1 up to the best "
+        "scale c* = <F, F_hat> / ||F_hat||^2, shape without scale; where F_hat is nearly proportional to F, error 1 "
+        "of c* F_hat by its non-cancelling route",
+        compute=lambda ref, a: scale_free_error(ref, a.operator),
+        error=True,
+        always=True,
+        cli_note="always computed, from error 1's products",
+    ),
+    BlockMetric(
+        "solve_error",
+        PER_METHOD,
+        "error of the damped solve",
+        "1",
+        "||(F_hat + lambda I)^-1 grad - (F + lambda I)^-1 grad|| / ||(F + lambda I)^-1 grad||, grad the layer's "
+        "mini-batch gradient, lambda the attr damping: the error of the natural-gradient direction; exact side by "
+        "Woodbury on the per-sample factors, F_hat's in closed form in an eigenbasis, else conjugate gradients to "
+        f"{CG_RTOL:g}; NaN when not in attr metrics",
+        compute=lambda ref, a: solve_error(ref, a.operator, a.method),
+        error=True,
+        cli_note="uses --damping and the batch gradient; conjugate gradients for Kronecker-rank-2 methods",
+    ),
+    BlockMetric(
+        "kl_divergence",
+        PER_METHOD,
+        "KL divergence of the Laplace posteriors",
+        "nat",
+        "KL(N(0, (F + lambda I)^-1) || N(0, (F_hat + lambda I)^-1)) = 1/2 [tr((F_hat + lambda)(F + lambda)^-1) - D "
+        "+ ln det(F + lambda) - ln det(F_hat + lambda)], exact posterior first, lambda the attr damping; NaN when "
+        "not in attr metrics, and where the eigenvalues of F_hat have no closed form and its side exceeds "
+        f"{KL_DENSE_SIDE} or F_hat + lambda I is indefinite (a warning says why)",
+        compute=lambda ref, a: kl_divergence(ref, a.operator, a.method),
+        error=True,
+        cli_note="uses --damping; NaN where F_hat's eigenvalues are neither closed-form nor small enough",
     ),
     BlockMetric(
         "solver_iterations",
