@@ -1,0 +1,103 @@
+"""Cost of every registered method (issue 18): build, error 1 and error 2, as ratios to a training step.
+
+Default: the MNIST auto-encoder at batch 512, layer 5 (a 7 750-sided block), after 20 Adam steps,
+every repeat timed and the median kept. Issue 18's targets on a 2-core CPU: every new method's build
+≤ 2× a training step here, and its error 2 without an eigensolver where its eigenvalues are explicit
+(the ``closed-form`` column); at ResNet-18, batch 8, all 21 layers, every method, both errors within
+2× of the papers' five's 62 s (the ``total`` line).
+
+    python benchmarks/bench_methods.py                                   # MNIST layer 5, batch 512
+    python benchmarks/bench_methods.py --problem resnet18 --batch-size 8 --layers all --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+import torch
+
+from benchmarks.bench_probe import timed, trained_problem
+from fisherlab.approximations import approximate_all
+from fisherlab.config import select_device
+from fisherlab.fisher import ExactBlock
+from fisherlab.losses import per_sample_loss
+from fisherlab.method_registry import METHODS
+from fisherlab.metrics import BlockReference, frobenius_error, spectral_error
+from fisherlab.probe import Probe
+from fisherlab.problems import get_problem
+
+
+def setup(name: str, batch_size: int | None, device: torch.device) -> tuple[torch.nn.Module, object, tuple, Callable]:
+    """Model, loss, batch ``(x, y)`` and a training step on it: :func:`trained_problem` for an
+    auto-encoder at its own batch size, else the problem's first batch of ``batch_size`` after 20 Adam steps."""
+    problem = get_problem(name)
+    if problem.kind == "autoencoder" and batch_size in (None, problem.batch_size):
+        problem, model, x, step = trained_problem(name, device)
+        return model, problem.loss, (x, x), step
+    model = problem.model(seed=0, device=device)
+    x, y = next(problem.batches(problem.data(seed=0), batch_size=batch_size, device=device))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        opt.zero_grad()
+        per_sample_loss(problem.loss, model(x), y).mean().backward()
+        opt.step()
+
+    for _ in range(20):
+        step()
+    return model, problem.loss, (x, y), step
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--problem", default="mnist")
+    parser.add_argument("--layers", default="5", help="comma-separated, or all (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the problem's")
+    parser.add_argument("--methods", default="all", help="comma-separated registered methods (default: all)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    device = select_device(args.device)
+    methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
+    layers = get_problem(args.problem).layer_names() if args.layers == "all" else args.layers.split(",")
+    model, loss, (x, y), step = setup(args.problem, args.batch_size, device)
+    t_step, _ = timed(step, device, args.repeats)
+    snap = Probe(model, loss, layers=layers, fisher="mc")(x, y)
+    cost = {m: [0.0, 0.0, 0.0] for m in methods}  # build, error 1, error 2, summed over layers
+    closed = {m: True for m in methods}
+    t_ref = 0.0
+    for layer in layers:
+        block = ExactBlock(snap.factors[layer])  # type: ignore[attr-defined]
+        t, ref = timed(lambda block=block: BlockReference.of(block), device, args.repeats)
+        t_ref += t
+        for m in methods:
+            t_build, approx = timed(lambda m=m, b=block: approximate_all(b, [m])[m], device, args.repeats)
+            op = approx.kron  # type: ignore[attr-defined]
+            t1, _ = timed(lambda op=op, ref=ref: frobenius_error(ref, op), device, args.repeats)  # type: ignore[arg-type]
+            t2, _ = timed(lambda op=op, ref=ref: spectral_error(ref, op), device, args.repeats)  # type: ignore[arg-type]
+            for i, t in enumerate((t_build, t1, t2)):
+                cost[m][i] += t
+            try:
+                closed[m] &= op.eigenvalues() is not None
+            except (NotImplementedError, AttributeError):
+                closed[m] = False
+    print(
+        f"{args.problem}, batch {x.shape[0]}, {len(layers)} layer(s) ({', '.join(layers[:3])}"
+        f"{', ...' if len(layers) > 3 else ''}), device {device}; training step (baseline) {t_step * 1e3:.1f} ms"
+    )
+    print(f"  shared (Gram matrix, ||F||, spectrum of F): {t_ref:.3f} s = {t_ref / t_step:.2f}x step")
+    print(f"  {'method':<16}{'build':>10}{'error 1':>10}{'error 2':>10}   (x step)  closed-form eigenvalues")
+    for m, (b, e1, e2) in cost.items():
+        print(f"  {m:<16}{b / t_step:10.2f}{e1 / t_step:10.2f}{e2 / t_step:10.2f}   {'yes' if closed[m] else 'no'}")
+    total = t_ref + sum(sum(c) for c in cost.values())
+    paper = t_ref + sum(sum(cost[m]) for m in ("kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected") if m in cost)
+    print(
+        f"  total, every method, both errors: {total:.1f} s = {total / t_step:.0f}x step (papers' five: {paper:.1f} s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
