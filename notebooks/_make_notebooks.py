@@ -210,8 +210,10 @@ print(f"Shampoo² / KPSVD error 1: {e1['shampoo2'] / e1['kpsvd']:.3f}")""",
         ),
         (
             "md",
-            "A layer shared over positions: the transformer's attention input and MLP. KFAC-reduce (inputs averaged, output "
-            "derivatives summed over the positions first) against KFAC-expand (`kfac`) and the rest.",
+            (
+                "A layer shared over positions: the transformer's attention input and MLP. KFAC-reduce (inputs averaged, "
+                "output derivatives summed over the positions first) against KFAC-expand (`kfac`) and the rest."
+            ),
         ),
         (
             "code",
