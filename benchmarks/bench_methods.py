@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         t_ref += t
         for m in methods:
             t_build, approx = timed(lambda m=m, b=block: approximate_all(b, [m])[m], device, args.repeats)
-            op = approx.kron  # type: ignore[attr-defined]
+            op = approx.operator  # type: ignore[attr-defined]
             t1, _ = timed(lambda op=op, ref=ref: frobenius_error(_uncached(ref), op), device, args.repeats)
             t2, _ = timed(lambda op=op, ref=ref: spectral_error(_uncached(ref), op), device, args.repeats)
             for i, t in enumerate((t_build, t1, t2)):
