@@ -63,6 +63,27 @@ def compute(config: ProbeConfig | TrainConfig, path: Path, *, progress: bool) ->
         run_probe(config, path, overwrite=True, progress=progress)
 
 
+def obtain(config: ProbeConfig | TrainConfig, data: Path, *, recompute: bool, progress: bool) -> xr.Dataset:
+    """The dataset ``config`` describes at ``data``: computed when missing (or with ``recompute``),
+    otherwise reused after checking that it was computed with these settings.
+
+    Raises:
+        FisherlabError: A reused file computed with other settings (one line naming them).
+    """
+    if recompute or not data.exists():
+        compute(config, data, progress=progress)
+        return load(data)
+    ds = load(data)
+    differ = settings_differ(ds, config)
+    if differ:
+        raise FisherlabError(
+            f"{data} was computed with other settings ({'; '.join(differ)}); "
+            "pass --recompute to replace it, or --input another file"
+        )
+    print(f"reusing {data}: computed with the same settings (--recompute to compute it again)")
+    return ds
+
+
 def figure_script(
     argv: list[str] | None,
     doc: str,
@@ -100,18 +121,7 @@ def figure_script(
     figure = Path(args.output or data.with_suffix(".png"))
     try:
         config = configure(args)
-        if args.recompute or not data.exists():
-            compute(config, data, progress=not args.smoke)
-            ds = load(data)
-        else:
-            ds = load(data)
-            differ = settings_differ(ds, config)
-            if differ:
-                raise FisherlabError(
-                    f"{data} was computed with other settings ({'; '.join(differ)}); "
-                    "pass --recompute to replace it, or --input another file"
-                )
-            print(f"reusing {data}: computed with the same settings (--recompute to compute it again)")
+        ds = obtain(config, data, recompute=args.recompute, progress=not args.smoke)
         save_figure(draw(ds), figure)  # type: ignore[arg-type]
     except FisherlabError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)

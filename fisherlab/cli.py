@@ -37,6 +37,8 @@ PROBE_EXAMPLES = """examples:
 PLOT_EXAMPLES = """examples:
   fisherlab plot data/mnist.nc                      # writes data/mnist.png
   fisherlab plot data/mnist.nc --out figures/fig1_mnist.pdf
+  fisherlab plot data/zoo.nc --summary              # + data/zoo-summary.png: method x layer median error 1
+  fisherlab plot data/zoo.nc --summary --metric spectral_error
 """
 
 
@@ -167,6 +169,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         help="results files written by fisherlab probe (several: overlaid, one dash pattern per run)",
     )
     q.add_argument("--out", default=None, help="figure path .png or .pdf (default: the first results path with .png)")
+    q.add_argument(
+        "--summary",
+        action="store_true",
+        help="also draw a method x layer heatmap of the median of --metric over each run, at <out>-summary.png",
+    )
+    q.add_argument("--metric", default="frobenius_error", help="metric of the --summary heatmap (default: %(default)s)")
     t = sub.add_parser(
         "train",
         help="compare optimizers on a problem (K Figure 2, T Figures 2-4)",
@@ -316,7 +324,14 @@ def _two_level_path(figure: Path) -> Path:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from fisherlab.plots import error_figure, run_labels, save_figure, training_figure, two_level_figure
+    from fisherlab.plots import (
+        error_figure,
+        run_labels,
+        save_figure,
+        summary_figure,
+        training_figure,
+        two_level_figure,
+    )
     from fisherlab.results import load
 
     # keyed by a unique label (the shortest distinguishing path), so a/run.nc and b/run.nc are two runs
@@ -337,6 +352,8 @@ def _plot(args: argparse.Namespace) -> int:
             raise FisherlabError(f"{path} has no method dim: not a fisherlab probe file")
     runs = datasets if len(datasets) > 1 else first
     written = [save_figure(error_figure(runs), out)]
+    if args.summary:
+        written.append(save_figure(summary_figure(runs, args.metric), out.with_name(f"{out.stem}-summary{out.suffix}")))
     if len(datasets) == 1 and "gap" in first:
         written.append(save_figure(two_level_figure(first), _two_level_path(out)))
     print("wrote " + " and ".join(str(w) for w in written))

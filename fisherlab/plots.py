@@ -1,14 +1,17 @@
 """Figures drawn from a results dataset (they never train or probe).
 
 :func:`error_figure` is K Figure 1: every registered error metric (error 1 and error 2)
-against the training iteration, one column per layer, one line per method.
+against the training iteration, one column per layer, one line per method. Methods are coloured by
+family (:attr:`~fisherlab.method_registry.MethodSpec.family`: ``kfac``, ``kronecker_svd``, ``shampoo``,
+...), their variants told apart by marker, dash pattern and shade (:func:`method_styles`).
+:func:`summary_figure` is a method × layer heatmap of a metric's median over a run.
 """
 
 from __future__ import annotations
 
 import math
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -16,52 +19,145 @@ import numpy as np
 import seaborn as sns
 import torch
 import xarray as xr
-from matplotlib.colors import SymLogNorm
+from matplotlib.colors import LogNorm, Normalize, SymLogNorm, to_hex, to_rgb
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, NullLocator
 from torch import Tensor
 
 from fisherlab._errors import FisherlabError
+from fisherlab.method_registry import METHODS
 from fisherlab.metrics import BLOCK_METRICS, ERROR_METRICS
 
 __all__ = [
+    "FAMILY_COLOR",
     "METHOD_STYLE",
     "block_heatmaps",
     "data_label",
     "error_figure",
+    "method_family",
+    "method_order",
     "method_style",
+    "method_styles",
     "plain",
     "run_labels",
     "save_figure",
     "spectra_figure",
+    "summary_figure",
+    "summary_medians",
     "training_figure",
     "two_level_figure",
 ]
 
-#: Fixed colour, marker and dash pattern per method, so "kfac" looks the same in every figure
-#: and methods whose curves coincide (deflation and Lanczos reach the same optimum) stay
-#: visible: the one drawn later is dashed, so the one beneath shows through its gaps.
-METHOD_STYLE: dict[str, tuple[str, str, tuple[float, ...]]] = {
-    "kfac": ("#d62728", "o", ()),
-    "kpsvd": ("#1f77b4", "s", (6, 2)),
-    "deflation": ("#2ca02c", "^", ()),
-    "lanczos": ("#9467bd", "v", (2, 2)),
-    "kfac_corrected": ("#ff7f0e", "D", (8, 2, 2, 2)),
+#: Base colour of each method family (:attr:`MethodSpec.family`): a family's variants share a hue.
+FAMILY_COLOR: dict[str, str] = {
+    "kfac": "#d62728",
+    "kronecker_svd": "#1f77b4",
+    "lanczos": "#9467bd",
+    "diagonal": "#8c564b",
+    "shampoo": "#2ca02c",
+    "eigenbasis": "#17becf",
+    "lowrank": "#7f7f7f",
+    "user": "#e377c2",
 }
-_OTHER_STYLE = ("#7f7f7f", "x", (4, 1, 1, 1))
+#: Colours of families that :data:`FAMILY_COLOR` does not name, in order of first appearance.
+_EXTRA_COLORS = ("#bcbd22", "#ff7f0e", "#393b79", "#637939", "#8c6d31", "#843c39")
+#: Marker and dash pattern of a family's variants, by their index in the family (registration order):
+#: the first variant is solid with a circle, later ones dashed so coincident curves show through.
+_VARIANT_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "h", "<", ">", "p")
+_VARIANT_DASHES: tuple[tuple[float, ...], ...] = ((), (6, 2), (2, 2), (8, 2, 2, 2), (4, 1, 1, 1), (1, 1), (10, 3))
+#: Lightness of a family's variants (0 = the base colour, > 0 towards white, < 0 towards black).
+_VARIANT_SHADES = (0.0, -0.25, 0.35, -0.45, 0.55, -0.6, 0.7)
 #: Line widths per method: wider lines are drawn first, so a narrower coincident one sits on top.
 _WIDTH = {"deflation": 2.6, "kfac": 1.6}
 #: Dash patterns of overlaid runs (``fisherlab plot a.nc b.nc``): one per run.
 RUN_DASHES: tuple[tuple[float, ...], ...] = ((), (5, 2), (1, 1.5), (7, 2, 1, 2), (3, 3))
+
+Style = tuple[str, str, tuple[float, ...]]
+
+
+def _shade(color: str, amount: float) -> str:
+    """``color`` moved towards white (``amount > 0``) or black (``amount < 0``)."""
+    rgb = np.array(to_rgb(color))
+    rgb = rgb + (1 - rgb) * amount if amount > 0 else rgb * (1 + amount)
+    red, green, blue = (float(c) for c in np.clip(rgb, 0, 1))
+    return to_hex((red, green, blue))
+
+
+def method_family(method: str) -> str:
+    """A method's family (:attr:`MethodSpec.family`); ``user`` for names not in the registry
+    (a results file written with a method of one's own)."""
+    spec = METHODS.get(method)
+    return spec.family if spec is not None else "user"
+
+
+def method_styles(methods: Sequence[str] = ()) -> dict[str, Style]:
+    """Colour, marker and dash pattern of every registered method and of ``methods``.
+
+    Colour says the family (:data:`FAMILY_COLOR`), marker, dash pattern and shade the variant: a
+    registered method's variant is its index among the registered methods of its family, so a
+    method looks the same in every figure; names not in the registry join the ``user`` family
+    after the registered user methods, in the order given. No two methods share a style.
+    """
+    families: dict[str, list[str]] = {}
+    for name, spec in METHODS.items():
+        families.setdefault(spec.family, []).append(name)
+    for name in methods:
+        if name not in METHODS and name not in families.get("user", []):
+            families.setdefault("user", []).append(name)
+    extra = iter(_EXTRA_COLORS * (1 + len(families)))
+    styles: dict[str, Style] = {}
+    for family, names in families.items():
+        base = FAMILY_COLOR.get(family) or next(extra)
+        for i, name in enumerate(names):
+            shade = _VARIANT_SHADES[i % len(_VARIANT_SHADES)]
+            dashes = _VARIANT_DASHES[i % len(_VARIANT_DASHES)]
+            styles[name] = (_shade(base, shade), _VARIANT_MARKERS[i % len(_VARIANT_MARKERS)], dashes)
+    return styles
+
+
+def method_order(methods: Sequence[str]) -> list[str]:
+    """``methods`` grouped by family (in registration order of the families), registered methods
+    in registration order, names not in the registry last: the order of legends and heatmap rows."""
+    registered = list(METHODS)
+    rank_family = {f: i for i, f in enumerate(dict.fromkeys(s.family for s in METHODS.values()))}
+
+    def key(name: str) -> tuple[int, int, int]:
+        if name in METHODS:
+            return (rank_family[METHODS[name].family], registered.index(name), 0)
+        return (len(rank_family), len(registered), list(methods).index(name))
+
+    return sorted(dict.fromkeys(methods), key=key)
+
+
+class _MethodStyles(Mapping[str, Style]):
+    """:data:`METHOD_STYLE`: the style of every registered method, looked up when asked (methods
+    registered after ``import fisherlab.plots`` are in it too)."""
+
+    def __getitem__(self, method: str) -> Style:
+        if method not in METHODS:
+            raise KeyError(method)
+        return method_styles()[method]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(METHODS))
+
+    def __len__(self) -> int:
+        return len(METHODS)
+
+
+#: Fixed colour, marker and dash pattern per registered method (:func:`method_styles`), so "kfac"
+#: looks the same in every figure and methods whose curves coincide (deflation and KPSVD reach the
+#: same optimum) stay visible: the one drawn later is dashed, so the one beneath shows through its gaps.
+METHOD_STYLE: Mapping[str, Style] = _MethodStyles()
 
 
 #: Axis labels of the registered metrics.
 _LONG_NAMES = {m.name: m.long_name for m in BLOCK_METRICS}
 
 
-def method_style(method: str) -> tuple[str, str, tuple[float, ...]]:
-    """Colour, marker and dash pattern of a method (grey for unknown names)."""
-    return METHOD_STYLE.get(method, _OTHER_STYLE)
+def method_style(method: str) -> Style:
+    """Colour, marker and dash pattern of a method (a name not in the registry: a ``user`` style)."""
+    return method_styles([method])[method]
 
 
 def plain(text: object) -> str:
@@ -148,7 +244,8 @@ def error_figure(runs: xr.Dataset | dict[str, xr.Dataset], *, metrics: tuple[str
     if not metrics:
         raise FisherlabError("the dataset holds no computed error values to plot")
     layers = list(dict.fromkeys(str(x) for ds in datasets.values() for x in ds["layer"].values))
-    canonical = list(dict.fromkeys(str(m) for ds in datasets.values() for m in ds["method"].values))
+    canonical = method_order([str(m) for ds in datasets.values() for m in ds["method"].values])
+    styles = method_styles(canonical)
     methods = sorted(canonical, key=lambda m: -_WIDTH.get(m, 1.4))  # wide lines first, narrower coincident ones on top
     fig, axes = plt.subplots(
         len(metrics), len(layers), figsize=(4.2 * len(layers) + 2.0, 3.2 * len(metrics)), squeeze=False, sharex=True
@@ -163,7 +260,7 @@ def error_figure(runs: xr.Dataset | dict[str, xr.Dataset], *, metrics: tuple[str
                 for method in methods:
                     if method not in [str(m) for m in ds["method"].values]:
                         continue
-                    color, marker, dashes = method_style(method)
+                    color, marker, dashes = styles[method]
                     if len(datasets) > 1:
                         dashes = RUN_DASHES[run_index % len(RUN_DASHES)]
                     series = ds[metric].sel({"layer": layer, "method": method})
@@ -190,12 +287,16 @@ def error_figure(runs: xr.Dataset | dict[str, xr.Dataset], *, metrics: tuple[str
     # one legend for every panel's lines: a run or method missing from the last panel still shows
     labels_by_run = [plain(f"{m} ({label})" if label else m) for m in canonical for label in datasets]
     handles, labels = _legend_from_all(axes, labels_by_run)
+    # grouped by family (one hue each); many entries: smaller text, two columns past 16
     axes[0, -1].legend(
         handles,
         labels,
         title="method" + (" (run)" if len(datasets) > 1 else ""),
         loc="upper left",
         bbox_to_anchor=(1.02, 1.0),
+        fontsize="small" if len(labels) > 6 else None,
+        ncol=2 if len(labels) > 16 else 1,
+        handlelength=3.0,
     )
     first = next(iter(datasets.values()))
     if len(datasets) == 1:
@@ -212,13 +313,95 @@ def error_figure(runs: xr.Dataset | dict[str, xr.Dataset], *, metrics: tuple[str
     return fig
 
 
+def summary_medians(runs: xr.Dataset | dict[str, xr.Dataset], metric: str = "frobenius_error") -> xr.DataArray:
+    """The median of ``metric`` over the iterations of a run, per method and layer (NaN skipped).
+
+    Several runs (a dict by label) are side by side: their layers become ``<label>: <layer>``.
+    Methods are grouped by family (:func:`method_order`); a method or layer a run lacks is NaN.
+
+    Returns:
+        A ``[method, layer]`` array named ``metric``.
+
+    Raises:
+        FisherlabError: A dataset without ``metric``.
+    """
+    datasets = runs if isinstance(runs, dict) else {"": runs}
+    parts = []
+    for label, ds in datasets.items():
+        if metric not in ds:
+            known = ", ".join(m for m in ERROR_METRICS if m in ds) or "none"
+            raise FisherlabError(
+                f"{'dataset ' + label + ' ' if label else 'the dataset '}has no {metric} (error metrics: {known})"
+            )
+        median = ds[metric].median("iteration", skipna=True) if "iteration" in ds[metric].dims else ds[metric]
+        median = median.transpose("method", "layer")
+        layers = [f"{label}: {x}" if label else str(x) for x in median["layer"].values]
+        parts.append(median.assign_coords(layer=layers, method=[str(m) for m in median["method"].values]))
+    out = xr.concat(parts, dim="layer", join="outer") if len(parts) > 1 else parts[0]
+    out = out.sel({"method": method_order([str(m) for m in out["method"].values])})
+    out.name = metric
+    return out
+
+
+def summary_figure(runs: xr.Dataset | dict[str, xr.Dataset], metric: str = "frobenius_error") -> Figure:
+    """Method × layer heatmap of the median of ``metric`` over a run (``fisherlab plot --summary``).
+
+    Rows are the methods grouped by family (a coloured bar on the left says the family), columns
+    the layers; each cell shows its median. The colour scale is logarithmic when the medians span
+    more than a decade; cells without a value (a metric not computed, a method a run lacks) are
+    grey and read ``n/a``. See :func:`summary_medians` for several runs.
+
+    Raises:
+        FisherlabError: A dataset without ``metric``, or no value to show.
+    """
+    medians = summary_medians(runs, metric)
+    values = medians.values.astype(float)
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        raise FisherlabError(f"the dataset holds no computed {metric} values to summarise")
+    methods = [str(m) for m in medians["method"].values]
+    layers = [str(x) for x in medians["layer"].values]
+    log = bool((finite > 0).all()) and _spans_decades(finite)
+    norm = LogNorm(finite.min(), finite.max()) if log else Normalize(finite.min(), finite.max())
+    width = 2.8 + 0.9 * max(len(layers), 2) + 0.05 * max(len(x) for x in layers)
+    fig, ax = plt.subplots(figsize=(width, 1.0 + 0.38 * len(methods)), layout="constrained")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
+    im = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, norm=norm, aspect="auto")
+    for i in range(len(methods)):
+        for j in range(len(layers)):
+            v = values[i, j]
+            if np.isfinite(v):
+                dark = norm(v) < 0.6  # light text on the dark end of viridis
+                ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=8, color="white" if dark else "black")
+            else:
+                ax.text(j, i, "n/a", ha="center", va="center", fontsize=8, color="#555555")
+    styles = method_styles(methods)
+    ax.set_yticks(range(len(methods)), [plain(f"{m} ({method_family(m)})") for m in methods])
+    for tick, m in zip(ax.get_yticklabels(), methods, strict=True):
+        tick.set_color(styles[m][0])  # the family's hue, as in the error figures
+    ax.set_xticks(range(len(layers)), [plain(x) for x in layers], rotation=45 if len(layers) > 4 else 0, ha="right")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("method (family)")
+    long_name = _LONG_NAMES.get(metric, metric)
+    fig.colorbar(im, ax=ax, label=plain(textwrap.fill(f"median {long_name}", 40)), shrink=0.9)
+    first = runs if isinstance(runs, xr.Dataset) else next(iter(runs.values()))
+    ax.set_title(
+        plain(
+            f"median over iterations: {first.attrs.get('problem', '?')} ({data_label(first)}), "
+            f"Fisher: {first.attrs.get('fisher', '?')}"
+        ),
+        fontsize=10,
+    )
+    return fig
+
+
 def _lines(ax: plt.Axes, da: xr.DataArray, dim: str, *, log: bool) -> None:
     df = da.to_dataframe().reset_index()
     order = [str(v) for v in da[dim].values]
-    known = set(order) <= set(METHOD_STYLE)
-    palette = {m: METHOD_STYLE[m][0] for m in order} if known else None
-    markers = {m: METHOD_STYLE[m][1] for m in order} if known else True
-    dashes = {m: METHOD_STYLE[m][2] or "" for m in order} if known else True
+    styles = method_styles(order) if dim == "method" else None
+    palette = {m: styles[m][0] for m in order} if styles else None
+    markers = {m: styles[m][1] for m in order} if styles else True
+    dashes = {m: styles[m][2] or "" for m in order} if styles else True
     sns.lineplot(
         data=df,
         x="iteration",
@@ -374,8 +557,9 @@ def block_heatmaps(exact: Tensor, approximations: dict[str, Tensor], *, max_side
 def spectra_figure(spectra: dict[str, Tensor]) -> Figure:
     """Sorted eigenvalue magnitudes (log scale) of the exact block and each approximation."""
     fig, ax = plt.subplots(figsize=(6, 4))
+    styles = method_styles([n for n in spectra if n != "exact"])
     for name, ev in spectra.items():
-        color, _marker, dashes = METHOD_STYLE.get(name, ("black", "", ()))
+        color, _marker, dashes = styles.get(name, ("black", "", ()))
         v = torch.sort(ev.abs(), descending=True).values.double().cpu().numpy()
         # eigenvalues below the float64 resolution of the largest are rounding noise, not spectrum
         v = v[v > v[0] * 1e-14] if v.size and v[0] > 0 else v[:0]

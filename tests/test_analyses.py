@@ -95,3 +95,58 @@ def test_reused_file_without_settings_is_refused(tmp_path: Path, monkeypatch: py
     assert common.settings_differ(same, ProbeConfig()) == []  # device and threads do not change the numbers
     other = xr.Dataset(attrs={"config_json": config_json(ProbeConfig(iterations=4, seed=1))})
     assert common.settings_differ(other, ProbeConfig()) == ["iterations: 4 -> 500", "seed: 1 -> 0"]
+
+
+@pytest.mark.slow
+def test_zoo_methods_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`zoo_methods.py --smoke` runs every registered method on the three problems, writes each
+    problem's dataset, error figure and summary heatmap under data/smoke/, and prints the table."""
+    from fisherlab.method_registry import METHODS
+
+    module = _script("zoo_methods", monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    assert module.main(["--smoke"]) == 0
+    for problem in ("mnist", "transformer", "resnet18"):
+        ds = xr.load_dataset(tmp_path / f"data/smoke/zoo_{problem}.nc")
+        assert [str(m) for m in ds["method"].values] == list(METHODS)
+        assert (tmp_path / f"data/smoke/zoo_{problem}.png").stat().st_size > 10_000
+        assert (tmp_path / f"data/smoke/zoo_{problem}-summary.png").stat().st_size > 10_000
+    out = capsys.readouterr().out
+    assert "median error per method" in out and "Shampoo² vs KPSVD" in out and "EKFAC vs KFAC" in out
+    rows = {line.split()[0] for line in out.splitlines() if line and not line.startswith(("median", "method"))}
+    assert set(METHODS) <= rows  # one row per method
+    sys.modules.pop("_common", None)
+
+
+def test_zoo_methods_keeps_smoke_apart_and_checks_reuse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Smoke and full runs write apart, a reused file is announced, one computed otherwise refused;
+    --input names one problem's file only."""
+    module = _script("zoo_methods", monkeypatch)
+    common = sys.modules["_common"]
+    computed: list[Path] = []
+
+    def fake_compute(config: object, path: Path, *, progress: bool) -> None:
+        computed.append(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        xr.Dataset(attrs={"config_json": config_json(config)}).to_netcdf(path, engine="scipy")  # type: ignore[arg-type]
+
+    monkeypatch.setattr(common, "compute", fake_compute)
+    for draw in ("error_figure", "summary_figure"):
+        monkeypatch.setattr(module, draw, lambda ds, *a: plt.figure(figsize=(1, 1)))
+    monkeypatch.setattr(module, "report", lambda results: "table")
+    monkeypatch.chdir(tmp_path)
+    smoke = [Path(f"data/smoke/zoo_{p}.nc") for p in ("mnist", "transformer", "resnet18")]
+    assert module.main(["--smoke"]) == 0
+    assert module.main(["--problem", "mnist"]) == 0
+    assert computed == [*smoke, Path("data/zoo_mnist.nc")]
+    capsys.readouterr()
+    assert module.main(["--smoke", "--problem", "transformer"]) == 0
+    assert f"reusing {smoke[1]}" in capsys.readouterr().out
+    assert module.main(["--problem", "mnist", "--input", str(smoke[0])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "iterations: " in err and "--recompute" in err
+    assert module.main(["--input", str(smoke[0])]) == 2  # all problems, one file
+    assert "pass --problem" in capsys.readouterr().err
+    assert len(computed) == 4

@@ -1,6 +1,7 @@
 """Figures from results datasets: unique run labels, one legend for every panel, user strings
-drawn literally (no mathtext), a readable two-level gap axis (issue 20, item 11), and stand-in data named
-on the console and in every title."""
+drawn literally (no mathtext), a readable two-level gap axis (issue 20, item 11), stand-in data named
+on the console and in every title; many methods styled by family, and the method x layer summary heatmap
+(issue 18)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,24 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from fisherlab import cli
+from fisherlab._errors import FisherlabError
 from fisherlab.data import announce_data, load_images
-from fisherlab.plots import error_figure, plain, run_labels, save_figure, training_figure, two_level_figure
+from fisherlab.method_registry import METHODS
+from fisherlab.plots import (
+    FAMILY_COLOR,
+    error_figure,
+    method_order,
+    method_style,
+    method_styles,
+    plain,
+    run_labels,
+    save_figure,
+    summary_figure,
+    summary_medians,
+    training_figure,
+    two_level_figure,
+)
 from fisherlab.results import annotate
 
 #: A ``problem`` attribute that matplotlib's math parser cannot parse.
@@ -144,3 +161,99 @@ def test_stand_in_is_named_on_console_and_in_titles(capsys) -> None:
     )
     assert "STAND-IN" in training_figure(train)._suptitle.get_text()
     plt.close("all")
+
+
+#: A method no registry knows: a results file written with a user's own approximation.
+USER_METHOD = "my_own_method"
+
+
+def zoo_dataset(*, seed: int = 0) -> xr.Dataset:
+    """Every registered method and one unregistered, two layers, six snapshots, some values missing."""
+    rng = np.random.default_rng(seed)
+    methods = [*METHODS, USER_METHOD]
+    shape = (6, 2, len(methods))
+    coords = {"iteration": np.arange(6) * 10, "layer": ["5", "6"], "method": methods}
+    frob = 10.0 ** rng.uniform(-3, 0, shape)
+    frob[2, 0, 1] = np.nan  # one snapshot without a value: the median skips it
+    spectral = rng.uniform(0.1, 1, shape)
+    spectral[:, 1, -1] = np.nan  # the user's method has no error 2 on layer 6
+    data = {
+        "frobenius_error": (("iteration", "layer", "method"), frob),
+        "spectral_error": (("iteration", "layer", "method"), spectral),
+    }
+    return annotate(xr.Dataset(data, coords=coords, attrs={"problem": "mnist", "fisher": "mc"}))
+
+
+def test_every_method_has_its_own_style_and_its_family_colour() -> None:
+    """Styles are distinct per method; a family shares a hue (its first variant the family's colour);
+    an unregistered name gets a style too, distinct from every registered one."""
+    styles = method_styles([USER_METHOD, "another_one"])
+    assert set(styles) == {*METHODS, USER_METHOD, "another_one"}
+    assert len(set(styles.values())) == len(styles)
+    assert method_style(USER_METHOD) == styles[USER_METHOD]
+    assert method_style("kfac") == styles["kfac"]
+    first_of_family: dict[str, str] = {}
+    for name, spec in METHODS.items():
+        first_of_family.setdefault(spec.family, name)
+    for family, name in first_of_family.items():
+        assert styles[name][0] == FAMILY_COLOR.get(family, styles[name][0])
+    colours = [styles[name][0] for name in first_of_family.values()]
+    assert len(set(colours)) == len(colours)  # families differ by colour
+    assert styles[USER_METHOD][0] == FAMILY_COLOR["user"]
+
+
+def test_error_figure_draws_many_methods_by_family() -> None:
+    """13 methods and a user's: every line in its method's style, one legend entry each, grouped by family."""
+    ds = zoo_dataset()
+    fig = error_figure(ds, metrics=("frobenius_error",))
+    styles = method_styles([USER_METHOD])
+    drawn = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert set(drawn) == {*METHODS, USER_METHOD}
+    for name, line in drawn.items():
+        assert (line.get_color(), line.get_marker()) == styles[name][:2]
+    labels = _legend_labels(fig)
+    assert labels == method_order([str(m) for m in ds["method"].values])
+    families = [METHODS[m].family if m in METHODS else "user" for m in labels]
+    assert all(f not in families[i + 2 :] or families[i + 1] == f for i, f in enumerate(families[:-1]))  # contiguous
+    plt.close(fig)
+
+
+def test_summary_heatmap_shows_the_median_of_each_method_and_layer() -> None:
+    """The heatmap's cells are the medians over iterations (NaN skipped), computed here with numpy per cell."""
+    ds = zoo_dataset()
+    for metric in ("frobenius_error", "spectral_error"):
+        fig = summary_figure(ds, metric)
+        ax = fig.axes[0]
+        rows = [t.get_text().split(" (")[0] for t in ax.get_yticklabels()]
+        cols = [t.get_text() for t in ax.get_xticklabels()]
+        assert sorted(rows) == sorted(str(m) for m in ds["method"].values) and cols == ["5", "6"]
+        shown = np.ma.filled(ax.images[0].get_array(), np.nan)
+        for i, method in enumerate(rows):
+            for j, layer in enumerate(cols):
+                series = ds[metric].sel({"method": method, "layer": layer}).values
+                expected = np.nanmedian(series) if np.isfinite(series).any() else np.nan
+                np.testing.assert_allclose(shown[i, j], expected, rtol=1e-12)
+        texts = [t.get_text() for t in ax.texts]
+        assert texts.count("n/a") == int(np.isnan(shown).sum())
+        plt.close(fig)
+    assert summary_medians(ds).sel({"method": "kfac", "layer": "5"}) == np.median(ds.frobenius_error.values[:, 0, 0])
+
+
+def test_summary_of_several_runs_and_missing_metric() -> None:
+    runs = {"a": zoo_dataset(), "b": zoo_dataset(seed=1).isel(layer=[0])}
+    medians = summary_medians(runs, "spectral_error")
+    assert [str(x) for x in medians["layer"].values] == ["a: 5", "a: 6", "b: 5"]
+    plt.close(summary_figure(runs, "spectral_error"))
+    with pytest.raises(FisherlabError, match="has no solve_error"):
+        summary_figure(zoo_dataset(), "solve_error")
+
+
+def test_plot_summary_writes_the_heatmap(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """`fisherlab plot run.nc --summary --metric spectral_error` writes the error figure and run-summary.png."""
+    zoo_dataset().to_netcdf(tmp_path / "run.nc", engine="scipy")
+    assert cli.main(["plot", str(tmp_path / "run.nc"), "--summary", "--metric", "spectral_error"]) == 0
+    assert (tmp_path / "run.png").stat().st_size > 10_000
+    assert (tmp_path / "run-summary.png").stat().st_size > 10_000
+    assert "run-summary.png" in capsys.readouterr().out
+    assert cli.main(["plot", str(tmp_path / "run.nc"), "--summary", "--metric", "nope"]) == 2
+    assert "has no nope" in capsys.readouterr().err
