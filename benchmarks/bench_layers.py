@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--problem", default="resnet18")
     parser.add_argument("--layers", default=None, help="comma-separated (default: every probeable layer)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the problem's")
+    parser.add_argument(
+        "--methods", default=None, help="comma-separated registered methods, or all (default: the papers' five)"
+    )
     return add_common_arguments(
         parser,
         SCRIPT,
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         def evaluate(block: ExactBlock = block, name: str = name) -> tuple[object, list]:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                ev = evaluate_block(block, layer=name)
+                ev = evaluate_block(block, None if args.methods is None else args.methods.split(","), layer=name)
             return ev, caught
 
         t, (ev, caught) = timed(evaluate, device, args.repeats, warmup=False)  # type: ignore[misc]
