@@ -130,9 +130,9 @@ class DenseBlockOperator:
         return torch.cholesky_solve(flat, chol).T.reshape(v.shape).to(v.dtype)
 
 
-@dataclass(frozen=True)
-class DiagonalBlockOperator:
-    """``diag(vec s)``: one curvature value per weight, ``s [d_out, d_in]``."""
+class _DiagonalValues:
+    """What an operator diagonal in some orthonormal basis shares: its eigenvalues ``s [d_out, d_in]``
+    give its sides, its Frobenius norm (an orthogonal similarity keeps it) and its spectrum."""
 
     values: Tensor
 
@@ -151,14 +151,6 @@ class DiagonalBlockOperator:
         """Side ``d_out d_in``."""
         return self.values.numel()
 
-    def to(self, dtype: torch.dtype) -> DiagonalBlockOperator:
-        """Cast."""
-        return replace(self, values=self.values.to(dtype))
-
-    def matvec(self, w: Tensor) -> Tensor:
-        """``s ∘ W``."""
-        return self.values.to(w.dtype) * w
-
     def frobenius_norm_squared(self) -> Tensor:
         """``Σ s²``."""
         return torch.sum(self.values**2)
@@ -167,13 +159,28 @@ class DiagonalBlockOperator:
         """``‖s‖``."""
         return self.frobenius_norm_squared().sqrt()
 
-    def diagonal(self) -> Tensor:
-        """``s``."""
-        return self.values
-
     def eigenvalues(self) -> Tensor:
         """``s``, sorted descending."""
         return torch.sort(self.values.flatten(), descending=True).values
+
+
+@dataclass(frozen=True)
+class DiagonalBlockOperator(_DiagonalValues):
+    """``diag(vec s)``: one curvature value per weight, ``s [d_out, d_in]``."""
+
+    values: Tensor
+
+    def to(self, dtype: torch.dtype) -> DiagonalBlockOperator:
+        """Cast."""
+        return replace(self, values=self.values.to(dtype))
+
+    def matvec(self, w: Tensor) -> Tensor:
+        """``s ∘ W``."""
+        return self.values.to(w.dtype) * w
+
+    def diagonal(self) -> Tensor:
+        """``s``."""
+        return self.values
 
     def as_dense(self) -> Tensor:
         """``diag(vec s)``."""
@@ -186,7 +193,7 @@ class DiagonalBlockOperator:
 
 
 @dataclass(frozen=True)
-class EigenbasisDiagonal:
+class EigenbasisDiagonal(_DiagonalValues):
     """``(Q_out ⊗ Q_in) diag(vec s) (Q_out ⊗ Q_in)ᵀ``: a diagonal in a Kronecker eigenbasis (EKFAC, SOAP).
 
     Args:
@@ -199,21 +206,6 @@ class EigenbasisDiagonal:
     q_in: Tensor
     values: Tensor
 
-    @property
-    def d_out(self) -> int:
-        """Output side."""
-        return self.values.shape[0]
-
-    @property
-    def d_in(self) -> int:
-        """Input side, bias column included."""
-        return self.values.shape[1]
-
-    @property
-    def dim(self) -> int:
-        """Side ``d_out d_in``."""
-        return self.values.numel()
-
     def to(self, dtype: torch.dtype) -> EigenbasisDiagonal:
         """Cast."""
         return EigenbasisDiagonal(self.q_out.to(dtype), self.q_in.to(dtype), self.values.to(dtype))
@@ -225,18 +217,6 @@ class EigenbasisDiagonal:
     def matvec(self, w: Tensor) -> Tensor:
         """``Q_out (s ∘ Q_outᵀ W Q_in) Q_inᵀ``."""
         return self.q_out.to(w.dtype) @ (self.values.to(w.dtype) * self.rotate(w)) @ self.q_in.T.to(w.dtype)
-
-    def frobenius_norm_squared(self) -> Tensor:
-        """``Σ s²`` (an orthogonal similarity keeps the norm)."""
-        return torch.sum(self.values**2)
-
-    def frobenius_norm(self) -> Tensor:
-        """``‖s‖``."""
-        return self.frobenius_norm_squared().sqrt()
-
-    def eigenvalues(self) -> Tensor:
-        """``s``, sorted descending."""
-        return torch.sort(self.values.flatten(), descending=True).values
 
     def as_dense(self) -> Tensor:
         """The dense matrix; small layers only."""

@@ -106,8 +106,8 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         two_level: str | None = None,
         fisher: str = "mc",
         seed: int = 0,
-        tol: float = 1e-6,
-        max_iter: int = 200,
+        tol: float = ApproxConfig.tol,
+        max_iter: int = ApproxConfig.max_iter,
     ) -> None:
         if lr <= 0 or damping <= 0 or t1 < 1 or t2 < 1 or not 0 <= alpha < 1 or weight_decay < 0:
             raise FisherlabError("need lr > 0, damping > 0, t1 >= 1, t2 >= 1, 0 <= alpha < 1, weight_decay >= 0")

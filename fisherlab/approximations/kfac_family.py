@@ -47,8 +47,8 @@ def kfac(block: ExactBlock) -> Approximation:
 def kfac_corrected(
     block: ExactBlock,
     *,
-    tol: float = 1e-6,
-    max_iter: int = 200,
+    tol: float = ApproxConfig.tol,
+    max_iter: int = ApproxConfig.max_iter,
     warm_start: tuple[Tensor, ...] = (),
     first: Approximation | None = None,
     layer: str = "",

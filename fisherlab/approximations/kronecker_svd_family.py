@@ -19,7 +19,12 @@ __all__ = ["DEFLATION", "KPSVD", "deflation", "kpsvd"]
 
 
 def kpsvd(
-    block: ExactBlock, *, tol: float = 1e-6, max_iter: int = 200, warm_start: tuple[Tensor, ...] = (), layer: str = ""
+    block: ExactBlock,
+    *,
+    tol: float = ApproxConfig.tol,
+    max_iter: int = ApproxConfig.max_iter,
+    warm_start: tuple[Tensor, ...] = (),
+    layer: str = "",
 ) -> Approximation:
     """Best single Kronecker product: ``argmin ||F - G ⊗ A||_F`` (K eq. 3).
 
@@ -57,8 +62,8 @@ def kpsvd(
 def deflation(
     block: ExactBlock,
     *,
-    tol: float = 1e-6,
-    max_iter: int = 200,
+    tol: float = ApproxConfig.tol,
+    max_iter: int = ApproxConfig.max_iter,
     warm_start: tuple[Tensor, ...] = (),
     first: Approximation | None = None,
     layer: str = "",

@@ -21,10 +21,10 @@ __all__ = ["LANCZOS", "lanczos"]
 def lanczos(
     block: ExactBlock,
     *,
-    rank: int = 2,
-    krylov_dim: int = 20,
-    tol: float = 1e-6,
-    max_restarts: int = 50,
+    rank: int = ApproxConfig.lanczos_rank,
+    krylov_dim: int = ApproxConfig.krylov_dim,
+    tol: float = ApproxConfig.tol,
+    max_restarts: int = ApproxConfig.max_restarts,
     warm_start: tuple[Tensor, ...] = (),
     layer: str = "",
 ) -> Approximation:
