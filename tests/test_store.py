@@ -207,6 +207,21 @@ def test_stale_tmp_files_of_a_killed_run_are_removed(tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.nc.notes.tmp"]
 
 
+def _wait_until_importing_torch(pid: int, timeout: float = 30.0) -> None:
+    """Wait until process ``pid`` has mapped libtorch (``import fisherlab`` is under way), on Linux."""
+    import time
+
+    maps = Path(f"/proc/{pid}/maps")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if "libtorch" in maps.read_text():
+                return
+        except OSError:
+            return  # no /proc (or the process is gone): send at once
+        time.sleep(0.01)
+
+
 def test_closed_pipe_and_early_ctrl_c_print_no_traceback(tmp_path) -> None:
     """`fisherlab info f | head -1` and Ctrl-C while the command still imports: no traceback (issue 20 item 6)."""
     path = tmp_path / "r.nc"
@@ -216,6 +231,7 @@ def test_closed_pipe_and_early_ctrl_c_print_no_traceback(tmp_path) -> None:
     piped = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert piped.stdout is not None
     piped.stdout.close()  # the reader is gone before the first line
+    _wait_until_importing_torch(early.pid)  # a Ctrl-C before Python's own start-up is Python's, not ours
     early.send_signal(signal.SIGINT)
     _, early_err = early.communicate(timeout=60)
     _, piped_err = piped.communicate(timeout=60)
