@@ -23,11 +23,12 @@ from fisherlab.distributed import all_reduce_sum
 from fisherlab.fisher import WholeFisher
 from fisherlab.kron import KronSum, pi_damping
 from fisherlab.metrics.registry import NETWORK_METRICS, NetworkMetric
-from fisherlab.operators import BlockDiagonal, Params, axpy, dot
+from fisherlab.operators import BlockDiagonal, Params, axpy, dot, solve_all
 from fisherlab.vocabulary import TKO, CoarseSpace
 
 if TYPE_CHECKING:
     from fisherlab.approximations import Approximation
+    from fisherlab.kron import KronSolver
     from fisherlab.probe import ProbeSnapshot
 
 __all__ = [
@@ -66,6 +67,7 @@ def coarse_basis(
     damping: float,
     fisher: WholeFisher | None = None,
     order: int = 2,
+    solvers: Sequence[KronSolver] | None = None,
 ) -> list[Tensor]:
     """Per-layer coarse columns ``V_i`` of shape ``[m_i, d_out, d_in]`` (T eq. 3.21-3.38).
 
@@ -82,10 +84,11 @@ def coarse_basis(
       ``residuals``.
 
     Here ``K_i = [F•KFAC]_ii``. Columns may vanish (e.g. a zero residual); the solves in
-    :func:`two_level` use a pseudo-inverse, so a rank-deficient basis is handled.
+    :func:`two_level` use a pseudo-inverse, so a rank-deficient basis is handled. ``solvers`` are the
+    factorised ``K_i⁻¹`` (:meth:`BlockDiagonal.solvers` of ``kfacs`` with this ``damping``) when the
+    caller already has them; else they are factorised here, for the spaces that use them.
     """
     space = CoarseSpace(space)
-    inv = BlockDiagonal(tuple(kfacs)).solvers(damping=damping)  # K_i⁻¹, factorised once
     ones = [torch.ones(k.d_out, k.d_in, dtype=k.outs[0].dtype, device=k.outs[0].device) for k in kfacs]
     if space == CoarseSpace.NICOLAIDES:
         return [o[None] for o in ones]
@@ -95,6 +98,7 @@ def coarse_basis(
             out, in_ = pi_damping(k.outs[0], k.ins[0], damping)
             cols.append(torch.outer(smallest_eigenvector(out), smallest_eigenvector(in_))[None])
         return cols
+    inv = BlockDiagonal(tuple(kfacs)).solvers(damping=damping) if solvers is None else solvers  # K_i⁻¹
     if space == CoarseSpace.KRYLOV_NICOLAIDES:
         return [torch.stack([o, f(o)]) for o, f in zip(ones, inv, strict=True)]
     w = [f(r) for f, r in zip(inv, residual, strict=True)]
@@ -199,11 +203,13 @@ def coarse_step(
     *,
     damping: float,
     order: int = 2,
+    solvers: Sequence[KronSolver] | None = None,
 ) -> tuple[list[Tensor], Tensor]:
     """The coarse basis ``R₀ᵀ`` and coefficients of one two-level correction ``ζ_KFAC + R₀ᵀβ``.
 
     A coarse space gives ``β* = F_coarse⁻¹ R₀ r_KFAC`` (T eq. 3.11, 3.12); ``"tko"`` gives
     ``β_TKO = (R₀ F̄• R₀ᵀ)⁻¹ R₀ ∇h`` on the Nicolaides space (T eq. 4.7b with F̄• of eq. 3.18).
+    ``solvers``: the factorised ``K_i⁻¹`` if the caller has them (see :func:`coarse_basis`).
 
     Returns:
         ``(basis, β)``; the correction is ``prolong(basis, β)``.
@@ -211,7 +217,7 @@ def coarse_step(
     if space == TKO:
         basis = coarse_basis(CoarseSpace.NICOLAIDES, kfacs, residual, damping=damping)
         return basis, coarse_solve(tko_coarse_operator(fisher, kfacs, basis, damping=damping), restrict(basis, grads))
-    basis = coarse_basis(space, kfacs, residual, damping=damping, fisher=fisher, order=order)
+    basis = coarse_basis(space, kfacs, residual, damping=damping, fisher=fisher, order=order, solvers=solvers)
     return basis, coarse_solve(fisher.coarse_operator(basis, damping=damping), restrict(basis, residual))
 
 
@@ -269,7 +275,8 @@ def two_level(
         raise FisherlabError(f"--damping must be positive, got {damping}")
     kfacs = [kfac_factors(b).to(b.factors.dtype) for b in fisher.blocks]
     zeta = fisher.natural_gradient(grads, damping=damping)
-    zeta_k = damped_kfac_solve(kfacs, grads, damping=damping)
+    inv = BlockDiagonal(tuple(kfacs)).solvers(damping=damping)  # K_i⁻¹, factorised once for ζ_KFAC and the spaces
+    zeta_k = solve_all(inv, grads)  # damped_kfac_solve
     residual = axpy(-1.0, fisher.matvec(zeta_k, damping=damping), grads)
     err_k = axpy(-1.0, zeta, zeta_k)
     energy_k = float(fisher.energy_inner(err_k, err_k, damping=damping))
@@ -280,7 +287,9 @@ def two_level(
     energies: dict[str, float] = {}
     keys = [CoarseSpace(c).value for c in spaces] + ([TKO] if tko else [])
     for key in keys:
-        basis, beta = coarse_step(key, fisher, kfacs, grads, residual, damping=damping, order=taylor_order)
+        basis, beta = coarse_step(
+            key, fisher, kfacs, grads, residual, damping=damping, order=taylor_order, solvers=inv
+        )
         f_coarse = fisher.coarse_operator(basis, damping=damping)
         correction = prolong(basis, beta)
         betas[key] = beta
