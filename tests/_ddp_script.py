@@ -1,4 +1,9 @@
-"""A user's DDP training script with FisherProbe inside (run by tests/test_distributed.py under torchrun)."""
+"""A user's DDP training script with FisherProbe inside (run by tests/test_distributed.py under torchrun).
+
+``_ddp_script.py OUT [SNAPSHOT_OUT]``: with a second argument, the same processes then also write the
+distributed test's snapshot of one global batch (:func:`tests._dist_worker.snapshot`) — a check of
+the test's own, run here so that two ranks need not start Python and torch once more.
+"""
 
 import sys
 
@@ -24,5 +29,12 @@ for step in range(5):
     probe.step(step, x, y)
 probe.close()
 dist.barrier()  # nobody tears the group down while another rank still finishes its last step
+
+if len(sys.argv) > 2:  # the test's own part (not the user's): the snapshot of one sharded global batch
+    from tests._dist_worker import snapshot
+
+    snapshot(world, rank, sys.argv[2]).close()
+    dist.barrier()
+
 del model
 dist.destroy_process_group()

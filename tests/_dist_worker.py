@@ -1,8 +1,9 @@
-"""One rank of the distributed tests: ``python -m tests._dist_worker MODE WORLD RANK INIT_FILE OUT``.
+"""One rank of the distributed tests: ``python -m tests._dist_worker MODES WORLD RANK INIT_FILE OUT_DIR``.
 
-MODE ``snapshot``: probe one global batch with every registered method, both errors and two-level; rank 0
-writes the dataset to OUT. MODE ``die``: probe every step of a short run writing OUT; rank 1
-dies after the first snapshot.
+MODES is a comma-separated list run in order in the same processes (each start of Python and
+torch costs seconds of CPU): ``snapshot`` probes one global batch with every registered method, both
+errors and two-level; rank 0 writes ``OUT_DIR/snapshot.nc``. ``die`` probes every step of a short run
+writing ``OUT_DIR/die.nc``; rank 1 dies after the second snapshot.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from torch import distributed as dist
@@ -44,7 +46,7 @@ def rows(world: int, rank: int) -> slice:
     return slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
 
 
-def snapshot(world: int, rank: int, out: str | None) -> fl.FisherProbe:
+def snapshot(world: int, rank: int, out: str | Path | None) -> fl.FisherProbe:
     """The snapshot at step 0 of this rank's rows (the whole batch without a process group)."""
     x, y = global_batch()
     part = rows(world, rank)
@@ -53,23 +55,29 @@ def snapshot(world: int, rank: int, out: str | None) -> fl.FisherProbe:
     return probe
 
 
+def die(world: int, rank: int, out: str | Path) -> None:
+    """Probe steps 0..3 writing ``out``; rank 1 exits (status 3) after step 1, the others fail at step 2."""
+    x, y = global_batch()
+    probe = fl.FisherProbe(small_mlp((4, 5, 3)), "mse", every=1, methods=["kfac", "kpsvd"], out=out)
+    for step in range(4):
+        probe.step(step, x[rows(world, rank)], y[rows(world, rank)])
+        if rank == 1 and step == 1:
+            os._exit(3)  # a rank that dies mid-run
+    probe.close()
+
+
 def main() -> int:
-    mode, world, rank, init, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    modes, world, rank, init, out = sys.argv[1].split(","), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
     torch.set_num_threads(1)
     timeout = timedelta(seconds=60)  # a dead peer is usually seen at once (closed socket); never wait longer
     dist.init_process_group("gloo", init_method=f"file://{init}", world_size=world, rank=rank, timeout=timeout)
     try:
-        if mode == "snapshot":
-            snapshot(world, rank, out).close()
-            dist.barrier()
-        else:
-            x, y = global_batch()
-            probe = fl.FisherProbe(small_mlp((4, 5, 3)), "mse", every=1, methods=["kfac", "kpsvd"], out=out)
-            for step in range(4):
-                probe.step(step, x[rows(world, rank)], y[rows(world, rank)])
-                if rank == 1 and step == 1:
-                    os._exit(3)  # a rank that dies mid-run
-            probe.close()
+        for mode in modes:
+            if mode == "snapshot":
+                snapshot(world, rank, Path(out) / "snapshot.nc").close()
+                dist.barrier()
+            else:
+                die(world, rank, Path(out) / "die.nc")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
