@@ -1,4 +1,5 @@
-"""One rank of the distributed tests: ``python -m tests._dist_worker MODES WORLD RANK INIT_FILE OUT_DIR``.
+"""One rank of the distributed tests: :func:`run` in a forked process, or
+``python -m tests._dist_worker MODES WORLD RANK INIT_FILE OUT_DIR``.
 
 MODES is a comma-separated list run in order in the same processes (each start of Python and
 torch costs seconds of CPU): ``snapshot`` probes one global batch with every registered method, both
@@ -66,8 +67,8 @@ def die(world: int, rank: int, out: str | Path) -> None:
     probe.close()
 
 
-def main() -> int:
-    modes, world, rank, init, out = sys.argv[1].split(","), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+def run(modes: list[str], world: int, rank: int, init: str, out: str) -> int:
+    """Join the process group of ``world`` ranks (file rendezvous at ``init``) as ``rank`` and run ``modes``."""
     torch.set_num_threads(1)
     timeout = timedelta(seconds=60)  # a dead peer is usually seen at once (closed socket); never wait longer
     dist.init_process_group("gloo", init_method=f"file://{init}", world_size=world, rank=rank, timeout=timeout)
@@ -85,4 +86,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(sys.argv[1].split(","), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]))
