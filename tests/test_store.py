@@ -21,7 +21,7 @@ import xarray as xr
 from fisherlab import cli
 from fisherlab._errors import FisherlabError
 from fisherlab.results import ResultsWriter, load, load_factors
-from tests._append_worker import factors, snapshot
+from tests._append_worker import append_until_killed, factors, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,20 +29,23 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("kill_after", [3, 41])
 def test_every_finished_snapshot_survives_kill_9(tmp_path, kill_after: int) -> None:
     """SIGKILL while the writer appends as fast as it can (so mostly mid-write): the file reads back with
-    every snapshot the writer had finished, each complete and correct, and its stored factors."""
+    every snapshot the writer had finished, each complete and correct, and its stored factors. The writer
+    is forked from this process (torch already imported), which reads the iterations it reports."""
     out = tmp_path / "r.nc"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests._append_worker", str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    read_end, write_end = os.pipe()
+    proc = multiprocessing.get_context("fork").Process(
+        target=append_until_killed, args=(out, lambda it: os.write(write_end, f"{it}\n".encode()))
     )
-    assert proc.stdout is not None
+    proc.start()
+    os.close(write_end)
     finished = -1
-    for line in proc.stdout:
-        finished = int(line)
-        if finished >= kill_after:
-            break
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc.stdout.close()
+    with os.fdopen(read_end) as reports:
+        for line in reports:
+            finished = int(line)
+            if finished >= kill_after:
+                break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
     assert finished >= kill_after, "the writer died before the kill"
     ds = load(out)
     its = ds["iteration"].values
@@ -128,6 +131,14 @@ DAMAGES = {  # name -> what is done to the bytes of a good file
 }
 
 
+def _info_to_file(path: Path, err: Path) -> None:
+    """``fisherlab info path`` with stderr written to ``err`` (run in a forked process); exits with its status."""
+    with err.open("w") as stream:
+        sys.stderr = stream
+        status = cli.main(["info", str(path)])
+    sys.exit(status)
+
+
 def test_damaged_files_are_one_error_line_not_a_hang(tmp_path, capsys) -> None:
     """Truncated, flipped, bad superblock or signature: load, load_factors, info and plot each give one line
     naming the file, within seconds (issue 20 item 3: a truncated file made the SWMR reader retry forever;
@@ -135,16 +146,18 @@ def test_damaged_files_are_one_error_line_not_a_hang(tmp_path, capsys) -> None:
     good = _written(tmp_path / "good.nc", 5)
     bad = tmp_path / "bad.nc"
     bad.write_bytes(DAMAGES["truncated to an eighth"](good))
-    done = subprocess.run(  # the hang first, in a process that can be given up on
-        [sys.executable, "-m", "fisherlab", "info", str(bad)],
-        check=False,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    hang = multiprocessing.get_context("fork").Process(  # the hang first, in a process that can be given up on
+        target=_info_to_file, args=(bad, tmp_path / "info.err")
     )
-    assert done.returncode == 2 and done.stderr.startswith(f"fisherlab: error: cannot read {bad}"), done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+    hang.start()
+    hang.join(timeout=60)
+    if hang.exitcode is None:
+        hang.kill()
+        hang.join()
+        pytest.fail(f"fisherlab info {bad} still reads after 60 s")
+    stderr = (tmp_path / "info.err").read_text()
+    assert hang.exitcode == 2 and stderr.startswith(f"fisherlab: error: cannot read {bad}"), stderr
+    assert len(stderr.strip().splitlines()) == 1
     for name, damage in DAMAGES.items():
         bad.write_bytes(damage(good))
         with pytest.raises(FisherlabError, match=f"cannot read .*{bad}"):
