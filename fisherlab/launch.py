@@ -58,7 +58,7 @@ def snapshot_bytes(problem: Problem, data: ImageData, config: ProbeConfig, batch
     and ``gram`` (the largest layer's ``N V x N V`` Gram matrix); shapes from a forward pass on the meta
     device (no memory, no compute). ``V``: ``--mc-samples``, the number of outputs for ``exact``, 1 for
     ``empirical``."""
-    model = problem.model(device="meta")
+    model = problem.model(device="meta").eval()  # one sample: batch norm in training mode would refuse it
     layers = probeable_layers(model)
     probed = layers if config.two_level else {name: layers[name] for name in config.layers}
     shapes: dict[str, tuple[int, int, int]] = {}  # name -> (T, d_in, d_out)

@@ -37,6 +37,16 @@ def test_a_snapshot_beyond_memory_is_refused_naming_the_setting(monkeypatch) -> 
         check_memory(problem, data, config, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("name", ["deeplinear64", "deeplinear14"])
+def test_the_estimate_takes_models_with_batch_norm(name: str) -> None:
+    """The estimate's forward pass of one sample ran batch norm in training mode, which refuses a batch of
+    one: `fisherlab probe --problem deeplinear64` ended in a ValueError traceback."""
+    problem = get_problem(name)
+    need = snapshot_bytes(problem, problem.data(seed=0), ProbeConfig(problem=name, two_level=True), 8)
+    sizes = problem.sizes
+    assert need["factors"] == sum(8 * (d_in + 1 + d_out) * 8 for d_in, d_out in zip(sizes, sizes[1:], strict=False))
+
+
 def test_build_training_gives_the_problems_model_optimizer_and_batches() -> None:
     problem = get_problem("mnist")
     data = problem.data(seed=0)
