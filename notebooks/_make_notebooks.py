@@ -63,7 +63,7 @@ fig = plots.spectra_figure(spectra)""",
         ("code", SETUP),
         (
             "code",
-            """config = fl.ProbeConfig(problem="curves", layers=("5",), iterations=20 if SMOKE else 500, every=5 if SMOKE else 10)
+            """config = fl.ProbeConfig(problem="curves", layers=("5",), iterations=8 if SMOKE else 500, every=4 if SMOKE else 10)
 ds = fl.run_probe(config, OUT / "nb_fig1.nc", overwrite=True, progress=not SMOKE)
 ds""",
         ),
@@ -91,7 +91,7 @@ err = ds.frobenius_error.sel({"layer": "5"})
             """# about 1-2 min on a laptop CPU; paper scale (T Figure 5, hours on a CPU, use a GPU):
 #   iterations=1000, every=50, batch_size=None (the paper's 256), methods=tuple(fl.Method)
 config = fl.ProbeConfig(problem="curves", two_level=True, damping=1e-3, metrics=("frobenius_error",),
-                        iterations=2 if SMOKE else 40, every=1 if SMOKE else 20, batch_size=32 if SMOKE else 128,
+                        iterations=1 if SMOKE else 40, every=1 if SMOKE else 20, batch_size=32 if SMOKE else 128,
                         methods=("kfac",) if SMOKE else ("kfac", "kpsvd"))
 ds = fl.run_probe(config, OUT / "nb_gap.nc", overwrite=True, progress=not SMOKE)
 ds.gap.to_pandas()""",
@@ -119,7 +119,7 @@ from fisherlab.train import run_training
 # about 1-2 min on a laptop CPU; paper scale (K Figure 2, hours on a CPU, use a GPU):
 #   epochs=100, max_batches=None, eval_samples=None, lr=(1e-2, 1e-1, 1.0), damping=(1e-3, 1e-2, 1e-1), patience=10
 config = TrainConfig(problem="curves", optimizers=("sgd", "adam", "kfac", "kpsvd", "kfac2l_residuals"),
-                     epochs=1 if SMOKE else 3, max_batches=3 if SMOKE else 10, eval_samples=512 if SMOKE else 1024)
+                     epochs=1 if SMOKE else 3, max_batches=2 if SMOKE else 10, eval_samples=256 if SMOKE else 1024)
 ds = run_training(config, OUT / "nb_train.nc", overwrite=True, progress=not SMOKE)
 ds.train_loss.to_pandas()""",
         ),
