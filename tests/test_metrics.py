@@ -442,6 +442,7 @@ def test_error_2_runs_its_eigensolver_with_threads_that_fit_the_machine(
     SpectralLimits.threads fixes it; torch's setting is restored afterwards."""
     from fisherlab.metrics import error2, spectral_error_bounded, spectral_threads
 
+    ref, kron, _ = _rank2_case(batch=6)  # on one thread: on a loaded machine two spin for seconds of CPU
     outside = torch.get_num_threads()
     torch.set_num_threads(2)
     before = 2
@@ -458,7 +459,6 @@ def test_error_2_runs_its_eigensolver_with_threads_that_fit_the_machine(
         return lanczos(*args, **kwargs)
 
     monkeypatch.setattr(error2, "block_lanczos_eigenvalues", recording)
-    ref, kron, _ = _rank2_case(batch=6)
     try:
         spectral_error_bounded(ref, kron, limits=limits)
         assert seen == [want] and torch.get_num_threads() == before
