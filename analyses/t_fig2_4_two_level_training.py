@@ -30,7 +30,12 @@ def configure(args):  # type: ignore[no-untyped-def]
     )
     if args.smoke:
         config = TrainConfig(
-            problem=args.problem, optimizers=("kfac", "kfac2l_residuals", "kfac2l_tko"), epochs=1, max_batches=2
+            problem=args.problem,
+            optimizers=("kfac", "kfac2l_residuals", "kfac2l_tko"),
+            epochs=1,
+            max_batches=2,
+            batch_size=64,
+            eval_samples=256,
         )
     else:
         config = TrainConfig(

@@ -12,6 +12,7 @@ import sys
 from _common import figure_script
 
 from fisherlab.approximations import Method
+from fisherlab.vocabulary import CoarseSpace
 from fisherlab.config import ProbeConfig
 from fisherlab.plots import two_level_figure
 
@@ -29,6 +30,7 @@ def configure(args):  # type: ignore[no-untyped-def]
         every=1 if args.smoke else 50,
         batch_size=32 if args.smoke else None,
         methods=("kfac", "kpsvd") if args.smoke else tuple(Method),
+        coarse_spaces=("nicolaides", "residuals") if args.smoke else tuple(CoarseSpace),
     )
     return config
 
