@@ -29,6 +29,21 @@ def test_curves_generator_is_seeded_and_in_range() -> None:
     assert not torch.equal(a, curves_images(20, seed=4))
 
 
+def test_curves_ink_is_the_distance_to_the_sampled_curve_by_cdist() -> None:
+    """Dense twin: each pixel's ink is exp(-d² / (2 width²)), d its distance (``torch.cdist``) to the
+    nearest of the 128 points sampled on the quadratic through the three drawn points; bitwise, on a
+    number of images that is not a multiple of the generator's chunks."""
+    n, size, width = 37, 28, 0.8
+    gen = torch.Generator().manual_seed(9)
+    pts = 1.5 + (size - 4.0) * torch.rand(n, 3, 2, generator=gen, dtype=torch.float32)
+    t = torch.linspace(0, 1, 128, dtype=torch.float32)
+    basis = torch.stack([2 * (t - 0.5) * (t - 1), -4 * t * (t - 1), 2 * t * (t - 0.5)], dim=1)
+    curve = torch.einsum("tk,nkd->ntd", basis, pts)
+    grid = torch.cartesian_prod(torch.arange(size), torch.arange(size)).to(torch.float32)
+    d = torch.cdist(grid.expand(n, -1, -1), curve).amin(dim=2)
+    assert torch.equal(curves_images(n, seed=9), torch.exp(-(d**2) / (2 * width**2)))
+
+
 @pytest.mark.parametrize("name", ["mnist", "faces"])
 def test_embedded_standins(name: str) -> None:
     """Stand-ins have the problem's input size, lie in [0, 1], and say they are stand-ins."""
