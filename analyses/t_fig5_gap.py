@@ -12,9 +12,9 @@ import sys
 from _common import figure_script
 
 from fisherlab.approximations import Method
-from fisherlab.vocabulary import CoarseSpace
 from fisherlab.config import ProbeConfig
 from fisherlab.plots import two_level_figure
+from fisherlab.vocabulary import CoarseSpace
 
 
 def configure(args):  # type: ignore[no-untyped-def]

@@ -287,9 +287,7 @@ def two_level(
     energies: dict[str, float] = {}
     keys = [CoarseSpace(c).value for c in spaces] + ([TKO] if tko else [])
     for key in keys:
-        basis, beta = coarse_step(
-            key, fisher, kfacs, grads, residual, damping=damping, order=taylor_order, solvers=inv
-        )
+        basis, beta = coarse_step(key, fisher, kfacs, grads, residual, damping=damping, order=taylor_order, solvers=inv)
         f_coarse = fisher.coarse_operator(basis, damping=damping)
         correction = prolong(basis, beta)
         betas[key] = beta

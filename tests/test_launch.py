@@ -3,6 +3,8 @@ needs (refused before any work when it does not fit), the problem's model, optim
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -43,8 +45,8 @@ def test_the_estimate_takes_models_with_batch_norm(name: str) -> None:
     one: `fisherlab probe --problem deeplinear64` ended in a ValueError traceback."""
     problem = get_problem(name)
     need = snapshot_bytes(problem, problem.data(seed=0), ProbeConfig(problem=name, two_level=True), 8)
-    sizes = problem.sizes
-    assert need["factors"] == sum(8 * (d_in + 1 + d_out) * 8 for d_in, d_out in zip(sizes, sizes[1:], strict=False))
+    layers = itertools.pairwise(problem.sizes)
+    assert need["factors"] == sum(8 * (d_in + 1 + d_out) * 8 for d_in, d_out in layers)  # N (d_in + 1 + d_out)
 
 
 def test_build_training_gives_the_problems_model_optimizer_and_batches() -> None:
