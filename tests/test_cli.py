@@ -67,7 +67,7 @@ def test_probe_all_methods(tmp_path) -> None:
     the figure and `info` take them all; EKFAC <= KFAC and eshampoo <= shampoo on every snapshot."""
     out = tmp_path / "all.nc"
     assert (
-        cli.main(["probe", "--methods", "all", "--iterations", "2", "--every", "1", "--out", str(out), "--no-progress"])
+        cli.main(["probe", "--methods", "all", "--iterations", "1", "--every", "1", "--out", str(out), "--no-progress"])
         == 0
     )
     ds = load(out)
