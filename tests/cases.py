@@ -4,12 +4,15 @@ an explicit seed), so a case is the same wherever it is built."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from torch import nn
 
 from fisherlab.fisher import ExactBlock
 from fisherlab.layers import LayerFactors
+from fisherlab.problems import PROBLEMS, Problem
 
 FACTOR_CASES = [
     {"id": "mlp-N7-V1", "n": 7, "v": 1, "t": 1, "d_in": 4, "d_out": 3, "seed": 0},
@@ -114,6 +117,16 @@ def small_mlp(
         if i < len(sizes) - 2:
             layers.append(activation())
     return nn.Sequential(*layers).double()
+
+
+def deep_linear_problem(layers: int = 4) -> Problem:
+    """``deeplinear64`` (T §4.3: Linear layers of 10 units, batch norm between them) cut to ``layers`` layers,
+    named ``deeplinear<layers>``: register it (``monkeypatch.setitem(PROBLEMS, p.name, p)``) to run a command's
+    whole path on a paper network in a second, where 64 layers (O(L²) two-level coarse blocks, a Kronecker
+    step per layer) or the default problem's 784-wide factors take several."""
+    return dataclasses.replace(
+        PROBLEMS["deeplinear64"], name=f"deeplinear{layers}", sizes=(10,) * (layers + 1), default_layers=("2",)
+    )
 
 
 def idx_images(n: int, rows: int = 28, cols: int = 28, *, data_bytes: int | None = None) -> bytes:

@@ -22,7 +22,7 @@ from fisherlab.method_registry import METHODS
 from fisherlab.probe_loop import probe_training
 from fisherlab.problems import PROBLEMS
 from fisherlab.results import load, validate
-from tests.cases import SmallConvNet, small_mlp
+from tests.cases import SmallConvNet, deep_linear_problem, small_mlp
 
 
 def test_probe_end_to_end(tmp_path, capsys) -> None:
@@ -274,19 +274,16 @@ def test_frobenius_only_run(tmp_path) -> None:
 
 def test_two_level_end_to_end(tmp_path, monkeypatch) -> None:
     """--two-level probes every layer, stores gaps / energy errors per coarse space and draws T Fig. 5.
-    On a registered 4-layer cut of T §4.3's deep linear network with batch norm: the paper problems cost
-    seconds more (O(L²) coarse blocks for deeplinear64's 64 layers, 784-wide factors for the default) and
-    are run two-level by analyses/t_fig5_gap.py --smoke and notebook 03 in the tests."""
-    deep = PROBLEMS["deeplinear64"]
-    monkeypatch.setitem(
-        PROBLEMS, "deeplinear4", dataclasses.replace(deep, name="deeplinear4", sizes=(10,) * 5, default_layers=("2",))
-    )
+    On deeplinear64 cut to 4 layers (tests.cases.deep_linear_problem); the paper problems are run two-level
+    by analyses/t_fig5_gap.py --smoke and notebook 03 in the tests."""
+    problem = deep_linear_problem(4)
+    monkeypatch.setitem(PROBLEMS, problem.name, problem)
     out = tmp_path / "gap.nc"
     status = cli.main(
         [
             "probe",
             "--problem",
-            "deeplinear4",
+            problem.name,
             "--two-level",
             "--damping",
             "1e-2",
@@ -310,7 +307,7 @@ def test_two_level_end_to_end(tmp_path, monkeypatch) -> None:
     validate(ds)
     assert list(ds["coarse_space"].values) == ["nicolaides", "residuals", "taylor", "tko"]
     assert ds.attrs["two_level"] == 1 and ds.attrs["damping"] == 1e-2
-    assert ds.attrs["probed_layers"] == "1,2,3,4" and ds.attrs["problem"] == "deeplinear4"
+    assert ds.attrs["probed_layers"] == "1,2,3,4" and ds.attrs["problem"] == problem.name
     gaps = ds["gap"].sel({"coarse_space": ["nicolaides", "residuals", "taylor"]})
     assert bool((gaps <= 1e-9 * ds["energy_kfac"]).all())  # β* never increases the F•-error (T eq. 3.19)
     torch.testing.assert_close(

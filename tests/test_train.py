@@ -9,21 +9,24 @@ import numpy as np
 
 from fisherlab import cli, train
 from fisherlab.config import TrainConfig
+from fisherlab.problems import PROBLEMS
 from fisherlab.results import load
 from fisherlab.train import run_training
-from tests.cases import idx_images
+from tests.cases import deep_linear_problem, idx_images
 
 
-def test_train_end_to_end(tmp_path, capsys) -> None:
+def test_train_end_to_end(tmp_path, capsys, monkeypatch) -> None:
     """Every optimizer lowers the training loss; the dataset and the four-panel figure are written.
-    On T §4.3's deep linear problem (64 layers of 10 units): the default problem's 784-wide layers cost
-    seconds per Kronecker step and test nothing more here (the tests below train on it)."""
+    On deeplinear64 cut to 4 layers (tests.cases.deep_linear_problem); the paper problems are trained by the
+    tests below, analyses/fig2_optimizers.py and t_fig2_4_two_level_training.py --smoke and notebook 04."""
+    problem = deep_linear_problem(4)
+    monkeypatch.setitem(PROBLEMS, problem.name, problem)
     out = tmp_path / "t.nc"
     status = cli.main(
         [
             "train",
             "--problem",
-            "deeplinear64",
+            problem.name,
             "--optimizers",
             "adam,kfac,kpsvd,deflation,kfac2l_tko",
             "--epochs",
