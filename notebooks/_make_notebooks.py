@@ -90,9 +90,11 @@ err = ds.frobenius_error.sel({"layer": "5"})
             "code",
             """# about 1-2 min on a laptop CPU; paper scale (T Figure 5, hours on a CPU, use a GPU):
 #   iterations=1000, every=50, batch_size=None (the paper's 256), methods=tuple(fl.Method)
+SPACES = ("nicolaides", "spectral", "krylov_nicolaides", "residuals", "krylov_residuals", "taylor")  # T §3.3; TKO is added
 config = fl.ProbeConfig(problem="curves", two_level=True, damping=1e-3, metrics=("frobenius_error",),
                         iterations=1 if SMOKE else 40, every=1 if SMOKE else 20, batch_size=32 if SMOKE else 128,
-                        methods=("kfac",) if SMOKE else ("kfac", "kpsvd"))
+                        methods=("kfac",) if SMOKE else ("kfac", "kpsvd"),
+                        coarse_spaces=("nicolaides", "residuals") if SMOKE else SPACES)
 ds = fl.run_probe(config, OUT / "nb_gap.nc", overwrite=True, progress=not SMOKE)
 ds.gap.to_pandas()""",
         ),
