@@ -20,7 +20,7 @@ def configure(args):  # type: ignore[no-untyped-def]
     optimizers = ("sgd", "adam", "kfac", "kpsvd", "deflation", "lanczos", "kfac_corrected")
     if args.smoke:
         config = TrainConfig(
-            problem=args.problem, optimizers=("sgd", "kfac", "kpsvd"), epochs=1, max_batches=2, eval_samples=256
+            problem=args.problem, optimizers=("sgd", "kfac", "kpsvd"), epochs=1, max_batches=1, eval_samples=256
         )
     else:
         config = TrainConfig(

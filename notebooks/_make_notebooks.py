@@ -121,7 +121,7 @@ from fisherlab.train import run_training
 # about 1-2 min on a laptop CPU; paper scale (K Figure 2, hours on a CPU, use a GPU):
 #   epochs=100, max_batches=None, eval_samples=None, lr=(1e-2, 1e-1, 1.0), damping=(1e-3, 1e-2, 1e-1), patience=10
 config = TrainConfig(problem="curves", optimizers=("sgd", "adam", "kfac", "kpsvd", "kfac2l_residuals"),
-                     epochs=1 if SMOKE else 3, max_batches=2 if SMOKE else 10, eval_samples=256 if SMOKE else 1024)
+                     epochs=1 if SMOKE else 3, max_batches=1 if SMOKE else 10, eval_samples=256 if SMOKE else 1024)
 ds = run_training(config, OUT / "nb_train.nc", overwrite=True, progress=not SMOKE)
 ds.train_loss.to_pandas()""",
         ),
