@@ -351,9 +351,10 @@ def _plot(args: argparse.Namespace) -> int:
         if "method" not in ds.dims:
             raise FisherlabError(f"{path} has no method dim: not a fisherlab probe file")
     runs = datasets if len(datasets) > 1 else first
+    summary = summary_figure(runs, args.metric) if args.summary else None  # a bad --metric: no file written
     written = [save_figure(error_figure(runs), out)]
-    if args.summary:
-        written.append(save_figure(summary_figure(runs, args.metric), out.with_name(f"{out.stem}-summary{out.suffix}")))
+    if summary is not None:
+        written.append(save_figure(summary, out.with_name(f"{out.stem}-summary{out.suffix}")))
     if len(datasets) == 1 and "gap" in first:
         written.append(save_figure(two_level_figure(first), _two_level_path(out)))
     print("wrote " + " and ".join(str(w) for w in written))

@@ -255,5 +255,6 @@ def test_plot_summary_writes_the_heatmap(tmp_path, capsys) -> None:  # type: ign
     assert (tmp_path / "run.png").stat().st_size > 10_000
     assert (tmp_path / "run-summary.png").stat().st_size > 10_000
     assert "run-summary.png" in capsys.readouterr().out
+    (tmp_path / "run.png").unlink()
     assert cli.main(["plot", str(tmp_path / "run.nc"), "--summary", "--metric", "nope"]) == 2
-    assert "has no nope" in capsys.readouterr().err
+    assert "has no nope" in capsys.readouterr().err and not (tmp_path / "run.png").exists()  # checked before drawing
