@@ -77,7 +77,7 @@ class Flag:
             comma-separated) and ``{choices}`` by the accepted values: an enum's, or the listing named by
             ``choices``.
         choices: The registry whose names a ``str`` field takes, by its name in the CLI's listings
-            (``problems``, ``methods``, ``metrics``): registries later than the configs, read when the
+            (``problems``, ``sizes``, ``methods``, ``metrics``): registries later than the configs, read when the
             parser is built, so the help lists what is registered then.
         metavar: The value's placeholder in the help (default: argparse's, the flag's name in capitals; an
             enum's values in braces).
@@ -121,6 +121,10 @@ class ProbeConfig:
     problem: str = field(
         default="curves",
         metadata=_flag("{choices} (default: {default}; embedded data, no download)", choices="problems"),
+    )
+    size: str | None = field(
+        default=None,
+        metadata=_flag("model size of a problem that comes in several: {choices} (default: the first)", choices="sizes"),
     )
     data_dir: str | None = field(default=None, metadata=_flag(_DATA_DIR))
     layers: tuple[str, ...] = field(

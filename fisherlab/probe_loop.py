@@ -145,7 +145,7 @@ def run_probe(config: ProbeConfig, out: str | Path, *, overwrite: bool = False, 
     """
     config.check()
     apply_threads(config.threads)
-    problem = get_problem(config.problem)
+    problem = get_problem(config.problem).sized(config.size)
     config = replace(config, layers=resolve_layers(problem, config.layers))
     config.check_store_factors()  # before any work (FisherProbe checks it against the layers it finds)
     device = select_device(config.device)

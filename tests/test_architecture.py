@@ -43,6 +43,7 @@ STAGES = [
     "twolevel",
     "optim",  # the science
     "config",
+    "gpt2",  # optional extra (transformers): the gpt2 problem's model, imported by problems on first use
     "problems",
     "results",
     "snapshot",  # one probe pass, every method and metric -> one dataset row
@@ -171,15 +172,19 @@ def test_core_modules_do_not_import_heavy_optional_packages() -> None:
     assert not imported & {"sklearn", "skimage"}
 
 
-def test_import_fisherlab_does_not_import_lightning() -> None:
-    """The Lightning callback is an optional extra: the core never imports Lightning."""
+def test_import_fisherlab_does_not_import_lightning_or_transformers() -> None:
+    """The Lightning callback and the gpt2 problem are optional extras: the core never imports Lightning,
+    and ``transformers`` is imported only when the gpt2 problem builds a model (not by ``--help``)."""
     import subprocess
     import sys
 
-    code = "import sys, fisherlab, fisherlab.cli, fisherlab.train; print('lightning' in sys.modules)"
+    code = (
+        "import sys, fisherlab, fisherlab.cli, fisherlab.train; fisherlab.cli._parser(); "
+        "fisherlab.get_problem('curves').model(); print('lightning' in sys.modules, 'transformers' in sys.modules)"
+    )
     assert (
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-        == "False"
+        == "False False"
     )
 
 

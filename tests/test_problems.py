@@ -76,3 +76,29 @@ def test_transformer_problem_end_to_end(tmp_path: Path) -> None:
     assert "embed.weight" in ds.attrs["skipped_parameters"] and "blocks.0.ln1.weight" in ds.attrs["skipped_parameters"]
     assert bool(ds["frobenius_error"].notnull().all()) and bool(ds["spectral_error"].notnull().all())
     assert ds.attrs["stand_in"] == 1
+
+
+def test_size_picks_a_variant_and_a_problem_of_one_size_refuses_it(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--size`` (ProbeConfig.size) chooses among a problem's ``variants``; anything else is one line."""
+    gpt2 = PROBLEMS["gpt2"]
+    assert gpt2.sized(None) is gpt2 and gpt2.sized("tiny").sizes == gpt2.sizes
+    assert gpt2.sized("small").sizes == (256, 768, 12, 12, 1024) and gpt2.sized("small").name == "gpt2"
+    with pytest.raises(fl.FisherlabError, match=r"gpt2 comes in sizes tiny, small"):
+        gpt2.sized("huge")
+    with pytest.raises(fl.FisherlabError, match=r"curves comes in one size; --size applies to gpt2 \(tiny, small\)"):
+        PROBLEMS["curves"].sized("small")
+    assert "gpt2 tiny | small" in " ".join(cli._parser()[1]["probe"].format_help().split())
+    assert cli.main(["probe", "--problem", "curves", "--size", "small", "--out", "x.nc"]) != 0
+    assert "comes in one size" in capsys.readouterr().err
+
+
+def test_gpt2_problem_end_to_end(tmp_path: Path) -> None:
+    """`fisherlab probe --problem gpt2`: Hugging Face GPT-2 (tiny) on the embedded text, both errors stored."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "g.nc"
+    args = ["probe", "--problem", "gpt2", "--iterations", "1", "--every", "1", "--batch-size", "2"]
+    assert cli.main([*args, "--layers", "lm_head", "--methods", "kfac", "--out", str(out), "--no-progress"]) == 0
+    ds = load(out)
+    validate(ds)
+    assert bool(ds["frobenius_error"].notnull().all()) and bool(ds["spectral_error"].notnull().all())
+    assert ds.attrs["stand_in"] == 1 and '"size": null' in ds.attrs["config_json"]
