@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from fisherlab.layers import layer_kind, weight_matrix
+from fisherlab.layers import layer_kind, layer_parameters, weight_matrix
 from fisherlab.losses import LossKind, per_sample_loss
 
 __all__ = [
@@ -47,10 +47,11 @@ def per_sample_gradients(
     name_of = {id(m): n for n, m in model.named_modules()}
     out = {}
     for name, module in layers.items():
-        prefix = name_of[id(module)]
-        bias = grads[f"{prefix}.bias" if prefix else "bias"] if module.bias is not None else None
-        rows = vmap(layer_kind(module).to_rows)(grads[f"{prefix}.weight" if prefix else "weight"])  # type: ignore[union-attr]
-        out[name] = weight_matrix(rows, bias, batch_dims=1)
+        prefix, kind = name_of[id(module)], layer_kind(module)
+        assert kind is not None, f"{name} is not of a registered layer kind"
+        weight_name, bias_name = (f"{prefix}.{p}" if prefix else p for p in kind.parameters)
+        bias = grads[bias_name] if layer_parameters(module)[1] is not None else None
+        out[name] = weight_matrix(vmap(kind.to_rows)(grads[weight_name]), bias, batch_dims=1)
     return out
 
 

@@ -17,21 +17,28 @@ A module called several times in one forward pass (shared weights, e.g. a Linear
 applied twice) contributes every call: the calls' inputs and output derivatives are
 concatenated along the weight-sharing axis ``T``, so ``DW_n = sum over calls and positions``
 is the true per-sample gradient (tested against ``torch.func``).
+
+A layer kind may capture its uses otherwise than by a forward hook (``LayerKind.capture``):
+``nn.MultiheadAttention``'s in-projection and ``out_proj``, which torch calls functionally, are
+exposed by :func:`fisherlab.attention.decomposed_attention` for the duration of the pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from fisherlab._errors import FisherlabError, check_finite
+from fisherlab.attention import decomposed_attention
 from fisherlab.distributed import Shard, all_reduce_sum
 from fisherlab.fisher import ExactBlock, WholeFisher
 from fisherlab.layers import (
     LayerFactors,
+    capture_calls,
     layer_inputs,
     layer_kind,
     layer_outputs,
@@ -203,9 +210,13 @@ class Probe:
             return fn
 
         buffers = {k: b.clone() for k, b in self.model.named_buffers()}
-        handles = [m.register_forward_hook(hook(n)) for n, m in self.layers.items()]  # type: ignore[arg-type]
+        captures = ExitStack()
         cuda = [x.device.index or 0] if x.device.type == "cuda" else []
         try:
+            # MultiheadAttention calls its projections as modules during the pass (fisherlab.attention)
+            captures.enter_context(decomposed_attention(self.model, self.layers.values()))
+            for layer, m in self.layers.items():
+                captures.enter_context(capture_calls(m, hook(layer)))  # type: ignore[arg-type]
             # the global RNG (dropout) is restored afterwards, autocast is off (the Fisher in full precision)
             with torch.random.fork_rng(devices=cuda), torch.autocast(x.device.type, enabled=False), torch.enable_grad():
                 z = self.model(x)
@@ -242,8 +253,7 @@ class Probe:
                     for i, gr in enumerate(grads):
                         gs[i].append(gr)
         finally:
-            for h in handles:
-                h.remove()
+            captures.close()
             with torch.no_grad():
                 for key, b in self.model.named_buffers():
                     b.copy_(buffers[key])

@@ -14,6 +14,7 @@ STAGES = [
     "vocabulary",  # the names of every choice: settings and storage import these, not machinery
     "distributed",  # process groups: sums over samples, shards of a global batch
     "layers",
+    "attention",  # nn.MultiheadAttention's projections as module calls during a probe pass (a layer kind)
     "kron",
     "krylov",
     "operators",
