@@ -34,7 +34,9 @@ def per_sample_gradients(
         loss: Its negative log-likelihood.
         x: Inputs ``[N, ...]``.
         y: Targets ``[N, ...]`` (e.g. sampled ones).
-        layers: ``{name: module}`` of probeable layers (weights in the layer kind's row layout).
+        layers: ``{name: module}`` of probeable layers (weights in the layer kind's row layout). A weight
+            shared by several modules (:mod:`fisherlab.tied`) gets the gradient of the shared parameter,
+            every use summed.
     """
     loss = LossKind(loss)
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -44,14 +46,13 @@ def per_sample_gradients(
         return per_sample_loss(loss, z, yi[None]).sum()
 
     grads = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
-    name_of = {id(m): n for n, m in model.named_modules()}
+    name_of = {id(p): n for n, p in model.named_parameters()}  # a tied weight: under its first name
     out = {}
     for name, module in layers.items():
-        prefix, kind = name_of[id(module)], layer_kind(module)
+        kind, (weight, bias) = layer_kind(module), layer_parameters(module)
         assert kind is not None, f"{name} is not of a registered layer kind"
-        weight_name, bias_name = (f"{prefix}.{p}" if prefix else p for p in kind.parameters)
-        bias = grads[bias_name] if layer_parameters(module)[1] is not None else None
-        out[name] = weight_matrix(vmap(kind.to_rows)(grads[weight_name]), bias, batch_dims=1)
+        rows = vmap(kind.to_rows)(grads[name_of[id(weight)]])
+        out[name] = weight_matrix(rows, None if bias is None else grads[name_of[id(bias)]], batch_dims=1)
     return out
 
 

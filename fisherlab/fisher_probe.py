@@ -120,10 +120,8 @@ class FisherProbe:
         self.probe = Probe(model, self.loss, layers=None if config.two_level else layers, **kwargs)  # type: ignore[arg-type]
         self._owns_writer = writer is None and out is not None
         self.writer = ResultsWriter(out, {}, overwrite=overwrite) if self._owns_writer else writer  # type: ignore[arg-type]
-        probed = {
-            f"{n}.{p}" if n else p for n, m in self.probe.layers.items() for p, _ in m.named_parameters(recurse=False)
-        }
-        skipped = [n for n, _ in model.named_parameters() if n not in probed]
+        probed = {id(p) for m in self.probe.layers.values() for p in m.parameters(recurse=False)}  # tied: once
+        skipped = [n for n, p in model.named_parameters() if id(p) not in probed]
         self.attrs: dict[str, str | int | float] = {}
         if writer is None:  # a loop fisherlab does not drive: say so in the provenance
             device = next((p.device for p in model.parameters()), torch.device("cpu"))

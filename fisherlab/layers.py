@@ -277,10 +277,10 @@ def _forward_hook(module: nn.Module, hook: CaptureHook) -> Iterator[None]:
 
 
 def capture_calls(module: nn.Module, hook: CaptureHook) -> AbstractContextManager[object]:
-    """A context under which ``hook`` sees every use of the probeable layer ``module``: its kind's
-    ``capture``, else a forward hook."""
-    kind = _kind(module)
-    return kind.capture(module, hook) if kind.capture is not None else _forward_hook(module, hook)
+    """A context under which ``hook`` sees every use of ``module``: its kind's ``capture``, else (also for
+    a module of no registered kind) a forward hook."""
+    kind = layer_kind(module)
+    return kind.capture(module, hook) if kind is not None and kind.capture is not None else _forward_hook(module, hook)
 
 
 def conv_patches(conv: nn.Conv2d, x: Tensor) -> Tensor:

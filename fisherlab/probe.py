@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +56,7 @@ from fisherlab.losses import (
     output_directions,
     per_sample_loss,
 )
+from fisherlab.tied import append_tied_uses, check_tied_directions, tie_layers
 
 __all__ = ["Probe", "ProbeSnapshot", "probeable_layers"]
 
@@ -121,8 +123,15 @@ class Probe:
             (:attr:`ProbeSnapshot.approx_factors`: approximations built from one kind, scored against
             the other); ``None`` or ``fisher``'s kind: none.
 
+    Attributes:
+        layers: The probed layers, ``{block name: module}``; a weight several modules use is one block
+            (:mod:`fisherlab.tied`), named after the first of them among the chosen layers and mapped to
+            the ``nn.Linear`` whose layout it has.
+        tied: For each such block, the other modules that use its weight, ``{module path: module}``.
+
     Raises:
-        FisherlabError: Unknown layer names, unsupported layer types, bad options.
+        FisherlabError: Unknown layer names, unsupported layer types, bad options, a tied weight with an
+            embedding use under a Fisher kind with several directions per sample.
 
     Example:
         >>> probe = Probe(model, "bce", layers=["4"], fisher="mc")  # doctest: +SKIP
@@ -154,7 +163,9 @@ class Probe:
         self.moments_in_capture_dtype = moments_in_capture_dtype
         self.seed = seed
         self._generator: torch.Generator | None = None
-        self.layers = _select_layers(model, layers)
+        # modules sharing a weight: one block, named after the first chosen (fisherlab.tied)
+        self.layers, self.tied = tie_layers(model, _select_layers(model, layers))
+        check_tied_directions(self.tied, [k for k in (self.fisher, self.approx_fisher) if k], mc_samples)
         self.skipped = _skipped_modules(model, self.layers)
 
     def _gen(self, device: torch.device) -> torch.Generator:
@@ -194,8 +205,9 @@ class Probe:
         if y is None and FisherKind.EMPIRICAL in (self.fisher, self.approx_fisher):
             raise FisherlabError("the empirical Fisher needs the true targets y")
         check_targets(self.loss, x, y)
-        inputs: dict[str, list[Tensor]] = {n: [] for n in self.layers}
-        outputs: dict[str, list[Tensor]] = {n: [] for n in self.layers}
+        uses = {f"{n} <- {path}": (n, m) for n, tied in self.tied.items() for path, m in tied.items()}
+        inputs: dict[str, list[Tensor]] = {n: [] for n in [*self.layers, *uses]}  # the layers, then tied weights' uses
+        outputs: dict[str, list[Tensor]] = {n: [] for n in inputs}
 
         def hook(name: str) -> object:
             def fn(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor:
@@ -215,7 +227,7 @@ class Probe:
         try:
             # MultiheadAttention calls its projections as modules during the pass (fisherlab.attention)
             captures.enter_context(decomposed_attention(self.model, self.layers.values()))
-            for layer, m in self.layers.items():
+            for layer, m in [*self.layers.items(), *((key, m) for key, (_, m) in uses.items())]:
                 captures.enter_context(capture_calls(m, hook(layer)))  # type: ignore[arg-type]
             # the global RNG (dropout) is restored afterwards, autocast is off (the Fisher in full precision)
             with torch.random.fork_rng(devices=cuda), torch.autocast(x.device.type, enabled=False), torch.enable_grad():
@@ -225,7 +237,7 @@ class Probe:
                 if missing:
                     raise FisherlabError(f"layers {missing} were not called in the forward pass")
                 names = list(self.layers)
-                outs = [o for n in names for o in outputs[n]]
+                outs = [o for n in outputs for o in outputs[n]]
                 if y is not None:
                     check_output_targets(self.loss, z, y)
                     losses = per_sample_loss(self.loss, z, y)
@@ -262,6 +274,19 @@ class Probe:
         factors: dict[str, LayerFactors] = {}
         approx_factors: dict[str, LayerFactors] = {}
         gradients: dict[str, Tensor] = {}
+        offsets = dict(zip(outputs, accumulate((len(o) for o in outputs.values()), initial=0), strict=False))
+
+        def with_uses(name: str, a: Tensor, g: Tensor, ks: Iterable[int | None]) -> tuple[Tensor, Tensor]:
+            """``a``, ``g`` with the other uses of a tied weight appended, directions ``ks`` (None: true targets)."""
+            if name not in self.tied:
+                return a, g
+            found = []
+            for key in (k for k, (host, _) in uses.items() if host == name):
+                calls = range(offsets[key], offsets[key] + len(outputs[key]))
+                grads = [[true_g[c] if k is None else gs[c][k] for c in calls] for k in ks]
+                found.append((uses[key][1], inputs[key], grads))
+            return append_tied_uses(self.layers[name], a, g, found)
+
         first = 0  # index of the layer's first call among ``outs``
         for name in names:
             module, calls = self.layers[name], range(first, first + len(outputs[name]))
@@ -269,8 +294,9 @@ class Probe:
             # stored in the model's precision (lossless) unless a lower one was asked for; summed in ``dt``
             captured = inputs[name][0].dtype
             store = captured if captured.itemsize <= dt.itemsize else dt
-            a = layer_inputs(module, inputs[name], store)
+            a_layer = layer_inputs(module, inputs[name], store)
             g = layer_outputs(module, [[gs[c][k] for c in calls] for k in range(len(directions))], store)
+            a, g = with_uses(name, a_layer, g, range(len(directions)))
             check_finite(f"pre-activation derivatives of layer {name!r}", g)
             check_finite(f"activations of layer {name!r}", a)
             moments = torch.promote_types(store, torch.float32) if self.moments_in_capture_dtype else dt
@@ -278,11 +304,13 @@ class Probe:
             if self.approx_fisher is not None:
                 second = range(len(directions), len(every))
                 g2 = layer_outputs(module, [[gs[c][k] for c in calls] for k in second], store)
+                a2, g2 = with_uses(name, a_layer, g2, second)
                 check_finite(f"pre-activation derivatives ({self.approx_fisher.value}) of layer {name!r}", g2)
-                approx_factors[name] = LayerFactors(a, g2, shard, compute_dtype=dt, moment_dtype=moments, name=name)
+                approx_factors[name] = LayerFactors(a2, g2, shard, compute_dtype=dt, moment_dtype=moments, name=name)
             if y is not None:
-                g_true = layer_outputs(module, [[true_g[c] for c in calls]], dt)[:, 0]
-                gradients[name] = all_reduce_sum(weight_gradient(a.to(dt), g_true), shard) / n
+                g_true = layer_outputs(module, [[true_g[c] for c in calls]], dt)
+                a_true, g_true = with_uses(name, a_layer, g_true, [None])
+                gradients[name] = all_reduce_sum(weight_gradient(a_true.to(dt), g_true[:, 0].to(dt)), shard) / n
         loss = float(all_reduce_sum(losses.detach().sum().to(dt), shard)) / n if y is not None else float("nan")
         return ProbeSnapshot(factors, loss, gradients, self.fisher, self.skipped, approx_factors, self.approx_fisher)
 
@@ -290,8 +318,9 @@ class Probe:
 def _skipped_modules(model: nn.Module, probed: dict[str, nn.Module]) -> tuple[str, ...]:
     """``"name: why"`` for every module that holds parameters of its own and is not probed."""
     skipped = []
+    covered = {id(p) for m in probed.values() for p in m.parameters(recurse=False)}  # a tied weight: its every user
     for name, m in model.named_modules():
-        if name in probed or not any(True for _ in m.parameters(recurse=False)):
+        if name in probed or all(id(p) in covered for p in m.parameters(recurse=False)):
             continue
         if isinstance(m, nn.Linear | nn.Conv2d):
             why = "not among the chosen layers"

@@ -21,6 +21,7 @@ STAGES = [
     "block_operators",  # operators that are not Kronecker sums
     "method_registry",  # the names of the approximations and their builders
     "losses",
+    "tied",  # one block for a weight several modules use (an output layer tied to the embedding)
     "data",
     "store",  # leaves
     "store_registry",  # the result stores by suffix (the HDF5-SWMR .nc store built in)
