@@ -76,11 +76,12 @@ class Spectrum(str, Enum):
     SINGULAR_VALUES = "singular_values"
 
 
-TKO = "tko"
-
-
 class CoarseSpace(str, Enum):
-    """Coarse spaces of T §3.3 (values are the dataset's ``coarse_space`` coordinate)."""
+    """Coarse spaces of T §3.3 (values are the dataset's ``coarse_space`` coordinate).
+
+    ``tko`` is the Tselepidis-Kohler-Orvieto variant (T §4.4): the Nicolaides basis with ``β_TKO``
+    of T eq. 4.7b and ``F_coarse`` of eq. 3.18 instead of ``β*`` of eq. 3.11.
+    """
 
     NICOLAIDES = "nicolaides"
     SPECTRAL = "spectral"
@@ -88,6 +89,11 @@ class CoarseSpace(str, Enum):
     RESIDUALS = "residuals"
     KRYLOV_RESIDUALS = "krylov_residuals"
     TAYLOR = "taylor"
+    TKO = "tko"
+
+
+#: The value of :attr:`CoarseSpace.TKO`, for code that compares strings.
+TKO: str = CoarseSpace.TKO.value
 
 
 class BaseOptimizer(str, Enum):
@@ -163,7 +169,6 @@ OPTIMIZER_NAMES: tuple[str, ...] = (
     "adam",
     *(m.value for m in Method),
     *(f"kfac2l_{c.value}" for c in CoarseSpace),
-    f"kfac2l_{TKO}",
 )
 
 
