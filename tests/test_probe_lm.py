@@ -94,6 +94,11 @@ def hf_batch(side: str) -> dict[str, Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def on(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """The batch on ``device``."""
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def effective_labels(batch: dict[str, Tensor]) -> Tensor:
     """The labels that carry a loss, written out by hand: HF's labels, less the first real token of every
     sequence (predicted from a pad when left-padded; unpadded it has no prediction at all)."""
@@ -203,11 +208,11 @@ def test_exact_fisher_matches_jacobian_twin_and_the_unpadded_sequences(side: str
 
 
 @pytest.mark.parametrize("fisher", ["empirical", "exact"])
-def test_kfac_factors_agree_between_left_and_right_padding(fisher: str) -> None:
+def test_kfac_factors_agree_between_left_and_right_padding(fisher: str, device: torch.device) -> None:
     """KFAC's A and G of every Linear are the same for a left- and a right-padded batch (padding adds
     nothing to any factor), and so are the exact blocks."""
-    model = TinyCausalLM()
-    left, right = (Probe(model, "causal_lm", fisher=fisher)(hf_batch(side)) for side in ("left", "right"))
+    model = TinyCausalLM().to(device)
+    left, right = (Probe(model, "causal_lm", fisher=fisher)(on(hf_batch(side), device)) for side in ("left", "right"))
     for name in LINEARS:
         kl, kr = kfac_factors(left.factors[name]), kfac_factors(right.factors[name])
         torch.testing.assert_close(kl.ins[0], kr.ins[0], **EXACT64, msg=name)
@@ -253,17 +258,17 @@ def test_labels_are_not_passed_to_the_model() -> None:
     assert seen == [{"input_ids", "attention_mask"}]
 
 
-def test_fisher_probe_step_takes_a_dict_batch_also_under_inference_mode() -> None:
+def test_fisher_probe_step_takes_a_dict_batch_also_under_inference_mode(device: torch.device) -> None:
     """``FisherProbe.step(step, batch)`` with an HF batch; inside ``torch.inference_mode()`` (inference tensors)
     it gives the snapshot of a plain call."""
-    model = TinyCausalLM()
+    model = TinyCausalLM().to(device)
     with FisherProbe(model, "causal_lm", every=1, layers=["q", "head"], methods=["kfac"]) as probe:
-        plain = probe.step(0, hf_batch("left"))
+        plain = probe.step(0, on(hf_batch("left"), device))
     with (
         FisherProbe(model, "causal_lm", every=1, layers=["q", "head"], methods=["kfac"]) as probe,
         torch.inference_mode(),
     ):
-        batch = hf_batch("left")
+        batch = on(hf_batch("left"), device)
         assert batch["input_ids"].is_inference()
         got = probe.step(0, batch)
     assert plain is not None and got is not None
