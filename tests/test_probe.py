@@ -22,7 +22,6 @@ from fisherlab.problems import Transformer
 from tests.cases import SmallConvNet, rng, small_mlp
 from tests.tolerances import BITWISE, EXACT64, ROUNDOFF64
 
-
 #: The losses of one output per sample (``causal_lm``'s twins: test_probe_lm.py); ``seq_cls`` is ``ce`` on ``[N, C]``.
 ONE_OUTPUT_LOSSES = [LossKind.MSE, LossKind.BCE, LossKind.CE, LossKind.SEQ_CLS]
 
