@@ -327,23 +327,39 @@ register_layer_kind(
 )
 
 
-def layer_inputs(module: nn.Module, xs: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+def layer_inputs(
+    module: nn.Module, xs: Sequence[Tensor], dtype: torch.dtype, *, position_mask: Tensor | None = None
+) -> Tensor:
     """The bias-augmented inputs ``a [N, T, d_in]`` of every call ``xs`` of ``module`` in ``dtype``.
 
     The calls are concatenated along ``T`` (weight sharing); the result is written in one
     pass into a fresh tensor (no intermediate copies of the cast, the bias column or the calls).
+
+    ``position_mask`` (``[N, T_seq]`` bool, a batch's ``attention_mask``): in every call with
+    ``T_seq`` positions, the rows ``a[n, t]`` where it is ``False`` are zero, bias column included,
+    so padding adds nothing to any factor (KFAC's ``A`` included). The per-sample gradients are
+    unchanged as long as the model honours the mask (``g`` is zero there already). Calls with
+    another number of positions are left as they are.
     """
     kind = _kind(module)
     parts = [kind.inputs(module, x) for x in xs]
     n, d = parts[0].shape[0], parts[0].shape[-1]
     bias = layer_parameters(module)[1] is not None
+    if position_mask is not None and (
+        position_mask.dtype != torch.bool or position_mask.ndim != 2 or len(position_mask) != n
+    ):
+        raise FisherlabError(
+            f"position_mask must be [N={n}, T] bool, got {position_mask.dtype} {list(position_mask.shape)}"
+        )
     a = parts[0].new_empty((n, sum(p.shape[1] for p in parts), d + bias), dtype=dtype)
+    if bias:
+        a[..., d] = 1
     start = 0
     for p in parts:
         a[:, start : start + p.shape[1], :d].copy_(p)
+        if position_mask is not None and p.shape[1] == position_mask.shape[1]:
+            a[:, start : start + p.shape[1]].masked_fill_(~position_mask[..., None], 0)
         start += p.shape[1]
-    if bias:
-        a[..., d] = 1
     return a
 
 

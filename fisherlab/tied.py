@@ -13,6 +13,8 @@ with the other uses appended as more weight-sharing positions ``T`` (:mod:`fishe
   every output direction; zero at the ``padding_idx``, which receives no gradient from the
   embedding) and ``a = e_t`` (bias column 0), which depends on the output direction.
 
+Positions outside a batch's attention mask add nothing (their ``a`` and ``g`` are zero), as for every layer.
+
 The normal form keeps ``a [N, T, d_in]`` the same for all ``V`` directions, so a block with an
 embedding use holds one direction per sample: the empirical Fisher, or ``mc`` with one draw.
 Folding the directions into samples (``a' [N V, T, d_in]``, ``g`` times ``√V``) would keep the block
@@ -139,6 +141,8 @@ def append_tied_uses(
     a: Tensor,
     g: Tensor,
     uses: Sequence[tuple[nn.Module, Sequence[Tensor], Sequence[Sequence[Tensor]]]],
+    *,
+    position_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The host's factors with every other use of its weight appended as positions (module docstring).
 
@@ -148,9 +152,12 @@ def append_tied_uses(
         g: Its output derivatives ``[N, V, T, d_out]``.
         uses: Per other use ``(module, inputs of its calls, grads[v][c])`` with ``grads[v][c]`` the derivative
             of the loss with respect to the output of call ``c`` for direction ``v``.
+        position_mask: ``[N, T_seq]`` bool (a batch's ``attention_mask``): in a call with ``T_seq``
+            positions, those where it is ``False`` add nothing (their ``a`` and ``g`` are zero), as in
+            :func:`fisherlab.layers.layer_inputs`.
 
     Returns:
-        ``(a, g)`` with ``T`` grown by the uses' positions, in ``a``'s dtype.
+        ``(a, g)`` with ``T`` grown by the uses' positions, in ``a``'s and ``g``'s dtypes.
 
     Raises:
         FisherlabError: An embedding use with more than one direction.
@@ -158,24 +165,24 @@ def append_tied_uses(
     bias = layer_parameters(host)[1] is not None
     parts_a, parts_g = [a], [g]
     for module, xs, grads in uses:
-        if not xs:
-            continue
-        if isinstance(module, nn.Embedding):
-            if len(grads) != 1:
-                raise FisherlabError(f"an embedding use of a tied weight needs one direction, got {len(grads)}")
-            use_a = torch.cat([_positions(gr) for gr in grads[0]], 1)
-            ids = torch.cat([x.reshape(x.shape[0], -1) for x in xs], 1)
-            onehot = nnf.one_hot(ids, module.num_embeddings).to(a.dtype)
-            if module.padding_idx is not None:
-                onehot[ids == module.padding_idx] = 0
-            use_g = onehot[:, None]
-        else:
-            use_a = torch.cat([_positions(x) for x in xs], 1)
-            use_g = torch.stack([torch.cat([_positions(gr) for gr in calls], 1) for calls in grads], 1)
-        if bias:
-            use_a = torch.cat([use_a, use_a.new_zeros((*use_a.shape[:-1], 1))], -1)
-        parts_a.append(use_a.to(a.dtype))
-        parts_g.append(use_g.to(g.dtype))
+        for c, x in enumerate(xs):
+            if isinstance(module, nn.Embedding):
+                if len(grads) != 1:
+                    raise FisherlabError(f"an embedding use of a tied weight needs one direction, got {len(grads)}")
+                use_a, ids = _positions(grads[0][c]), x.reshape(x.shape[0], -1)
+                use_g = nnf.one_hot(ids, module.num_embeddings).to(g.dtype)[:, None]
+                if module.padding_idx is not None:  # the embedding gives its padding row no gradient
+                    use_g = use_g * (ids != module.padding_idx)[:, None, :, None]
+            else:
+                use_a, use_g = _positions(x), torch.stack([_positions(calls[c]) for calls in grads], 1)
+            use_a = use_a.to(a.dtype)
+            if bias:
+                use_a = torch.cat([use_a, use_a.new_zeros((*use_a.shape[:-1], 1))], -1)
+            if position_mask is not None and position_mask.shape[1] == use_a.shape[1]:
+                use_a = use_a * position_mask[..., None]
+                use_g = use_g * position_mask[:, None, :, None]
+            parts_a.append(use_a)
+            parts_g.append(use_g.to(g.dtype))
     return torch.cat(parts_a, 1), torch.cat(parts_g, 2)
 
 

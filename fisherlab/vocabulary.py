@@ -57,11 +57,20 @@ class LossKind(str, Enum):
     ``ce``: categorical with ``p = softmax(z)`` over the last dim, integer targets; a sequence
     model's logits ``[N, T, C]`` with targets ``[N, T]`` are ``T`` categoricals per sample
     (next-token prediction), their losses summed.
+
+    The language-model losses take Hugging Face's conventions: ``causal_lm``: logits
+    ``[N, T, C]`` and labels ``[N, T]``, position ``t`` predicts label ``t + 1`` (HF's shift:
+    ``logits[:, :-1]`` against ``labels[:, 1:]``), labels ``-100`` carry no loss, and the per-sample
+    loss is the *sum* of the token losses of the sequence (``N`` = sequences; README: how this
+    relates to HF's mean over tokens); ``seq_cls``: sequence classification, logits ``[N, C]``,
+    labels ``[N]`` (``ce`` on one categorical per sequence).
     """
 
     MSE = "mse"
     BCE = "bce"
     CE = "ce"
+    CAUSAL_LM = "causal_lm"
+    SEQ_CLS = "seq_cls"
 
 
 class Spectrum(str, Enum):

@@ -2,16 +2,17 @@
 layer tied to the input embedding, on a padded batch, equals torch.func's per-sample gradient of the
 shared parameter (empirical and mc, with and without padding_idx and a head bias, the head chosen
 alone or with the rest), and so do the mini-batch gradient and the whole-network Fisher with its cross
-blocks; two Linear modules sharing a weight under the exact Fisher (several directions) match a
-Jacobian twin; several directions with an embedding use, and uses that cannot be appended, are clear
-errors; the shared parameter is never listed as skipped."""
+blocks, also for a causal LM with a right- or left-padded HF-style batch; two Linear modules sharing
+a weight under the exact Fisher (several directions) match a Jacobian twin; several directions with an
+embedding use, and uses that cannot be appended, are clear errors; the shared parameter is never
+listed as skipped."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, vmap
+from torch.func import functional_call, grad, jacrev, vmap
 
 from fisherlab._errors import FisherlabError
 from fisherlab.dense import per_sample_gradients
@@ -19,6 +20,7 @@ from fisherlab.fisher_probe import FisherProbe
 from fisherlab.losses import sample_targets
 from fisherlab.probe import Probe
 from tests.cases import rng
+from tests.test_probe_lm import TinyCausalLM, effective_labels, hf_batch, sequence_loss
 from tests.tolerances import EXACT64
 
 VOCAB, DIM, N, T = 7, 4, 5, 4
@@ -172,3 +174,28 @@ def test_second_fisher_kind_of_a_tied_block() -> None:
     for block, targets in ((snap.blocks()["head"], y), (snap.approx_block("head"), y_mc)):
         jac = per_sample_gradients(model, "ce", tokens, targets, probe.layers)["head"].flatten(1)
         torch.testing.assert_close(block.as_dense(), jac.T @ jac / N, **EXACT64)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_tied_head_of_a_causal_lm_with_a_dict_batch(side: str) -> None:
+    """A causal LM whose head is tied to its token embedding, probed with a padded HF-style batch
+    (causal_lm, empirical): the tied block equals torch.func's per-sample gradients of the shared
+    weight (head bias column included), and positions outside the attention mask add nothing."""
+    model, batch = TinyCausalLM(), hf_batch(side)
+    model.head.weight = model.wte.weight
+    probe = Probe(model, "causal_lm", fisher="empirical")
+    assert probe.tied == {"head": {"wte": model.wte}} and probe.layers["head"] is model.head
+    snap = probe(batch)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one(p: dict[str, Tensor], ids: Tensor, mask: Tensor, lab: Tensor) -> Tensor:
+        logits = functional_call(model, p, (), {"input_ids": ids[None], "attention_mask": mask[None]})
+        return sequence_loss(logits[0], lab)
+
+    labels = effective_labels(batch)
+    grads = vmap(grad(one), in_dims=(None, 0, 0, 0))(params, batch["input_ids"], batch["attention_mask"], labels)
+    expected = torch.cat([grads["wte.weight"], grads["head.bias"][..., None]], -1)
+    factors = snap.factors[next(iter(probe.tied))]
+    torch.testing.assert_close(factors.per_sample_gradients()[:, 0], expected, **EXACT64)
+    t = batch["input_ids"].shape[1]
+    assert factors.n_positions == 2 * t and not factors.a[:, t:][batch["attention_mask"] == 0].any()
