@@ -46,11 +46,13 @@ STAGES = [
     "problems",
     "results",
     "snapshot",  # one probe pass, every method and metric -> one dataset row
+    "dashboards",  # a snapshot as named scalars, live to TensorBoard (FisherProbe's on_snapshot)
     "fisher_probe",  # FisherProbe: probing inside any training loop
     "launch",  # before a paper-problem run: layers, memory, the torchrun process group
     "probe_loop",  # probe_training, run_probe: the loops around FisherProbe
     "run",  # re-exports under the former home
     "lightning",  # optional extra: a callback around FisherProbe
+    "hf",  # optional extra: a Hugging Face Trainer callback around FisherProbe
     "train",
     "plots",
     "dense",  # runs, files, figures, dense twins
