@@ -131,9 +131,10 @@ __all__ = [  # noqa: RUF022 (grouped by pipeline stage, not sorted)
 
 
 def __getattr__(name: str) -> object:
-    """``fisherlab.lightning`` on first use, so that ``import fisherlab`` never imports Lightning."""
-    if name == "lightning":
+    """``fisherlab.lightning`` and ``fisherlab.hf`` on first use, so that ``import fisherlab`` never
+    imports Lightning or ``transformers``."""
+    if name in ("lightning", "hf"):
         import importlib
 
-        return importlib.import_module("fisherlab.lightning")
+        return importlib.import_module(f"fisherlab.{name}")
     raise AttributeError(f"module 'fisherlab' has no attribute {name!r}")
