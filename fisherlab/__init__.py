@@ -37,6 +37,7 @@ from fisherlab.approximations import (
 )
 from fisherlab.block_operators import DenseBlockOperator, DiagonalBlockOperator, EigenbasisDiagonal, LowRankOperator
 from fisherlab.config import ProbeConfig, TrainConfig
+from fisherlab.dashboards import snapshot_scalars
 from fisherlab.fisher import ExactBlock, WholeFisher, cross_block_dense, full_fisher_dense
 from fisherlab.fisher_probe import FisherProbe
 from fisherlab.kron import KronSum, pi_damping
@@ -117,6 +118,7 @@ __all__ = [  # noqa: RUF022 (grouped by pipeline stage, not sorted)
     "load",
     "probe_training",
     "run_probe",
+    "snapshot_scalars",
     "STORES",
     "ResultStore",
     "register_store",

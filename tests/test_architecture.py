@@ -173,16 +173,16 @@ def test_core_modules_do_not_import_heavy_optional_packages() -> None:
     assert not imported & {"sklearn", "skimage"}
 
 
-def test_import_fisherlab_does_not_import_lightning() -> None:
-    """The Lightning callback is an optional extra: the core never imports Lightning."""
+def test_import_fisherlab_does_not_import_lightning_transformers_or_tensorboard() -> None:
+    """The Lightning and Hugging Face callbacks and TensorBoard are optional extras: the core never
+    imports them (``fisherlab.lightning`` and ``fisherlab.hf`` load on first use)."""
     import subprocess
     import sys
 
-    code = "import sys, fisherlab, fisherlab.cli, fisherlab.train; print('lightning' in sys.modules)"
-    assert (
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-        == "False"
-    )
+    optional = ("lightning", "transformers", "tensorboard")
+    code = f"import sys, fisherlab, fisherlab.cli, fisherlab.train; print([m for m in {optional} if m in sys.modules])"
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert imported.strip() == "[]"
 
 
 def test_the_vocabulary_names_what_the_registries_hold() -> None:
