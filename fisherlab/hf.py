@@ -56,9 +56,14 @@ except ImportError:  # pragma: no cover - depends on the environment
 __all__ = ["FisherProbeCallback"]
 
 
+#: Keyword arguments the Trainer adds to the model's call that are not data (``compute_loss``).
+_NOT_DATA = ("num_items_in_batch",)
+
+
 def _whole_batch(inputs: Mapping[str, Any]) -> tuple[Any, Tensor | None]:
-    """The model's keyword arguments as the probe's batch (a mapping; its ``labels`` are the targets)."""
-    return dict(inputs), None
+    """The model's keyword arguments as the probe's batch (a mapping; its ``labels`` are the targets),
+    without the Trainer's loss-normalisation argument ``num_items_in_batch``."""
+    return {k: v for k, v in inputs.items() if k not in _NOT_DATA}, None
 
 
 def _calling_trainer() -> Trainer | None:
