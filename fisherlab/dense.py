@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from fisherlab.layers import layer_kind, weight_matrix
+from fisherlab.layers import layer_kind, layer_parameters, weight_matrix
 from fisherlab.losses import LossKind, per_sample_loss
 
 __all__ = [
@@ -34,7 +34,9 @@ def per_sample_gradients(
         loss: Its negative log-likelihood.
         x: Inputs ``[N, ...]``.
         y: Targets ``[N, ...]`` (e.g. sampled ones).
-        layers: ``{name: module}`` of probeable layers (weights in the layer kind's row layout).
+        layers: ``{name: module}`` of probeable layers (weights in the layer kind's row layout). A weight
+            shared by several modules (:mod:`fisherlab.tied`) gets the gradient of the shared parameter,
+            every use summed.
     """
     loss = LossKind(loss)
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -44,13 +46,13 @@ def per_sample_gradients(
         return per_sample_loss(loss, z, yi[None]).sum()
 
     grads = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
-    name_of = {id(m): n for n, m in model.named_modules()}
+    name_of = {id(p): n for n, p in model.named_parameters()}  # a tied weight: under its first name
     out = {}
     for name, module in layers.items():
-        prefix = name_of[id(module)]
-        bias = grads[f"{prefix}.bias" if prefix else "bias"] if module.bias is not None else None
-        rows = vmap(layer_kind(module).to_rows)(grads[f"{prefix}.weight" if prefix else "weight"])  # type: ignore[union-attr]
-        out[name] = weight_matrix(rows, bias, batch_dims=1)
+        kind, (weight, bias) = layer_kind(module), layer_parameters(module)
+        assert kind is not None, f"{name} is not of a registered layer kind"
+        rows = vmap(kind.to_rows)(grads[name_of[id(weight)]])
+        out[name] = weight_matrix(rows, None if bias is None else grads[name_of[id(bias)]], batch_dims=1)
     return out
 
 

@@ -30,7 +30,7 @@ from fisherlab.config import ProbeConfig
 from fisherlab.dashboards import SnapshotCallback, TensorBoardWriter
 from fisherlab.distributed import Shard, shard_of_batch
 from fisherlab.losses import LossKind, as_enum
-from fisherlab.probe import Probe
+from fisherlab.probe import Batch, Probe, batch_tensor
 from fisherlab.results import ResultsWriter, annotate, run_attrs
 from fisherlab.snapshot import assemble_snapshot
 
@@ -56,7 +56,9 @@ class FisherProbe:
 
     Args:
         model: Any ``nn.Module`` built from Linear/Conv2d layers (others are listed as skipped).
-        loss: Its negative log-likelihood, ``"mse"``, ``"bce"`` or ``"ce"``.
+        loss: Its negative log-likelihood (:class:`~fisherlab.losses.LossKind`): ``"mse"``, ``"bce"``, ``"ce"``,
+            or for language models ``"causal_lm"`` (Hugging Face's shifted labels, ``-100`` ignored)
+            and ``"seq_cls"``.
         every: Probe when ``step % every == 0`` (default ``config.every``).
         layers: Module paths to measure (default: every Linear and Conv2d layer).
         methods: Registered method names (default ``config.methods``: the papers' five).
@@ -137,10 +139,8 @@ class FisherProbe:
         self.on_snapshot: list[SnapshotCallback] = callbacks + [self._tensorboard] if self._tensorboard else callbacks
         self._owns_writer = writer is None and out is not None
         self.writer = ResultsWriter(out, {}, overwrite=overwrite) if self._owns_writer else writer  # type: ignore[arg-type]
-        probed = {
-            f"{n}.{p}" if n else p for n, m in self.probe.layers.items() for p, _ in m.named_parameters(recurse=False)
-        }
-        skipped = [n for n, _ in model.named_parameters() if n not in probed]
+        probed = {id(p) for m in self.probe.layers.values() for p in m.parameters(recurse=False)}  # tied: once
+        skipped = [n for n, p in model.named_parameters() if id(p) not in probed]
         self.attrs: dict[str, str | int | float] = {}
         if writer is None:  # a loop fisherlab does not drive: say so in the provenance
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -158,28 +158,31 @@ class FisherProbe:
         self._t0 = time.perf_counter()
         self._closed = False
 
-    def step(self, step: int, x: Tensor, y: Tensor | None, *, shard: Shard | None = None) -> xr.Dataset | None:
+    def step(self, step: int, x: Batch, y: Tensor | None = None, *, shard: Shard | None = None) -> xr.Dataset | None:
         """Probe the batch ``(x, y)`` when ``step % every == 0``; returns that snapshot, else ``None``.
 
-        ``y`` are the true targets (for the training loss and ``∇h``); the MC Fisher samples its own.
-        Under ``torch.distributed`` ``(x, y)`` are this rank's rows of the global batch; ``shard``
-        says which when the caller knows (else every rank's row count is exchanged).
+        ``x`` is the model's input tensor or a Hugging Face style mapping (``input_ids``,
+        ``attention_mask``, ``labels``, ...: :class:`~fisherlab.probe.Probe`). ``y`` are the true
+        targets (for the training loss and ``∇h``; default a mapping's ``labels``); the MC Fisher
+        samples its own. Under ``torch.distributed`` ``(x, y)`` are this rank's rows of the global
+        batch; ``shard`` says which when the caller knows (else every rank's row count is exchanged).
         """
         if self._closed:
             raise FisherlabError("this FisherProbe is closed; create a new one (with a new out) to probe again")
         if step % self.config.every:
             return None
+        lead = batch_tensor(x)
         if shard is None:  # collective under torch.distributed: every rank probes its own rows
-            shard = shard_of_batch(x.shape[0], x.device)
+            shard = shard_of_batch(lead.shape[0], lead.device)
         started = time.perf_counter()
         # the Fisher and its metrics in full precision, with autograd even under torch.inference_mode()
-        with torch.autocast(x.device.type, enabled=False), torch.inference_mode(False):
+        with torch.autocast(lead.device.type, enabled=False), torch.inference_mode(False):
             ds, snap = assemble_snapshot(
                 step, self.probe, x, y, self.names, self.config, self._previous, self._t0, shard, self._zero_warned
             )
         if not self._cost_said:
             self._cost_said = True
-            tqdm.write(_cost_line(time.perf_counter() - started, x.device, self.names, self.config), file=sys.stderr)
+            tqdm.write(_cost_line(time.perf_counter() - started, lead.device, self.names, self.config), file=sys.stderr)
         if self.writer is not None:
             stored = {name: (snap.factors[name].a, snap.factors[name].g) for name in self.config.store_factors}
             self.writer.append(ds, factors=stored)

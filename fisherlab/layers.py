@@ -26,7 +26,8 @@ is written ``out ⊗ in_`` with ``out`` of size ``d_out`` and ``in_`` of size ``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -38,14 +39,17 @@ from fisherlab.distributed import Shard
 
 __all__ = [
     "LAYER_KINDS",
+    "CaptureHook",
     "LayerFactors",
     "LayerKind",
+    "capture_calls",
     "conv_patches",
     "layer_inputs",
     "layer_kind",
     "layer_matrix",
     "layer_output_factors",
     "layer_outputs",
+    "layer_parameters",
     "probeable_layers",
     "register_layer_kind",
     "subtract_from_layer",
@@ -176,6 +180,12 @@ class LayerFactors:
         return torch.einsum("nvto,nti->nvoi", self.g, self.a)
 
 
+#: ``(module, args, output) -> output``: called at every use of a probed layer with its input
+#: ``args[0]`` and its output (the tensor whose derivative is ``g``); returns the output to use on
+#: (the signature of an ``nn.Module`` forward hook).
+CaptureHook = Callable[[nn.Module, tuple[Tensor, ...], Tensor], Tensor]
+
+
 @dataclass(frozen=True)
 class LayerKind:
     """How one module type maps onto the normal form ``a [N, T, d_in]``, ``g [N, V, T, d_out]``.
@@ -192,6 +202,10 @@ class LayerKind:
             row layout (a view where possible; ``W.flatten(1)`` for Linear and Conv2d).
         from_rows: ``([d_out, d], weight shape) -> tensor of the weight's shape``, the inverse.
         unsupported: ``module -> reason``; empty when the module can be probed.
+        parameters: The attribute names of the weight and the bias (a missing or ``None`` bias: none).
+        capture: ``(module, hook) -> context manager`` under which ``hook`` (:data:`CaptureHook`) is
+            called at every use of the layer; ``None``: a forward hook on the module (a layer whose
+            projection is not a module call, such as ``nn.MultiheadAttention``'s, needs its own).
     """
 
     name: str
@@ -201,6 +215,8 @@ class LayerKind:
     to_rows: Callable[[Tensor], Tensor] = field(default=lambda w: w.flatten(1))
     from_rows: Callable[[Tensor, torch.Size], Tensor] = field(default=lambda rows, shape: rows.reshape(shape))
     unsupported: Callable[[nn.Module], str] = field(default=lambda m: "")
+    parameters: tuple[str, str] = ("weight", "bias")
+    capture: Callable[[nn.Module, CaptureHook], AbstractContextManager[object]] | None = None
 
 
 #: Every registered layer kind, in registration order.
@@ -243,6 +259,28 @@ def unsupported_reason(module: nn.Module) -> str:
         known = " and ".join(f"nn.{k.module_type.__name__}" for k in LAYER_KINDS.values())
         return f"a {type(module).__name__}; only {known} can be probed"
     return kind.unsupported(module)
+
+
+def layer_parameters(module: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """The weight and the bias (``None``: none) of a probeable layer, named by its kind's ``parameters``."""
+    weight_name, bias_name = _kind(module).parameters
+    return getattr(module, weight_name), getattr(module, bias_name, None)
+
+
+@contextmanager
+def _forward_hook(module: nn.Module, hook: CaptureHook) -> Iterator[None]:
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def capture_calls(module: nn.Module, hook: CaptureHook) -> AbstractContextManager[object]:
+    """A context under which ``hook`` sees every use of ``module``: its kind's ``capture``, else (also for
+    a module of no registered kind) a forward hook."""
+    kind = layer_kind(module)
+    return kind.capture(module, hook) if kind is not None and kind.capture is not None else _forward_hook(module, hook)
 
 
 def conv_patches(conv: nn.Conv2d, x: Tensor) -> Tensor:
@@ -289,23 +327,39 @@ register_layer_kind(
 )
 
 
-def layer_inputs(module: nn.Module, xs: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+def layer_inputs(
+    module: nn.Module, xs: Sequence[Tensor], dtype: torch.dtype, *, position_mask: Tensor | None = None
+) -> Tensor:
     """The bias-augmented inputs ``a [N, T, d_in]`` of every call ``xs`` of ``module`` in ``dtype``.
 
     The calls are concatenated along ``T`` (weight sharing); the result is written in one
     pass into a fresh tensor (no intermediate copies of the cast, the bias column or the calls).
+
+    ``position_mask`` (``[N, T_seq]`` bool, a batch's ``attention_mask``): in every call with
+    ``T_seq`` positions, the rows ``a[n, t]`` where it is ``False`` are zero, bias column included,
+    so padding adds nothing to any factor (KFAC's ``A`` included). The per-sample gradients are
+    unchanged as long as the model honours the mask (``g`` is zero there already). Calls with
+    another number of positions are left as they are.
     """
     kind = _kind(module)
     parts = [kind.inputs(module, x) for x in xs]
     n, d = parts[0].shape[0], parts[0].shape[-1]
-    bias = module.bias is not None
+    bias = layer_parameters(module)[1] is not None
+    if position_mask is not None and (
+        position_mask.dtype != torch.bool or position_mask.ndim != 2 or len(position_mask) != n
+    ):
+        raise FisherlabError(
+            f"position_mask must be [N={n}, T] bool, got {position_mask.dtype} {list(position_mask.shape)}"
+        )
     a = parts[0].new_empty((n, sum(p.shape[1] for p in parts), d + bias), dtype=dtype)
+    if bias:
+        a[..., d] = 1
     start = 0
     for p in parts:
         a[:, start : start + p.shape[1], :d].copy_(p)
+        if position_mask is not None and p.shape[1] == position_mask.shape[1]:
+            a[:, start : start + p.shape[1]].masked_fill_(~position_mask[..., None], 0)
         start += p.shape[1]
-    if bias:
-        a[..., d] = 1
     return a
 
 
@@ -347,17 +401,17 @@ def weight_matrix(weight: Tensor, bias: Tensor | None, *, batch_dims: int = 0) -
 def layer_matrix(module: nn.Module, attr: str = "data") -> Tensor:
     """A probeable layer's parameters (``attr="data"``) or gradients (``"grad"``) as ``[d_out, d_in]``."""
     kind = _kind(module)
-    weight, bias = module.weight, module.bias
+    weight, bias = layer_parameters(module)
     if attr == "data":
-        return weight_matrix(kind.to_rows(weight.detach()), None if bias is None else bias.detach())  # type: ignore[operator]
+        return weight_matrix(kind.to_rows(weight.detach()), None if bias is None else bias.detach())
     return weight_matrix(kind.to_rows(getattr(weight, attr)), None if bias is None else getattr(bias, attr))
 
 
 def subtract_from_layer(module: nn.Module, delta: Tensor) -> None:
     """``W -= delta`` for a ``[d_out, d_in]`` update in the layout of :func:`weight_matrix`."""
     kind = _kind(module)
-    weight: Tensor = module.weight  # type: ignore[assignment]
+    weight, bias = layer_parameters(module)
     n_w = kind.to_rows(weight).shape[1]
     weight.sub_(kind.from_rows(delta[:, :n_w], weight.shape))
-    if module.bias is not None:
-        module.bias.sub_(delta[:, n_w])  # type: ignore[operator]
+    if bias is not None:
+        bias.sub_(delta[:, n_w])

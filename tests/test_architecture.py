@@ -14,12 +14,14 @@ STAGES = [
     "vocabulary",  # the names of every choice: settings and storage import these, not machinery
     "distributed",  # process groups: sums over samples, shards of a global batch
     "layers",
+    "attention",  # nn.MultiheadAttention's projections as module calls during a probe pass (a layer kind)
     "kron",
     "krylov",
     "operators",
     "block_operators",  # operators that are not Kronecker sums
     "method_registry",  # the names of the approximations and their builders
     "losses",
+    "tied",  # one block for a weight several modules use (an output layer tied to the embedding)
     "data",
     "store",  # leaves
     "store_registry",  # the result stores by suffix (the HDF5-SWMR .nc store built in)
