@@ -3,7 +3,8 @@
 Every ``every`` steps one probe pass (:class:`~fisherlab.probe.Probe`: the hooks), every
 approximation and every registered metric of the probed layers
 (:func:`~fisherlab.snapshot.assemble_snapshot`), appended to the results
-(:class:`~fisherlab.results.ResultsWriter`). :func:`~fisherlab.probe_loop.probe_training` and
+(:class:`~fisherlab.results.ResultsWriter`), then handed to the ``on_snapshot`` callbacks (live
+dashboards: :mod:`fisherlab.dashboards`). :func:`~fisherlab.probe_loop.probe_training` and
 ``fisherlab probe`` (:func:`~fisherlab.probe_loop.run_probe`) are this class inside a loop of
 their own.
 """
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from fisherlab._errors import FisherlabError
 from fisherlab.approximations import WarmStarts
 from fisherlab.config import ProbeConfig
+from fisherlab.dashboards import SnapshotCallback, TensorBoardWriter
 from fisherlab.distributed import Shard, shard_of_batch
 from fisherlab.losses import LossKind, as_enum
 from fisherlab.probe import Batch, Probe, batch_tensor
@@ -72,6 +74,13 @@ class FisherProbe:
         overwrite: Replace an existing ``out``.
         writer: An open :class:`~fisherlab.results.ResultsWriter` instead of ``out`` (its
             owner closes it and sets its attributes).
+        on_snapshot: A callable ``(step, snapshot) -> None`` or a list of them, run after each snapshot is in the
+            results file, on every process (live dashboards; :func:`~fisherlab.dashboards.snapshot_scalars`
+            flattens a snapshot into named scalars). Their exceptions propagate.
+        tensorboard: A TensorBoard log directory: each snapshot's scalars are written there live,
+            global step = ``step``, flushed at each snapshot, closed by :meth:`close`
+            (:class:`~fisherlab.dashboards.TensorBoardWriter`; ``pip install 'fisherlab[hf]'``).
+            Only global rank 0 writes it.
 
     Example:
         >>> probe = FisherProbe(model, "ce", every=10, layers=["fc"], out="runs/probe.nc")  # doctest: +SKIP
@@ -96,6 +105,8 @@ class FisherProbe:
         config: ProbeConfig | None = None,
         overwrite: bool = False,
         writer: ResultsWriter | None = None,
+        on_snapshot: SnapshotCallback | Sequence[SnapshotCallback] = (),
+        tensorboard: str | Path | None = None,
     ) -> None:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module  # probe the network itself: DDP's reducer expects a backward after each forward
@@ -120,6 +131,12 @@ class FisherProbe:
         self.config = config
         self.model = model
         self.probe = Probe(model, self.loss, layers=None if config.two_level else layers, **kwargs)  # type: ignore[arg-type]
+        callbacks = [on_snapshot] if callable(on_snapshot) else list(on_snapshot)
+        if not all(callable(c) for c in callbacks):
+            raise FisherlabError(f"on_snapshot takes callables (step, snapshot) -> None, got {on_snapshot!r}")
+        # before the output is locked (a missing TensorBoard fails here); its file comes with the first snapshot
+        self._tensorboard = TensorBoardWriter(tensorboard) if tensorboard is not None and rank == 0 else None
+        self.on_snapshot: list[SnapshotCallback] = callbacks + [self._tensorboard] if self._tensorboard else callbacks
         self._owns_writer = writer is None and out is not None
         self.writer = ResultsWriter(out, {}, overwrite=overwrite) if self._owns_writer else writer  # type: ignore[arg-type]
         probed = {id(p) for m in self.probe.layers.values() for p in m.parameters(recurse=False)}  # tied: once
@@ -171,6 +188,8 @@ class FisherProbe:
             self.writer.append(ds, factors=stored)
         self._snapshots.append(ds)
         self._dataset = None
+        for callback in self.on_snapshot:  # after the file: a failing dashboard loses no snapshot
+            callback(step, ds)
         return ds
 
     @property
@@ -188,14 +207,19 @@ class FisherProbe:
         return self._dataset
 
     def close(self) -> xr.Dataset | None:
-        """Release the output (when this probe opened it); returns the dataset (``None`` if never probed).
+        """Release the output (when this probe opened it) and close the TensorBoard writer; returns
+        the dataset (``None`` if never probed).
 
         :meth:`step` raises afterwards: the file is never reopened, so never truncated.
         """
         self._closed = True
-        if self._owns_writer and self.writer is not None:
-            self.writer.close()
-            self._owns_writer = False
+        try:
+            if self._owns_writer and self.writer is not None:
+                self.writer.close()
+                self._owns_writer = False
+        finally:
+            if self._tensorboard is not None:
+                self._tensorboard.close()
         return self.dataset if (self._dataset is not None or self._snapshots) else None
 
     def __enter__(self) -> Self:

@@ -49,11 +49,13 @@ STAGES = [
     "problems",
     "results",
     "snapshot",  # one probe pass, every method and metric -> one dataset row
+    "dashboards",  # a snapshot as named scalars, live to TensorBoard (FisherProbe's on_snapshot)
     "fisher_probe",  # FisherProbe: probing inside any training loop
     "launch",  # before a paper-problem run: layers, memory, the torchrun process group
     "probe_loop",  # probe_training, run_probe: the loops around FisherProbe
     "run",  # re-exports under the former home
     "lightning",  # optional extra: a callback around FisherProbe
+    "hf",  # optional extra: a Hugging Face Trainer callback around FisherProbe
     "train",
     "plots",
     "dense",  # runs, files, figures, dense twins
@@ -174,20 +176,20 @@ def test_core_modules_do_not_import_heavy_optional_packages() -> None:
     assert not imported & {"sklearn", "skimage"}
 
 
-def test_import_fisherlab_does_not_import_lightning_or_transformers() -> None:
-    """The Lightning callback and the gpt2 problem are optional extras: the core never imports Lightning,
-    and ``transformers`` is imported only when the gpt2 problem builds a model (not by ``--help``)."""
+def test_import_fisherlab_does_not_import_lightning_transformers_or_tensorboard() -> None:
+    """The Lightning and Hugging Face callbacks and TensorBoard are optional extras: the core never
+    imports them (``fisherlab.lightning`` and ``fisherlab.hf`` load on first use), and the gpt2 problem
+    imports ``transformers`` only when it builds a model (not for ``--help`` or another problem)."""
     import subprocess
     import sys
 
+    optional = ("lightning", "transformers", "tensorboard")
     code = (
         "import sys, fisherlab, fisherlab.cli, fisherlab.train; fisherlab.cli._parser(); "
-        "fisherlab.get_problem('curves').model(); print('lightning' in sys.modules, 'transformers' in sys.modules)"
+        f"fisherlab.get_problem('curves').model(); print([m for m in {optional} if m in sys.modules])"
     )
-    assert (
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-        == "False False"
-    )
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert imported.strip() == "[]"
 
 
 def test_the_vocabulary_names_what_the_registries_hold() -> None:
