@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from fisherlab.layers import layer_kind, weight_matrix
+from fisherlab.layers import parameter_matrix
 from fisherlab.losses import LossKind, per_sample_loss
 
 __all__ = [
@@ -28,6 +28,10 @@ def per_sample_gradients(
     model: nn.Module, loss: LossKind | str, x: Tensor, y: Tensor, layers: dict[str, nn.Module]
 ) -> dict[str, Tensor]:
     """Per-sample gradients ``[N, d_out, d_in]`` (bias as last column) by ``torch.func``.
+
+    Each layer's in the layout of its block (:func:`~fisherlab.layers.parameter_matrix`): an embedding's
+    whole ``[N, dim, num_embeddings]`` (the probe's compact block is its ``columns``), a LayerNorm's
+    ``[N, P, 1]`` (weight, then bias).
 
     Args:
         model: The network.
@@ -47,10 +51,9 @@ def per_sample_gradients(
     name_of = {id(m): n for n, m in model.named_modules()}
     out = {}
     for name, module in layers.items():
-        prefix = name_of[id(module)]
-        bias = grads[f"{prefix}.bias" if prefix else "bias"] if module.bias is not None else None
-        rows = vmap(layer_kind(module).to_rows)(grads[f"{prefix}.weight" if prefix else "weight"])  # type: ignore[union-attr]
-        out[name] = weight_matrix(rows, bias, batch_dims=1)
+        prefix = f"{name_of[id(module)]}." if name_of[id(module)] else ""
+        bias = grads.get(f"{prefix}bias") if isinstance(getattr(module, "bias", None), Tensor) else None
+        out[name] = parameter_matrix(module, grads[f"{prefix}weight"], bias, batch_dims=1)
     return out
 
 

@@ -10,7 +10,7 @@
 | ``deeplinear14`` | 784-1000-900-…-50-20-10, batch norm between | none | CE | 512 |
 
 The first three are K App. D; the last three are T §4.2-4.3. Batch-norm parameters are not
-probed (the dataset attribute ``skipped_parameters`` lists them).
+probed (the dataset attributes ``skipped_parameters``, ``skipped_modules`` and ``fisher_coverage`` say so).
 
 The sigmoid of the output layer is part of the loss (:class:`~fisherlab.losses.LossKind`
 ``bce`` on logits), so every model returns the last pre-activation. Layers are named
@@ -196,8 +196,9 @@ class Transformer(nn.Module):
     blocks with causal attention, a final layer norm and a Linear head to the vocabulary logits.
 
     The Linear layers (``blocks.<i>.qkv``, ``.proj``, ``.fc1``, ``.fc2``, ``head``) act on every
-    position: their per-sample Fisher factors have ``T`` = sequence length (weight sharing).
-    Embeddings and layer norms are not probed (``skipped_parameters``).
+    position: their per-sample Fisher factors have ``T`` = sequence length (weight sharing). The
+    embeddings (``embed``; ``position``, called on ``[1, T]`` positions broadcast over the batch, as
+    GPT-2's) and the layer norms are probed too (``--layers all``: every parameter, ``fisher_coverage`` 1).
     """
 
     def __init__(
@@ -212,7 +213,7 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Logits ``[N, T, vocab]`` of the next token at every position of ``tokens [N, T]``."""
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        positions = torch.arange(tokens.shape[1], device=tokens.device)[None]  # [1, T], broadcast over the batch
         x = self.embed(tokens) + self.position(positions)
         for block in self.blocks:
             x = block(x)
@@ -252,7 +253,7 @@ class Problem:
     source: str = ""
 
     def layer_names(self) -> list[str]:
-        """Names of the probeable (Linear/Conv2d) layers, as ``--layers`` takes them."""
+        """Names of the probeable layers (every registered layer kind), as ``--layers`` takes them."""
         with torch.device("meta"):
             return list(probeable_layers(self.model(device="meta")))
 
