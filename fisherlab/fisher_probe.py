@@ -235,11 +235,11 @@ def _methods_not_applicable(layers: dict[str, nn.Module], methods: Sequence[str]
         refused = not_applicable(methods, structure)
         if refused:
             why = next(iter(refused.values())).split(", not to ", 1)[-1]
-            entries += [f"{name}: {','.join(refused)} (not built on {why})" for name in names]
+            entries.append(f"{','.join(names)}: {','.join(refused)} (not built on {why})")
             said.append(f"{', '.join(refused)} on the {structure} blocks of {', '.join(names)}")
     if said:
         warnings.warn(
-            f"fisherlab: methods that do not apply are not built, their errors stored as NaN: {'; '.join(said)} "
+            f"methods that do not apply are not built, their errors stored as NaN: {'; '.join(said)} "
             "(attribute methods_not_applicable)",
             UndefinedMetricWarning,
             stacklevel=3,
