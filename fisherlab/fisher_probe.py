@@ -133,7 +133,7 @@ class FisherProbe:
         if writer is None:  # a loop fisherlab does not drive: say so in the provenance
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
             self.attrs.update(run_attrs(replace(config, problem=type(model).__name__), device, USER_LOOP, self.loss))
-        self.attrs.update(_coverage_attrs(model, chosen))
+        self.attrs.update(_coverage_attrs(model, self.probe))
         self.attrs["methods_not_applicable"] = _methods_not_applicable(chosen.layers, config.methods)
         if self.writer is not None:
             self.writer.attrs.update(self.attrs)

@@ -53,7 +53,8 @@ class FisherProbeCallback(Callback):
             logits), ``"bce"`` or ``"mse"``.
         every: Probe when ``trainer.global_step % every == 0`` (once per step under gradient accumulation).
         out: The ``.nc`` file every snapshot is appended to (``None``: kept in memory, see :attr:`dataset`).
-        layers: Module paths inside the LightningModule (default: every Linear/Conv2d).
+        layers: Module paths inside the LightningModule, ``"all"`` (the default: every layer of a registered
+            kind) or ``"trainable"``.
         methods: Method names (default: all five).
         metrics: Error metrics (default: error 1 only, the cheap path; see :class:`FisherProbe`).
         config: Every other probe setting (:class:`~fisherlab.ProbeConfig`).
@@ -67,7 +68,7 @@ class FisherProbeCallback(Callback):
         *,
         every: int = 10,
         out: str | Path | None = None,
-        layers: list[str] | None = None,
+        layers: list[str] | str | None = None,
         methods: list[str] | None = None,
         metrics: list[str] | None = None,
         config: ProbeConfig | None = None,

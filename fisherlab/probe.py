@@ -70,8 +70,9 @@ class ProbeSnapshot:
         factors: Per-layer factors (``LayerFactors``), stored in the model's precision and
             summed in the accumulation precision (``compute_dtype``).
         loss: Mean true-target loss of the batch.
-        gradients: Per-layer mini-batch gradient ``∇_W h`` with the true targets, shaped
-            ``[d_out, d_in]`` (bias column last).
+        gradients: Per-layer mini-batch gradient ``∇_W h`` with the true targets, in the layout of the
+            layer's block: ``[d_out, d_in]`` (bias column last; an embedding's columns ``factors[name].columns``
+            only; a layer norm's ``[P, 1]``).
         fisher: The Fisher kind used.
         skipped: The model's modules with parameters that were not probed, each as
             ``"name: why"`` (e.g. ``"bn: BatchNorm2d, only nn.Linear, nn.Conv2d, ... are probed"``).

@@ -217,9 +217,20 @@ def test_coverage_and_trainable_layers_are_run_attributes() -> None:
     assert every.attrs["fisher_coverage"] == pytest.approx(27 / sum(trainable.values()))
     assert "1: BatchNorm1d, only nn.Linear" in str(every.attrs["skipped_modules"])
     adapters = fl.FisherProbe(model, "ce", layers="trainable", methods=["kfac"])
-    assert adapters.attrs["probed_layers"] == "4" and adapters.attrs["fisher_coverage"] == every.attrs["fisher_coverage"]
+    assert adapters.attrs["probed_layers"] == "4"
+    assert adapters.attrs["fisher_coverage"] == every.attrs["fisher_coverage"]
     assert "0: frozen" in str(adapters.attrs["skipped_modules"])
     assert every.attrs["methods_not_applicable"] == "none"
+
+
+def test_embeddings_are_not_stored_and_two_level_takes_kronecker_layers(tmp_path: Path) -> None:
+    """An embedding's factors keep the batch's tokens (their width changes per snapshot): ``store_factors``
+    refuses it; two-level KFAC refuses a layer norm among the probed layers; both one clear message."""
+    model = nn.Sequential(nn.Embedding(5, 3), nn.LayerNorm(3), nn.Linear(3, 2))
+    with pytest.raises(fl.FisherlabError, match=r"\['0'\] keep the batch's tokens only"):
+        fl.FisherProbe(model, "mse", layers=["0"], config=fl.ProbeConfig(store_factors=("0",)), out=tmp_path / "e.nc")
+    with pytest.raises(fl.FisherlabError, match=r"two-level KFAC takes Linear, Conv2d and Conv1D .*probe \['1'\]"):
+        fl.FisherProbe(model, "mse", layers=["1", "2"], config=fl.ProbeConfig(two_level=True))
 
 
 def test_norm_layers_say_once_which_methods_do_not_apply() -> None:
@@ -227,11 +238,13 @@ def test_norm_layers_say_once_which_methods_do_not_apply() -> None:
     NaN errors for those methods and finite ones for ``diagonal``; every parameter is covered."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 3))
-    with pytest.warns(UndefinedMetricWarning, match="kfac on the elementwise blocks of 1") as caught:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         probe = fl.FisherProbe(model, "ce", every=1, methods=["kfac", "diagonal"])
         for step in range(2):
             probe.step(step, *_batch())
-    assert len(caught) == 1
+    said = [str(w.message) for w in caught if issubclass(w.category, UndefinedMetricWarning)]
+    assert len(said) == 1 and "kfac on the elementwise blocks of 1" in said[0]
     ds = probe.dataset
     assert ds.attrs["fisher_coverage"] == 1.0 and ds.attrs["skipped_modules"] == "none"
     assert str(ds.attrs["methods_not_applicable"]).startswith("1: kfac (not built on an elementwise block")

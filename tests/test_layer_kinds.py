@@ -216,3 +216,59 @@ def test_norm_layer_matrix_is_weight_then_bias() -> None:
     with torch.no_grad():
         subtract_from_layer(norm, delta)
     torch.testing.assert_close(layer_matrix(norm), before - delta, **EXACT64)
+
+
+class _Logits(nn.Module):
+    """A Hugging Face causal LM called on ``input_ids``, returning its logits ``[N, T, vocab]``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.model(input_ids=ids).logits
+
+
+def _tiny_gpt2() -> nn.Module:
+    """A one-block GPT-2 (d 8, vocab 11), untied (tied weights are one block of their own), float64, no dropout."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        n_layer=1, n_head=2, n_embd=8, vocab_size=11, n_positions=8, bos_token_id=0, eos_token_id=0,
+        tie_word_embeddings=False, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+    )  # fmt: skip
+    config._attn_implementation = "eager"  # torch.func's vmap in the dense twin
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).double().eval()
+
+
+def test_tiny_gpt2_every_module_equals_its_twin() -> None:
+    """A real GPT-2: ``wte`` (tokens), ``wpe`` (called on ``[1, T]`` positions), every LayerNorm and ``Conv1D``
+    and ``lm_head``: each exact block equals autograd's, and every parameter is covered."""
+    model = _Logits(_tiny_gpt2())
+    gen = torch.Generator().manual_seed(11)
+    ids, y = torch.randint(0, 11, (N, 5), generator=gen), torch.randint(0, 11, (N, 5), generator=gen)
+    layers = list(Probe(model, "ce", layers="all").layers)
+    kinds = {layer_kind(dict(model.named_modules())[n]).name for n in layers}  # type: ignore[union-attr]
+    assert kinds == {"embedding", "layernorm", "conv1d", "linear"} and len(layers) == 10
+    _twin(model, "ce", ids, y, layers)
+    assert fl.FisherProbe(model, "ce", layers="all", methods=["diagonal"]).attrs["fisher_coverage"] == 1.0
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft on transformers 5
+def test_lora_adapters_are_the_trainable_layers() -> None:
+    """``layers="trainable"`` on a LoRA-wrapped GPT-2 probes the adapters ``lora_A``, ``lora_B`` only (their blocks
+    equal autograd's); the frozen base layers are listed as skipped, and the adapters are the whole coverage."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.0)
+    model = _Logits(peft.get_peft_model(_tiny_gpt2(), config))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(12), dtype=p.dtype))
+    probe = Probe(model, "ce", layers="trainable")
+    assert [n.rsplit(".", 2)[-2] for n in probe.layers] == ["lora_A", "lora_B"]
+    assert any("wte: frozen" in s for s in probe.skipped)
+    gen = torch.Generator().manual_seed(13)
+    ids, y = torch.randint(0, 11, (N, 5), generator=gen), torch.randint(0, 11, (N, 5), generator=gen)
+    _twin(model, "ce", ids, y, list(probe.layers))
+    assert fl.FisherProbe(model, "ce", layers="trainable", methods=["kfac"]).attrs["fisher_coverage"] == 1.0

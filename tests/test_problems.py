@@ -9,8 +9,8 @@ import pytest
 
 import fisherlab as fl
 from fisherlab import cli
-from fisherlab.losses import LossKind
 from fisherlab.launch import resolve_layers
+from fisherlab.losses import LossKind
 from fisherlab.problems import PROBLEMS, AutoEncoder, Problem, ProblemKind, get_problem, register_problem
 from fisherlab.results import load, validate
 
