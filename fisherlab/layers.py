@@ -403,7 +403,9 @@ def _bias(module: nn.Module) -> Tensor | None:
 
 def layer_columns(module: nn.Module, xs: Sequence[Tensor], shard: Shard | None = None) -> Tensor | None:
     """The input columns a one-hot layer's block keeps: the distinct indices of every call ``xs``,
-    ascending (an embedding's token ids; a padding index excluded); ``None`` for other kinds.
+    ascending (an embedding's token ids; a padding index excluded); ``None`` for other kinds. A batch
+    of padding only keeps column 0 (its block is zero: no gradient reaches the layer), so that the
+    block keeps a shape.
 
     Sharded (:mod:`fisherlab.distributed`): the indices of the whole global batch, the same on every process.
     """
@@ -417,10 +419,12 @@ def _columns(kind: LayerKind, module: nn.Module, xs: Sequence[Tensor], shard: Sh
     ids = torch.cat([kind.inputs(module, x).flatten() for x in xs])
     ids = ids[ids >= 0]
     if shard is None or shard.world_size == 1:
-        return torch.unique(ids)
-    present = torch.zeros(kind.one_hot(module), dtype=torch.float32, device=ids.device)
-    present[ids] = 1
-    return torch.nonzero(shard.sum(present)).flatten()
+        columns = torch.unique(ids)
+    else:
+        present = torch.zeros(kind.one_hot(module), dtype=torch.float32, device=ids.device)
+        present[ids] = 1
+        columns = torch.nonzero(shard.sum(present)).flatten()
+    return columns if columns.numel() else torch.zeros(1, dtype=ids.dtype, device=ids.device)
 
 
 def layer_inputs(

@@ -115,6 +115,17 @@ def test_embedding_block_keeps_the_batch_tokens_as_a_compact_one_hot() -> None:
     assert full.shape == (4, 10)  # the whole matrix, [embedding_dim, num_embeddings]
 
 
+def test_a_batch_of_padding_only_is_a_zero_block() -> None:
+    """Every token the padding index: one empty column, a zero block, NaN errors with the zero-block warning."""
+    model = nn.Sequential(nn.Embedding(5, 3, padding_idx=0), nn.Linear(3, 2)).double()
+    tokens, y = torch.zeros(N, T, dtype=torch.long), torch.randn(N, T, 2, dtype=torch.float64)
+    factors = Probe(model, "mse", layers=["0"])(tokens, y).factors["0"]
+    assert factors.a.shape == (N, T, 1) and not factors.a.any()
+    with pytest.warns(UndefinedMetricWarning, match="is zero"):
+        ev = fl.evaluate_block(fl.ExactBlock(factors), ["kfac"], layer="0")
+    assert math.isnan(ev.values["frobenius_error"]["kfac"]) and ev.layer_values["fisher_frobenius_norm"] == 0
+
+
 @pytest.mark.parametrize(
     ("option", "message"), [({"max_norm": 1.0}, "max_norm=1.0"), ({"scale_grad_by_freq": True}, "scale_grad_by_freq")]
 )
