@@ -37,6 +37,7 @@ from fisherlab.approximations import (
 )
 from fisherlab.block_operators import DenseBlockOperator, DiagonalBlockOperator, EigenbasisDiagonal, LowRankOperator
 from fisherlab.config import ProbeConfig, TrainConfig
+from fisherlab.dashboards import snapshot_scalars
 from fisherlab.fisher import ExactBlock, WholeFisher, cross_block_dense, full_fisher_dense
 from fisherlab.fisher_probe import FisherProbe
 from fisherlab.kron import KronSum, pi_damping
@@ -121,6 +122,7 @@ __all__ = [  # noqa: RUF022 (grouped by pipeline stage, not sorted)
     "load",
     "probe_training",
     "run_probe",
+    "snapshot_scalars",
     "STORES",
     "ResultStore",
     "register_store",
@@ -136,9 +138,10 @@ __all__ = [  # noqa: RUF022 (grouped by pipeline stage, not sorted)
 
 
 def __getattr__(name: str) -> object:
-    """``fisherlab.lightning`` on first use, so that ``import fisherlab`` never imports Lightning."""
-    if name == "lightning":
+    """``fisherlab.lightning`` and ``fisherlab.hf`` on first use, so that ``import fisherlab`` never
+    imports Lightning or ``transformers``."""
+    if name in ("lightning", "hf"):
         import importlib
 
-        return importlib.import_module("fisherlab.lightning")
+        return importlib.import_module(f"fisherlab.{name}")
     raise AttributeError(f"module 'fisherlab' has no attribute {name!r}")

@@ -219,7 +219,7 @@ class ProbeConfig:
         ),
     )
     coarse_spaces: tuple[CoarseSpace, ...] = field(
-        default=tuple(CoarseSpace), metadata=_flag("subset of {choices} (default: all; tko is always added)")
+        default=tuple(CoarseSpace), metadata=_flag("subset of {choices} (default: all)")
     )
     taylor_order: int = field(default=2, metadata=_flag("q of the Taylor coarse space (default: {default})"))
     threads: int | None = field(default=None, metadata=_flag(_THREADS))
@@ -332,8 +332,8 @@ class TrainConfig:
     optimizers: tuple[str, ...] = field(
         default=("sgd", "adam", "kfac", "kpsvd", "deflation"),
         metadata=_flag(
-            "comma-separated: sgd, adam, kfac, kpsvd, deflation, lanczos, kfac_corrected, kfac2l_<coarse space>, "
-            "kfac2l_tko (default: {default})"
+            "comma-separated: sgd, adam, kfac, kpsvd, deflation, lanczos, kfac_corrected, kfac2l_<coarse space> "
+            "(tko included) (default: {default})"
         ),
     )
     epochs: int = field(default=3, metadata=_flag("epochs per optimizer (default: {default})"))

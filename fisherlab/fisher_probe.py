@@ -3,7 +3,8 @@
 Every ``every`` steps one probe pass (:class:`~fisherlab.probe.Probe`: the hooks), every
 approximation and every registered metric of the probed layers
 (:func:`~fisherlab.snapshot.assemble_snapshot`), appended to the results
-(:class:`~fisherlab.results.ResultsWriter`). :func:`~fisherlab.probe_loop.probe_training` and
+(:class:`~fisherlab.results.ResultsWriter`), then handed to the ``on_snapshot`` callbacks (live
+dashboards: :mod:`fisherlab.dashboards`). :func:`~fisherlab.probe_loop.probe_training` and
 ``fisherlab probe`` (:func:`~fisherlab.probe_loop.run_probe`) are this class inside a loop of
 their own.
 """
@@ -27,11 +28,12 @@ from tqdm.auto import tqdm
 from fisherlab._errors import FisherlabError, UndefinedMetricWarning
 from fisherlab.approximations import WarmStarts
 from fisherlab.config import ProbeConfig
+from fisherlab.dashboards import SnapshotCallback, TensorBoardWriter
 from fisherlab.distributed import Shard, shard_of_batch
 from fisherlab.layers import kronecker_layers, layer_kind, layer_structure
 from fisherlab.losses import LossKind, as_enum
 from fisherlab.method_registry import not_applicable
-from fisherlab.probe import Probe
+from fisherlab.probe import Batch, Probe, batch_tensor
 from fisherlab.results import ResultsWriter, annotate, run_attrs
 from fisherlab.snapshot import assemble_snapshot
 
@@ -57,9 +59,11 @@ class FisherProbe:
 
     Args:
         model: Any ``nn.Module``; its modules of a registered layer kind (Linear, Conv2d, Conv1D, Embedding,
-            LayerNorm, RMSNorm) are probed, the others listed as skipped (attributes ``skipped_parameters``,
-            ``skipped_modules`` with why, and ``fisher_coverage``).
-        loss: Its negative log-likelihood, ``"mse"``, ``"bce"`` or ``"ce"``.
+            LayerNorm, RMSNorm, MultiheadAttention) are probed, the others listed as skipped (attributes
+            ``skipped_parameters``, ``skipped_modules`` with why, and ``fisher_coverage``).
+        loss: Its negative log-likelihood (:class:`~fisherlab.losses.LossKind`): ``"mse"``, ``"bce"``, ``"ce"``,
+            or for language models ``"causal_lm"`` (Hugging Face's shifted labels, ``-100`` ignored)
+            and ``"seq_cls"``.
         every: Probe when ``step % every == 0`` (default ``config.every``).
         layers: Module paths to measure, ``"all"`` (the default: every module that can be probed) or
             ``"trainable"`` (those with a parameter that requires grad: a LoRA model's adapters).
@@ -76,6 +80,13 @@ class FisherProbe:
         overwrite: Replace an existing ``out``.
         writer: An open :class:`~fisherlab.results.ResultsWriter` instead of ``out`` (its
             owner closes it and sets its attributes).
+        on_snapshot: A callable ``(step, snapshot) -> None`` or a list of them, run after each snapshot is in the
+            results file, on every process (live dashboards; :func:`~fisherlab.dashboards.snapshot_scalars`
+            flattens a snapshot into named scalars). Their exceptions propagate.
+        tensorboard: A TensorBoard log directory: each snapshot's scalars are written there live,
+            global step = ``step``, flushed at each snapshot, closed by :meth:`close`
+            (:class:`~fisherlab.dashboards.TensorBoardWriter`; ``pip install 'fisherlab[hf]'``).
+            Only global rank 0 writes it.
 
     Example:
         >>> probe = FisherProbe(model, "ce", every=10, layers=["fc"], out="runs/probe.nc")  # doctest: +SKIP
@@ -100,6 +111,8 @@ class FisherProbe:
         config: ProbeConfig | None = None,
         overwrite: bool = False,
         writer: ResultsWriter | None = None,
+        on_snapshot: SnapshotCallback | Sequence[SnapshotCallback] = (),
+        tensorboard: str | Path | None = None,
     ) -> None:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module  # probe the network itself: DDP's reducer expects a backward after each forward
@@ -127,6 +140,12 @@ class FisherProbe:
         self.model = model
         # two-level KFAC needs every layer's Kronecker approximation (block-diagonal increments)
         self.probe = Probe(model, self.loss, layers=kronecker_layers(model) if config.two_level else layers, **kwargs)  # type: ignore[arg-type]
+        callbacks = [on_snapshot] if callable(on_snapshot) else list(on_snapshot)
+        if not all(callable(c) for c in callbacks):
+            raise FisherlabError(f"on_snapshot takes callables (step, snapshot) -> None, got {on_snapshot!r}")
+        # before the output is locked (a missing TensorBoard fails here); its file comes with the first snapshot
+        self._tensorboard = TensorBoardWriter(tensorboard) if tensorboard is not None and rank == 0 else None
+        self.on_snapshot: list[SnapshotCallback] = callbacks + [self._tensorboard] if self._tensorboard else callbacks
         self._owns_writer = writer is None and out is not None
         self.writer = ResultsWriter(out, {}, overwrite=overwrite) if self._owns_writer else writer  # type: ignore[arg-type]
         self.attrs: dict[str, str | int | float] = {}
@@ -145,33 +164,38 @@ class FisherProbe:
         self._t0 = time.perf_counter()
         self._closed = False
 
-    def step(self, step: int, x: Tensor, y: Tensor | None, *, shard: Shard | None = None) -> xr.Dataset | None:
+    def step(self, step: int, x: Batch, y: Tensor | None = None, *, shard: Shard | None = None) -> xr.Dataset | None:
         """Probe the batch ``(x, y)`` when ``step % every == 0``; returns that snapshot, else ``None``.
 
-        ``y`` are the true targets (for the training loss and ``∇h``); the MC Fisher samples its own.
-        Under ``torch.distributed`` ``(x, y)`` are this rank's rows of the global batch; ``shard``
-        says which when the caller knows (else every rank's row count is exchanged).
+        ``x`` is the model's input tensor or a Hugging Face style mapping (``input_ids``,
+        ``attention_mask``, ``labels``, ...: :class:`~fisherlab.probe.Probe`). ``y`` are the true
+        targets (for the training loss and ``∇h``; default a mapping's ``labels``); the MC Fisher
+        samples its own. Under ``torch.distributed`` ``(x, y)`` are this rank's rows of the global
+        batch; ``shard`` says which when the caller knows (else every rank's row count is exchanged).
         """
         if self._closed:
             raise FisherlabError("this FisherProbe is closed; create a new one (with a new out) to probe again")
         if step % self.config.every:
             return None
+        lead = batch_tensor(x)
         if shard is None:  # collective under torch.distributed: every rank probes its own rows
-            shard = shard_of_batch(x.shape[0], x.device)
+            shard = shard_of_batch(lead.shape[0], lead.device)
         started = time.perf_counter()
         # the Fisher and its metrics in full precision, with autograd even under torch.inference_mode()
-        with torch.autocast(x.device.type, enabled=False), torch.inference_mode(False):
+        with torch.autocast(lead.device.type, enabled=False), torch.inference_mode(False):
             ds, snap = assemble_snapshot(
                 step, self.probe, x, y, self.names, self.config, self._previous, self._t0, shard, self._zero_warned
             )
         if not self._cost_said:
             self._cost_said = True
-            tqdm.write(_cost_line(time.perf_counter() - started, x.device, self.names, self.config), file=sys.stderr)
+            tqdm.write(_cost_line(time.perf_counter() - started, lead.device, self.names, self.config), file=sys.stderr)
         if self.writer is not None:
             stored = {name: (snap.factors[name].a, snap.factors[name].g) for name in self.config.store_factors}
             self.writer.append(ds, factors=stored)
         self._snapshots.append(ds)
         self._dataset = None
+        for callback in self.on_snapshot:  # after the file: a failing dashboard loses no snapshot
+            callback(step, ds)
         return ds
 
     @property
@@ -189,14 +213,19 @@ class FisherProbe:
         return self._dataset
 
     def close(self) -> xr.Dataset | None:
-        """Release the output (when this probe opened it); returns the dataset (``None`` if never probed).
+        """Release the output (when this probe opened it) and close the TensorBoard writer; returns
+        the dataset (``None`` if never probed).
 
         :meth:`step` raises afterwards: the file is never reopened, so never truncated.
         """
         self._closed = True
-        if self._owns_writer and self.writer is not None:
-            self.writer.close()
-            self._owns_writer = False
+        try:
+            if self._owns_writer and self.writer is not None:
+                self.writer.close()
+                self._owns_writer = False
+        finally:
+            if self._tensorboard is not None:
+                self._tensorboard.close()
         return self.dataset if (self._dataset is not None or self._snapshots) else None
 
     def __enter__(self) -> Self:

@@ -44,7 +44,8 @@ Two variations of the form, marked on the factors (:class:`LayerFactors`):
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -57,8 +58,10 @@ from fisherlab.vocabulary import BlockStructure
 
 __all__ = [
     "LAYER_KINDS",
+    "CaptureHook",
     "LayerFactors",
     "LayerKind",
+    "capture_calls",
     "conv_patches",
     "kind_label",
     "kronecker_layers",
@@ -68,6 +71,7 @@ __all__ = [
     "layer_matrix",
     "layer_output_factors",
     "layer_outputs",
+    "layer_parameters",
     "layer_structure",
     "parameter_matrix",
     "probeable_layers",
@@ -220,6 +224,12 @@ class LayerFactors:
         return torch.einsum("nvto,nti->nvoi", self.g, self.a)
 
 
+#: ``(module, args, output) -> output``: called at every use of a probed layer with its input
+#: ``args[0]`` and its output (the tensor whose derivative is ``g``); returns the output to use on
+#: (the signature of an ``nn.Module`` forward hook).
+CaptureHook = Callable[[nn.Module, tuple[Tensor, ...], Tensor], Tensor]
+
+
 @dataclass(frozen=True)
 class LayerKind:
     """How one module type maps onto the normal form ``a [N, T, d_in]``, ``g [N, V, T, d_out]``.
@@ -248,6 +258,10 @@ class LayerKind:
         one_hot: For layers whose input is one-hot (``nn.Embedding``): ``module -> number of columns``
             (the vocabulary size); the inputs are kept as indices and ``a`` is a compact one-hot over the
             indices of the batch (:func:`layer_columns`), never a vocabulary-sized dense input.
+        parameters: The attribute names of the weight and the bias (a missing or ``None`` bias: none).
+        capture: ``(module, hook) -> context manager`` under which ``hook`` (:data:`CaptureHook`) is
+            called at every use of the layer; ``None``: a forward hook on the module (a layer whose
+            projection is not a module call, such as ``nn.MultiheadAttention``'s, needs its own).
     """
 
     name: str
@@ -265,6 +279,9 @@ class LayerKind:
         if isinstance(self.module_type, str):
             return fnmatch.fnmatchcase(f"{cls.__module__}.{cls.__qualname__}", self.module_type)
         return cls is self.module_type
+
+    parameters: tuple[str, str] = ("weight", "bias")
+    capture: Callable[[nn.Module, CaptureHook], AbstractContextManager[object]] | None = None
 
 
 #: Every registered layer kind, in registration order.
@@ -351,6 +368,29 @@ def unsupported_reason(module: nn.Module) -> str:
     return kind.unsupported(module)
 
 
+def layer_parameters(module: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """The weight and the bias (``None``: none) of a probeable layer, named by its kind's ``parameters``."""
+    weight_name, bias_name = _kind(module).parameters
+    bias = getattr(module, bias_name, None)  # none, or not a tensor (a flag of some modules): no bias
+    return getattr(module, weight_name), bias if isinstance(bias, Tensor) else None
+
+
+@contextmanager
+def _forward_hook(module: nn.Module, hook: CaptureHook) -> Iterator[None]:
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def capture_calls(module: nn.Module, hook: CaptureHook) -> AbstractContextManager[object]:
+    """A context under which ``hook`` sees every use of ``module``: its kind's ``capture``, else (also for
+    a module of no registered kind) a forward hook."""
+    kind = layer_kind(module)
+    return kind.capture(module, hook) if kind is not None and kind.capture is not None else _forward_hook(module, hook)
+
+
 def conv_patches(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """Unfold the input of ``conv`` into patches ``[N, T, C_in * kh * kw]``.
 
@@ -397,8 +437,7 @@ register_layer_kind(
 
 def _bias(module: nn.Module) -> Tensor | None:
     """The module's bias parameter (``None``: it has none, or no ``bias`` attribute, as ``nn.Embedding``)."""
-    bias = getattr(module, "bias", None)
-    return bias if isinstance(bias, Tensor) else None
+    return layer_parameters(module)[1]
 
 
 def layer_columns(module: nn.Module, xs: Sequence[Tensor], shard: Shard | None = None) -> Tensor | None:
@@ -428,7 +467,12 @@ def _columns(kind: LayerKind, module: nn.Module, xs: Sequence[Tensor], shard: Sh
 
 
 def layer_inputs(
-    module: nn.Module, xs: Sequence[Tensor], dtype: torch.dtype, *, columns: Tensor | None = None
+    module: nn.Module,
+    xs: Sequence[Tensor],
+    dtype: torch.dtype,
+    *,
+    columns: Tensor | None = None,
+    position_mask: Tensor | None = None,
 ) -> Tensor:
     """The bias-augmented inputs ``a [N, T, d_in]`` of every call ``xs`` of ``module`` in ``dtype``.
 
@@ -436,6 +480,12 @@ def layer_inputs(
     pass into a fresh tensor (no intermediate copies of the cast, the bias column or the calls).
     One-hot kinds (``nn.Embedding``): the compact one-hot ``[N, T, k]`` over ``columns`` (default
     :func:`layer_columns` of ``xs``). Elementwise kinds: ``a = 1`` of shape ``[N, 1, 1]``.
+
+    ``position_mask`` (``[N, T_seq]`` bool, a batch's ``attention_mask``): in every call with
+    ``T_seq`` positions, the rows ``a[n, t]`` where it is ``False`` are zero, bias column included,
+    so padding adds nothing to any factor (KFAC's ``A`` included). The per-sample gradients are
+    unchanged as long as the model honours the mask (``g`` is zero there already). Calls with
+    another number of positions are left as they are.
     """
     kind = _kind(module)
     if kind.structure is BlockStructure.ELEMENTWISE:
@@ -446,13 +496,21 @@ def layer_inputs(
         parts = [torch.eq(p.unsqueeze(-1), keep) for p in parts]  # [N, T, k]: one-hot over the batch's indices
     n, d = parts[0].shape[0], parts[0].shape[-1]
     bias = _bias(module) is not None
+    if position_mask is not None and (
+        position_mask.dtype != torch.bool or position_mask.ndim != 2 or len(position_mask) != n
+    ):
+        raise FisherlabError(
+            f"position_mask must be [N={n}, T] bool, got {position_mask.dtype} {list(position_mask.shape)}"
+        )
     a = parts[0].new_empty((n, sum(p.shape[1] for p in parts), d + bias), dtype=dtype)
+    if bias:
+        a[..., d] = 1
     start = 0
     for p in parts:
         a[:, start : start + p.shape[1], :d].copy_(p)
+        if position_mask is not None and p.shape[1] == position_mask.shape[1]:
+            a[:, start : start + p.shape[1]].masked_fill_(~position_mask[..., None], 0)
         start += p.shape[1]
-    if bias:
-        a[..., d] = 1
     return a
 
 
@@ -545,8 +603,7 @@ def parameter_matrix(module: nn.Module, weight: Tensor, bias: Tensor | None, *, 
 def layer_matrix(module: nn.Module, attr: str = "data") -> Tensor:
     """A probeable layer's parameters (``attr="data"``) or gradients (``"grad"``) in its block's layout
     (:func:`parameter_matrix`): ``[d_out, d_in]``, bias column last."""
-    weight: Tensor = module.weight  # type: ignore[assignment]
-    bias = _bias(module)
+    weight, bias = layer_parameters(module)
     if attr == "data":
         return parameter_matrix(module, weight.detach(), None if bias is None else bias.detach())
     return parameter_matrix(module, getattr(weight, attr), None if bias is None else getattr(bias, attr))
@@ -555,8 +612,7 @@ def layer_matrix(module: nn.Module, attr: str = "data") -> Tensor:
 def subtract_from_layer(module: nn.Module, delta: Tensor) -> None:
     """``W -= delta`` for an update in the layout of :func:`layer_matrix`."""
     kind = _kind(module)
-    weight: Tensor = module.weight  # type: ignore[assignment]
-    bias = _bias(module)
+    weight, bias = layer_parameters(module)
     if kind.structure is BlockStructure.ELEMENTWISE:
         weight.sub_(delta[: weight.numel(), 0].reshape(weight.shape))
         if bias is not None:

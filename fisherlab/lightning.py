@@ -7,6 +7,9 @@ Example:
     >>> import lightning, fisherlab as fl                                          # doctest: +SKIP
     >>> probe = fl.lightning.FisherProbeCallback(every=10, out="runs/probe.nc")  # loss "ce"  # doctest: +SKIP
     >>> lightning.Trainer(callbacks=[probe]).fit(module, loader)                  # doctest: +SKIP
+
+Each snapshot's scalars (:func:`~fisherlab.dashboards.snapshot_scalars`) also go to the Trainer's
+loggers, live (``log=True``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch import Tensor
 
 from fisherlab._errors import FisherlabError
 from fisherlab.config import ProbeConfig
+from fisherlab.dashboards import snapshot_scalars
 from fisherlab.fisher_probe import FisherProbe
 from fisherlab.losses import LossKind
 
@@ -40,6 +44,18 @@ def _first_two(batch: Any) -> tuple[Tensor, Tensor | None]:
     raise FisherlabError("FisherProbeCallback cannot unpack this batch; pass unpack=lambda batch: (x, y)")
 
 
+class _LoggerReport:
+    """An ``on_snapshot`` callback: a snapshot's scalars to every logger of ``trainer``."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def __call__(self, step: int, snapshot: xr.Dataset) -> None:
+        scalars = snapshot_scalars(snapshot)
+        for logger in self.trainer.loggers:
+            logger.log_metrics(scalars, step=step)
+
+
 class FisherProbeCallback(Callback):
     """Probe the exact Fisher of the LightningModule every ``every`` optimizer steps.
 
@@ -47,6 +63,15 @@ class FisherProbeCallback(Callback):
     forward and backward, and leaves training undisturbed (see :class:`FisherProbe`). The
     module's ``forward(x)`` must return the network output the loss is taken on (logits for
     ``ce`` and ``bce``). With several processes only global rank 0 writes ``out``.
+
+    With ``log=True`` each snapshot's scalars (:func:`~fisherlab.dashboards.snapshot_scalars`:
+    ``fisher/frobenius_error/<layer>/<method>``, ``fisher/fisher_frobenius_norm/<layer>``,
+    ``fisher/train_loss``, ...) go to every logger of the Trainer (``trainer.loggers``:
+    TensorBoard, CSV, W&B, ...) at once, with the probe's step as step, through
+    ``logger.log_metrics`` (rank zero only, as Lightning's loggers do). Not through
+    ``LightningModule.log``: that is allowed in ``on_train_batch_start``, but its values reach the
+    loggers only every ``log_every_n_steps`` steps (a snapshot in between would arrive late, under
+    another step, or be overwritten), and they would fill ``callback_metrics`` and the progress bar.
 
     Args:
         loss: The negative log-likelihood of the module's output: ``"ce"`` (default, a classifier's
@@ -60,6 +85,10 @@ class FisherProbeCallback(Callback):
         config: Every other probe setting (:class:`~fisherlab.ProbeConfig`).
         unpack: ``batch -> (x, y)``; default: the first two entries of a tuple, or keys ``x``, ``y``.
         overwrite: Replace an existing ``out``.
+        log: Send each snapshot's scalars to the Trainer's loggers (none configured: nothing is sent).
+        tensorboard: A TensorBoard log directory the probe writes the same scalars to itself
+            (see :class:`~fisherlab.fisher_probe.FisherProbe`; not needed with Lightning's
+            ``TensorBoardLogger`` and ``log=True``).
     """
 
     def __init__(
@@ -74,6 +103,8 @@ class FisherProbeCallback(Callback):
         config: ProbeConfig | None = None,
         unpack: Callable[[Any], tuple[Tensor, Tensor | None]] = _first_two,
         overwrite: bool = False,
+        log: bool = True,
+        tensorboard: str | Path | None = None,
     ) -> None:
         super().__init__()
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -81,6 +112,7 @@ class FisherProbeCallback(Callback):
         self.loss, self.every, self.out, self.layers, self.methods = loss, every, out, layers, methods
         self.metrics = metrics
         self.config, self.unpack, self.overwrite = config, unpack, overwrite
+        self.log, self.tensorboard = log, tensorboard
         self.probe: FisherProbe | None = None
         self._last_step = -1
 
@@ -97,6 +129,8 @@ class FisherProbeCallback(Callback):
             out=out,
             config=self.config,
             overwrite=self.overwrite,
+            on_snapshot=[_LoggerReport(trainer)] if self.log else [],
+            tensorboard=self.tensorboard if trainer.is_global_zero else None,
         )
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:

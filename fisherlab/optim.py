@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,7 @@ from fisherlab._errors import FisherlabError
 from fisherlab.approximations import ApproxConfig, approximate_all, kfac_factors
 from fisherlab.fisher import ExactBlock
 from fisherlab.kron import KronSolver, KronSum
-from fisherlab.layers import kronecker_layers, layer_matrix, subtract_from_layer
+from fisherlab.layers import kronecker_layers, layer_matrix, layer_parameters, subtract_from_layer
 from fisherlab.losses import LossKind
 from fisherlab.operators import BlockDiagonal, solve_all
 from fisherlab.probe import Probe, ProbeSnapshot
@@ -45,7 +45,7 @@ def layer_gradient(module: nn.Module, attr: str = "grad") -> Tensor:
 
 def _weight(module: nn.Module) -> Tensor:
     """A probed layer's weight parameter."""
-    return cast(Tensor, module.weight)
+    return layer_parameters(module)[0]
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         layer_params = {id(p) for m in self.layers.values() for p in m.parameters(recurse=False)}
         other = [p for p in model.parameters() if id(p) not in layer_params and p.requires_grad]
         params: list[Tensor] = [_weight(m) for m in self.layers.values()]
-        params += [cast(Tensor, m.bias) for m in self.layers.values() if isinstance(getattr(m, "bias", None), Tensor)]
+        params += [b for m in self.layers.values() if (b := layer_parameters(m)[1]) is not None]
         groups: list[dict[str, Any]] = [{"params": params, "kind": "preconditioned"}]
         if other:
             groups.append({"params": other, "kind": "sgd"})
