@@ -130,8 +130,9 @@ class ProbeConfig:
     layers: tuple[str, ...] = field(
         default=("5",),
         metadata=_flag(
-            "comma-separated layer numbers, 1 = first layer, or module paths (resnet18: layer4.0.conv2), or all "
-            "(default: 5 for the auto-encoders)",
+            "comma-separated layer numbers, 1 = first layer, or module paths (resnet18: layer4.0.conv2), all "
+            "(every layer of a registered kind: embeddings and layer norms too) or trainable (those with a "
+            "trainable parameter) (default: 5 for the auto-encoders)",
             default_none=True,
         ),
     )

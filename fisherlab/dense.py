@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from fisherlab.layers import layer_kind, layer_parameters, weight_matrix
+from fisherlab.layers import layer_parameters, parameter_matrix
 from fisherlab.losses import LossKind, per_sample_loss
 
 __all__ = [
@@ -28,6 +28,10 @@ def per_sample_gradients(
     model: nn.Module, loss: LossKind | str, x: Tensor, y: Tensor, layers: dict[str, nn.Module]
 ) -> dict[str, Tensor]:
     """Per-sample gradients ``[N, d_out, d_in]`` (bias as last column) by ``torch.func``.
+
+    Each layer's in the layout of its block (:func:`~fisherlab.layers.parameter_matrix`): an embedding's
+    whole ``[N, dim, num_embeddings]`` (the probe's compact block is its ``columns``), a LayerNorm's
+    ``[N, P, 1]`` (weight, then bias).
 
     Args:
         model: The network.
@@ -49,10 +53,9 @@ def per_sample_gradients(
     name_of = {id(p): n for n, p in model.named_parameters()}  # a tied weight: under its first name
     out = {}
     for name, module in layers.items():
-        kind, (weight, bias) = layer_kind(module), layer_parameters(module)
-        assert kind is not None, f"{name} is not of a registered layer kind"
-        rows = vmap(kind.to_rows)(grads[name_of[id(weight)]])
-        out[name] = weight_matrix(rows, None if bias is None else grads[name_of[id(bias)]], batch_dims=1)
+        weight, bias = layer_parameters(module)
+        bias_grad = None if bias is None else grads[name_of[id(bias)]]
+        out[name] = parameter_matrix(module, grads[name_of[id(weight)]], bias_grad, batch_dims=1)
     return out
 
 

@@ -14,7 +14,7 @@ loggers, live (``log=True``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from fisherlab.config import ProbeConfig
 from fisherlab.dashboards import snapshot_scalars
 from fisherlab.fisher_probe import FisherProbe
 from fisherlab.losses import LossKind
+from fisherlab.probe import Batch
 
 try:
     from lightning.pytorch import Callback, LightningModule, Trainer
@@ -35,10 +36,11 @@ except ImportError:  # pragma: no cover - depends on the environment
 __all__ = ["FisherProbeCallback"]
 
 
-def _first_two(batch: Any) -> tuple[Tensor, Tensor | None]:
-    """``(x, y)`` from a batch ``(x, y, ...)`` or ``{"x": ..., "y": ...}``."""
-    if isinstance(batch, dict):
-        return batch["x"], batch.get("y")
+def _first_two(batch: Any) -> tuple[Batch, Tensor | None]:
+    """``(x, y)`` from a batch ``(x, y, ...)`` or ``{"x": ..., "y": ...}``; any other mapping (a Hugging Face
+    style ``input_ids``, ``attention_mask``, ``labels``) is the probe's batch as it is (targets: its ``labels``)."""
+    if isinstance(batch, Mapping):
+        return (batch["x"], batch.get("y")) if "x" in batch else (batch, None)
     if isinstance(batch, list | tuple) and len(batch) >= 1:
         return batch[0], batch[1] if len(batch) > 1 else None
     raise FisherlabError("FisherProbeCallback cannot unpack this batch; pass unpack=lambda batch: (x, y)")
@@ -78,11 +80,13 @@ class FisherProbeCallback(Callback):
             logits), ``"bce"`` or ``"mse"``.
         every: Probe when ``trainer.global_step % every == 0`` (once per step under gradient accumulation).
         out: The ``.nc`` file every snapshot is appended to (``None``: kept in memory, see :attr:`dataset`).
-        layers: Module paths inside the LightningModule (default: every Linear/Conv2d).
+        layers: Module paths inside the LightningModule, ``"all"`` (the default: every layer of a registered
+            kind) or ``"trainable"``.
         methods: Method names (default: all five).
         metrics: Error metrics (default: error 1 only, the cheap path; see :class:`FisherProbe`).
         config: Every other probe setting (:class:`~fisherlab.ProbeConfig`).
-        unpack: ``batch -> (x, y)``; default: the first two entries of a tuple, or keys ``x``, ``y``.
+        unpack: ``batch -> (x, y)``; default: the first two entries of a tuple, keys ``x``, ``y``, or
+            a Hugging Face style mapping as it is (the module's ``forward(**batch)``, targets its ``labels``).
         overwrite: Replace an existing ``out``.
         log: Send each snapshot's scalars to the Trainer's loggers (none configured: nothing is sent).
         tensorboard: A TensorBoard log directory the probe writes the same scalars to itself
@@ -96,11 +100,11 @@ class FisherProbeCallback(Callback):
         *,
         every: int = 10,
         out: str | Path | None = None,
-        layers: list[str] | None = None,
+        layers: list[str] | str | None = None,
         methods: list[str] | None = None,
         metrics: list[str] | None = None,
         config: ProbeConfig | None = None,
-        unpack: Callable[[Any], tuple[Tensor, Tensor | None]] = _first_two,
+        unpack: Callable[[Any], tuple[Batch, Tensor | None]] = _first_two,
         overwrite: bool = False,
         log: bool = True,
         tensorboard: str | Path | None = None,

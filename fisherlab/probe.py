@@ -1,6 +1,8 @@
 """The probe: one extra forward/backward pass that captures per-sample Fisher factors.
 
-Forward hooks on the chosen ``nn.Linear``/``nn.Conv2d`` modules record each layer's input
+Forward hooks on the chosen modules of a registered layer kind (``nn.Linear``, ``nn.Conv2d``,
+``transformers``' ``Conv1D``, ``nn.Embedding``, ``nn.LayerNorm``, RMSNorm: :mod:`fisherlab.layers`,
+:mod:`fisherlab.layer_kinds`) record each layer's input
 (unfolded and bias-augmented, :mod:`fisherlab.layers`) and keep its output ``s``; the
 derivatives ``g = dL/ds`` then come from ``torch.autograd.grad`` with respect to those
 outputs, one backward per output direction. Parameters' ``.grad`` are never touched, the
@@ -26,6 +28,11 @@ there, carries a loss (:func:`~fisherlab.losses.causal_lm_supervision`).
 A module called several times in one forward pass (shared weights, e.g. a Linear layer
 applied twice) contributes every call: the calls' inputs and output derivatives are
 concatenated along the weight-sharing axis ``T``, so ``DW_n = sum over calls and positions``
+is the true per-sample gradient (tested against ``torch.func``). A call whose input and output
+have a leading dim of 1 while the batch has ``N > 1`` rows is broadcast over the batch (GPT-2's
+position embedding of ``position_ids [1, T]``, a learned query): the hook hands the model its
+output expanded to ``N`` rows (a view, the same values), so that each sample's share of the
+gradient is its own.
 is the true per-sample gradient (tested against ``torch.func``).
 
 A layer kind may capture its uses otherwise than by a forward hook (``LayerKind.capture``):
@@ -49,11 +56,15 @@ from fisherlab.attention import decomposed_attention
 from fisherlab.distributed import Shard, all_reduce_sum
 from fisherlab.fisher import ExactBlock, WholeFisher
 from fisherlab.layers import (
+    LAYER_KINDS,
     LayerFactors,
     capture_calls,
+    kind_label,
+    layer_columns,
     layer_inputs,
     layer_kind,
     layer_outputs,
+    layer_structure,
     probeable_layers,
     unsupported_reason,
     weight_gradient,
@@ -133,11 +144,12 @@ class ProbeSnapshot:
         factors: Per-layer factors (``LayerFactors``), stored in the model's precision and
             summed in the accumulation precision (``compute_dtype``).
         loss: Mean true-target loss of the batch.
-        gradients: Per-layer mini-batch gradient ``∇_W h`` with the true targets, shaped
-            ``[d_out, d_in]`` (bias column last).
+        gradients: Per-layer mini-batch gradient ``∇_W h`` with the true targets, in the layout of the
+            layer's block: ``[d_out, d_in]`` (bias column last; an embedding's columns ``factors[name].columns``
+            only; a layer norm's ``[P, 1]``).
         fisher: The Fisher kind used.
         skipped: The model's modules with parameters that were not probed, each as
-            ``"name: why"`` (e.g. ``"bn: BatchNorm2d, only nn.Linear and nn.Conv2d are probed"``).
+            ``"name: why"`` (e.g. ``"bn: BatchNorm2d, only nn.Linear, nn.Conv2d, ... are probed"``).
         approx_factors: Per-layer factors of a second Fisher kind captured in the same pass, to build
             approximations from (cross-kind scoring, ``Probe(approx_fisher=...)``); empty when that kind is
             ``fisher``'s.
@@ -173,8 +185,10 @@ class Probe:
     Args:
         model: Any ``nn.Module`` whose output ``z`` feeds ``loss``.
         loss: The negative log-likelihood (``LossKind`` or its string value).
-        layers: Module paths to probe, or a ``{name: module}`` mapping; ``None`` means every
-            Linear and Conv2d layer.
+        layers: Module paths to probe, or a ``{name: module}`` mapping; ``None`` or ``"all"``: every module
+            of a registered layer kind that holds parameters and can be probed (others are listed in
+            ``skipped`` with why); ``"trainable"``: those of them with a parameter that requires grad
+            (a LoRA model's adapters).
         fisher: The Fisher kind (``FisherKind`` or its string value).
         mc_samples: ``V``, target draws per input for ``mc``.
         seed: Seed of the probe's own generator (MC targets).
@@ -207,7 +221,7 @@ class Probe:
         model: nn.Module,
         loss: LossKind | str,
         *,
-        layers: Iterable[str] | dict[str, nn.Module] | None = None,
+        layers: Iterable[str] | dict[str, nn.Module] | str | None = None,
         fisher: FisherKind | str = FisherKind.MC,
         mc_samples: int = 1,
         seed: int = 0,
@@ -230,7 +244,7 @@ class Probe:
         # modules sharing a weight: one block, named after the first chosen (fisherlab.tied)
         self.layers, self.tied = tie_layers(model, _select_layers(model, layers))
         check_tied_directions(self.tied, [k for k in (self.fisher, self.approx_fisher) if k], mc_samples)
-        self.skipped = _skipped_modules(model, self.layers)
+        self.skipped = _skipped_modules(model, self.layers, trainable=layers == "trainable")
 
     def _gen(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
@@ -276,12 +290,17 @@ class Probe:
         # the layers, then the other uses of tied weights
         captured_inputs: dict[str, list[Tensor]] = {n: [] for n in [*self.layers, *uses]}
         outputs: dict[str, list[Tensor]] = {n: [] for n in captured_inputs}
+        n_batch = lead.shape[0]
 
         def hook(name: str) -> object:
             def fn(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor:
                 # a module called several times per forward shares its weight across the calls:
                 # every call adds positions, as conv positions do (weight-sharing format)
-                captured_inputs[name].append(args[0].detach())  # brought to [N, T, d_in] (and cast) after the pass
+                inp = args[0].detach()
+                if n_batch > 1 and inp.ndim and out.ndim and inp.shape[0] == 1 and out.shape[0] == 1:
+                    # broadcast over the batch ([1, T] position ids): each sample its own view of the output
+                    inp, out = inp.expand(n_batch, *inp.shape[1:]), out.expand(n_batch, *out.shape[1:])
+                captured_inputs[name].append(inp)  # brought to [N, T, d_in] (and cast) after the pass
                 if not out.requires_grad:  # frozen weights and input: give the output a place in the graph
                     out = out + torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
                 outputs[name].append(out)
@@ -367,57 +386,67 @@ class Probe:
             first += len(calls)
             # stored in the model's precision (lossless) unless a lower one was asked for; summed in ``dt``
             captured = captured_inputs[name][0].dtype
+            captured = captured if captured.is_floating_point else gs[calls[0]][0].dtype  # an embedding's: its output's
             store = captured if captured.itemsize <= dt.itemsize else dt
-            a_layer = layer_inputs(module, captured_inputs[name], store, position_mask=position_mask)
-            g = layer_outputs(module, [[gs[c][k] for c in calls] for k in range(len(directions))], store)
+            xs = captured_inputs[name]
+            columns = layer_columns(module, xs, shard)  # an embedding's tokens in the batch (None: every column)
+            a_layer = layer_inputs(module, xs, store, columns=columns, position_mask=position_mask)
+            g = layer_outputs(module, [[gs[c][k] for c in calls] for k in range(len(directions))], store, xs=xs)
             a, g = with_uses(name, a_layer, g, range(len(directions)))
             check_finite(f"pre-activation derivatives of layer {name!r}", g)
             check_finite(f"activations of layer {name!r}", a)
             moments = torch.promote_types(store, torch.float32) if self.moments_in_capture_dtype else dt
-            factors[name] = LayerFactors(a, g, shard, compute_dtype=dt, moment_dtype=moments, name=name)
+            structure = layer_structure(module)
+            factors[name] = LayerFactors(a, g, shard, dt, moments, name, structure, columns)
             if self.approx_fisher is not None:
                 second = range(len(directions), len(every))
-                g2 = layer_outputs(module, [[gs[c][k] for c in calls] for k in second], store)
+                g2 = layer_outputs(module, [[gs[c][k] for c in calls] for k in second], store, xs=xs)
                 a2, g2 = with_uses(name, a_layer, g2, second)
                 check_finite(f"pre-activation derivatives ({self.approx_fisher.value}) of layer {name!r}", g2)
-                approx_factors[name] = LayerFactors(a2, g2, shard, compute_dtype=dt, moment_dtype=moments, name=name)
+                approx_factors[name] = LayerFactors(a2, g2, shard, dt, moments, name, structure, columns)
             if y is not None:
-                g_true = layer_outputs(module, [[true_g[c] for c in calls]], dt)
+                g_true = layer_outputs(module, [[true_g[c] for c in calls]], dt, xs=xs)
                 a_true, g_true = with_uses(name, a_layer, g_true, [None])
                 gradients[name] = all_reduce_sum(weight_gradient(a_true.to(dt), g_true[:, 0].to(dt)), shard) / n
         loss = float(all_reduce_sum(losses.detach().sum().to(dt), shard)) / n if y is not None else float("nan")
         return ProbeSnapshot(factors, loss, gradients, self.fisher, self.skipped, approx_factors, self.approx_fisher)
 
 
-def _skipped_modules(model: nn.Module, probed: dict[str, nn.Module]) -> tuple[str, ...]:
+def _skipped_modules(model: nn.Module, probed: dict[str, nn.Module], *, trainable: bool = False) -> tuple[str, ...]:
     """``"name: why"`` for every module that holds parameters of its own and is not probed."""
     skipped = []
     covered = {id(p) for m in probed.values() for p in m.parameters(recurse=False)}  # a tied weight: its every user
+    kinds = ", ".join(kind_label(k) for k in LAYER_KINDS.values())
     for name, m in model.named_modules():
         if name in probed or all(id(p) in covered for p in m.parameters(recurse=False)):
             continue
-        if isinstance(m, nn.Linear | nn.Conv2d):
-            why = "not among the chosen layers"
+        if layer_kind(m) is None:
+            why = f"{type(m).__name__}, only {kinds} are probed"
+        elif unsupported_reason(m):
+            why = unsupported_reason(m)
+        elif trainable and not any(p.requires_grad for p in m.parameters(recurse=False)):
+            why = "frozen (no parameter requires grad; layers='trainable')"
         else:
-            why = f"{type(m).__name__}, only nn.Linear and nn.Conv2d are probed"
+            why = "not among the chosen layers"
         skipped.append(f"{name or '(the model itself)'}: {why}")
     return tuple(skipped)
 
 
-def _select_layers(model: nn.Module, layers: Iterable[str] | dict[str, nn.Module] | None) -> dict[str, nn.Module]:
+def _select_layers(model: nn.Module, layers: Iterable[str] | dict[str, nn.Module] | str | None) -> dict[str, nn.Module]:
     if isinstance(layers, dict):
         chosen = dict(layers)
+    elif layers is None or layers in ("all", "trainable"):
+        chosen = probeable_layers(model, trainable=layers == "trainable")
+    elif isinstance(layers, str):
+        raise FisherlabError(f"layers is a list of module paths, 'all' or 'trainable', got the string {layers!r}")
     else:
         modules = dict(model.named_modules())
-        if layers is None:
-            chosen = probeable_layers(model)
-        else:
-            chosen = {}
-            for name in layers:
-                if name not in modules:
-                    known = ", ".join(probeable_layers(model)) or "none"
-                    raise FisherlabError(f"unknown layer {name!r}; probeable layers: {known}")
-                chosen[name] = modules[name]
+        chosen = {}
+        for name in layers:
+            if name not in modules:
+                known = ", ".join(probeable_layers(model)) or "none"
+                raise FisherlabError(f"unknown layer {name!r}; probeable layers: {known}")
+            chosen[name] = modules[name]
     for name, m in chosen.items():
         reason = unsupported_reason(m)
         if reason:
@@ -425,5 +454,6 @@ def _select_layers(model: nn.Module, layers: Iterable[str] | dict[str, nn.Module
                 f"layer {name!r} is {reason}" if layer_kind(m) is None else f"layer {name!r}: {reason}"
             )
     if not chosen:
-        raise FisherlabError("no layer of a registered kind (nn.Linear, nn.Conv2d, ...) to probe")
+        skipped = "; ".join(_skipped_modules(model, {}, trainable=layers == "trainable")) or "none"
+        raise FisherlabError(f"no layer of a registered kind to probe (modules with parameters: {skipped})")
     return chosen

@@ -84,7 +84,7 @@ def probe_training(
     each process probes and trains on its contiguous rows (gradients summed over processes), so
     the run equals one process on the global batch; only rank 0 writes.
 
-    Works for any model built from Linear/Conv2d layers and any batch iterator; the CLI
+    Works for any model (its layers of a registered kind are probed) and any batch iterator; the CLI
     calls it through :func:`run_probe`. Uses ``config`` for the probe and analysis
     settings (problem fields are ignored).
 

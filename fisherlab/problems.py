@@ -9,11 +9,11 @@
 | ``deeplinear64`` | 64 × Linear(10, 10), batch norm between | none | MSE (teacher) | 512 |
 | ``deeplinear14`` | 784-1000-900-…-50-20-10, batch norm between | none | CE | 512 |
 | ``transformer`` | 2 pre-norm blocks, d 64, 4 heads, 128 characters | GELU | CE | 32 |
-| ``gpt2`` | Hugging Face GPT-2, bytes; ``--size tiny`` 2 × 64 or ``small`` 12 × 768 | GELU | CE | 32 |
+| ``gpt2`` | Hugging Face GPT-2, bytes; ``--size tiny`` 2 × 64 or ``small`` 12 × 768 | GELU | CE | 8 |
 
 The first three are K App. D; the next three T §4.2-4.3; the two language models train on the
-embedded stand-in text. Batch-norm parameters are not probed (the dataset attribute
-``skipped_parameters`` lists them). A problem may come in several sizes (``variants``,
+embedded stand-in text. Batch-norm parameters are not probed (the dataset attributes ``skipped_parameters``,
+``skipped_modules`` and ``fisher_coverage`` say so). A problem may come in several sizes (``variants``,
 ``--size``, :meth:`Problem.sized`).
 
 The sigmoid of the output layer is part of the loss (:class:`~fisherlab.losses.LossKind`
@@ -200,8 +200,9 @@ class Transformer(nn.Module):
     blocks with causal attention, a final layer norm and a Linear head to the vocabulary logits.
 
     The Linear layers (``blocks.<i>.qkv``, ``.proj``, ``.fc1``, ``.fc2``, ``head``) act on every
-    position: their per-sample Fisher factors have ``T`` = sequence length (weight sharing).
-    Embeddings and layer norms are not probed (``skipped_parameters``).
+    position: their per-sample Fisher factors have ``T`` = sequence length (weight sharing). The
+    embeddings (``embed``; ``position``, called on ``[1, T]`` positions broadcast over the batch, as
+    GPT-2's) and the layer norms are probed too (``--layers all``: every parameter, ``fisher_coverage`` 1).
     """
 
     def __init__(
@@ -216,7 +217,7 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Logits ``[N, T, vocab]`` of the next token at every position of ``tokens [N, T]``."""
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        positions = torch.arange(tokens.shape[1], device=tokens.device)[None]  # [1, T], broadcast over the batch
         x = self.embed(tokens) + self.position(positions)
         for block in self.blocks:
             x = block(x)
@@ -288,7 +289,7 @@ class Problem:
         return replace(self, sizes=named[size])
 
     def layer_names(self) -> list[str]:
-        """Names of the probeable (Linear/Conv2d) layers, as ``--layers`` takes them."""
+        """Names of the probeable layers (every registered layer kind), as ``--layers`` takes them."""
         with torch.device("meta"):
             return list(probeable_layers(self.model(device="meta")))
 
@@ -391,7 +392,7 @@ for _problem in (
         "gpt2",
         _GPT2_TINY,
         LossKind.CE,
-        32,
+        8,  # 8 x 128 tokens: every layer, the papers' five methods, both errors in ~15 s on one CPU thread
         "GPT-2 (Hugging Face transformers, fisherlab[hf]), byte vocabulary: --size tiny (2 x 64, 4 heads; "
         "the default) or small (12 x 768, 12 heads, context 1024)",
         _LANGUAGE,

@@ -91,6 +91,7 @@ def assemble_snapshot(
                 damping=config.damping,
                 gradient=snap.gradients.get(name),
                 approx_block=snap.approx_block(name),
+                warn_not_applicable=False,  # FisherProbe said it once for the run (methods_not_applicable)
             )
         if not ev.layer_values["fisher_frobenius_norm"] > 0:
             zero_warned.add(name)

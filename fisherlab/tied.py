@@ -71,8 +71,9 @@ def tie_layers(
         layers: The chosen layers, ``{name: module}``.
 
     Returns:
-        ``(layers, tied)``: the layers with each tied group as one entry (named after its first chosen
-        member in the model's module order, mapped to the group's ``nn.Linear`` host), and for each such
+        ``(layers, tied)``: the layers with each tied group as one entry (named after the group's ``nn.Linear``
+        host, whose layout the block has, when it is chosen, else after its first chosen member in the
+        model's module order; mapped to the host), and for each such
         entry the other modules that use its weight, ``{module path: module}``.
 
     Raises:
@@ -112,7 +113,9 @@ def tie_layers(
                 f"the weight of {name!r} is shared by {every}; these uses cannot be added to {host_path!r}'s "
                 f"block: {', '.join(bad)}. Supported: nn.Embedding and bias-free nn.Linear modules"
             )
-        first = next(chosen_name[id(g)] for _, g in group if id(g) in chosen_name)
+        # named after the host (the block has its layout) when it is chosen, else the first chosen use
+        chosen = [chosen_name[id(g)] for _, g in group if id(g) in chosen_name]
+        first = chosen_name.get(id(host), chosen[0])
         merged[first] = host
         tied[first] = uses
     return merged, tied

@@ -20,6 +20,7 @@ __all__ = [
     "TKO",
     "Accumulation",
     "BaseOptimizer",
+    "BlockStructure",
     "CoarseSpace",
     "FisherKind",
     "LossKind",
@@ -103,6 +104,21 @@ class CoarseSpace(str, Enum):
 
 #: The value of :attr:`CoarseSpace.TKO`, for code that compares strings.
 TKO: str = CoarseSpace.TKO.value
+
+
+class BlockStructure(str, Enum):
+    """How a layer's per-sample gradient is built from its factors (:mod:`fisherlab.layers`).
+
+    ``kronecker``: ``DW_nv = Σ_t g_nvt a_ntᵀ`` with inputs ``a`` and output derivatives ``g`` of their
+    own sizes (Linear, Conv2d, Conv1D, Embedding): the block is a sum of Kronecker products and the
+    Kronecker methods apply. ``elementwise``: the layer scales its input elementwise (LayerNorm,
+    RMSNorm), its per-sample gradient is a vector ``u_nv`` of its own, written ``g = u``, ``a = 1``: a
+    Kronecker method on it would be trivially exact, so only the methods that declare this
+    structure (``MethodSpec.structures``: ``diagonal``, ``lowrank``) are built.
+    """
+
+    KRONECKER = "kronecker"
+    ELEMENTWISE = "elementwise"
 
 
 class BaseOptimizer(str, Enum):

@@ -14,6 +14,7 @@ STAGES = [
     "vocabulary",  # the names of every choice: settings and storage import these, not machinery
     "distributed",  # process groups: sums over samples, shards of a global batch
     "layers",
+    "layer_kinds",  # the adapters of Conv1D, Embedding, LayerNorm, RMSNorm (registered on import)
     "attention",  # nn.MultiheadAttention's projections as module calls during a probe pass (a layer kind)
     "kron",
     "krylov",

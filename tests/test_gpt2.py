@@ -11,6 +11,8 @@ import fisherlab as fl
 transformers = pytest.importorskip("transformers")
 
 from fisherlab.gpt2 import BYTE_VOCABULARY, GPT2Logits, gpt2_config, gpt2_model  # noqa: E402
+from fisherlab._errors import UndefinedMetricWarning  # noqa: E402
+from fisherlab.launch import resolve_layers  # noqa: E402
 from fisherlab.losses import per_sample_loss  # noqa: E402
 
 #: (vocabulary, d_model, heads, layers, context): the smallest GPT-2 with every module kind
@@ -50,7 +52,7 @@ def test_shapes_on_the_meta_device_match_a_real_pass() -> None:
     assert meta(torch.zeros(2, 16, dtype=torch.int64, device="meta")).shape == (2, 16, BYTE_VOCABULARY)
     small = fl.get_problem("gpt2").sized("small")
     assert small.sizes == (256, 768, 12, 12, 1024)
-    assert "transformer.h.11.mlp.c_fc" in small.layer_names() or "lm_head" in small.layer_names()
+    assert "transformer.h.11.mlp.c_fc" in small.layer_names()
 
 
 def test_the_problem_is_seeded_and_trains_on_the_embedded_text() -> None:
@@ -61,3 +63,21 @@ def test_the_problem_is_seeded_and_trains_on_the_embedded_text() -> None:
     assert x.shape == y.shape == (2, 128) and x.dtype == torch.int64
     loss = per_sample_loss(problem.loss, a(x), y)
     assert loss.shape == (2,) and bool(torch.isfinite(loss).all())
+
+
+def test_every_parameter_of_the_problem_is_probed() -> None:
+    """``--layers all`` on gpt2: every Conv1D, both embeddings (``wte`` with its tied ``lm_head`` as one block),
+    every layer norm; ``fisher_coverage`` 1.0; a finite error wherever a method applies."""
+    problem = fl.get_problem("gpt2")
+    layers = problem.layer_names()
+    assert problem.default_layers[0] in layers and "transformer.wpe" in layers and "transformer.ln_f" in layers
+    assert resolve_layers(problem, ("all",)) == tuple(layers)
+    model = problem.model(dtype=torch.float64)
+    x, y = next(problem.batches(problem.data(), batch_size=2))
+    with pytest.warns(UndefinedMetricWarning, match="elementwise"):  # KFAC does not apply to layer norms
+        probe = fl.FisherProbe(model, "ce", layers=layers, methods=["kfac", "diagonal"])
+    assert probe.attrs["fisher_coverage"] == 1.0 and probe.attrs["skipped_parameters"] == "none"
+    error = probe.step(0, x, y)["frobenius_error"].isel(iteration=0)
+    assert bool(error.sel({"method": "diagonal"}).notnull().all())
+    norms = [name for name in layers if ".ln_" in name]
+    assert bool(error.sel({"method": "kfac"}).drop_sel({"layer": norms}).notnull().all())

@@ -131,7 +131,7 @@ def test_trainer_callback_probes_the_trainers_batches_and_reports_to_its_logging
         assert torch.equal(a, b), name
     ds = load(tmp_path / "p.nc")
     validate(ds)
-    assert list(ds["iteration"].values) == [0, 2] and list(ds["layer"].values) == ["hidden", "head"]
+    assert list(ds["iteration"].values) == [0, 2] and list(ds["layer"].values) == ["embed", "hidden", "head"]
     assert callback._hook is None and not (tmp_path / "p.nc.lock").exists()
 
     history = {h["step"]: h for h in probed.state.log_history if "fisher/train_loss" in h}

@@ -93,3 +93,13 @@ def test_callback_logs_the_snapshot_scalars_to_the_trainers_logger(tmp_path: Pat
         assert row.iloc[0].to_dict() == pytest.approx(expected, rel=1e-12)
     fisher_steps = rows.dropna(subset=["fisher/train_loss"])["step"].tolist()
     assert fisher_steps == [0, 2, 4]
+
+
+def test_default_unpack_passes_a_hugging_face_mapping_whole() -> None:
+    """``(x, y, ...)`` and ``{"x", "y"}`` give their first two; an HF-style mapping is the probe's batch as it is."""
+    from fisherlab.lightning import _first_two
+
+    x, y = torch.zeros(2, 3), torch.ones(2)
+    assert _first_two((x, y, "extra")) == (x, y) and _first_two({"x": x, "y": y}) == (x, y)
+    hf = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "labels": torch.zeros(2, 4, dtype=torch.long)}
+    assert _first_two(hf) == (hf, None)

@@ -214,14 +214,18 @@ def _tiny() -> tuple[Transformer, torch.Tensor, torch.Tensor]:
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # vmap over SDPA in the dense twin
 def test_sequence_fisher_matches_torch_func() -> None:
-    """Empirical Fisher of every Linear layer of a causal transformer (positions share the weight)
-    equals (1/N) Σ ∇_n ∇_nᵀ with ∇_n the torch.func gradient of sample n's loss summed over positions."""
+    """Empirical Fisher of every layer of a causal transformer (positions share the weight: Linear layers,
+    token and position embeddings, layer norms) equals (1/N) Σ ∇_n ∇_nᵀ with ∇_n the torch.func gradient
+    of sample n's loss summed over positions (an embedding's block: the columns of the batch's tokens)."""
     model, x, y = _tiny()
     snap = Probe(model, "ce", fisher="empirical")(x, y)
     grads = per_sample_gradients(model, "ce", x, y, dict(Probe(model, "ce").layers))
+    assert set(snap.factors) == {n for n, m in model.named_modules() if list(m.parameters(recurse=False))}
     for name, block in snap.blocks().items():
-        assert block.factors.n_positions == 6
-        jac = grads[name].flatten(1)
+        columns = block.factors.columns
+        reference = grads[name] if columns is None else grads[name][..., columns]
+        assert block.factors.n_positions == (1 if block.structure.value == "elementwise" else 6)
+        jac = reference.flatten(1)
         torch.testing.assert_close(block.as_dense(), jac.T @ jac / 5, **EXACT64, msg=name)
-        torch.testing.assert_close(snap.gradients[name], grads[name].mean(0), **EXACT64)
+        torch.testing.assert_close(snap.gradients[name], reference.mean(0), **EXACT64)
     assert snap.loss == pytest.approx(float(per_sample_loss("ce", model(x), y).mean().detach()), rel=ROUNDOFF64["rtol"])  # type: ignore[arg-type]

@@ -16,12 +16,14 @@ from torch.func import functional_call, grad, jacrev, vmap
 
 from fisherlab._errors import FisherlabError
 from fisherlab.dense import per_sample_gradients
+from fisherlab.fisher import ExactBlock
 from fisherlab.fisher_probe import FisherProbe
+from fisherlab.layers import layer_parameters, parameter_matrix
 from fisherlab.losses import sample_targets
 from fisherlab.probe import Probe
 from tests.cases import rng
 from tests.test_probe_lm import TinyCausalLM, effective_labels, hf_batch, sequence_loss
-from tests.tolerances import EXACT64
+from tests.tolerances import EXACT64, scaled
 
 VOCAB, DIM, N, T = 7, 4, 5, 4
 
@@ -88,15 +90,16 @@ def test_tied_block_matches_torch_func(fisher: str, kw: dict, layers: list[str] 
 
 
 def test_the_shared_weight_is_not_skipped() -> None:
-    """The embedding, whose only parameter is the probed head's, is neither a skipped module nor a skipped
-    parameter; an untied embedding is both."""
+    """With the Linear layers chosen, the embedding, whose only parameter is the probed head's, is neither a
+    skipped module nor a skipped parameter; an untied embedding is both."""
+    linear = ["mix", "head"]
     tied = _model()
-    assert not [s for s in Probe(tied, "ce").skipped if s.startswith("embed")]
-    assert "embed" not in FisherProbe(tied, "ce").attrs["skipped_parameters"]
+    assert not [s for s in Probe(tied, "ce", layers=linear).skipped if s.startswith("embed")]
+    assert "embed" not in FisherProbe(tied, "ce", layers=linear).attrs["skipped_parameters"]
     untied = _model()
     untied.head.weight = nn.Parameter(untied.embed.weight.detach().clone())
-    assert [s for s in Probe(untied, "ce").skipped if s.startswith("embed")]
-    assert "embed.weight" in str(FisherProbe(untied, "ce").attrs["skipped_parameters"])
+    assert [s for s in Probe(untied, "ce", layers=linear).skipped if s.startswith("embed")]
+    assert "embed.weight" in str(FisherProbe(untied, "ce", layers=linear).attrs["skipped_parameters"])
 
 
 @pytest.mark.parametrize(
@@ -199,3 +202,54 @@ def test_tied_head_of_a_causal_lm_with_a_dict_batch(side: str) -> None:
     torch.testing.assert_close(factors.per_sample_gradients()[:, 0], expected, **EXACT64)
     t = batch["input_ids"].shape[1]
     assert factors.n_positions == 2 * t and not factors.a[:, t:][batch["attention_mask"] == 0].any()
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_tiny_tied_gpt2_on_a_padded_batch_every_block_equals_autograd(side: str) -> None:
+    """Issue 19's done-when: a real (tiny) GPT-2 with ``lm_head`` tied to ``wte``, a padded dict batch, loss
+    ``causal_lm``, every module probed (``layers="all"``): each block's per-sample gradients, ``||F||_F`` and
+    spectrum equal autograd's per-sample gradients of the sequence loss (a loop over the padded rows, each run
+    as a batch of one with its mask), the tied block's those of the shared parameter; ``fisher_coverage`` = 1."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        n_layer=1, n_head=2, n_embd=8, vocab_size=11, n_positions=8, bos_token_id=0, eos_token_id=0,
+        attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+    )  # fmt: skip
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).double().eval()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    batch = hf_batch(side)
+    batch["input_ids"] = batch["input_ids"] % 11
+    batch["labels"] = batch["labels"].where(batch["labels"] < 0, batch["labels"] % 11)
+    probe = Probe(model, "causal_lm", layers="all", fisher="empirical")
+    assert "lm_head" in probe.tied and "transformer.wte" in probe.tied["lm_head"]
+    snap = probe(batch)
+    assert {"transformer.h.0.attn.c_attn", "transformer.wpe", "transformer.ln_f", "lm_head"} <= set(snap.factors)
+    labels = effective_labels(batch)
+    per_sample: list[dict[str, Tensor]] = []
+    for n in range(len(labels)):
+        model.zero_grad()
+        out = model(input_ids=batch["input_ids"][n : n + 1], attention_mask=batch["attention_mask"][n : n + 1])
+        sequence_loss(out.logits[0], labels[n]).backward()
+        per_sample.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    key = {id(p): k for k, p in model.named_parameters()}  # a tied weight under its first name
+    for name, factors in snap.factors.items():
+        module = probe.layers[name]
+        weight, bias = layer_parameters(module)
+        rows = [
+            parameter_matrix(module, g[key[id(weight)]], None if bias is None else g[key[id(bias)]]) for g in per_sample
+        ]
+        reference = torch.stack(rows)
+        if factors.columns is not None:  # an embedding's compact block: the batch's tokens (positions) only
+            reference = reference[..., factors.columns]
+        torch.testing.assert_close(factors.per_sample_gradients()[:, 0], reference, **EXACT64, msg=name)
+        block = ExactBlock(factors)
+        jac = reference.flatten(1)
+        f = jac.T @ jac / len(labels)
+        torch.testing.assert_close(block.frobenius_norm(), torch.linalg.matrix_norm(f), rtol=1e-8, atol=0, msg=name)
+        spectrum = torch.linalg.eigvalsh(f).flip(0)[: block.max_rank]
+        torch.testing.assert_close(
+            block.eigenvalues(), spectrum, **scaled({"rtol": 1e-8, "atol": 1e-12}, float(spectrum[0])), msg=name
+        )
+    assert FisherProbe(model, "causal_lm", layers="all", methods=["diagonal"]).attrs["fisher_coverage"] == 1.0
