@@ -124,7 +124,9 @@ class ProbeConfig:
     )
     size: str | None = field(
         default=None,
-        metadata=_flag("model size of a problem that comes in several: {choices} (default: the first)", choices="sizes"),
+        metadata=_flag(
+            "model size of a problem that comes in several: {choices} (default: its first)", choices="sizes"
+        ),
     )
     data_dir: str | None = field(default=None, metadata=_flag(_DATA_DIR))
     layers: tuple[str, ...] = field(

@@ -231,11 +231,11 @@ fig = plots.summary_figure(tr, "frobenius_error")""",
                 "# Probe a Hugging Face model\n\nA tiny GPT-2 (`transformers.GPT2LMHeadModel`, random init, no download) "
                 "trained a few hundred steps on the embedded stand-in text, in an ordinary Hugging Face loop: dict batches "
                 "(`input_ids`, `attention_mask`, `labels` with `-100` at the pads), `loss = model(**batch).loss`. "
-                "`fl.FisherProbe(model, loss=\"causal_lm\", layers=\"all\")` probes every parameterised layer — the Conv1D "
+                '`fl.FisherProbe(model, loss="causal_lm", layers="all")` probes every parameterised layer — the Conv1D '
                 "projections of attention and MLP, both embeddings (`wte` tied to `lm_head`: one block for the shared weight), "
                 "every layer norm — and the figure shows each kind's error over training.\n\n"
                 "**Expected time: about 2 min on a laptop CPU** (300 training steps, 7 snapshots of 15 layers; 2 min 10 s "
-                "measured on a loaded 2-core machine). Needs `pip install \"fisherlab[hf]\"`."
+                'measured on a loaded 2-core machine). Needs `pip install "fisherlab[hf]"`.'
             ),
         ),
         ("code", SETUP),

@@ -10,10 +10,10 @@ import fisherlab as fl
 
 transformers = pytest.importorskip("transformers")
 
-from fisherlab.gpt2 import BYTE_VOCABULARY, GPT2Logits, gpt2_config, gpt2_model  # noqa: E402
-from fisherlab._errors import UndefinedMetricWarning  # noqa: E402
-from fisherlab.launch import resolve_layers  # noqa: E402
-from fisherlab.losses import per_sample_loss  # noqa: E402
+from fisherlab._errors import UndefinedMetricWarning
+from fisherlab.gpt2 import BYTE_VOCABULARY, GPT2Logits, gpt2_config, gpt2_model
+from fisherlab.launch import resolve_layers
+from fisherlab.losses import per_sample_loss
 
 #: (vocabulary, d_model, heads, layers, context): the smallest GPT-2 with every module kind
 SIZES = (BYTE_VOCABULARY, 8, 2, 1, 16)
