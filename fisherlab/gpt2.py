@@ -75,7 +75,7 @@ class GPT2Logits(GPT2LMHeadModel):
     parent's (``save_pretrained``, ``from_pretrained``, the config).
     """
 
-    def forward(self, input_ids: Tensor, **kwargs: Any) -> Tensor:  # type: ignore[override]
+    def forward(self, input_ids: Tensor, **kwargs: Any) -> Tensor:
         """Logits ``[N, T, vocab]`` of the next token at every position of ``input_ids [N, T]``;
         ``kwargs`` (``attention_mask``, …) go to :class:`~transformers.GPT2LMHeadModel`.
 
