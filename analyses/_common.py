@@ -84,6 +84,26 @@ def obtain(config: ProbeConfig | TrainConfig, data: Path, *, recompute: bool, pr
     return ds
 
 
+def script_parser(doc: str, default_stem: str, problems: list[str], default_problem: str) -> argparse.ArgumentParser:
+    """The options every analysis script shares: ``--problem``, ``--data-dir``, ``--input``, ``--output``,
+    ``--recompute``, ``--smoke``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--problem", default=default_problem, choices=problems)
+    parser.add_argument("--data-dir", default=None, help="real data files (default: embedded data)")
+    parser.add_argument(
+        "--input",
+        default=None,
+        help=f"dataset to read or create (default: data/{default_stem}_<problem>.nc; "
+        f"with --smoke data/smoke/{default_stem}_<problem>.nc)",
+    )
+    parser.add_argument("--output", default=None, help="figure .png/.pdf (default: next to the dataset)")
+    parser.add_argument("--recompute", action="store_true", help="recompute even if the dataset exists")
+    parser.add_argument(
+        "--smoke", "--quick", dest="smoke", action="store_true", help="tiny configuration (used by the tests)"
+    )
+    return parser
+
+
 def figure_script(
     argv: list[str] | None,
     doc: str,
@@ -100,20 +120,7 @@ def figure_script(
         0, or 2 after one ``<script>: error: ...`` line (a reused file computed with other settings,
         bad settings, an unreadable file).
     """
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--problem", default=default_problem, choices=problems)
-    parser.add_argument("--data-dir", default=None, help="real data files (default: embedded data)")
-    parser.add_argument(
-        "--input",
-        default=None,
-        help=f"dataset to read or create (default: data/{default_stem}_<problem>.nc; "
-        f"with --smoke data/smoke/{default_stem}_<problem>.nc)",
-    )
-    parser.add_argument("--output", default=None, help="figure .png/.pdf (default: next to the dataset)")
-    parser.add_argument("--recompute", action="store_true", help="recompute even if the dataset exists")
-    parser.add_argument(
-        "--smoke", "--quick", dest="smoke", action="store_true", help="tiny configuration (used by the tests)"
-    )
+    parser = script_parser(doc, default_stem, problems, default_problem)
     if options is not None:
         options(parser)
     args = parser.parse_args(argv)

@@ -18,13 +18,12 @@ the eigenvalues, not the basis; Shampoo² is close to KPSVD (the Frobenius-optim
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
-from _common import default_input, obtain
+from _common import default_input, obtain, script_parser
 
 from fisherlab._errors import FisherlabError
 from fisherlab.config import ProbeConfig
@@ -123,22 +122,7 @@ def report(results: dict[str, xr.Dataset]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--problem", default="all", choices=[*SETTINGS, "all"])
-    parser.add_argument("--data-dir", default=None, help="real data files (default: embedded data)")
-    parser.add_argument(
-        "--input",
-        default=None,
-        help=f"dataset to read or create, one --problem only (default: data/{STEM}_<problem>.nc; "
-        f"with --smoke data/smoke/{STEM}_<problem>.nc)",
-    )
-    parser.add_argument(
-        "--output", default=None, help="error figure .png/.pdf, one --problem only (default: next to the dataset)"
-    )
-    parser.add_argument("--recompute", action="store_true", help="recompute even if the dataset exists")
-    parser.add_argument(
-        "--smoke", "--quick", dest="smoke", action="store_true", help="tiny configuration (used by the tests)"
-    )
+    parser = script_parser(__doc__ or "", STEM, [*SETTINGS, "all"], "all")  # --input/--output: one problem only
     args = parser.parse_args(argv)
     problems = list(SETTINGS) if args.problem == "all" else [args.problem]
     results: dict[str, xr.Dataset] = {}

@@ -2,7 +2,7 @@
 and peak memory, for any problem (issue 9, parts 1 and 2).
 
     python -m benchmarks.bench_layers --problem resnet18 --batch-size 8             # every conv layer
-    python -m benchmarks.bench_layers --problem transformer                          # every Linear layer
+    python -m benchmarks.bench_layers --problem transformer                          # every layer, norms too
     python -m benchmarks.bench_layers --problem faces --layers 1                     # target: <= 8 GiB
 
 Each layer's row: the exact block's shared quantities, every approximation and every metric

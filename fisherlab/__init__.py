@@ -19,7 +19,7 @@ _argv0 = (getattr(_sys, "argv", None) or [""])[0]
 if _argv0 == "-m" or _argv0.endswith(("/fisherlab", "\\fisherlab", "fisherlab.exe")):
     _sys.excepthook = _interrupted_at_start  # `python -m fisherlab` / the console script, not an importing program
 
-from fisherlab import methods, optim, twolevel  # methods: registers the zoo (ekfac, shampoo, ...)
+from fisherlab import layer_kinds, methods, optim, twolevel  # registers the layer kinds and the zoo (ekfac, ...)
 from fisherlab._errors import ConvergenceWarning, FisherlabError
 from fisherlab._version import __version__ as __version__
 from fisherlab.approximations import (
@@ -37,11 +37,12 @@ from fisherlab.approximations import (
 )
 from fisherlab.block_operators import DenseBlockOperator, DiagonalBlockOperator, EigenbasisDiagonal, LowRankOperator
 from fisherlab.config import ProbeConfig, TrainConfig
+from fisherlab.dashboards import snapshot_scalars
 from fisherlab.fisher import ExactBlock, WholeFisher, cross_block_dense, full_fisher_dense
 from fisherlab.fisher_probe import FisherProbe
 from fisherlab.kron import KronSum, pi_damping
 from fisherlab.krylov import SingularTriplets, lanczos_svd, power_svd
-from fisherlab.layers import LayerFactors
+from fisherlab.layers import LayerFactors, LayerKind, register_layer_kind
 from fisherlab.losses import FisherKind, LossKind
 from fisherlab.method_registry import METHODS, MethodSpec, register_method, unregister_method
 from fisherlab.metrics import (
@@ -60,6 +61,7 @@ from fisherlab.probe_loop import probe_training, run_probe
 from fisherlab.problems import PROBLEMS, get_problem
 from fisherlab.results import load
 from fisherlab.store_registry import STORES, ResultStore, register_store
+from fisherlab.vocabulary import BlockStructure
 
 __all__ = [  # noqa: RUF022 (grouped by pipeline stage, not sorted)
     # probe
@@ -68,6 +70,9 @@ __all__ = [  # noqa: RUF022 (grouped by pipeline stage, not sorted)
     "Probe",
     "ProbeSnapshot",
     "LayerFactors",
+    "LayerKind",
+    "register_layer_kind",
+    "BlockStructure",
     # exact Fisher
     "ExactBlock",
     "WholeFisher",
@@ -117,10 +122,12 @@ __all__ = [  # noqa: RUF022 (grouped by pipeline stage, not sorted)
     "load",
     "probe_training",
     "run_probe",
+    "snapshot_scalars",
     "STORES",
     "ResultStore",
     "register_store",
     # modules
+    "layer_kinds",
     "methods",
     "optim",
     "twolevel",
@@ -131,9 +138,10 @@ __all__ = [  # noqa: RUF022 (grouped by pipeline stage, not sorted)
 
 
 def __getattr__(name: str) -> object:
-    """``fisherlab.lightning`` on first use, so that ``import fisherlab`` never imports Lightning."""
-    if name == "lightning":
+    """``fisherlab.lightning`` and ``fisherlab.hf`` on first use, so that ``import fisherlab`` never
+    imports Lightning or ``transformers``."""
+    if name in ("lightning", "hf"):
         import importlib
 
-        return importlib.import_module("fisherlab.lightning")
+        return importlib.import_module(f"fisherlab.{name}")
     raise AttributeError(f"module 'fisherlab' has no attribute {name!r}")

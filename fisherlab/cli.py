@@ -72,6 +72,7 @@ _LISTINGS: dict[str, typing.Callable[[], str]] = {
     "problems": lambda: " | ".join(PROBLEMS),
     "methods": lambda: ", ".join(METHODS),
     "metrics": _metrics_listing,
+    "sizes": lambda: "; ".join(f"{p.name} {' | '.join(dict(p.variants))}" for p in PROBLEMS.values() if p.variants),
 }
 
 
@@ -192,11 +193,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
 
 
 def _config(args: argparse.Namespace) -> ProbeConfig:
-    if args.layers is not None:
-        return _config_from_args(ProbeConfig, args)
     from fisherlab.problems import get_problem
 
-    return _config_from_args(ProbeConfig, args, layers=get_problem(args.problem).default_layers)
+    problem = get_problem(args.problem).sized(args.size)  # an unknown problem or size: one line, before any work
+    if args.layers is not None:
+        return _config_from_args(ProbeConfig, args)
+    return _config_from_args(ProbeConfig, args, layers=problem.default_layers)
 
 
 def _config_defaults(path: str, config_class: type) -> dict[str, object]:

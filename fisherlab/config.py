@@ -77,7 +77,7 @@ class Flag:
             comma-separated) and ``{choices}`` by the accepted values: an enum's, or the listing named by
             ``choices``.
         choices: The registry whose names a ``str`` field takes, by its name in the CLI's listings
-            (``problems``, ``methods``, ``metrics``): registries later than the configs, read when the
+            (``problems``, ``sizes``, ``methods``, ``metrics``): registries later than the configs, read when the
             parser is built, so the help lists what is registered then.
         metavar: The value's placeholder in the help (default: argparse's, the flag's name in capitals; an
             enum's values in braces).
@@ -122,12 +122,19 @@ class ProbeConfig:
         default="curves",
         metadata=_flag("{choices} (default: {default}; embedded data, no download)", choices="problems"),
     )
+    size: str | None = field(
+        default=None,
+        metadata=_flag(
+            "model size of a problem that comes in several: {choices} (default: its first)", choices="sizes"
+        ),
+    )
     data_dir: str | None = field(default=None, metadata=_flag(_DATA_DIR))
     layers: tuple[str, ...] = field(
         default=("5",),
         metadata=_flag(
-            "comma-separated layer numbers, 1 = first layer, or module paths (resnet18: layer4.0.conv2), or all "
-            "(default: 5 for the auto-encoders)",
+            "comma-separated layer numbers, 1 = first layer, or module paths (resnet18: layer4.0.conv2), all "
+            "(every layer of a registered kind: embeddings and layer norms too) or trainable (those with a "
+            "trainable parameter) (default: 5 for the auto-encoders)",
             default_none=True,
         ),
     )
@@ -218,7 +225,7 @@ class ProbeConfig:
         ),
     )
     coarse_spaces: tuple[CoarseSpace, ...] = field(
-        default=tuple(CoarseSpace), metadata=_flag("subset of {choices} (default: all; tko is always added)")
+        default=tuple(CoarseSpace), metadata=_flag("subset of {choices} (default: all)")
     )
     taylor_order: int = field(default=2, metadata=_flag("q of the Taylor coarse space (default: {default})"))
     threads: int | None = field(default=None, metadata=_flag(_THREADS))
@@ -331,8 +338,8 @@ class TrainConfig:
     optimizers: tuple[str, ...] = field(
         default=("sgd", "adam", "kfac", "kpsvd", "deflation"),
         metadata=_flag(
-            "comma-separated: sgd, adam, kfac, kpsvd, deflation, lanczos, kfac_corrected, kfac2l_<coarse space>, "
-            "kfac2l_tko (default: {default})"
+            "comma-separated: sgd, adam, kfac, kpsvd, deflation, lanczos, kfac_corrected, kfac2l_<coarse space> "
+            "(tko included) (default: {default})"
         ),
     )
     epochs: int = field(default=3, metadata=_flag("epochs per optimizer (default: {default})"))

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from fisherlab.layers import layer_kind, weight_matrix
+from fisherlab.layers import layer_parameters, parameter_matrix
 from fisherlab.losses import LossKind, per_sample_loss
 
 __all__ = [
@@ -29,12 +29,18 @@ def per_sample_gradients(
 ) -> dict[str, Tensor]:
     """Per-sample gradients ``[N, d_out, d_in]`` (bias as last column) by ``torch.func``.
 
+    Each layer's in the layout of its block (:func:`~fisherlab.layers.parameter_matrix`): an embedding's
+    whole ``[N, dim, num_embeddings]`` (the probe's compact block is its ``columns``), a LayerNorm's
+    ``[N, P, 1]`` (weight, then bias).
+
     Args:
         model: The network.
         loss: Its negative log-likelihood.
         x: Inputs ``[N, ...]``.
         y: Targets ``[N, ...]`` (e.g. sampled ones).
-        layers: ``{name: module}`` of probeable layers (weights in the layer kind's row layout).
+        layers: ``{name: module}`` of probeable layers (weights in the layer kind's row layout). A weight
+            shared by several modules (:mod:`fisherlab.tied`) gets the gradient of the shared parameter,
+            every use summed.
     """
     loss = LossKind(loss)
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -44,13 +50,12 @@ def per_sample_gradients(
         return per_sample_loss(loss, z, yi[None]).sum()
 
     grads = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
-    name_of = {id(m): n for n, m in model.named_modules()}
+    name_of = {id(p): n for n, p in model.named_parameters()}  # a tied weight: under its first name
     out = {}
     for name, module in layers.items():
-        prefix = name_of[id(module)]
-        bias = grads[f"{prefix}.bias" if prefix else "bias"] if module.bias is not None else None
-        rows = vmap(layer_kind(module).to_rows)(grads[f"{prefix}.weight" if prefix else "weight"])  # type: ignore[union-attr]
-        out[name] = weight_matrix(rows, bias, batch_dims=1)
+        weight, bias = layer_parameters(module)
+        bias_grad = None if bias is None else grads[name_of[id(bias)]]
+        out[name] = parameter_matrix(module, grads[name_of[id(weight)]], bias_grad, batch_dims=1)
     return out
 
 

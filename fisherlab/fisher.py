@@ -33,6 +33,7 @@ from fisherlab.kron import KronSum
 from fisherlab.layers import LayerFactors
 from fisherlab.operators import BlockOperator, Params, axpy, dot
 from fisherlab.sample_span import SampleSpan, restrict, span_bases
+from fisherlab.vocabulary import BlockStructure
 
 __all__ = ["ExactBlock", "WholeFisher", "cross_block_dense", "full_fisher_dense", "jvp", "vjp"]
 
@@ -113,6 +114,12 @@ class ExactBlock:
         return self.factors.d_in
 
     @property
+    def structure(self) -> BlockStructure:
+        """How the per-sample gradients are built (:class:`~fisherlab.vocabulary.BlockStructure`): the
+        methods that apply to this block are those that declare it (``MethodSpec.structures``)."""
+        return self.factors.structure
+
+    @property
     def max_rank(self) -> int:
         """An upper bound on the rank: ``min(N V, d_out d_in)``."""
         f = self.factors
@@ -133,7 +140,7 @@ class ExactBlock:
         s_out, s_in = (_power_of_two_scale(t, f.shard) for t in (f.g, f.a))
         if s_out == 1 and s_in == 1:
             return self, 1.0, 1.0
-        factors = LayerFactors(f.a / s_in, f.g / s_out, f.shard, None, f.moment_dtype)
+        factors = LayerFactors(f.a / s_in, f.g / s_out, f.shard, None, f.moment_dtype, f.name, f.structure, f.columns)
         return ExactBlock(factors), s_out, s_in
 
     def sample_span(self, *, max_fraction: float = 0.5) -> SampleSpan | None:

@@ -3,7 +3,8 @@
 Every ``every`` steps one probe pass (:class:`~fisherlab.probe.Probe`: the hooks), every
 approximation and every registered metric of the probed layers
 (:func:`~fisherlab.snapshot.assemble_snapshot`), appended to the results
-(:class:`~fisherlab.results.ResultsWriter`). :func:`~fisherlab.probe_loop.probe_training` and
+(:class:`~fisherlab.results.ResultsWriter`), then handed to the ``on_snapshot`` callbacks (live
+dashboards: :mod:`fisherlab.dashboards`). :func:`~fisherlab.probe_loop.probe_training` and
 ``fisherlab probe`` (:func:`~fisherlab.probe_loop.run_probe`) are this class inside a loop of
 their own.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -23,12 +25,15 @@ from torch import Tensor, nn
 from torch import distributed as dist
 from tqdm.auto import tqdm
 
-from fisherlab._errors import FisherlabError
+from fisherlab._errors import FisherlabError, UndefinedMetricWarning
 from fisherlab.approximations import WarmStarts
 from fisherlab.config import ProbeConfig
+from fisherlab.dashboards import SnapshotCallback, TensorBoardWriter
 from fisherlab.distributed import Shard, shard_of_batch
+from fisherlab.layers import kronecker_layers, layer_kind, layer_structure
 from fisherlab.losses import LossKind, as_enum
-from fisherlab.probe import Probe
+from fisherlab.method_registry import not_applicable
+from fisherlab.probe import Batch, Probe, batch_tensor
 from fisherlab.results import ResultsWriter, annotate, run_attrs
 from fisherlab.snapshot import assemble_snapshot
 
@@ -53,10 +58,15 @@ class FisherProbe:
     and ``fisherlab probe`` are this class inside a loop of their own.
 
     Args:
-        model: Any ``nn.Module`` built from Linear/Conv2d layers (others are listed as skipped).
-        loss: Its negative log-likelihood, ``"mse"``, ``"bce"`` or ``"ce"``.
+        model: Any ``nn.Module``; its modules of a registered layer kind (Linear, Conv2d, Conv1D, Embedding,
+            LayerNorm, RMSNorm, MultiheadAttention) are probed, the others listed as skipped (attributes
+            ``skipped_parameters``, ``skipped_modules`` with why, and ``fisher_coverage``).
+        loss: Its negative log-likelihood (:class:`~fisherlab.losses.LossKind`): ``"mse"``, ``"bce"``, ``"ce"``,
+            or for language models ``"causal_lm"`` (Hugging Face's shifted labels, ``-100`` ignored)
+            and ``"seq_cls"``.
         every: Probe when ``step % every == 0`` (default ``config.every``).
-        layers: Module paths to measure (default: every Linear and Conv2d layer).
+        layers: Module paths to measure, ``"all"`` (the default: every module that can be probed) or
+            ``"trainable"`` (those with a parameter that requires grad: a LoRA model's adapters).
         methods: Registered method names (default ``config.methods``: the papers' five).
         metrics: Error metrics (default ``config.metrics``; without ``config`` error 1 only,
             ``("frobenius_error",)``: error 2 of the Kronecker-rank-2 methods costs 20x more on a
@@ -70,6 +80,13 @@ class FisherProbe:
         overwrite: Replace an existing ``out``.
         writer: An open :class:`~fisherlab.results.ResultsWriter` instead of ``out`` (its
             owner closes it and sets its attributes).
+        on_snapshot: A callable ``(step, snapshot) -> None`` or a list of them, run after each snapshot is in the
+            results file, on every process (live dashboards; :func:`~fisherlab.dashboards.snapshot_scalars`
+            flattens a snapshot into named scalars). Their exceptions propagate.
+        tensorboard: A TensorBoard log directory: each snapshot's scalars are written there live,
+            global step = ``step``, flushed at each snapshot, closed by :meth:`close`
+            (:class:`~fisherlab.dashboards.TensorBoardWriter`; ``pip install 'fisherlab[hf]'``).
+            Only global rank 0 writes it.
 
     Example:
         >>> probe = FisherProbe(model, "ce", every=10, layers=["fc"], out="runs/probe.nc")  # doctest: +SKIP
@@ -87,13 +104,15 @@ class FisherProbe:
         loss: LossKind | str,
         *,
         every: int | None = None,
-        layers: list[str] | dict[str, nn.Module] | None = None,
+        layers: list[str] | dict[str, nn.Module] | str | None = None,
         methods: Sequence[str] | None = None,
         metrics: Sequence[str] | None = None,
         out: str | Path | None = None,
         config: ProbeConfig | None = None,
         overwrite: bool = False,
         writer: ResultsWriter | None = None,
+        on_snapshot: SnapshotCallback | Sequence[SnapshotCallback] = (),
+        tensorboard: str | Path | None = None,
     ) -> None:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module  # probe the network itself: DDP's reducer expects a backward after each forward
@@ -111,26 +130,30 @@ class FisherProbe:
             "accumulate_dtype": config.accumulate.dtype,
             "moments_in_capture_dtype": config.accumulate.moments_in_capture_dtype,
         }
-        self.names = list(Probe(model, self.loss, layers=layers, **kwargs).layers)  # type: ignore[arg-type]
+        chosen = Probe(model, self.loss, layers=layers, **kwargs)  # type: ignore[arg-type]
+        self.names = list(chosen.layers)
         if layers is not None or writer is None:
             config = replace(config, layers=tuple(self.names))
         config.check_store_factors()
+        _check_layer_options(chosen.layers, config, model)
         self.config = config
         self.model = model
-        self.probe = Probe(model, self.loss, layers=None if config.two_level else layers, **kwargs)  # type: ignore[arg-type]
+        # two-level KFAC needs every layer's Kronecker approximation (block-diagonal increments)
+        self.probe = Probe(model, self.loss, layers=kronecker_layers(model) if config.two_level else layers, **kwargs)  # type: ignore[arg-type]
+        callbacks = [on_snapshot] if callable(on_snapshot) else list(on_snapshot)
+        if not all(callable(c) for c in callbacks):
+            raise FisherlabError(f"on_snapshot takes callables (step, snapshot) -> None, got {on_snapshot!r}")
+        # before the output is locked (a missing TensorBoard fails here); its file comes with the first snapshot
+        self._tensorboard = TensorBoardWriter(tensorboard) if tensorboard is not None and rank == 0 else None
+        self.on_snapshot: list[SnapshotCallback] = callbacks + [self._tensorboard] if self._tensorboard else callbacks
         self._owns_writer = writer is None and out is not None
         self.writer = ResultsWriter(out, {}, overwrite=overwrite) if self._owns_writer else writer  # type: ignore[arg-type]
-        probed = {
-            f"{n}.{p}" if n else p for n, m in self.probe.layers.items() for p, _ in m.named_parameters(recurse=False)
-        }
-        skipped = [n for n, _ in model.named_parameters() if n not in probed]
         self.attrs: dict[str, str | int | float] = {}
         if writer is None:  # a loop fisherlab does not drive: say so in the provenance
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
             self.attrs.update(run_attrs(replace(config, problem=type(model).__name__), device, USER_LOOP, self.loss))
-        self.attrs.update(
-            {"probed_layers": ",".join(self.probe.layers), "skipped_parameters": ",".join(skipped) or "none"}
-        )
+        self.attrs.update(_coverage_attrs(model, self.probe))
+        self.attrs["methods_not_applicable"] = _methods_not_applicable(chosen.layers, config.methods)
         if self.writer is not None:
             self.writer.attrs.update(self.attrs)
         self._previous: dict[str, WarmStarts] = {}
@@ -141,33 +164,38 @@ class FisherProbe:
         self._t0 = time.perf_counter()
         self._closed = False
 
-    def step(self, step: int, x: Tensor, y: Tensor | None, *, shard: Shard | None = None) -> xr.Dataset | None:
+    def step(self, step: int, x: Batch, y: Tensor | None = None, *, shard: Shard | None = None) -> xr.Dataset | None:
         """Probe the batch ``(x, y)`` when ``step % every == 0``; returns that snapshot, else ``None``.
 
-        ``y`` are the true targets (for the training loss and ``∇h``); the MC Fisher samples its own.
-        Under ``torch.distributed`` ``(x, y)`` are this rank's rows of the global batch; ``shard``
-        says which when the caller knows (else every rank's row count is exchanged).
+        ``x`` is the model's input tensor or a Hugging Face style mapping (``input_ids``,
+        ``attention_mask``, ``labels``, ...: :class:`~fisherlab.probe.Probe`). ``y`` are the true
+        targets (for the training loss and ``∇h``; default a mapping's ``labels``); the MC Fisher
+        samples its own. Under ``torch.distributed`` ``(x, y)`` are this rank's rows of the global
+        batch; ``shard`` says which when the caller knows (else every rank's row count is exchanged).
         """
         if self._closed:
             raise FisherlabError("this FisherProbe is closed; create a new one (with a new out) to probe again")
         if step % self.config.every:
             return None
+        lead = batch_tensor(x)
         if shard is None:  # collective under torch.distributed: every rank probes its own rows
-            shard = shard_of_batch(x.shape[0], x.device)
+            shard = shard_of_batch(lead.shape[0], lead.device)
         started = time.perf_counter()
         # the Fisher and its metrics in full precision, with autograd even under torch.inference_mode()
-        with torch.autocast(x.device.type, enabled=False), torch.inference_mode(False):
+        with torch.autocast(lead.device.type, enabled=False), torch.inference_mode(False):
             ds, snap = assemble_snapshot(
                 step, self.probe, x, y, self.names, self.config, self._previous, self._t0, shard, self._zero_warned
             )
         if not self._cost_said:
             self._cost_said = True
-            tqdm.write(_cost_line(time.perf_counter() - started, x.device, self.names, self.config), file=sys.stderr)
+            tqdm.write(_cost_line(time.perf_counter() - started, lead.device, self.names, self.config), file=sys.stderr)
         if self.writer is not None:
             stored = {name: (snap.factors[name].a, snap.factors[name].g) for name in self.config.store_factors}
             self.writer.append(ds, factors=stored)
         self._snapshots.append(ds)
         self._dataset = None
+        for callback in self.on_snapshot:  # after the file: a failing dashboard loses no snapshot
+            callback(step, ds)
         return ds
 
     @property
@@ -185,14 +213,19 @@ class FisherProbe:
         return self._dataset
 
     def close(self) -> xr.Dataset | None:
-        """Release the output (when this probe opened it); returns the dataset (``None`` if never probed).
+        """Release the output (when this probe opened it) and close the TensorBoard writer; returns
+        the dataset (``None`` if never probed).
 
         :meth:`step` raises afterwards: the file is never reopened, so never truncated.
         """
         self._closed = True
-        if self._owns_writer and self.writer is not None:
-            self.writer.close()
-            self._owns_writer = False
+        try:
+            if self._owns_writer and self.writer is not None:
+                self.writer.close()
+                self._owns_writer = False
+        finally:
+            if self._tensorboard is not None:
+                self._tensorboard.close()
         return self.dataset if (self._dataset is not None or self._snapshots) else None
 
     def __enter__(self) -> Self:
@@ -200,6 +233,75 @@ class FisherProbe:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _coverage_attrs(model: nn.Module, probe: Probe) -> dict[str, str | int | float]:
+    """``probed_layers``, ``skipped_parameters`` (every parameter outside a probed block), ``skipped_modules``
+    (``name: why``) and ``fisher_coverage``: the fraction of the trainable parameters (all of them when none
+    is trainable) that lie inside a probed block, each shared parameter counted once."""
+    probed_ids = {id(p) for m in probe.layers.values() for p in m.parameters(recurse=False)}
+    skipped = [n for n, p in model.named_parameters() if id(p) not in probed_ids]
+    params = list(model.parameters())  # each shared parameter once
+    counted = [p for p in params if p.requires_grad] or params
+    total = sum(p.numel() for p in counted)
+    inside = sum(p.numel() for p in counted if id(p) in probed_ids)
+    return {
+        "probed_layers": ",".join(probe.layers),
+        "skipped_parameters": ",".join(skipped) or "none",
+        "skipped_modules": "; ".join(probe.skipped) or "none",
+        "fisher_coverage": inside / total if total else 1.0,
+    }
+
+
+def _methods_not_applicable(layers: dict[str, nn.Module], methods: Sequence[str]) -> str:
+    """``layer: method,method (why); ...`` for the methods that do not apply to a layer's block structure
+    (a Kronecker method on a LayerNorm): said once, as one warning line, and kept as a run attribute."""
+    by_structure: dict[str, list[str]] = {}
+    for name, module in layers.items():
+        by_structure.setdefault(layer_structure(module).value, []).append(name)
+    entries, said = [], []
+    for structure, names in by_structure.items():
+        refused = not_applicable(methods, structure)
+        if refused:
+            why = next(iter(refused.values())).split(", not to ", 1)[-1]
+            entries.append(f"{','.join(names)}: {','.join(refused)} (not built on {why})")
+            said.append(f"{', '.join(refused)} on the {structure} blocks of {', '.join(names)}")
+    if said:
+        warnings.warn(
+            f"methods that do not apply are not built, their errors stored as NaN: {'; '.join(said)} "
+            "(attribute methods_not_applicable)",
+            UndefinedMetricWarning,
+            stacklevel=3,
+        )
+    return "; ".join(entries) or "none"
+
+
+def _check_layer_options(layers: dict[str, nn.Module], config: ProbeConfig, model: nn.Module) -> None:
+    """Two-level KFAC takes the Kronecker layers only; stored factors need a fixed shape per layer.
+
+    Raises:
+        FisherlabError: A probed layer that is not a Kronecker layer with ``two_level``; an embedding in
+            ``store_factors`` (its factors keep the batch's tokens only: their width changes per snapshot).
+    """
+    if config.two_level:
+        kron = {id(m) for m in kronecker_layers(model).values()}
+        other = [name for name, m in layers.items() if id(m) not in kron]
+        if other:
+            raise FisherlabError(
+                f"two-level KFAC takes Linear, Conv2d and Conv1D layers only; probe {other} in a run without "
+                "--two-level"
+            )
+    compact = [name for name in config.store_factors if name in layers and _one_hot(layers[name])]
+    if compact:
+        raise FisherlabError(
+            f"--store-factors: {compact} keep the batch's tokens only (their width changes from snapshot to "
+            "snapshot) and cannot be stored yet"
+        )
+
+
+def _one_hot(module: nn.Module) -> bool:
+    kind = layer_kind(module)
+    return kind is not None and kind.one_hot is not None
 
 
 #: The settings of :class:`FisherProbe` without ``config``: :class:`ProbeConfig`'s, error 1 only

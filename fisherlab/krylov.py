@@ -67,7 +67,7 @@ class SingularTriplets:
 
 
 def power_svd(
-    mv: MatVec, rmv: MatVec, start: Tensor, *, tol: float = 1e-6, max_iter: int = 200, scale: float = 0.0
+    mv: MatVec, rmv: MatVec, start: Tensor, *, tol: float, max_iter: int, scale: float = 0.0
 ) -> SingularTriplets:
     """Dominant singular triplet by the power SVD algorithm.
 
@@ -119,10 +119,10 @@ def lanczos_svd(
     rmv: MatVec,
     start: Tensor,
     *,
-    rank: int = 2,
-    krylov_dim: int = 20,
-    tol: float = 1e-6,
-    max_restarts: int = 50,
+    rank: int,
+    krylov_dim: int,
+    tol: float,
+    max_restarts: int,
 ) -> SingularTriplets:
     """Top ``rank`` singular triplets by Golub-Kahan-Lanczos bidiagonalization with restarts.
 

@@ -12,7 +12,6 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from datetime import timedelta
-from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -22,9 +21,10 @@ from fisherlab._errors import FisherlabError
 from fisherlab.config import ProbeConfig
 from fisherlab.data import ImageData
 from fisherlab.distributed import init_from_environment
-from fisherlab.layers import probeable_layers
+from fisherlab.layers import kronecker_layers, layer_kind, layer_structure, probeable_layers
 from fisherlab.problems import Problem
 from fisherlab.results import config_json
+from fisherlab.vocabulary import BlockStructure
 
 __all__ = [
     "available_bytes",
@@ -37,18 +37,20 @@ __all__ = [
 
 
 def resolve_layers(problem: Problem, layers: tuple[str, ...]) -> tuple[str, ...]:
-    """The layers ``--layers`` names on ``problem``: ``all`` is every probeable layer.
+    """The layers ``--layers`` names on ``problem``: ``all`` is every probeable layer (every registered
+    kind: embeddings and layer norms too), ``trainable`` those with a trainable parameter (all of them:
+    a problem's model trains every parameter).
 
     Raises:
         FisherlabError: Unknown layer names, listing the problem's layers.
     """
     known = problem.layer_names()
-    if tuple(layers) == ("all",):
+    if tuple(layers) in (("all",), ("trainable",)):
         return tuple(known)
     bad = [name for name in layers if name not in known]
     if bad or not layers:
         listing = f"1 to {known[-1]}" if all(n.isdigit() for n in known) else ", ".join(known)
-        raise FisherlabError(f"unknown layers {bad} for {problem.name}: it has layers {listing} (or all)")
+        raise FisherlabError(f"unknown layers {bad} for {problem.name}: it has layers {listing} (or all, trainable)")
     return tuple(layers)
 
 
@@ -60,17 +62,12 @@ def snapshot_bytes(problem: Problem, data: ImageData, config: ProbeConfig, batch
     ``empirical``."""
     model = problem.model(device="meta").eval()  # one sample: batch norm in training mode would refuse it
     layers = probeable_layers(model)
-    probed = layers if config.two_level else {name: layers[name] for name in config.layers}
+    probed = kronecker_layers(model) if config.two_level else {name: layers[name] for name in config.layers}
     shapes: dict[str, tuple[int, int, int]] = {}  # name -> (T, d_in, d_out)
 
     def record(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            if isinstance(module, nn.Conv2d):
-                d_in = module.in_channels // module.groups * math.prod(module.kernel_size)
-                shapes[name] = (output[0].numel() // module.out_channels, d_in + 1, module.out_channels)
-            else:
-                linear = cast(nn.Linear, module)
-                shapes[name] = (inputs[0][0].numel() // linear.in_features, linear.in_features + 1, linear.out_features)
+            shapes[name] = _factor_shape(module, inputs[0], output, batch_size)
 
         return hook
 
@@ -84,6 +81,21 @@ def snapshot_bytes(problem: Problem, data: ImageData, config: ProbeConfig, batch
     n = batch_size
     factors = sum(n * (t * d_in + v * t * d_out) * 8 for t, d_in, d_out in shapes.values())
     return {"factors": float(factors), "gram": float((n * v) ** 2 * 8), "directions": v}
+
+
+def _factor_shape(module: nn.Module, x: Tensor, output: Tensor, n: int) -> tuple[int, int, int]:
+    """``(T, d_in, d_out)`` of one call's factors from its input and output shapes (meta tensors: no data)."""
+    structure, kind = layer_structure(module), layer_kind(module)
+    if structure is BlockStructure.ELEMENTWISE:
+        return 1, 1, sum(p.numel() for p in module.parameters(recurse=False))
+    if kind is not None and kind.one_hot is not None:  # compact one-hot: at most N T columns
+        t = x[0].numel()
+        return t, min(n * t, kind.one_hot(module)), output.shape[-1]
+    if isinstance(module, nn.Conv2d):
+        d_in = module.in_channels // module.groups * math.prod(module.kernel_size)
+        return output[0].numel() // module.out_channels, d_in + (module.bias is not None), module.out_channels
+    d_in = x.shape[-1]
+    return x[0].numel() // d_in, d_in + (getattr(module, "bias", None) is not None), output.shape[-1]
 
 
 def available_bytes(device: torch.device) -> float | None:

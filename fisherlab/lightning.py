@@ -7,11 +7,14 @@ Example:
     >>> import lightning, fisherlab as fl                                          # doctest: +SKIP
     >>> probe = fl.lightning.FisherProbeCallback(every=10, out="runs/probe.nc")  # loss "ce"  # doctest: +SKIP
     >>> lightning.Trainer(callbacks=[probe]).fit(module, loader)                  # doctest: +SKIP
+
+Each snapshot's scalars (:func:`~fisherlab.dashboards.snapshot_scalars`) also go to the Trainer's
+loggers, live (``log=True``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +23,10 @@ from torch import Tensor
 
 from fisherlab._errors import FisherlabError
 from fisherlab.config import ProbeConfig
+from fisherlab.dashboards import snapshot_scalars
 from fisherlab.fisher_probe import FisherProbe
 from fisherlab.losses import LossKind
+from fisherlab.probe import Batch
 
 try:
     from lightning.pytorch import Callback, LightningModule, Trainer
@@ -31,13 +36,26 @@ except ImportError:  # pragma: no cover - depends on the environment
 __all__ = ["FisherProbeCallback"]
 
 
-def _first_two(batch: Any) -> tuple[Tensor, Tensor | None]:
-    """``(x, y)`` from a batch ``(x, y, ...)`` or ``{"x": ..., "y": ...}``."""
-    if isinstance(batch, dict):
-        return batch["x"], batch.get("y")
+def _first_two(batch: Any) -> tuple[Batch, Tensor | None]:
+    """``(x, y)`` from a batch ``(x, y, ...)`` or ``{"x": ..., "y": ...}``; any other mapping (a Hugging Face
+    style ``input_ids``, ``attention_mask``, ``labels``) is the probe's batch as it is (targets: its ``labels``)."""
+    if isinstance(batch, Mapping):
+        return (batch["x"], batch.get("y")) if "x" in batch else (batch, None)
     if isinstance(batch, list | tuple) and len(batch) >= 1:
         return batch[0], batch[1] if len(batch) > 1 else None
     raise FisherlabError("FisherProbeCallback cannot unpack this batch; pass unpack=lambda batch: (x, y)")
+
+
+class _LoggerReport:
+    """An ``on_snapshot`` callback: a snapshot's scalars to every logger of ``trainer``."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def __call__(self, step: int, snapshot: xr.Dataset) -> None:
+        scalars = snapshot_scalars(snapshot)
+        for logger in self.trainer.loggers:
+            logger.log_metrics(scalars, step=step)
 
 
 class FisherProbeCallback(Callback):
@@ -48,17 +66,32 @@ class FisherProbeCallback(Callback):
     module's ``forward(x)`` must return the network output the loss is taken on (logits for
     ``ce`` and ``bce``). With several processes only global rank 0 writes ``out``.
 
+    With ``log=True`` each snapshot's scalars (:func:`~fisherlab.dashboards.snapshot_scalars`:
+    ``fisher/frobenius_error/<layer>/<method>``, ``fisher/fisher_frobenius_norm/<layer>``,
+    ``fisher/train_loss``, ...) go to every logger of the Trainer (``trainer.loggers``:
+    TensorBoard, CSV, W&B, ...) at once, with the probe's step as step, through
+    ``logger.log_metrics`` (rank zero only, as Lightning's loggers do). Not through
+    ``LightningModule.log``: that is allowed in ``on_train_batch_start``, but its values reach the
+    loggers only every ``log_every_n_steps`` steps (a snapshot in between would arrive late, under
+    another step, or be overwritten), and they would fill ``callback_metrics`` and the progress bar.
+
     Args:
         loss: The negative log-likelihood of the module's output: ``"ce"`` (default, a classifier's
             logits), ``"bce"`` or ``"mse"``.
         every: Probe when ``trainer.global_step % every == 0`` (once per step under gradient accumulation).
         out: The ``.nc`` file every snapshot is appended to (``None``: kept in memory, see :attr:`dataset`).
-        layers: Module paths inside the LightningModule (default: every Linear/Conv2d).
+        layers: Module paths inside the LightningModule, ``"all"`` (the default: every layer of a registered
+            kind) or ``"trainable"``.
         methods: Method names (default: all five).
         metrics: Error metrics (default: error 1 only, the cheap path; see :class:`FisherProbe`).
         config: Every other probe setting (:class:`~fisherlab.ProbeConfig`).
-        unpack: ``batch -> (x, y)``; default: the first two entries of a tuple, or keys ``x``, ``y``.
+        unpack: ``batch -> (x, y)``; default: the first two entries of a tuple, keys ``x``, ``y``, or
+            a Hugging Face style mapping as it is (the module's ``forward(**batch)``, targets its ``labels``).
         overwrite: Replace an existing ``out``.
+        log: Send each snapshot's scalars to the Trainer's loggers (none configured: nothing is sent).
+        tensorboard: A TensorBoard log directory the probe writes the same scalars to itself
+            (see :class:`~fisherlab.fisher_probe.FisherProbe`; not needed with Lightning's
+            ``TensorBoardLogger`` and ``log=True``).
     """
 
     def __init__(
@@ -67,12 +100,14 @@ class FisherProbeCallback(Callback):
         *,
         every: int = 10,
         out: str | Path | None = None,
-        layers: list[str] | None = None,
+        layers: list[str] | str | None = None,
         methods: list[str] | None = None,
         metrics: list[str] | None = None,
         config: ProbeConfig | None = None,
-        unpack: Callable[[Any], tuple[Tensor, Tensor | None]] = _first_two,
+        unpack: Callable[[Any], tuple[Batch, Tensor | None]] = _first_two,
         overwrite: bool = False,
+        log: bool = True,
+        tensorboard: str | Path | None = None,
     ) -> None:
         super().__init__()
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -80,6 +115,7 @@ class FisherProbeCallback(Callback):
         self.loss, self.every, self.out, self.layers, self.methods = loss, every, out, layers, methods
         self.metrics = metrics
         self.config, self.unpack, self.overwrite = config, unpack, overwrite
+        self.log, self.tensorboard = log, tensorboard
         self.probe: FisherProbe | None = None
         self._last_step = -1
 
@@ -96,6 +132,8 @@ class FisherProbeCallback(Callback):
             out=out,
             config=self.config,
             overwrite=self.overwrite,
+            on_snapshot=[_LoggerReport(trainer)] if self.log else [],
+            tensorboard=self.tensorboard if trainer.is_global_zero else None,
         )
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:

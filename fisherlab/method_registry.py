@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fisherlab._errors import FisherlabError
+from fisherlab.vocabulary import BlockStructure
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -38,6 +39,7 @@ __all__ = [
     "MethodContext",
     "MethodSpec",
     "method_names",
+    "not_applicable",
     "register_method",
     "resolve_methods",
     "unregister_method",
@@ -113,6 +115,10 @@ class MethodSpec:
         span_invariant: Whether building it on the sample-span restriction and lifting it back gives
             the same operator (true when every factor is a sum of per-sample products). ``False`` is
             always safe: the method is then built on the whole block.
+        structures: The block structures it applies to (:class:`~fisherlab.vocabulary.BlockStructure`
+            values): ``kronecker`` only by default; ``diagonal`` and ``lowrank`` add ``elementwise``
+            (LayerNorm, RMSNorm). On a block of another structure it is not built and its errors are
+            NaN with the reason (:func:`not_applicable`).
     """
 
     name: str
@@ -121,6 +127,20 @@ class MethodSpec:
     family: str = "user"
     reuses: tuple[str, ...] = ()
     span_invariant: bool = False
+    structures: tuple[str, ...] = (BlockStructure.KRONECKER.value,)
+
+    def __post_init__(self) -> None:
+        known = {s.value for s in BlockStructure}
+        bad = [s for s in self.structures if str(getattr(s, "value", s)) not in known]
+        if bad or not self.structures:
+            raise FisherlabError(
+                f"method {self.name!r}: structures must be a non-empty subset of {sorted(known)}, got {self.structures}"
+            )
+        object.__setattr__(self, "structures", tuple(str(getattr(s, "value", s)) for s in self.structures))
+
+    def applies_to(self, structure: BlockStructure | str) -> bool:
+        """Whether the method is built on blocks of this structure."""
+        return str(getattr(structure, "value", structure)) in self.structures
 
 
 #: Every registered method, in registration order (the papers' five first).
@@ -141,6 +161,12 @@ def register(spec: MethodSpec, *, overwrite: bool = False) -> MethodSpec:
     missing = [r for r in spec.reuses if r not in METHODS]
     if missing:
         raise FisherlabError(f"method {spec.name!r} reuses unregistered methods: {', '.join(missing)}")
+    narrower = [r for r in spec.reuses if not set(spec.structures) <= set(METHODS[r].structures)]
+    if narrower:
+        raise FisherlabError(
+            f"method {spec.name!r} applies to {', '.join(spec.structures)} blocks but reuses {', '.join(narrower)}, "
+            "which does not"
+        )
     METHODS[spec.name] = spec
     return spec
 
@@ -151,6 +177,7 @@ def register_method(
     *,
     long_name: str = "",
     span_invariant: bool = False,
+    structures: tuple[str, ...] = (BlockStructure.KRONECKER.value,),
     overwrite: bool = False,
 ) -> MethodSpec:
     """Register an approximation of one's own, scored like the built-in ones everywhere.
@@ -165,6 +192,8 @@ def register_method(
             e.g. :class:`~fisherlab.block_operators.DenseBlockOperator` for a small layer.
         long_name: For legends (default: ``name``).
         span_invariant: See :class:`MethodSpec` (leave ``False`` unless you know).
+        structures: The block structures it applies to (default ``("kronecker",)``; add ``"elementwise"`` for
+            a method that makes sense on the per-parameter blocks of LayerNorm and RMSNorm).
         overwrite: Replace a method of the same name.
 
     Returns:
@@ -176,7 +205,7 @@ def register_method(
     def builder(block: Any, config: Any, context: MethodContext) -> Any:
         return build(block, config)
 
-    spec = MethodSpec(name, builder, long_name or name, "user", (), span_invariant)
+    spec = MethodSpec(name, builder, long_name or name, "user", (), span_invariant, tuple(structures))
     return register(spec, overwrite=overwrite)
 
 
@@ -186,6 +215,19 @@ def unregister_method(name: str) -> None:
     if users:
         raise FisherlabError(f"method {name!r} is reused by {', '.join(users)}; unregister those first")
     METHODS.pop(name, None)
+
+
+def not_applicable(names: Iterable[str], structure: BlockStructure | str) -> dict[str, str]:
+    """``{method: why}`` for the registered methods among ``names`` that do not apply to blocks of ``structure``."""
+    value = str(getattr(structure, "value", structure))
+    article = "an" if value[:1] in "aeiou" else "a"
+    exact = value == BlockStructure.ELEMENTWISE.value
+    why = " (a Kronecker factorisation of per-parameter gradient vectors is trivially exact)" if exact else ""
+    return {
+        name: f"{name} applies to {' and '.join(METHODS[name].structures)} blocks, not to {article} {value} block{why}"
+        for name in names
+        if not METHODS[name].applies_to(value)
+    }
 
 
 def method_names() -> tuple[str, ...]:

@@ -11,14 +11,15 @@ it refactorises the π-damped approximation. The step is
     ζ ← ζ + R₀ᵀβ*                                    (two-level, T eq. 3.9-3.11), optional
     W_i ← W_i - lr ν ζ_i,  ν = min(1, sqrt(c / Σ_i |⟨ζ_i, ∇W_i⟩|))   (KL clipping, K App. E)
 
-Parameters outside the probed Linear/Conv2d layers (batch norm) take a plain SGD step.
+Parameters outside the preconditioned Linear/Conv2d/Conv1D layers (batch norm, embeddings, layer
+norms: :func:`~fisherlab.layers.kronecker_layers`) take a plain SGD step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +28,7 @@ from fisherlab._errors import FisherlabError
 from fisherlab.approximations import ApproxConfig, approximate_all, kfac_factors
 from fisherlab.fisher import ExactBlock
 from fisherlab.kron import KronSolver, KronSum
-from fisherlab.layers import layer_matrix, subtract_from_layer
+from fisherlab.layers import kronecker_layers, layer_matrix, layer_parameters, subtract_from_layer
 from fisherlab.losses import LossKind
 from fisherlab.operators import BlockDiagonal, solve_all
 from fisherlab.probe import Probe, ProbeSnapshot
@@ -44,7 +45,7 @@ def layer_gradient(module: nn.Module, attr: str = "grad") -> Tensor:
 
 def _weight(module: nn.Module) -> Tensor:
     """A probed layer's weight parameter."""
-    return cast(Tensor, module.weight)
+    return layer_parameters(module)[0]
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,8 @@ class KroneckerOptimizer(torch.optim.Optimizer):
     """KFAC, KPSVD, deflation, Lanczos, KFAC-corrected, optionally two-level, as an optimizer.
 
     Args:
-        model: The network; its Linear/Conv2d layers are preconditioned.
+        model: The network; its Linear, Conv2d and Conv1D layers are preconditioned (embeddings, whose blocks
+            keep the batch's tokens only, and layer norms, whose blocks have no Kronecker structure, take SGD steps).
         loss: The network's negative log-likelihood (for the probe's sampled targets).
         method: ``kfac``, ``kpsvd``, ``deflation``, ``lanczos`` or ``kfac_corrected``.
         lr: Learning rate.
@@ -117,14 +119,17 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         if two_level is not None and two_level != TKO:
             CoarseSpace(two_level)  # validates the name
         self.two_level = two_level
-        self.probe = Probe(model, loss, fisher=fisher, seed=seed)
+        layers = kronecker_layers(model)
+        if not layers:
+            raise FisherlabError("KroneckerOptimizer: the model has no Linear, Conv2d or Conv1D layer to precondition")
+        self.probe = Probe(model, loss, layers=layers, fisher=fisher, seed=seed)
         self.layers = self.probe.layers
         self.approx_config = ApproxConfig(tol=tol, max_iter=max_iter)
         self.hyper = Schedule(alpha, t1, t2, kl_clip)
         layer_params = {id(p) for m in self.layers.values() for p in m.parameters(recurse=False)}
         other = [p for p in model.parameters() if id(p) not in layer_params and p.requires_grad]
         params: list[Tensor] = [_weight(m) for m in self.layers.values()]
-        params += [cast(Tensor, m.bias) for m in self.layers.values() if m.bias is not None]
+        params += [b for m in self.layers.values() if (b := layer_parameters(m)[1]) is not None]
         groups: list[dict[str, Any]] = [{"params": params, "kind": "preconditioned"}]
         if other:
             groups.append({"params": other, "kind": "sgd"})

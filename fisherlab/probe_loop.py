@@ -84,7 +84,7 @@ def probe_training(
     each process probes and trains on its contiguous rows (gradients summed over processes), so
     the run equals one process on the global batch; only rank 0 writes.
 
-    Works for any model built from Linear/Conv2d layers and any batch iterator; the CLI
+    Works for any model (its layers of a registered kind are probed) and any batch iterator; the CLI
     calls it through :func:`run_probe`. Uses ``config`` for the probe and analysis
     settings (problem fields are ignored).
 
@@ -145,7 +145,7 @@ def run_probe(config: ProbeConfig, out: str | Path, *, overwrite: bool = False, 
     """
     config.check()
     apply_threads(config.threads)
-    problem = get_problem(config.problem)
+    problem = get_problem(config.problem).sized(config.size)
     config = replace(config, layers=resolve_layers(problem, config.layers))
     config.check_store_factors()  # before any work (FisherProbe checks it against the layers it finds)
     device = select_device(config.device)

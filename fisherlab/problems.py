@@ -8,9 +8,13 @@
 | ``cnn`` | cuda-convnet: 3 conv (5×5; 32, 32, 64) + 1 linear | ReLU, pooling | CE | 256 |
 | ``deeplinear64`` | 64 × Linear(10, 10), batch norm between | none | MSE (teacher) | 512 |
 | ``deeplinear14`` | 784-1000-900-…-50-20-10, batch norm between | none | CE | 512 |
+| ``transformer`` | 2 pre-norm blocks, d 64, 4 heads, 128 characters | GELU | CE | 32 |
+| ``gpt2`` | Hugging Face GPT-2, bytes; ``--size tiny`` 2 × 64 or ``small`` 12 × 768 | GELU | CE | 8 |
 
-The first three are K App. D; the last three are T §4.2-4.3. Batch-norm parameters are not
-probed (the dataset attribute ``skipped_parameters`` lists them).
+The first three are K App. D; the next three T §4.2-4.3; the two language models train on the
+embedded stand-in text. Batch-norm parameters are not probed (the dataset attributes ``skipped_parameters``,
+``skipped_modules`` and ``fisher_coverage`` say so). A problem may come in several sizes (``variants``,
+``--size``, :meth:`Problem.sized`).
 
 The sigmoid of the output layer is part of the loss (:class:`~fisherlab.losses.LossKind`
 ``bce`` on logits), so every model returns the last pre-activation. Layers are named
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -196,8 +200,9 @@ class Transformer(nn.Module):
     blocks with causal attention, a final layer norm and a Linear head to the vocabulary logits.
 
     The Linear layers (``blocks.<i>.qkv``, ``.proj``, ``.fc1``, ``.fc2``, ``head``) act on every
-    position: their per-sample Fisher factors have ``T`` = sequence length (weight sharing).
-    Embeddings and layer norms are not probed (``skipped_parameters``).
+    position: their per-sample Fisher factors have ``T`` = sequence length (weight sharing). The
+    embeddings (``embed``; ``position``, called on ``[1, T]`` positions broadcast over the batch, as
+    GPT-2's) and the layer norms are probed too (``--layers all``: every parameter, ``fisher_coverage`` 1).
     """
 
     def __init__(
@@ -212,7 +217,7 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Logits ``[N, T, vocab]`` of the next token at every position of ``tokens [N, T]``."""
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        positions = torch.arange(tokens.shape[1], device=tokens.device)[None]  # [1, T], broadcast over the batch
         x = self.embed(tokens) + self.position(positions)
         for block in self.blocks:
             x = block(x)
@@ -223,6 +228,13 @@ def _autoencoder(sizes: tuple[int, ...]) -> nn.Module:
     return AutoEncoder(list(sizes))
 
 
+def _gpt2(sizes: tuple[int, ...]) -> nn.Module:
+    """GPT-2 of ``sizes`` (:mod:`fisherlab.gpt2`): ``transformers`` is imported here, on first use only."""
+    from fisherlab.gpt2 import gpt2_model
+
+    return gpt2_model(sizes)
+
+
 @dataclass(frozen=True)
 class Problem:
     """One benchmark problem: a network, its data and its loss.
@@ -230,7 +242,8 @@ class Problem:
     Args:
         name: CLI name (``--problem``).
         sizes: Layer widths of the MLPs (input first); for ``cnn`` the input ``(C, H, W)``; for
-            ``transformer`` ``(vocabulary, d_model, heads, blocks, sequence length)``.
+            ``transformer`` ``(vocabulary, d_model, heads, blocks, sequence length)``; for ``gpt2``
+            ``(vocabulary, d_model, heads, layers, context)``.
         loss: Negative log-likelihood of the output.
         batch_size: The paper's batch size.
         description: One line for help texts.
@@ -239,6 +252,8 @@ class Problem:
         build: ``sizes -> nn.Module``: a freshly initialised network (seeded by :meth:`model`).
         source: The data set :func:`~fisherlab.data.load_images` loads (default: ``name``); ignored
             by ``teacher`` problems, whose data are generated.
+        variants: The named sizes ``--size`` chooses from, ``(name, sizes)`` pairs, the first
+            equal to ``sizes`` (the default); empty for a problem that comes in one size.
     """
 
     name: str
@@ -250,9 +265,31 @@ class Problem:
     default_layers: tuple[str, ...] = ("5",)
     build: Callable[[tuple[int, ...]], nn.Module] = field(default=_autoencoder, repr=False)
     source: str = ""
+    variants: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    def sized(self, size: str | None) -> Problem:
+        """This problem at the named size (``--size``): the same problem with that variant's
+        ``sizes``; ``None`` is the problem as registered.
+
+        Raises:
+            FisherlabError: A size the problem does not have, or any size for a problem that comes
+                in one size, naming the sizes there are.
+        """
+        if size is None:
+            return self
+        named = dict(self.variants)
+        if size not in named:
+            if not named:
+                offered = [f"{p.name} ({', '.join(dict(p.variants))})" for p in PROBLEMS.values() if p.variants]
+                raise FisherlabError(
+                    f"--size {size}: problem {self.name} comes in one size; --size applies to "
+                    f"{', '.join(offered) or 'no registered problem'}"
+                )
+            raise FisherlabError(f"--size {size}: problem {self.name} comes in sizes {', '.join(named)}")
+        return replace(self, sizes=named[size])
 
     def layer_names(self) -> list[str]:
-        """Names of the probeable (Linear/Conv2d) layers, as ``--layers`` takes them."""
+        """Names of the probeable layers (every registered layer kind), as ``--layers`` takes them."""
         with torch.device("meta"):
             return list(probeable_layers(self.model(device="meta")))
 
@@ -336,6 +373,8 @@ def register_problem(problem: Problem, *, overwrite: bool = False) -> Problem:
 
 _CLASSIFIER, _TEACHER, _LANGUAGE = ProblemKind.CLASSIFIER, ProblemKind.TEACHER, ProblemKind.LANGUAGE
 _CIFAR = "cifar10"
+#: GPT-2 widths ``(vocabulary, d_model, heads, layers, context)``: bytes, 2 blocks of width 64.
+_GPT2_TINY = (256, 64, 4, 2, 128)
 
 for _problem in (
     Problem(
@@ -348,6 +387,19 @@ for _problem in (
         ("blocks.1.fc1",),
         build=lambda sizes: Transformer(*sizes),
         source="text",
+    ),
+    Problem(
+        "gpt2",
+        _GPT2_TINY,
+        LossKind.CE,
+        8,  # 8 x 128 tokens: every layer, the papers' five methods, both errors in ~15 s on one CPU thread
+        "GPT-2 (Hugging Face transformers, fisherlab[hf]), byte vocabulary: --size tiny (2 x 64, 4 heads; "
+        "the default) or small (12 x 768, 12 heads, context 1024)",
+        _LANGUAGE,
+        ("transformer.h.1.mlp.c_fc",),
+        build=_gpt2,
+        source="text",
+        variants=(("tiny", _GPT2_TINY), ("small", (256, 768, 12, 12, 1024))),
     ),
     Problem(
         "curves", (784, 400, 200, 100, 50, 25, 6, 25, 50, 100, 200, 400, 784), LossKind.BCE, 256, "CURVES auto-encoder"

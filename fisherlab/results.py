@@ -31,7 +31,7 @@ from torch import Tensor
 from fisherlab._errors import FisherlabError
 from fisherlab.metrics import BLOCK_METRICS, LAYER_METRICS, NETWORK_METRICS, RUN_METRICS
 from fisherlab.store_registry import Appender, store_for
-from fisherlab.vocabulary import TKO, LossKind, Variable
+from fisherlab.vocabulary import LossKind, Variable
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -399,7 +399,7 @@ def run_attrs(
         "metrics": ",".join(config.metrics),
         "two_level": int(config.two_level),
         "damping": config.damping,
-        "coarse_spaces": ",".join([*(c.value for c in config.coarse_spaces), TKO]) if config.two_level else "",
+        "coarse_spaces": ",".join(c.value for c in config.coarse_spaces) if config.two_level else "",
         "taylor_order": config.taylor_order,
         "tol": config.tol,
         "optimizer": config.optimizer.value,

@@ -121,7 +121,8 @@ def restrict(block: ExactBlock, *, max_fraction: float = 0.5) -> SampleSpan | No
         return None
     a = f.a if in_basis is None else f.a @ in_basis
     g = f.g if out_basis is None else f.g @ out_basis
-    return SampleSpan(replace(block, factors=LayerFactors(a, g, f.shard)), out_basis, in_basis, f.dim)
+    restricted = LayerFactors(a, g, f.shard, name=f.name, structure=f.structure)
+    return SampleSpan(replace(block, factors=restricted), out_basis, in_basis, f.dim)
 
 
 @dataclass(frozen=True)

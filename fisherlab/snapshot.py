@@ -23,7 +23,7 @@ from fisherlab.config import ProbeConfig
 from fisherlab.distributed import Shard
 from fisherlab.fisher import ExactBlock
 from fisherlab.metrics import BLOCK_METRICS, LAYER_METRICS, evaluate_block
-from fisherlab.probe import Probe, ProbeSnapshot
+from fisherlab.probe import Batch, Probe, ProbeSnapshot
 from fisherlab.results import snapshot_dataset
 from fisherlab.twolevel import TWO_LEVEL_METRICS, two_level_metrics_of_snapshot
 
@@ -33,7 +33,7 @@ __all__ = ["assemble_snapshot"]
 def assemble_snapshot(
     it: int,
     probe: Probe,
-    x: Tensor,
+    x: Batch,
     y: Tensor | None,
     names: list[str],
     config: ProbeConfig,
@@ -47,8 +47,8 @@ def assemble_snapshot(
     Args:
         it: The iteration (the row's ``iteration`` coordinate).
         probe: The hooks (on every layer when ``config.two_level``, else on ``names``).
-        x: This process's rows of the batch.
-        y: Their true targets (``None`` where the Fisher kind needs none).
+        x: This process's rows of the batch (a tensor, or a mapping of keyword inputs: :class:`Probe`).
+        y: Their true targets (``None`` where the Fisher kind needs none, or a mapping's ``labels``).
         names: The probed layers (the ``layer`` coordinate).
         config: Methods, metrics, approximation and two-level settings.
         previous: Warm starts per layer from the last snapshot; updated in place.
@@ -91,6 +91,7 @@ def assemble_snapshot(
                 damping=config.damping,
                 gradient=snap.gradients.get(name),
                 approx_block=snap.approx_block(name),
+                warn_not_applicable=False,  # FisherProbe said it once for the run (methods_not_applicable)
             )
         if not ev.layer_values["fisher_frobenius_norm"] > 0:
             zero_warned.add(name)

@@ -89,6 +89,8 @@ def coarse_basis(
     caller already has them; else they are factorised here, for the spaces that use them.
     """
     space = CoarseSpace(space)
+    if space == CoarseSpace.TKO:  # TKO changes β and F_coarse (T eq. 4.7b, 3.18), not the basis
+        space = CoarseSpace.NICOLAIDES
     ones = [torch.ones(k.d_out, k.d_in, dtype=k.outs[0].dtype, device=k.outs[0].device) for k in kfacs]
     if space == CoarseSpace.NICOLAIDES:
         return [o[None] for o in ones]
@@ -214,7 +216,7 @@ def coarse_step(
     Returns:
         ``(basis, β)``; the correction is ``prolong(basis, β)``.
     """
-    if space == TKO:
+    if space == CoarseSpace.TKO:
         basis = coarse_basis(CoarseSpace.NICOLAIDES, kfacs, residual, damping=damping)
         return basis, coarse_solve(tko_coarse_operator(fisher, kfacs, basis, damping=damping), restrict(basis, grads))
     basis = coarse_basis(space, kfacs, residual, damping=damping, fisher=fisher, order=order, solvers=solvers)
@@ -256,7 +258,6 @@ def two_level(
     damping: float,
     spaces: Sequence[CoarseSpace | str] = tuple(CoarseSpace),
     taylor_order: int = 2,
-    tko: bool = True,
 ) -> TwoLevelResult:
     """ζ_KFAC, every two-level increment, β*, β_TKO, the gaps and the exact ζ for one batch.
 
@@ -264,9 +265,8 @@ def two_level(
         fisher: The Fisher of all probed layers.
         grads: Mini-batch gradient ``∇h`` per layer, true targets (``ProbeSnapshot.gradients``).
         damping: ``λ`` of ``F• = F + λI`` and of the π-damped KFAC (T eq. 2.17, 2.30).
-        spaces: Coarse spaces to evaluate.
+        spaces: Coarse spaces to evaluate (:attr:`CoarseSpace.TKO` for the Tselepidis-Kohler-Orvieto variant).
         taylor_order: ``q`` of the Taylor coarse space.
-        tko: Also evaluate the Tselepidis-Kohler-Orvieto variant.
 
     References:
         Koroko et al., two-level KFAC (T), eq. 3.11-3.13, 3.18, 4.6, 4.7.
@@ -285,7 +285,7 @@ def two_level(
     incs: dict[str, Params] = {}
     gaps: dict[str, float] = {}
     energies: dict[str, float] = {}
-    keys = [CoarseSpace(c).value for c in spaces] + ([TKO] if tko else [])
+    keys = list(dict.fromkeys(CoarseSpace(c).value for c in spaces))
     for key in keys:
         basis, beta = coarse_step(key, fisher, kfacs, grads, residual, damping=damping, order=taylor_order, solvers=inv)
         f_coarse = fisher.coarse_operator(basis, damping=damping)
@@ -335,7 +335,7 @@ def two_level_metrics(
         approximations: Per method, its block-diagonal approximation of ``F`` (one block per layer);
             ``None`` for a method whose operators are not Kronecker sums (its values are NaN).
         damping: ``λ``.
-        spaces: Coarse spaces (``tko`` is added).
+        spaces: Coarse spaces (:attr:`CoarseSpace.TKO` among them for β_TKO).
         taylor_order: ``q`` of the Taylor space.
 
     Returns:
@@ -344,7 +344,7 @@ def two_level_metrics(
         only) is NaN.
     """
     res = two_level(fisher, grads, damping=damping, spaces=spaces, taylor_order=taylor_order)
-    keys = [*(CoarseSpace(c).value for c in spaces), TKO]
+    keys = list(dict.fromkeys(CoarseSpace(c).value for c in spaces))
     block_e = np.full(len(approximations), np.nan)
     block_c = np.full(len(approximations), np.nan)
     for mi, diagonal in enumerate(approximations.values()):
@@ -383,7 +383,7 @@ def two_level_metrics_of_snapshot(
         approximations: Per layer (every layer of ``snapshot``), per method, its approximation.
         methods: The methods, in the order of the per-method values.
         damping: ``λ``.
-        spaces: Coarse spaces (``tko`` is added).
+        spaces: Coarse spaces (:attr:`CoarseSpace.TKO` among them for β_TKO).
         taylor_order: ``q`` of the Taylor space.
 
     Returns:

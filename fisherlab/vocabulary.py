@@ -20,6 +20,7 @@ __all__ = [
     "TKO",
     "Accumulation",
     "BaseOptimizer",
+    "BlockStructure",
     "CoarseSpace",
     "FisherKind",
     "LossKind",
@@ -57,11 +58,20 @@ class LossKind(str, Enum):
     ``ce``: categorical with ``p = softmax(z)`` over the last dim, integer targets; a sequence
     model's logits ``[N, T, C]`` with targets ``[N, T]`` are ``T`` categoricals per sample
     (next-token prediction), their losses summed.
+
+    The language-model losses take Hugging Face's conventions: ``causal_lm``: logits
+    ``[N, T, C]`` and labels ``[N, T]``, position ``t`` predicts label ``t + 1`` (HF's shift:
+    ``logits[:, :-1]`` against ``labels[:, 1:]``), labels ``-100`` carry no loss, and the per-sample
+    loss is the *sum* of the token losses of the sequence (``N`` = sequences; README: how this
+    relates to HF's mean over tokens); ``seq_cls``: sequence classification, logits ``[N, C]``,
+    labels ``[N]`` (``ce`` on one categorical per sequence).
     """
 
     MSE = "mse"
     BCE = "bce"
     CE = "ce"
+    CAUSAL_LM = "causal_lm"
+    SEQ_CLS = "seq_cls"
 
 
 class Spectrum(str, Enum):
@@ -76,11 +86,12 @@ class Spectrum(str, Enum):
     SINGULAR_VALUES = "singular_values"
 
 
-TKO = "tko"
-
-
 class CoarseSpace(str, Enum):
-    """Coarse spaces of T §3.3 (values are the dataset's ``coarse_space`` coordinate)."""
+    """Coarse spaces of T §3.3 (values are the dataset's ``coarse_space`` coordinate).
+
+    ``tko`` is the Tselepidis-Kohler-Orvieto variant (T §4.4): the Nicolaides basis with ``β_TKO``
+    of T eq. 4.7b and ``F_coarse`` of eq. 3.18 instead of ``β*`` of eq. 3.11.
+    """
 
     NICOLAIDES = "nicolaides"
     SPECTRAL = "spectral"
@@ -88,6 +99,26 @@ class CoarseSpace(str, Enum):
     RESIDUALS = "residuals"
     KRYLOV_RESIDUALS = "krylov_residuals"
     TAYLOR = "taylor"
+    TKO = "tko"
+
+
+#: The value of :attr:`CoarseSpace.TKO`, for code that compares strings.
+TKO: str = CoarseSpace.TKO.value
+
+
+class BlockStructure(str, Enum):
+    """How a layer's per-sample gradient is built from its factors (:mod:`fisherlab.layers`).
+
+    ``kronecker``: ``DW_nv = Σ_t g_nvt a_ntᵀ`` with inputs ``a`` and output derivatives ``g`` of their
+    own sizes (Linear, Conv2d, Conv1D, Embedding): the block is a sum of Kronecker products and the
+    Kronecker methods apply. ``elementwise``: the layer scales its input elementwise (LayerNorm,
+    RMSNorm), its per-sample gradient is a vector ``u_nv`` of its own, written ``g = u``, ``a = 1``: a
+    Kronecker method on it would be trivially exact, so only the methods that declare this
+    structure (``MethodSpec.structures``: ``diagonal``, ``lowrank``) are built.
+    """
+
+    KRONECKER = "kronecker"
+    ELEMENTWISE = "elementwise"
 
 
 class BaseOptimizer(str, Enum):
@@ -163,7 +194,6 @@ OPTIMIZER_NAMES: tuple[str, ...] = (
     "adam",
     *(m.value for m in Method),
     *(f"kfac2l_{c.value}" for c in CoarseSpace),
-    f"kfac2l_{TKO}",
 )
 
 

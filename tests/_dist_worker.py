@@ -31,7 +31,7 @@ def config() -> fl.ProbeConfig:
         max_iter=20_000,
         krylov_dim=30,
         damping=1e-2,
-        coarse_spaces=("nicolaides", "residuals", "taylor"),
+        coarse_spaces=("nicolaides", "residuals", "taylor", "tko"),
     )
 
 

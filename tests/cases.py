@@ -141,3 +141,13 @@ def idx_labels(n: int, *, magic: int = 2049, top: int = 9) -> bytes:
     labels = np.minimum(np.arange(n) % 10, top).astype(np.uint8)
     labels[-1] = top
     return magic.to_bytes(4, "big") + n.to_bytes(4, "big") + labels.tobytes()
+
+
+def tensorboard_scalars(log_dir: object) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the TensorBoard event files under ``log_dir``, read back with TensorBoard's own
+    reader: ``{tag: [(step, value), ...]}`` (values as stored: float32)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})  # 0: keep every event
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}

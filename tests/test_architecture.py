@@ -14,12 +14,15 @@ STAGES = [
     "vocabulary",  # the names of every choice: settings and storage import these, not machinery
     "distributed",  # process groups: sums over samples, shards of a global batch
     "layers",
+    "layer_kinds",  # the adapters of Conv1D, Embedding, LayerNorm, RMSNorm (registered on import)
+    "attention",  # nn.MultiheadAttention's projections as module calls during a probe pass (a layer kind)
     "kron",
     "krylov",
     "operators",
     "block_operators",  # operators that are not Kronecker sums
     "method_registry",  # the names of the approximations and their builders
     "losses",
+    "tied",  # one block for a weight several modules use (an output layer tied to the embedding)
     "data",
     "store",  # leaves
     "store_registry",  # the result stores by suffix (the HDF5-SWMR .nc store built in)
@@ -43,14 +46,17 @@ STAGES = [
     "twolevel",
     "optim",  # the science
     "config",
+    "gpt2",  # optional extra (transformers): the gpt2 problem's model, imported by problems on first use
     "problems",
     "results",
     "snapshot",  # one probe pass, every method and metric -> one dataset row
+    "dashboards",  # a snapshot as named scalars, live to TensorBoard (FisherProbe's on_snapshot)
     "fisher_probe",  # FisherProbe: probing inside any training loop
     "launch",  # before a paper-problem run: layers, memory, the torchrun process group
     "probe_loop",  # probe_training, run_probe: the loops around FisherProbe
     "run",  # re-exports under the former home
     "lightning",  # optional extra: a callback around FisherProbe
+    "hf",  # optional extra: a Hugging Face Trainer callback around FisherProbe
     "train",
     "plots",
     "dense",  # runs, files, figures, dense twins
@@ -171,16 +177,20 @@ def test_core_modules_do_not_import_heavy_optional_packages() -> None:
     assert not imported & {"sklearn", "skimage"}
 
 
-def test_import_fisherlab_does_not_import_lightning() -> None:
-    """The Lightning callback is an optional extra: the core never imports Lightning."""
+def test_import_fisherlab_does_not_import_lightning_transformers_or_tensorboard() -> None:
+    """The Lightning and Hugging Face callbacks and TensorBoard are optional extras: the core never
+    imports them (``fisherlab.lightning`` and ``fisherlab.hf`` load on first use), and the gpt2 problem
+    imports ``transformers`` only when it builds a model (not for ``--help`` or another problem)."""
     import subprocess
     import sys
 
-    code = "import sys, fisherlab, fisherlab.cli, fisherlab.train; print('lightning' in sys.modules)"
-    assert (
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-        == "False"
+    optional = ("lightning", "transformers", "tensorboard")
+    code = (
+        "import sys, fisherlab, fisherlab.cli, fisherlab.train; fisherlab.cli._parser(); "
+        f"fisherlab.get_problem('curves').model(); print([m for m in {optional} if m in sys.modules])"
     )
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert imported.strip() == "[]"
 
 
 def test_the_vocabulary_names_what_the_registries_hold() -> None:

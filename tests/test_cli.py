@@ -296,7 +296,7 @@ def test_two_level_end_to_end(tmp_path, monkeypatch) -> None:
             "--methods",
             "kfac,deflation",
             "--coarse-spaces",
-            "nicolaides,residuals,taylor",
+            "nicolaides,residuals,taylor,tko",
             "--out",
             str(out),
             "--no-progress",

@@ -201,10 +201,55 @@ def test_steps_beyond_32_bits_are_stored(tmp_path: Path) -> None:
 
 def test_snapshot_lists_the_skipped_modules_and_why() -> None:
     snap = fl.Probe(_net(), "ce", layers=["4"])(*_batch())
-    assert snap.skipped == (
-        "0: not among the chosen layers",
-        "1: BatchNorm1d, only nn.Linear and nn.Conv2d are probed",
-    )
+    assert snap.skipped[0] == "0: not among the chosen layers"
+    assert snap.skipped[1].startswith("1: BatchNorm1d, only nn.Linear, nn.Conv2d, ")
+    assert "nn.Embedding, nn.LayerNorm" in snap.skipped[1] and len(snap.skipped) == 2
+
+
+def test_coverage_and_trainable_layers_are_run_attributes() -> None:
+    """``fisher_coverage`` is the fraction of trainable parameters inside a probed block; ``layers="trainable"``
+    leaves the frozen layers out (and out of the coverage's denominator); the skipped modules say why."""
+    model = _net()
+    model[0].requires_grad_(False)
+    every = fl.FisherProbe(model, "ce", methods=["kfac"])
+    assert every.attrs["probed_layers"] == "0,4"
+    trainable = {"1.weight": 8, "1.bias": 8, "4.weight": 24, "4.bias": 3}
+    assert every.attrs["fisher_coverage"] == pytest.approx(27 / sum(trainable.values()))
+    assert "1: BatchNorm1d, only nn.Linear" in str(every.attrs["skipped_modules"])
+    adapters = fl.FisherProbe(model, "ce", layers="trainable", methods=["kfac"])
+    assert adapters.attrs["probed_layers"] == "4"
+    assert adapters.attrs["fisher_coverage"] == every.attrs["fisher_coverage"]
+    assert "0: frozen" in str(adapters.attrs["skipped_modules"])
+    assert every.attrs["methods_not_applicable"] == "none"
+
+
+def test_embeddings_are_not_stored_and_two_level_takes_kronecker_layers(tmp_path: Path) -> None:
+    """An embedding's factors keep the batch's tokens (their width changes per snapshot): ``store_factors``
+    refuses it; two-level KFAC refuses a layer norm among the probed layers; both one clear message."""
+    model = nn.Sequential(nn.Embedding(5, 3), nn.LayerNorm(3), nn.Linear(3, 2))
+    with pytest.raises(fl.FisherlabError, match=r"\['0'\] keep the batch's tokens only"):
+        fl.FisherProbe(model, "mse", layers=["0"], config=fl.ProbeConfig(store_factors=("0",)), out=tmp_path / "e.nc")
+    with pytest.raises(fl.FisherlabError, match=r"two-level KFAC takes Linear, Conv2d and Conv1D .*probe \['1'\]"):
+        fl.FisherProbe(model, "mse", layers=["1", "2"], config=fl.ProbeConfig(two_level=True))
+
+
+def test_norm_layers_say_once_which_methods_do_not_apply() -> None:
+    """A LayerNorm probed with Kronecker methods: one warning line for the run, the reason as a run attribute,
+    NaN errors for those methods and finite ones for ``diagonal``; every parameter is covered."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        probe = fl.FisherProbe(model, "ce", every=1, methods=["kfac", "diagonal"])
+        for step in range(2):
+            probe.step(step, *_batch())
+    said = [str(w.message) for w in caught if issubclass(w.category, UndefinedMetricWarning)]
+    assert len(said) == 1 and "kfac on the elementwise blocks of 1" in said[0]
+    ds = probe.dataset
+    assert ds.attrs["fisher_coverage"] == 1.0 and ds.attrs["skipped_modules"] == "none"
+    assert str(ds.attrs["methods_not_applicable"]).startswith("1: kfac (not built on an elementwise block")
+    assert bool(ds["frobenius_error"].sel({"layer": "1", "method": "kfac"}).isnull().all())
+    assert bool(ds["frobenius_error"].sel({"method": "diagonal"}).notnull().all())
 
 
 def test_zero_fisher_warns_once_per_layer_per_run() -> None:

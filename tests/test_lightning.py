@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -11,6 +12,7 @@ from torch import nn
 pl = pytest.importorskip("lightning.pytorch")
 
 import fisherlab as fl
+from fisherlab.dashboards import snapshot_scalars
 from fisherlab.results import load, validate
 from tests.cases import rng
 
@@ -31,7 +33,7 @@ class _Classifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(callbacks: list, seed: int = 0) -> _Classifier:
+def _fit(callbacks: list, seed: int = 0, logger: object = False) -> _Classifier:
     torch.manual_seed(seed)
     module = _Classifier()
     gen = rng(1)
@@ -41,7 +43,7 @@ def _fit(callbacks: list, seed: int = 0) -> _Classifier:
         max_steps=5,
         accelerator="cpu",
         devices=1,
-        logger=False,
+        logger=logger,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -72,3 +74,32 @@ def test_callback_probes_every_k_steps_and_leaves_training_unchanged(tmp_path: P
 def test_callback_refuses_every_below_one(every: object) -> None:
     with pytest.raises(fl.FisherlabError, match="every must be a positive integer"):
         fl.lightning.FisherProbeCallback(every=every)  # type: ignore[arg-type]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
+def test_callback_logs_the_snapshot_scalars_to_the_trainers_logger(tmp_path: Path) -> None:
+    """``log=True``: each snapshot's scalars arrive in the Trainer's logger (a CSVLogger) at the probe's
+    step, under the names of :func:`snapshot_scalars`, with the dataset's values."""
+    callback = fl.lightning.FisherProbeCallback(every=2, layers=["net.0", "net.2"], methods=["kfac", "kpsvd"])
+    _fit([callback], logger=pl.loggers.CSVLogger(tmp_path, name="csv", version=0))
+    rows = pd.read_csv(tmp_path / "csv" / "version_0" / "metrics.csv")
+    ds = callback.dataset
+    assert list(ds["iteration"].values) == [0, 2, 4]
+    for step in ds["iteration"].values:
+        expected = snapshot_scalars(ds.sel(iteration=[step]))
+        assert "fisher/frobenius_error/net.2/kpsvd" in expected and "fisher/train_loss" in expected
+        row = rows[rows["step"] == step][list(expected)].dropna(how="all")
+        assert len(row) == 1, f"one row of fisher scalars at step {step}"
+        assert row.iloc[0].to_dict() == pytest.approx(expected, rel=1e-12)
+    fisher_steps = rows.dropna(subset=["fisher/train_loss"])["step"].tolist()
+    assert fisher_steps == [0, 2, 4]
+
+
+def test_default_unpack_passes_a_hugging_face_mapping_whole() -> None:
+    """``(x, y, ...)`` and ``{"x", "y"}`` give their first two; an HF-style mapping is the probe's batch as it is."""
+    from fisherlab.lightning import _first_two
+
+    x, y = torch.zeros(2, 3), torch.ones(2)
+    assert _first_two((x, y, "extra")) == (x, y) and _first_two({"x": x, "y": y}) == (x, y)
+    hf = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "labels": torch.zeros(2, 4, dtype=torch.long)}
+    assert _first_two(hf) == (hf, None)

@@ -126,6 +126,23 @@ def test_bad_use_is_reported() -> None:
         KroneckerOptimizer(model, "mse", two_level="coarsest")
 
 
+def test_embeddings_and_layer_norms_take_sgd_steps() -> None:
+    """Embeddings (a block over the batch's tokens only) and layer norms (no Kronecker structure) are not
+    preconditioned: the optimizer probes the Linear layers and moves the others by plain SGD."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double()
+    tokens, y = torch.randint(0, 7, (8, 2)), torch.randn(8, 2, 3, dtype=torch.float64)
+    opt = KroneckerOptimizer(model, "mse", lr=0.1)
+    assert list(opt.layers) == ["2"]
+    before = model[1].weight.detach().clone()
+    _backward(model, tokens, y)
+    expected = before - 0.1 * model[1].weight.grad
+    opt.step(inputs=tokens)
+    torch.testing.assert_close(model[1].weight.detach(), expected)
+    with pytest.raises(FisherlabError, match="no Linear, Conv2d or Conv1D layer"):
+        KroneckerOptimizer(nn.Sequential(nn.Embedding(7, 4)), "mse")
+
+
 def _factor_pair(
     vec_out: torch.Tensor, vec_in: torch.Tensor, sigma: torch.Tensor, d_out: int, d_in: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,9 @@ from fisherlab.problems import Transformer
 from tests.cases import SmallConvNet, rng, small_mlp
 from tests.tolerances import BITWISE, EXACT64, ROUNDOFF64
 
+#: The losses of one output per sample (``causal_lm``'s twins: test_probe_lm.py); ``seq_cls`` is ``ce`` on ``[N, C]``.
+ONE_OUTPUT_LOSSES = [LossKind.MSE, LossKind.BCE, LossKind.CE, LossKind.SEQ_CLS]
+
 
 def _problem(kind: str, loss: LossKind) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
@@ -30,7 +33,7 @@ def _problem(kind: str, loss: LossKind) -> tuple[nn.Module, torch.Tensor, torch.
         model, x = small_mlp((4, 5, n_out)), torch.randn(6, 4, dtype=torch.float64)
     else:
         model, x = SmallConvNet(n_out).double(), torch.randn(6, 2, 5, 5, dtype=torch.float64)
-    if loss == LossKind.CE:
+    if loss in (LossKind.CE, LossKind.SEQ_CLS):
         y = torch.randint(0, n_out, (6,))
     elif loss == LossKind.BCE:
         y = torch.rand(6, n_out, dtype=torch.float64)
@@ -40,7 +43,7 @@ def _problem(kind: str, loss: LossKind) -> tuple[nn.Module, torch.Tensor, torch.
 
 
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
-@pytest.mark.parametrize("loss", list(LossKind))
+@pytest.mark.parametrize("loss", ONE_OUTPUT_LOSSES)
 def test_empirical_per_sample_gradients_match_torch_func(kind: str, loss: LossKind) -> None:
     """DW_n = sum_t g_nt a_nt^T from the hooks equals torch.func's per-sample gradient (true targets)."""
     model, x, y = _problem(kind, loss)
@@ -51,7 +54,7 @@ def test_empirical_per_sample_gradients_match_torch_func(kind: str, loss: LossKi
         torch.testing.assert_close(snap.gradients[name], expected[name].mean(0), **EXACT64)
 
 
-@pytest.mark.parametrize("loss", list(LossKind))
+@pytest.mark.parametrize("loss", ONE_OUTPUT_LOSSES)
 def test_mc_per_sample_gradients_use_sampled_targets(loss: LossKind) -> None:
     """With one draw, mc directions are the per-sample gradients at targets sampled by the probe's generator."""
     model, x, y_true = _problem("conv", loss)
@@ -84,7 +87,7 @@ def _dense_exact_fisher(model: nn.Module, loss: LossKind, x: torch.Tensor, modul
 
 
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
-@pytest.mark.parametrize("loss", list(LossKind))
+@pytest.mark.parametrize("loss", ONE_OUTPUT_LOSSES)
 def test_exact_fisher_matches_jacobian_twin(kind: str, loss: LossKind) -> None:
     """fisher='exact' gives the block (1/N) Σ Jᵀ H J with H the closed-form output Fisher."""
     model, x, y = _problem(kind, loss)
@@ -106,7 +109,7 @@ def test_output_fisher_sqrt_squares_to_output_fisher() -> None:
     torch.testing.assert_close(s @ s.transpose(1, 2), torch.diag_embed(q * (1 - q)), **EXACT64)
 
 
-@pytest.mark.parametrize("loss", list(LossKind))
+@pytest.mark.parametrize("loss", ONE_OUTPUT_LOSSES)
 def test_mc_approaches_exact(loss: LossKind) -> None:
     """The mc block's relative distance to the exact block shrinks like 1/√V (V = 16 → 1600)."""
     model, x, y = _problem("mlp", loss)
@@ -211,14 +214,18 @@ def _tiny() -> tuple[Transformer, torch.Tensor, torch.Tensor]:
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # vmap over SDPA in the dense twin
 def test_sequence_fisher_matches_torch_func() -> None:
-    """Empirical Fisher of every Linear layer of a causal transformer (positions share the weight)
-    equals (1/N) Σ ∇_n ∇_nᵀ with ∇_n the torch.func gradient of sample n's loss summed over positions."""
+    """Empirical Fisher of every layer of a causal transformer (positions share the weight: Linear layers,
+    token and position embeddings, layer norms) equals (1/N) Σ ∇_n ∇_nᵀ with ∇_n the torch.func gradient
+    of sample n's loss summed over positions (an embedding's block: the columns of the batch's tokens)."""
     model, x, y = _tiny()
     snap = Probe(model, "ce", fisher="empirical")(x, y)
     grads = per_sample_gradients(model, "ce", x, y, dict(Probe(model, "ce").layers))
+    assert set(snap.factors) == {n for n, m in model.named_modules() if list(m.parameters(recurse=False))}
     for name, block in snap.blocks().items():
-        assert block.factors.n_positions == 6
-        jac = grads[name].flatten(1)
+        columns = block.factors.columns
+        reference = grads[name] if columns is None else grads[name][..., columns]
+        assert block.factors.n_positions == (1 if block.structure.value == "elementwise" else 6)
+        jac = reference.flatten(1)
         torch.testing.assert_close(block.as_dense(), jac.T @ jac / 5, **EXACT64, msg=name)
-        torch.testing.assert_close(snap.gradients[name], grads[name].mean(0), **EXACT64)
+        torch.testing.assert_close(snap.gradients[name], reference.mean(0), **EXACT64)
     assert snap.loss == pytest.approx(float(per_sample_loss("ce", model(x), y).mean().detach()), rel=ROUNDOFF64["rtol"])  # type: ignore[arg-type]

@@ -43,3 +43,12 @@ def test_readme_block_runs_as_written(line: int, code: str, tmp_path: Path, monk
     finally:
         METHODS.clear()
         METHODS.update(registered)
+
+
+def test_the_quick_start_installs_and_tests_as_ci_does() -> None:
+    """The README's install-and-test command is the one .ci/run runs (extras included: ``hf`` for the
+    gpt2 problem and notebook 07)."""
+    ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8")
+    (command,) = [line for line in ci.splitlines() if line.startswith("pip install") and "pytest" in line]
+    assert "[test,hf]" in command
+    assert f"\n{command}\n" in README.read_text(encoding="utf-8")

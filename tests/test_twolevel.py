@@ -78,12 +78,12 @@ def test_woodbury_natural_gradient_matches_dense_solve(fisher: WholeFisher) -> N
     torch.testing.assert_close(_flat(fisher.natural_gradient(grads, damping=DAMPING)), expected, **DAMPED_SOLVE)
 
 
-@pytest.mark.parametrize("space", list(CoarseSpace))
+@pytest.mark.parametrize("space", [c for c in CoarseSpace if c != CoarseSpace.TKO])  # β_TKO: tested below
 def test_coarse_operator_beta_and_gap_match_dense(fisher: WholeFisher, space: CoarseSpace) -> None:
     """F_coarse = R₀F•R₀ᵀ, β* of eq. 3.11, and the gap of eq. 4.6 = E(β*) − E(0) with a dense ζ; gap ≤ 0."""
     grads = _grads(fisher)
     dense = fisher.as_dense(damping=DAMPING)
-    res = two_level(fisher, grads, damping=DAMPING, spaces=[space], tko=False)
+    res = two_level(fisher, grads, damping=DAMPING, spaces=[space])
     kfacs = [kfac_factors(b) for b in fisher.blocks]
     basis = coarse_basis(space, kfacs, res.residual, damping=DAMPING, fisher=fisher)
     r0t = _dense_r0t(basis)
@@ -111,7 +111,7 @@ def test_tko_gap_matches_direct_and_coarse_operator_matches_dense() -> None:
     fisher = _fisher(CASES[0])
     grads = _grads(fisher)
     kfacs = [kfac_factors(b) for b in fisher.blocks]
-    res = two_level(fisher, grads, damping=DAMPING, spaces=[], tko=True)
+    res = two_level(fisher, grads, damping=DAMPING, spaces=[CoarseSpace.TKO])
     basis = coarse_basis("nicolaides", kfacs, res.residual, damping=DAMPING)
     n = fisher.n_samples
     blocks = []
@@ -142,7 +142,7 @@ def test_tko_gap_matches_direct_and_coarse_operator_matches_dense() -> None:
 def test_residual_space_contains_kfac_correction(fisher: WholeFisher) -> None:
     """R₀ᵀ[1, …, 1] = F•KFAC⁻¹ r_KFAC for the residuals coarse space (T eq. 3.32)."""
     grads = _grads(fisher)
-    res = two_level(fisher, grads, damping=DAMPING, spaces=[], tko=False)
+    res = two_level(fisher, grads, damping=DAMPING, spaces=[])
     kfacs = [kfac_factors(b) for b in fisher.blocks]
     basis = coarse_basis("residuals", kfacs, res.residual, damping=DAMPING)
     expected = damped_kfac_solve(kfacs, res.residual, damping=DAMPING)
@@ -221,7 +221,7 @@ def test_beta_tko_matches_eq_4_7b(conv: bool) -> None:
     """β_TKO = (R₀F̄•R₀ᵀ)⁻¹R₀∇h (T eq. 4.7b) with F̄• of eq. 3.18 built entry by entry: damped KFAC
     blocks on the diagonal, E[g_i g_jᵀ] ⊗ E[ā_i ā_jᵀ] off it (conv: ā averaged, g summed over positions)."""
     fisher, grads = _random_fisher(conv)
-    res = two_level(fisher, grads, damping=DAMPING, spaces=[], tko=True)
+    res = two_level(fisher, grads, damping=DAMPING, spaces=[CoarseSpace.TKO])
     n = fisher.n_samples
     rows = []
     for i, bi in enumerate(fisher.blocks):

@@ -25,7 +25,7 @@ from fisherlab.fisher import ExactBlock
 from fisherlab.kron import KronSum
 from fisherlab.krylov import SingularTriplets
 from fisherlab.layers import LayerFactors
-from fisherlab.method_registry import METHODS, ApproxConfig, MethodContext, resolve_methods
+from fisherlab.method_registry import METHODS, ApproxConfig, MethodContext, not_applicable, resolve_methods
 from fisherlab.sample_span import SampleSpan, SpanMatrix, restricted_warm_starts
 from fisherlab.vocabulary import Method
 
@@ -257,9 +257,15 @@ def approximate_all(
         ``{name: Approximation}`` in the order asked for.
 
     Raises:
-        FisherlabError: An unknown method name (a ``ValueError``).
+        FisherlabError: An unknown method name (a ``ValueError``), or a method that does not apply to the
+            block's structure (``MethodSpec.structures``: a Kronecker method on a LayerNorm's elementwise
+            block; :func:`~fisherlab.metrics.evaluate_block` stores NaN for those instead).
     """
     names = resolve_methods(methods)
+    refused = not_applicable(names, block.structure)
+    if refused:
+        where = f" of layer {layer!r}" if layer else ""
+        raise FisherlabError(f"cannot build on the {block.structure.value} block{where}: {'; '.join(refused.values())}")
     block, s_out, s_in = block.normalised()  # extreme scales: the same approximations, scaled back
     if s_out != 1 or s_in != 1:
         found = approximate_all(block, names, config, warm=warm, layer=layer, restrict=restrict)

@@ -15,8 +15,12 @@ from fisherlab.distributed import all_reduce_sum
 from fisherlab.fisher import PER_SAMPLE_GRADIENT_LIMIT, ExactBlock
 from fisherlab.layers import LayerFactors
 from fisherlab.method_registry import MethodContext, MethodSpec, register
+from fisherlab.vocabulary import BlockStructure
 
 __all__ = ["diagonal", "diagonal_of", "trace_of"]
+
+#: Per-weight curvatures make sense on every block, LayerNorm's and RMSNorm's elementwise ones included.
+_BOTH = (BlockStructure.KRONECKER.value, BlockStructure.ELEMENTWISE.value)
 
 
 def diagonal_of(factors: LayerFactors) -> Tensor:
@@ -52,4 +56,4 @@ def _build(block: ExactBlock, config: ApproxConfig, context: MethodContext) -> D
     return diagonal(block)
 
 
-register(MethodSpec("diagonal", _build, "diagonal", "diagonal", span_invariant=False))
+register(MethodSpec("diagonal", _build, "diagonal", "diagonal", span_invariant=False, structures=_BOTH))

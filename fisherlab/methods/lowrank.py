@@ -17,6 +17,7 @@ from fisherlab.block_operators import LowRankOperator
 from fisherlab.distributed import all_reduce_sum
 from fisherlab.fisher import ExactBlock
 from fisherlab.method_registry import MethodContext, MethodSpec, register
+from fisherlab.vocabulary import BlockStructure
 
 __all__ = ["lowrank"]
 
@@ -49,4 +50,13 @@ def _build(block: ExactBlock, config: ApproxConfig, context: MethodContext) -> L
     return lowrank(block, config.lowrank_rank)
 
 
-register(MethodSpec("lowrank", _build, "low rank (top-k eigenpairs)", "lowrank", span_invariant=True))
+register(
+    MethodSpec(
+        "lowrank",
+        _build,
+        "low rank (top-k eigenpairs)",
+        "lowrank",
+        span_invariant=True,
+        structures=(BlockStructure.KRONECKER.value, BlockStructure.ELEMENTWISE.value),  # any block
+    )
+)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -19,8 +19,7 @@ from torch import Tensor
 from fisherlab._errors import FisherlabError, UndefinedMetricWarning
 from fisherlab.approximations import PAPER_METHODS, ApproxConfig, Approximation, WarmStarts, approximate_all
 from fisherlab.fisher import ExactBlock
-from fisherlab.layers import LayerFactors
-from fisherlab.method_registry import METHODS, resolve_methods
+from fisherlab.method_registry import METHODS, not_applicable, resolve_methods
 from fisherlab.metrics.error2 import SpectralLimits
 from fisherlab.metrics.reference import BlockReference
 from fisherlab.metrics.registry import BLOCK_METRICS, LAYER_METRICS
@@ -39,11 +38,14 @@ class BlockEvaluation:
         values: ``values[metric][method]`` for every :data:`BLOCK_METRICS` entry (NaN for an
             error metric not asked for, or undefined).
         layer_values: ``layer_values[metric]`` for every :data:`LAYER_METRICS` entry.
+        not_applicable: ``{method: why}`` for the methods asked for that do not apply to the block's
+            structure (``MethodSpec.structures``): not built, their errors NaN.
     """
 
     approximations: dict[str, Approximation]
     values: dict[str, dict[str, float]]
     layer_values: dict[str, float]
+    not_applicable: dict[str, str] = field(default_factory=dict)
 
 
 def _scaled_back(value: float, factor: float, power: int) -> float:
@@ -58,7 +60,7 @@ def _scaled_like(block: ExactBlock, s_out: float, s_in: float) -> ExactBlock:
     if s_out == 1 and s_in == 1:
         return block
     f = block.factors
-    return ExactBlock(LayerFactors(f.a / s_in, f.g / s_out, f.shard, None, f.moment_dtype))
+    return ExactBlock(replace(f, a=f.a / s_in, g=f.g / s_out, compute_dtype=None))
 
 
 def _restricted_gradient(gradient: Tensor | None, span: SampleSpan) -> tuple[Tensor | None, float]:
@@ -88,6 +90,7 @@ def evaluate_block(
     damping: float | None = None,
     gradient: Tensor | None = None,
     approx_block: ExactBlock | None = None,
+    warn_not_applicable: bool = True,
 ) -> BlockEvaluation:
     """Build every approximation of ``block`` and compute every registered metric of each.
 
@@ -117,8 +120,20 @@ def evaluate_block(
         approx_block: The block to build the approximations from (cross-kind scoring: e.g. KFAC of the
             empirical Fisher scored against the MC block); default ``block``. Its factors must share
             ``block``'s layer shape; the sample-span restriction is not used then.
+        warn_not_applicable: Warn (:class:`UndefinedMetricWarning`, one line) when methods do not apply to
+            the block's structure (a Kronecker method on a LayerNorm): they are not built and their errors
+            stored as NaN, with the reason in :attr:`BlockEvaluation.not_applicable`.
     """
-    names = resolve_methods(PAPER_METHODS if methods is None else methods)
+    asked = resolve_methods(PAPER_METHODS if methods is None else methods)
+    refused = not_applicable(asked, block.structure)
+    if refused and warn_not_applicable:
+        warnings.warn(
+            f"methods {', '.join(refused)} do not apply to the {block.structure.value} block of layer {layer!r} "
+            f"({next(iter(refused.values()))}): not built, their errors stored as NaN",
+            UndefinedMetricWarning,
+            stacklevel=2,
+        )
+    names = tuple(m for m in asked if m not in refused)
     if approx_block is block:
         approx_block = None
     if approx_block is not None and (approx_block.d_out, approx_block.d_in) != (block.d_out, block.d_in):
@@ -172,9 +187,13 @@ def evaluate_block(
         )
     values: dict[str, dict[str, float]] = {}
     skipped = {m.name for m in BLOCK_METRICS if m.error and (zero or (m.name not in metrics and not m.always))}
+    unbuilt = {m: Approximation(m, None, 0, False, math.nan, seconds=0.0) for m in refused}  # no operator
     for metric in BLOCK_METRICS:
         skip = metric.name in skipped or metric.accompanies in skipped
         values[metric.name] = {m: math.nan if skip else float(metric.compute(refs[m], approx[m])) for m in names}
+        error = metric.error or bool(metric.accompanies)
+        values[metric.name] |= {m: math.nan if error else float(metric.compute(any_ref, unbuilt[m])) for m in refused}
+        values[metric.name] = {m: values[metric.name][m] for m in asked}
     layer_values = {
         metric.name: _scaled_back(float(metric.compute(any_ref)), s_out * s_in, 2 * metric.power)
         for metric in LAYER_METRICS
@@ -191,4 +210,4 @@ def evaluate_block(
     if span is not None:
         approx = {m: approx[m].lifted(span) if m in on_span else approx[m] for m in names}
     approx = {m: a.scaled(s_out, s_in) for m, a in approx.items()}
-    return BlockEvaluation(approx, values, layer_values)
+    return BlockEvaluation(approx, values, layer_values, refused)
