@@ -33,7 +33,7 @@ from fisherlab.plots import error_figure, method_order, save_figure, summary_fig
 STEM = "zoo"
 #: Per problem: (layers, batch size, iterations, every) at full scale and in smoke mode.
 SETTINGS: dict[str, dict[bool, tuple[tuple[str, ...], int | None, int, int]]] = {
-    "mnist": {False: (("5",), 512, 200, 20), True: (("5",), 32, 2, 1)},
+    "mnist": {False: (("5",), 512, 200, 20), True: (("5",), 16, 1, 1)},
     "transformer": {False: (("all",), 8, 100, 50), True: (("blocks.0.proj",), 2, 1, 1)},
     "resnet18": {False: (("all",), 8, 20, 10), True: (("fc",), 2, 1, 1)},
 }
