@@ -30,6 +30,7 @@ from fisherlab.metrics import BLOCK_METRICS, ERROR_METRICS
 
 __all__ = [
     "FAMILY_COLOR",
+    "MAX_LAYER_PANELS",
     "METHOD_STYLE",
     "block_heatmaps",
     "data_label",
@@ -39,6 +40,7 @@ __all__ = [
     "method_style",
     "method_styles",
     "plain",
+    "run_figure",
     "run_labels",
     "save_figure",
     "spectra_figure",
@@ -341,6 +343,19 @@ def summary_medians(runs: xr.Dataset | dict[str, xr.Dataset], metric: str = "fro
     out = out.sel({"method": method_order([str(m) for m in out["method"].values])})
     out.name = metric
     return out
+
+
+#: Beyond this many layers a run's default figure is the summary heatmap: a panel per layer would be too wide.
+MAX_LAYER_PANELS = 12
+
+
+def run_figure(ds: xr.Dataset) -> Figure:
+    """The figure ``fisherlab probe`` draws of its run: :func:`error_figure` (a panel per layer), or past
+    :data:`MAX_LAYER_PANELS` layers (``--layers all`` on a transformer) the method × layer heatmap of median
+    error 1 (:func:`summary_figure`); ``fisherlab plot FILE`` still draws every panel."""
+    if ds.sizes.get("layer", 1) > MAX_LAYER_PANELS and "frobenius_error" in ds:
+        return summary_figure(ds, "frobenius_error")
+    return error_figure(ds)
 
 
 def summary_figure(runs: xr.Dataset | dict[str, xr.Dataset], metric: str = "frobenius_error") -> Figure:

@@ -16,11 +16,13 @@ from fisherlab.data import announce_data, load_images
 from fisherlab.method_registry import METHODS
 from fisherlab.plots import (
     FAMILY_COLOR,
+    MAX_LAYER_PANELS,
     error_figure,
     method_order,
     method_style,
     method_styles,
     plain,
+    run_figure,
     run_labels,
     save_figure,
     summary_figure,
@@ -237,6 +239,17 @@ def test_summary_heatmap_shows_the_median_of_each_method_and_layer() -> None:
         assert texts.count("n/a") == int(np.isnan(shown).sum())
         plt.close(fig)
     assert summary_medians(ds).sel({"method": "kfac", "layer": "5"}) == np.median(ds.frobenius_error.values[:, 0, 0])
+
+
+def test_a_run_of_many_layers_is_drawn_as_the_summary_heatmap() -> None:
+    """``fisherlab probe``'s figure: a panel per layer up to MAX_LAYER_PANELS layers, the heatmap beyond."""
+    few = probe_dataset(tuple(str(i) for i in range(MAX_LAYER_PANELS)))
+    many = probe_dataset(tuple(str(i) for i in range(MAX_LAYER_PANELS + 1)))
+    fig_few, fig_many = run_figure(few), run_figure(many)
+    assert len([ax for ax in fig_few.axes if ax.lines]) == MAX_LAYER_PANELS
+    assert len(fig_many.axes[0].images) == 1 and len(fig_many.axes[0].get_xticklabels()) == MAX_LAYER_PANELS + 1
+    plt.close(fig_few)
+    plt.close(fig_many)
 
 
 def test_summary_of_several_runs_and_missing_metric() -> None:
