@@ -440,13 +440,14 @@ def test_error_2_runs_its_eigensolver_with_threads_that_fit_the_machine(
     """On a machine whose load average leaves no free core, error 2's eigensolver runs with one thread
     (two threads on a loaded 2-core machine took 81 s for a 1.5 s call); idle, torch's number;
     SpectralLimits.threads fixes it; torch's setting is restored afterwards."""
+    from fisherlab import krylov
     from fisherlab.metrics import error2, spectral_error_bounded, spectral_threads
 
     outside = torch.get_num_threads()
     torch.set_num_threads(2)
     before = 2
-    monkeypatch.setattr(error2.os, "getloadavg", lambda: (load, load, load))
-    monkeypatch.setattr(error2.os, "sched_getaffinity", lambda pid: set(range(2)))
+    monkeypatch.setattr(krylov.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(krylov.os, "sched_getaffinity", lambda pid: set(range(2)))
     limits = replace(NO_DENSE, threads=fixed)
     want = before if expected == "torch" else expected
     assert spectral_threads(torch.device("cpu"), fixed) == want and spectral_threads(torch.device("meta")) is None

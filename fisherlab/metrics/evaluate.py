@@ -88,6 +88,7 @@ def evaluate_block(
     damping: float | None = None,
     gradient: Tensor | None = None,
     approx_block: ExactBlock | None = None,
+    warned: set[tuple[str, str]] | None = None,
 ) -> BlockEvaluation:
     """Build every approximation of ``block`` and compute every registered metric of each.
 
@@ -117,6 +118,9 @@ def evaluate_block(
         approx_block: The block to build the approximations from (cross-kind scoring: e.g. KFAC of the
             empirical Fisher scored against the MC block); default ``block``. Its factors must share
             ``block``'s layer shape; the sample-span restriction is not used then.
+        warned: The ``(metric, reason)`` pairs whose NaN warning (solve error, KL divergence) was given
+            already: not given again, and the ones given now are added. Pass one set for a whole run (the
+            probe does) to hear each reason once; ``None``: once per call.
     """
     names = resolve_methods(PAPER_METHODS if methods is None else methods)
     if approx_block is block:
@@ -126,6 +130,7 @@ def evaluate_block(
             f"approx_block of layer {layer!r} is [{approx_block.d_out}, {approx_block.d_in}], the exact block "
             f"[{block.d_out}, {block.d_in}]: they must be blocks of one layer"
         )
+    warned = set() if warned is None else warned
     block, s_out, s_in = block.normalised()  # extreme scales: F = s_out² s_in² F', errors are relative
     if approx_block is not None:
         approx_block = _scaled_like(approx_block, s_out, s_in)
@@ -149,6 +154,7 @@ def evaluate_block(
             damping=damping,
             gradient=restricted,
             gradient_outside=outside,
+            warned=warned,
         )
         warm_on_span = restricted_warm_starts(warm, span)
         built = approximate_all(span.block, on_span, config, warm=warm_on_span, layer=layer, restrict=False)
@@ -156,7 +162,7 @@ def evaluate_block(
             refs[name], approx[name] = ref, a
     if whole:
         ref = BlockReference.of(
-            block, spectrum=spectrum, layer=layer, limits=limits, damping=damping, gradient=gradient
+            block, spectrum=spectrum, layer=layer, limits=limits, damping=damping, gradient=gradient, warned=warned
         )
         source = block if approx_block is None else approx_block
         for name, a in approximate_all(source, whole, config, warm=warm, layer=layer, restrict=False).items():
