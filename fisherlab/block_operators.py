@@ -174,6 +174,10 @@ class DiagonalBlockOperator(_DiagonalValues):
     values: Tensor
     cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
+    def __getstate__(self) -> dict:
+        """Pickled without ``cache`` (it may hold weak references)."""
+        return {**self.__dict__, "cache": {}}
+
     def to(self, dtype: torch.dtype) -> DiagonalBlockOperator:
         """Cast."""
         return replace(self, values=self.values.to(dtype))
@@ -213,6 +217,10 @@ class EigenbasisDiagonal(_DiagonalValues):
     values: Tensor
     cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
+    def __getstate__(self) -> dict:
+        """Pickled without ``cache`` (it may hold weak references)."""
+        return {**self.__dict__, "cache": {}}
+
     def to(self, dtype: torch.dtype) -> EigenbasisDiagonal:
         """Cast."""
         return EigenbasisDiagonal(self.q_out.to(dtype), self.q_in.to(dtype), self.values.to(dtype))
@@ -251,6 +259,10 @@ class LowRankOperator:
     vectors: Tensor
     values: Tensor
     cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def __getstate__(self) -> dict:
+        """Pickled without ``cache`` (it may hold weak references)."""
+        return {**self.__dict__, "cache": {}}
 
     def __post_init__(self) -> None:
         if self.vectors.ndim != 3 or self.values.shape != self.vectors.shape[:1]:

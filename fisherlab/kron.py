@@ -160,6 +160,10 @@ class KronSum:
             torch.zeros((), dtype=self.outs[0].dtype),
         )
 
+    def __getstate__(self) -> dict:
+        """Pickled without ``cache`` (it may hold weak references): a loaded sum computes again."""
+        return {**self.__dict__, "cache": {}}
+
     def _single(self, what: str) -> None:
         if self.rank != 1:
             raise FisherlabError(f"KronSum.{what} is defined for a single Kronecker product, this sum has {self.rank}")

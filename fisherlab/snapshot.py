@@ -98,7 +98,7 @@ def assemble_snapshot(
             )
         if not ev.layer_values["fisher_frobenius_norm"] > 0:
             zero_warned.add(name)
-        previous[name] = warm_starts(ev.approximations)
+        previous[name] = dict(ev.warm_starts)  # without lifting the approximations of a wide layer
         if config.two_level:
             current[name] = ev.approximations
         for metric, values in ev.values.items():

@@ -273,3 +273,15 @@ def test_error_2_of_explicit_eigenvalues_runs_no_eigensolver(monkeypatch: pytest
     for name in names:
         res = spectral_error_bounded(ref, built[name].operator)
         assert res.value == pytest.approx(want[name], **as_approx(SOLVE64)), name
+
+
+def test_approximations_pickle_without_their_caches() -> None:
+    """The caches (remembered ``<F, F̂>`` with a weak reference to the block, factor eigendecompositions) are
+    not pickled: an approximation sent to another process is the same operator, computing them again."""
+    import pickle
+
+    block = ExactBlock(make_factors(FACTOR_CASES[3]))
+    for name, approx in approximate_all(block, ZOO, CONFIG, restrict=False).items():
+        assert approx.operator.cache or name == "kfac_reduce", name  # the one that remembers nothing
+        loaded = pickle.loads(pickle.dumps(approx.operator))
+        assert loaded.cache == {} and torch.equal(loaded.as_dense(), approx.operator.as_dense()), name

@@ -16,6 +16,7 @@ from fisherlab.approximations import ApproxConfig
 from fisherlab.block_operators import LowRankOperator
 from fisherlab.distributed import all_reduce_sum
 from fisherlab.fisher import ExactBlock
+from fisherlab.krylov import blas_threads, free_threads
 from fisherlab.method_registry import MethodContext, MethodSpec, register
 from fisherlab.operators import remember_inner
 
@@ -33,7 +34,8 @@ def lowrank(block: ExactBlock, rank: int = 10) -> LowRankOperator:
     f = block.factors
     n, v = f.n_samples, f.n_directions
     gram = block.gram() / n
-    values, vectors = torch.linalg.eigh((gram + gram.T) / 2)
+    with blas_threads(free_threads(gram.device)):  # LAPACK on the free cores
+        values, vectors = torch.linalg.eigh((gram + gram.T) / 2)
     values, order = torch.sort(values, descending=True)
     floor = gram.shape[0] * torch.finfo(values.dtype).eps * float(values[0].clamp(min=0))
     keep = int(torch.sum(values[: min(rank, values.numel())] > floor))
