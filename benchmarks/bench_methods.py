@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         "errors of all methods after all builds, as the probe (shared factor eigendecompositions)"
     )
     report.set_baseline(t_step)
-    report.row("shared: sample span, ||F|| (Gram matrix), spectrum of F", t_shared)
+    report.row("shared: sample span, ||F||, spectrum of F", t_shared)
     for m, (b, e1, e2) in cost.items():
         route = "; ".join(sorted(routes[m]))
         for what, seconds in (("build", b), ("error 1", e1), ("error 2", e2)):

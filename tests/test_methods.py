@@ -97,7 +97,7 @@ def test_every_zoo_method_is_registered_and_the_default_is_unchanged() -> None:
     assert METHODS["kfac"].long_name == "KFAC (expand)"
     assert not METHODS["diagonal"].span_invariant  # diag of the restricted block lifted is not diag(F)
     assert METHODS["ekfac"].reuses == ("kfac",) and METHODS["tkfac"].reuses == ("kfac",)
-    assert METHODS["eshampoo"].reuses == ("shampoo2",)
+    assert METHODS["eshampoo"].reuses == ("shampoo2",) and METHODS["shampoo"].reuses == ("shampoo2",)
 
 
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
