@@ -18,6 +18,7 @@ from fisherlab.plots import (
     FAMILY_COLOR,
     MAX_LAYER_PANELS,
     error_figure,
+    fisher_label,
     method_order,
     method_style,
     method_styles,
@@ -270,3 +271,32 @@ def test_plot_summary_writes_the_heatmap(tmp_path, capsys) -> None:  # type: ign
     assert "run-summary.png" in capsys.readouterr().out
     assert cli.main(["plot", str(tmp_path / "run.nc"), "--summary", "--metric", "nope"]) == 2
     assert "has no nope" in capsys.readouterr().err
+
+
+def test_methods_whose_curves_coincide_across_families_are_told_apart() -> None:
+    """Shampoo² lies on KPSVD: each method has a marker of its own, and a family of the zoo starts dashed
+    where the papers' families start solid, so a zoo method's curve on a paper method's differs in marker
+    and dash pattern while both keep their families' colours."""
+    styles = method_styles()
+    assert len({marker for _, marker, _ in styles.values()}) == len(styles)
+    for paper, zoo in (("kpsvd", "shampoo2"), ("lanczos", "lowrank"), ("kfac", "diagonal")):
+        assert styles[paper][2] == () and styles[zoo][2] != (), (paper, zoo)
+        assert styles[paper][1] != styles[zoo][1], (paper, zoo)
+    assert styles["shampoo2"][0] == FAMILY_COLOR["shampoo"] and styles["kpsvd"][0] == FAMILY_COLOR["kronecker_svd"]
+
+
+def test_titles_name_the_approximations_fisher_kind_when_it_differs() -> None:
+    """Cross-kind scoring (``--approx-fisher``) is named in the error figure's and the summary's titles."""
+    ds = zoo_dataset()
+    assert fisher_label(ds) == "Fisher: mc"
+    cross = ds.assign_attrs(approx_fisher="empirical")
+    same = ds.assign_attrs(approx_fisher="mc")
+    want = "Fisher: mc, approximations from empirical"
+    assert fisher_label(cross) == want and fisher_label(same) == "Fisher: mc"
+    for fig in (error_figure(cross, metrics=("frobenius_error",)), summary_figure(cross)):
+        shown = fig.get_suptitle() + " ".join(ax.get_title() for ax in fig.axes)
+        assert want in shown
+        plt.close(fig)
+    fig = error_figure({"a": cross, "b": same}, metrics=("frobenius_error",))
+    assert want in fig.get_suptitle() and "Fisher: mc)" in fig.get_suptitle()
+    plt.close(fig)
