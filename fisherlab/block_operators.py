@@ -18,7 +18,7 @@ eigenvalues from ``as_dense`` or block Lanczos on ``matvec``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -166,9 +166,17 @@ class _DiagonalValues:
 
 @dataclass(frozen=True)
 class DiagonalBlockOperator(_DiagonalValues):
-    """``diag(vec s)``: one curvature value per weight, ``s [d_out, d_in]``."""
+    """``diag(vec s)``: one curvature value per weight, ``s [d_out, d_in]``.
+
+    ``cache``: what the builder knows of it (:func:`~fisherlab.operators.remember_inner`).
+    """
 
     values: Tensor
+    cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def __getstate__(self) -> dict:
+        """Pickled without ``cache`` (it may hold weak references)."""
+        return {**self.__dict__, "cache": {}}
 
     def to(self, dtype: torch.dtype) -> DiagonalBlockOperator:
         """Cast."""
@@ -200,11 +208,18 @@ class EigenbasisDiagonal(_DiagonalValues):
         q_out: Orthogonal ``[d_out, d_out]``.
         q_in: Orthogonal ``[d_in, d_in]``.
         values: ``s [d_out, d_in]``, the eigenvalues.
+
+    ``cache``: what the builder knows of it (:func:`~fisherlab.operators.remember_inner`).
     """
 
     q_out: Tensor
     q_in: Tensor
     values: Tensor
+    cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def __getstate__(self) -> dict:
+        """Pickled without ``cache`` (it may hold weak references)."""
+        return {**self.__dict__, "cache": {}}
 
     def to(self, dtype: torch.dtype) -> EigenbasisDiagonal:
         """Cast."""
@@ -237,10 +252,17 @@ class LowRankOperator:
     Args:
         vectors: ``U [k, d_out, d_in]``, orthonormal in the Frobenius inner product.
         values: ``λ [k]``.
+
+    ``cache``: what the builder knows of it (:func:`~fisherlab.operators.remember_inner`).
     """
 
     vectors: Tensor
     values: Tensor
+    cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def __getstate__(self) -> dict:
+        """Pickled without ``cache`` (it may hold weak references)."""
+        return {**self.__dict__, "cache": {}}
 
     def __post_init__(self) -> None:
         if self.vectors.ndim != 3 or self.values.shape != self.vectors.shape[:1]:

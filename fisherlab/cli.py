@@ -271,7 +271,7 @@ def _check_out(out: Path) -> None:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from fisherlab.plots import error_figure, save_figure, two_level_figure
+    from fisherlab.plots import run_figure, save_figure, two_level_figure
     from fisherlab.probe_loop import run_probe
 
     config = _config(args)
@@ -288,7 +288,7 @@ def _probe(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 writes, draws and reports
         return 0
     if figure is not None:
-        save_figure(error_figure(ds), figure)
+        save_figure(run_figure(ds), figure)  # many layers: the summary heatmap
         if config.two_level:
             save_figure(two_level_figure(ds), _two_level_path(figure))
     last = ds.isel(iteration=-1)

@@ -158,6 +158,7 @@ class FisherProbe:
             self.writer.attrs.update(self.attrs)
         self._previous: dict[str, WarmStarts] = {}
         self._zero_warned: set[str] = set()  # layers whose zero-Fisher warning was given (once per run)
+        self._nan_warned: set[tuple[str, str]] = set()  # (metric, reason) of NaN warnings given (once per run)
         self._cost_said = rank != 0  # the first snapshot's cost is said once, by rank 0
         self._snapshots: list[xr.Dataset] = []
         self._dataset: xr.Dataset | None = None
@@ -184,7 +185,17 @@ class FisherProbe:
         # the Fisher and its metrics in full precision, with autograd even under torch.inference_mode()
         with torch.autocast(lead.device.type, enabled=False), torch.inference_mode(False):
             ds, snap = assemble_snapshot(
-                step, self.probe, x, y, self.names, self.config, self._previous, self._t0, shard, self._zero_warned
+                step,
+                self.probe,
+                x,
+                y,
+                self.names,
+                self.config,
+                self._previous,
+                self._t0,
+                shard,
+                self._zero_warned,
+                self._nan_warned,
             )
         if not self._cost_said:
             self._cost_said = True

@@ -9,7 +9,7 @@ so nothing here forms a ``d_out*d_in``-sized matrix except :meth:`KronSum.as_den
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -68,6 +68,12 @@ class KronSum:
     Acts on ``W.flatten()`` for ``W`` of shape ``[d_out, d_in]`` (the torch weight layout,
     bias column last). The paper writes the same matrix ``in_k ⊗ out_k`` (column-major vec).
 
+    A single product keeps the eigendecompositions of its factors once computed
+    (:meth:`factor_eigh`, :meth:`factor_eigenvalues`): EKFAC's and SOAP's bases, Shampoo's roots,
+    error 2 and the damped solve share them. ``cache`` holds them (and what a builder knows of the
+    sum, :func:`fisherlab.operators.remember_inner`); a new sum (``to``, ``+``, ``dataclasses.replace``)
+    starts with an empty one.
+
     Args:
         outs: Output-side factors (the paper's ``G``, ``S``, ``Q``).
         ins: Input-side factors (the paper's ``Ā``, ``R``, ``P``).
@@ -75,6 +81,7 @@ class KronSum:
 
     outs: tuple[Tensor, ...]
     ins: tuple[Tensor, ...]
+    cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.outs) != len(self.ins) or not self.outs:
@@ -153,10 +160,85 @@ class KronSum:
             torch.zeros((), dtype=self.outs[0].dtype),
         )
 
+    def __getstate__(self) -> dict:
+        """Pickled without ``cache`` (it may hold weak references): a loaded sum computes again."""
+        return {**self.__dict__, "cache": {}}
+
+    def _single(self, what: str) -> None:
+        if self.rank != 1:
+            raise FisherlabError(f"KronSum.{what} is defined for a single Kronecker product, this sum has {self.rank}")
+
+    def factor_eigh(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """``((λ_out, Q_out), (λ_in, Q_in))``: eigenvalues (ascending) and eigenvectors of the symmetric
+        parts of ``out`` and ``in_`` of a single Kronecker product, computed once (``eigh``) and kept.
+
+        A sum made by :meth:`scaled` takes them from the sum it scales; one built from known
+        eigendecompositions (Shampoo's roots) has them from :meth:`with_factor_eigh`.
+
+        Raises:
+            FisherlabError: More than one term.
+        """
+        self._single("factor_eigh")
+        if "eigh" not in self.cache:
+            if "scaled_from" in self.cache:
+                parent, s_out, s_in = self.cache["scaled_from"]
+                (e_out, q_out), (e_in, q_in) = parent.factor_eigh()
+                self.cache["eigh"] = ((e_out * s_out, q_out), (e_in * s_in, q_in))
+            else:
+                out, in_ = torch.linalg.eigh(_symmetric(self.outs[0])), torch.linalg.eigh(_symmetric(self.ins[0]))
+                self.cache["eigh"] = ((out.eigenvalues, out.eigenvectors), (in_.eigenvalues, in_.eigenvectors))
+        return self.cache["eigh"]
+
+    def factor_eigenvalues(self) -> tuple[Tensor, Tensor]:
+        """``(λ_out, λ_in)`` of a single Kronecker product, ascending: from :meth:`factor_eigh` where that
+        is known (here or in the sum this one scales), else ``eigvalsh`` (a third of ``eigh``'s cost), kept.
+
+        Raises:
+            FisherlabError: More than one term.
+        """
+        self._single("factor_eigenvalues")
+        if "eigh" in self.cache:
+            (e_out, _), (e_in, _) = self.cache["eigh"]
+            return e_out, e_in
+        if "eigvalsh" not in self.cache:
+            if "scaled_from" in self.cache:
+                parent, s_out, s_in = self.cache["scaled_from"]
+                e_out, e_in = parent.factor_eigenvalues()
+                self.cache["eigvalsh"] = (e_out * s_out, e_in * s_in)
+            else:
+                self.cache["eigvalsh"] = (_eigvalsh(self.outs[0]), _eigvalsh(self.ins[0]))
+        return self.cache["eigvalsh"]
+
+    def scaled(self, out_scale: float | Tensor, in_scale: float | Tensor = 1.0) -> KronSum:
+        """``(s_out out) ⊗ (s_in in_)``; for ``s_out, s_in >= 0`` it shares this sum's factor
+        eigendecompositions (computed when either sum first needs them, e.g. TKFAC's from KFAC's).
+
+        Raises:
+            FisherlabError: More than one term.
+        """
+        self._single("scaled")
+        kron = KronSum((self.outs[0] * out_scale,), (self.ins[0] * in_scale,))
+        if float(out_scale) >= 0 and float(in_scale) >= 0:  # else (or NaN) computed afresh when needed
+            kron.cache["scaled_from"] = (self, out_scale, in_scale)
+        return kron
+
+    def with_factor_eigh(self, out_eigh: tuple[Tensor, Tensor], in_eigh: tuple[Tensor, Tensor]) -> KronSum:
+        """This single product with the eigendecompositions ``(values ascending, vectors)`` of its
+        factors given, where the builder knows them (``out = Q diag(λ) Qᵀ`` to rounding): no
+        eigensolver for :meth:`factor_eigh`, :meth:`eigenvalues` or a damped solve later.
+
+        Raises:
+            FisherlabError: More than one term.
+        """
+        self._single("with_factor_eigh")
+        self.cache["eigh"] = (out_eigh, in_eigh)
+        return self
+
     def eigenvalues(self, *, top: int | None = None, by_magnitude: bool = False) -> Tensor:
         """Eigenvalues (factors must be symmetric), sorted descending.
 
-        One term: all products ``λ_i(out) λ_j(in)``, exactly, in ``O(d_out^3 + d_in^3)``.
+        One term: all products ``λ_i(out) λ_j(in)``, exactly, in ``O(d_out^3 + d_in^3)``
+        (:meth:`factor_eigenvalues`, computed once per sum).
         More terms: dense ``eigvalsh`` (for large blocks, the largest few come from
         :func:`~fisherlab.krylov.block_lanczos_eigenvalues` on :meth:`matvec`, see
         :func:`~fisherlab.metrics.spectral_error_bounded`).
@@ -171,7 +253,7 @@ class KronSum:
         """
         top = self.dim if top is None else min(top, self.dim)
         if self.rank == 1:
-            ev = torch.outer(_eigvalsh(self.outs[0]), _eigvalsh(self.ins[0])).flatten()
+            ev = torch.outer(*self.factor_eigenvalues()).flatten()
         else:
             ev = _eigvalsh(self.as_dense())
         if by_magnitude:

@@ -10,6 +10,7 @@ eigensolver on a callable that maps a batch of matrices ``[k, *shape]`` to their
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,7 +18,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["RitzValues", "SingularTriplets", "blas_threads", "block_lanczos_eigenvalues", "lanczos_svd", "power_svd"]
+__all__ = [
+    "RitzValues",
+    "SingularTriplets",
+    "blas_threads",
+    "block_lanczos_eigenvalues",
+    "free_threads",
+    "lanczos_svd",
+    "power_svd",
+]
 
 MatVec = Callable[[Tensor], Tensor]
 
@@ -43,6 +52,28 @@ def blas_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def free_threads(device: torch.device, fixed: int | None = None) -> int | None:
+    """CPU threads for an eigensolver or SVD (LAPACK): torch's number, less the cores other processes keep busy.
+
+    On a shared machine more threads than free cores spin against each other in LAPACK's
+    memory-bound reductions (error 2's call took 81 s with two threads on a loaded 2-core machine,
+    1.5 s with one; ``eigh`` of a 1 152-sided factor 4.5-8.3 s against 0.7-1.2 s), so these run
+    with ``min(torch threads, cores - (1-minute load average - 1))``, at least 1, unless ``fixed``
+    fixes it. ``None`` (unchanged) on a GPU. Use with :func:`blas_threads`.
+    """
+    if device.type != "cpu":
+        return None
+    if fixed is not None:
+        return max(1, int(fixed))
+    threads = torch.get_num_threads()
+    try:
+        cores = len(os.sched_getaffinity(0))
+        busy = os.getloadavg()[0] - 1.0  # the load this process adds is its own
+    except (AttributeError, OSError):  # no affinity or load average on this platform
+        return threads
+    return max(1, min(threads, math.floor(cores - max(busy, 0.0) + 0.5)))
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ tests compares against.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -27,7 +28,17 @@ from fisherlab._errors import FisherlabError
 if TYPE_CHECKING:
     from fisherlab.kron import KronSolver
 
-__all__ = ["BlockDiagonal", "BlockOperator", "Params", "ParamsOperator", "axpy", "dot", "solve_all"]
+__all__ = [
+    "BlockDiagonal",
+    "BlockOperator",
+    "Params",
+    "ParamsOperator",
+    "axpy",
+    "dot",
+    "remember_inner",
+    "remembered_inner",
+    "solve_all",
+]
 
 #: A parameter vector: per layer a ``[d_out, d_in]`` matrix, bias column last.
 Params = list[Tensor]
@@ -79,6 +90,30 @@ class ParamsOperator(Protocol):
     def as_dense(self) -> Tensor:
         """The dense matrix acting on the concatenated ``flatten`` of the layers; small nets only."""
         ...
+
+
+def remember_inner(operator: object, block: object, value: Tensor) -> None:
+    """Record ``<F, B>_F`` of ``operator`` ``B`` with the exact block ``F`` it was built from, where the
+    builder knows it without a pass over the samples: ``||s||²`` for ``s`` the diagonal of ``F`` in an
+    orthonormal basis (``<F, Q diag(s) Qᵀ> = Σ s ∘ diag(Qᵀ F Q) = Σ s²``: diagonal, EKFAC, SOAP's basis),
+    ``Σ λ²`` for eigenpairs of ``F`` (low rank), ``c²`` for a Frobenius-optimal scale ``c`` (Shampoo).
+
+    Kept in the operator's ``cache`` (operators without one record nothing) with a weak reference
+    to ``block``: only that very block reads it back (:func:`remembered_inner`), never another kind's,
+    a rescaled or a restricted one, and the operator does not keep the block alive.
+    """
+    cache = getattr(operator, "cache", None)
+    if isinstance(cache, dict):
+        cache["inner"] = (weakref.ref(block), value)
+
+
+def remembered_inner(operator: object, block: object) -> Tensor | None:
+    """``<F, B>_F`` recorded by :func:`remember_inner` for this very ``block``, else ``None``."""
+    cache = getattr(operator, "cache", None)
+    known = cache.get("inner") if isinstance(cache, dict) else None
+    if known is None or known[0]() is not block:
+        return None
+    return known[1]
 
 
 def dot(x: Params, y: Params) -> Tensor:

@@ -27,18 +27,22 @@ from torch import Tensor
 from fisherlab._errors import FisherlabError
 from fisherlab.method_registry import METHODS
 from fisherlab.metrics import BLOCK_METRICS, ERROR_METRICS
+from fisherlab.vocabulary import PAPER_METHODS
 
 __all__ = [
     "FAMILY_COLOR",
+    "MAX_LAYER_PANELS",
     "METHOD_STYLE",
     "block_heatmaps",
     "data_label",
     "error_figure",
+    "fisher_label",
     "method_family",
     "method_order",
     "method_style",
     "method_styles",
     "plain",
+    "run_figure",
     "run_labels",
     "save_figure",
     "spectra_figure",
@@ -61,9 +65,12 @@ FAMILY_COLOR: dict[str, str] = {
 }
 #: Colours of families that :data:`FAMILY_COLOR` does not name, in order of first appearance.
 _EXTRA_COLORS = ("#bcbd22", "#ff7f0e", "#393b79", "#637939", "#8c6d31", "#843c39")
-#: Marker and dash pattern of a family's variants, by their index in the family (registration order):
-#: the first variant is solid with a circle, later ones dashed so coincident curves show through.
-_VARIANT_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "h", "<", ">", "p")
+#: Markers, one per method in registration order (names not in the registry after them): methods whose
+#: curves coincide across families (Shampoo² on KPSVD) still show both markers.
+_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "h", "<", ">", "p", "d", "H", "8", "x", "+", "1", "2", "3", "4")
+#: Dash patterns of a family's variants, by their index in the family (registration order): a family of
+#: the papers' methods starts solid, any other family dashed (its curves often lie on a paper method's),
+#: later variants dashed otherwise, so coincident curves show through.
 _VARIANT_DASHES: tuple[tuple[float, ...], ...] = ((), (6, 2), (2, 2), (8, 2, 2, 2), (4, 1, 1, 1), (1, 1), (10, 3))
 #: Lightness of a family's variants (0 = the base colour, > 0 towards white, < 0 towards black).
 _VARIANT_SHADES = (0.0, -0.25, 0.35, -0.45, 0.55, -0.6, 0.7)
@@ -93,25 +100,30 @@ def method_family(method: str) -> str:
 def method_styles(methods: Sequence[str] = ()) -> dict[str, Style]:
     """Colour, marker and dash pattern of every registered method and of ``methods``.
 
-    Colour says the family (:data:`FAMILY_COLOR`), marker, dash pattern and shade the variant: a
-    registered method's variant is its index among the registered methods of its family, so a
-    method looks the same in every figure; names not in the registry join the ``user`` family
-    after the registered user methods, in the order given. No two methods share a style.
+    Colour says the family (:data:`FAMILY_COLOR`), dash pattern and shade the variant: a registered
+    method's variant is its index among the registered methods of its family, so a method looks the
+    same in every figure. Every method has a marker of its own, and the families of the zoo start
+    dashed, so curves that coincide across families (Shampoo² on KPSVD) stay apart. Names not in
+    the registry join the ``user`` family after the registered user methods, in the order given.
+    No two methods share a style.
     """
     families: dict[str, list[str]] = {}
     for name, spec in METHODS.items():
         families.setdefault(spec.family, []).append(name)
-    for name in methods:
-        if name not in METHODS and name not in families.get("user", []):
+    unregistered = [n for n in dict.fromkeys(methods) if n not in METHODS]
+    for name in unregistered:
+        if name not in families.get("user", []):
             families.setdefault("user", []).append(name)
+    marker_of = {name: _MARKERS[i % len(_MARKERS)] for i, name in enumerate([*METHODS, *unregistered])}
     extra = iter(_EXTRA_COLORS * (1 + len(families)))
     styles: dict[str, Style] = {}
     for family, names in families.items():
         base = FAMILY_COLOR.get(family) or next(extra)
+        first_dash = 0 if any(n in PAPER_METHODS for n in names) else 1
         for i, name in enumerate(names):
             shade = _VARIANT_SHADES[i % len(_VARIANT_SHADES)]
-            dashes = _VARIANT_DASHES[i % len(_VARIANT_DASHES)]
-            styles[name] = (_shade(base, shade), _VARIANT_MARKERS[i % len(_VARIANT_MARKERS)], dashes)
+            dashes = _VARIANT_DASHES[(i + first_dash) % len(_VARIANT_DASHES)]
+            styles[name] = (_shade(base, shade), marker_of[name], dashes)
     return styles
 
 
@@ -214,6 +226,14 @@ def data_label(ds: xr.Dataset) -> str:
     return source.split(" (")[0].split(":")[0] if source else "data not recorded"
 
 
+def fisher_label(ds: xr.Dataset) -> str:
+    """Which Fisher a run scored against, for figure titles: ``Fisher: mc``, and with ``--approx-fisher``
+    of another kind (cross-kind scoring) ``Fisher: mc, approximations from empirical``."""
+    fisher = str(ds.attrs.get("fisher", "?"))
+    approx = str(ds.attrs.get("approx_fisher", "") or fisher)
+    return f"Fisher: {fisher}" + (f", approximations from {approx}" if approx != fisher else "")
+
+
 def error_figure(runs: xr.Dataset | dict[str, xr.Dataset], *, metrics: tuple[str, ...] | None = None) -> Figure:
     """Error metrics vs iteration per layer (rows: metrics, columns: layers), K Fig. 1.
 
@@ -302,11 +322,13 @@ def error_figure(runs: xr.Dataset | dict[str, xr.Dataset], *, metrics: tuple[str
     if len(datasets) == 1:
         title = (
             f"Fisher approximation errors: {first.attrs.get('problem', '?')} ({data_label(first)}), "
-            f"Fisher: {first.attrs.get('fisher', '?')}, spectrum: {first.attrs.get('spectrum', '?')}"
+            f"{fisher_label(first)}, spectrum: {first.attrs.get('spectrum', '?')}"
         )
     else:
+        cross = any(fisher_label(ds) != f"Fisher: {ds.attrs.get('fisher', '?')}" for ds in datasets.values())
         title = "Fisher approximation errors: " + "; ".join(
-            f"{label} = {ds.attrs.get('problem', '?')} ({data_label(ds)})" for label, ds in datasets.items()
+            f"{label} = {ds.attrs.get('problem', '?')} ({data_label(ds)}" + (f", {fisher_label(ds)})" if cross else ")")
+            for label, ds in datasets.items()
         )
     fig.suptitle(plain(title))
     fig.tight_layout()
@@ -341,6 +363,19 @@ def summary_medians(runs: xr.Dataset | dict[str, xr.Dataset], metric: str = "fro
     out = out.sel({"method": method_order([str(m) for m in out["method"].values])})
     out.name = metric
     return out
+
+
+#: Beyond this many layers a run's default figure is the summary heatmap: a panel per layer would be too wide.
+MAX_LAYER_PANELS = 12
+
+
+def run_figure(ds: xr.Dataset) -> Figure:
+    """The figure ``fisherlab probe`` draws of its run: :func:`error_figure` (a panel per layer), or past
+    :data:`MAX_LAYER_PANELS` layers (``--layers all`` on a transformer) the method × layer heatmap of median
+    error 1 (:func:`summary_figure`); ``fisherlab plot FILE`` still draws every panel."""
+    if ds.sizes.get("layer", 1) > MAX_LAYER_PANELS and "frobenius_error" in ds:
+        return summary_figure(ds, "frobenius_error")
+    return error_figure(ds)
 
 
 def summary_figure(runs: xr.Dataset | dict[str, xr.Dataset], metric: str = "frobenius_error") -> Figure:
@@ -387,8 +422,7 @@ def summary_figure(runs: xr.Dataset | dict[str, xr.Dataset], metric: str = "frob
     first = runs if isinstance(runs, xr.Dataset) else next(iter(runs.values()))
     ax.set_title(
         plain(
-            f"median over iterations: {first.attrs.get('problem', '?')} ({data_label(first)}), "
-            f"Fisher: {first.attrs.get('fisher', '?')}"
+            f"median over iterations: {first.attrs.get('problem', '?')} ({data_label(first)}), {fisher_label(first)}"
         ),
         fontsize=10,
     )

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from fisherlab.kron import KronSum
+from fisherlab.krylov import blas_threads, free_threads
 from fisherlab.layers import LayerFactors
 
 if TYPE_CHECKING:  # type only: the exact block is the next stage (fisher imports this module)
@@ -53,7 +54,8 @@ def span_basis(rows: Tensor, side: int) -> Tensor | None:
     cols = rows.reshape(-1, side)
     if cols.shape[0] >= side:
         return None
-    u, sv, _ = torch.linalg.svd(cols.T, full_matrices=False)
+    with blas_threads(free_threads(cols.device)):  # LAPACK on the free cores (2.4 s against 0.3 s on a loaded CPU)
+        u, sv, _ = torch.linalg.svd(cols.T, full_matrices=False)
     if not sv[0] > 0:
         return None
     return u[:, sv > side * torch.finfo(sv.dtype).eps * sv[0]]

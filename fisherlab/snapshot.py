@@ -41,6 +41,7 @@ def assemble_snapshot(
     t0: float,
     shard: Shard | None = None,
     zero_warned: set[str] | None = None,
+    nan_warned: set[tuple[str, str]] | None = None,
 ) -> tuple[xr.Dataset, ProbeSnapshot]:
     """One snapshot: probe pass, every registered metric of every probed layer and method.
 
@@ -56,6 +57,8 @@ def assemble_snapshot(
         shard: This process's rows of the global batch under ``torch.distributed``.
         zero_warned: Layers that warned already that their block is zero: they do not warn
             again; a layer that warns is added (the warning is given once per layer and run).
+        nan_warned: The ``(metric, reason)`` pairs whose NaN warning (solve error, KL divergence) was given
+            already (:func:`~fisherlab.metrics.evaluate_block`'s ``warned``): each is given once per run.
 
     Returns:
         The one-iteration dataset and the probe pass (its per-sample factors, for storing).
@@ -92,10 +95,11 @@ def assemble_snapshot(
                 gradient=snap.gradients.get(name),
                 approx_block=snap.approx_block(name),
                 warn_not_applicable=False,  # FisherProbe said it once for the run (methods_not_applicable)
+                warned=nan_warned,
             )
         if not ev.layer_values["fisher_frobenius_norm"] > 0:
             zero_warned.add(name)
-        previous[name] = warm_starts(ev.approximations)
+        previous[name] = dict(ev.warm_starts)  # without lifting the approximations of a wide layer
         if config.two_level:
             current[name] = ev.approximations
         for metric, values in ev.values.items():

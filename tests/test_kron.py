@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fisherlab._errors import FisherlabError
 from fisherlab.kron import KronSum, pi_damping
 from tests.cases import rng, spd, symmetric
 from tests.tolerances import DAMPED_SOLVE, EXACT64
@@ -109,3 +110,46 @@ def test_restricted_projects_a_sum_inside_the_spans_and_refuses_one_outside() ->
     torch.testing.assert_close(got.values, expected, **ZERO_PADDED)
     outside = KronSum((k.outs[0] + 1e-3 * torch.eye(10, dtype=torch.float64), k.outs[1]), k.ins)
     assert outside.restricted(u, v) is None and outside.restricted(None, v) is not None
+
+
+def test_factor_eigendecompositions_are_computed_once_and_shared_by_scaled_sums() -> None:
+    """A single product's factor eigendecompositions equal dense ``eigh`` and are kept (the second call
+    returns the same tensors); a sum made by ``scaled`` (TKFAC from KFAC) has its own eigenvalues, dense
+    ``eigvalsh`` of its factors, from its parent's (computed once for both, whichever asks first); a
+    negative scale shares nothing and is still right; sums of two terms refuse."""
+    k = _sum(1, seed=3)
+    s = k.scaled(2.5, 0.5)
+    s_out, s_in = s.factor_eigenvalues()  # before the parent computed anything: computed on the parent
+    assert "eigvalsh" in k.cache
+    torch.testing.assert_close(s_out, torch.linalg.eigvalsh(s.outs[0]), **EXACT64)
+    torch.testing.assert_close(s_in, torch.linalg.eigvalsh(s.ins[0]), **EXACT64)
+    (e_out, q_out), (e_in, q_in) = k.factor_eigh()
+    for e, q, m in ((e_out, q_out, k.outs[0]), (e_in, q_in, k.ins[0])):
+        torch.testing.assert_close(q @ torch.diag(e) @ q.T, m, **EXACT64)
+    assert k.factor_eigh()[0][1] is q_out  # kept
+    (se_out, sq_out), _ = k.scaled(3.0).factor_eigh()
+    assert sq_out is q_out and torch.equal(se_out, 3.0 * e_out)  # shared, not recomputed
+    want = torch.sort(torch.linalg.eigvalsh(3.0 * k.as_dense()), descending=True).values
+    torch.testing.assert_close(k.scaled(3.0).eigenvalues(), want, **EXACT64)
+    negative = k.scaled(-1.0)
+    assert "scaled_from" not in negative.cache
+    torch.testing.assert_close(negative.factor_eigenvalues()[0], torch.linalg.eigvalsh(-k.outs[0]), **EXACT64)
+    with pytest.raises(FisherlabError, match="single Kronecker product"):
+        _sum(2).factor_eigh()
+
+
+def test_given_factor_eigendecompositions_are_used_without_an_eigensolver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``with_factor_eigh``: the eigenvalues (error 2) and ``factor_eigh`` (the damped solve) are the given
+    ones; no eigensolver runs (one would fail here)."""
+    k = _sum(1, seed=4)
+    (e_out, q_out), (e_in, q_in) = torch.linalg.eigh(k.outs[0]), torch.linalg.eigh(k.ins[0])
+    given = KronSum(k.outs, k.ins).with_factor_eigh((e_out, q_out), (e_in, q_in))
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an eigensolver ran")
+
+    monkeypatch.setattr(torch.linalg, "eigh", refuse)
+    monkeypatch.setattr(torch.linalg, "eigvalsh", refuse)
+    assert given.factor_eigh()[1][1] is q_in
+    want = torch.sort(torch.outer(e_out, e_in).flatten(), descending=True).values
+    assert torch.equal(given.eigenvalues(), want)

@@ -16,6 +16,8 @@ from fisherlab.approximations import ApproxConfig, approximate_all
 from fisherlab.dense import dense_frobenius_error, dense_spectral_error
 from fisherlab.fisher import ExactBlock
 from fisherlab.method_registry import METHODS
+from fisherlab.metrics import inner_with_block
+from fisherlab.operators import remembered_inner
 from fisherlab.testing import check_block_operator
 from tests.cases import FACTOR_CASES, ids, make_factors, rng
 from tests.tolerances import EXACT64, SLACK, SOLVE64, as_approx
@@ -95,7 +97,7 @@ def test_every_zoo_method_is_registered_and_the_default_is_unchanged() -> None:
     assert METHODS["kfac"].long_name == "KFAC (expand)"
     assert not METHODS["diagonal"].span_invariant  # diag of the restricted block lifted is not diag(F)
     assert METHODS["ekfac"].reuses == ("kfac",) and METHODS["tkfac"].reuses == ("kfac",)
-    assert METHODS["eshampoo"].reuses == ("shampoo2",)
+    assert METHODS["eshampoo"].reuses == ("shampoo2",) and METHODS["shampoo"].reuses == ("shampoo2",)
 
 
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
@@ -212,3 +214,74 @@ def test_zoo_on_a_zero_block_is_zero() -> None:
     for name, approx in approximate_all(block, ZOO).items():
         dense = approx.operator.as_dense()
         assert torch.isfinite(dense).all() and float(dense.abs().max()) == 0, name
+
+
+#: The methods whose builder knows ``<F, F̂>`` without a pass over the samples (remember_inner).
+REMEMBERED = ("diagonal", "ekfac", "eshampoo", "lowrank", "shampoo2", "shampoo")
+
+
+@pytest.mark.parametrize("case", CASES, ids=ids(CASES))
+def test_remembered_inner_products_match_dense(case: dict) -> None:
+    """``<F, F̂>`` in closed form (``||s||²`` for the diagonal of ``F`` in a basis, ``||λ||²`` for eigenpairs of
+    ``F``, ``c²`` for Shampoo's scale) equals the dense ``<F, F̂>`` of the twin and the generic matrix-free
+    route (the same block built again, which the remembered value is not for), ≤ 1e-10 relative."""
+    block = ExactBlock(make_factors(case))
+    built = approximate_all(block, REMEMBERED, CONFIG, restrict=False)
+    dense = block.as_dense()
+    for name, f_hat in twins(block).items():
+        if name not in REMEMBERED:
+            continue
+        operator = built[name].operator
+        known = remembered_inner(operator, block)
+        assert known is not None, name
+        want = float(torch.sum(dense * f_hat))
+        assert float(known) == pytest.approx(want, **as_approx(EXACT64)), name
+        assert float(inner_with_block(block, operator)) == float(known), name  # error 1 takes it
+        generic = float(inner_with_block(ExactBlock(block.factors), operator))
+        assert generic == pytest.approx(want, **as_approx(EXACT64)), name
+
+
+def test_error_2_of_explicit_eigenvalues_runs_no_eigensolver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Error 2 of the diagonal, eigenbasis-diagonal, low-rank and Shampoo operators, and of KFAC, TKFAC and
+    Shampoo² once EKFAC's and SOAP's bases were built, needs no eigensolver (one would fail here), and
+    the eigendecompositions of the factors are computed once: G, A, L and R (4 ``eigh``, not 6)."""
+    from fisherlab.metrics import BlockReference, spectral_error_bounded
+
+    block = ExactBlock(make_factors(FACTOR_CASES[3]))
+    calls: list[int] = []
+    eigh = torch.linalg.eigh
+
+    def counting(m: Tensor, *args: object, **kwargs: object) -> object:
+        calls.append(m.shape[0])
+        return eigh(m, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", counting)
+    names = ["kfac", "tkfac", "shampoo2", "shampoo", "ekfac", "eshampoo", "diagonal"]
+    built = approximate_all(block, names, CONFIG, restrict=False)
+    assert sorted(calls) == sorted([block.d_out, block.d_in] * 2), calls
+    ref = BlockReference.of(block)
+    _ = ref.eigenvalues  # F's own (the Gram matrix's), shared by every method
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    dense = block.as_dense()
+    want = {n: float(dense_spectral_error(dense, built[n].operator.as_dense())) for n in names}
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an eigensolver ran")
+
+    for solver in ("eigh", "eigvalsh", "eig", "eigvals", "svd", "svdvals"):
+        monkeypatch.setattr(torch.linalg, solver, refuse)
+    for name in names:
+        res = spectral_error_bounded(ref, built[name].operator)
+        assert res.value == pytest.approx(want[name], **as_approx(SOLVE64)), name
+
+
+def test_approximations_pickle_without_their_caches() -> None:
+    """The caches (remembered ``<F, F̂>`` with a weak reference to the block, factor eigendecompositions) are
+    not pickled: an approximation sent to another process is the same operator, computing them again."""
+    import pickle
+
+    block = ExactBlock(make_factors(FACTOR_CASES[3]))
+    for name, approx in approximate_all(block, ZOO, CONFIG, restrict=False).items():
+        assert approx.operator.cache or name == "kfac_reduce", name  # the one that remembers nothing
+        loaded = pickle.loads(pickle.dumps(approx.operator))
+        assert loaded.cache == {} and torch.equal(loaded.as_dense(), approx.operator.as_dense()), name

@@ -99,6 +99,31 @@ def test_iterative_error_2_matches_dense(spectrum: Spectrum, batch: int) -> None
     assert res.value == pytest.approx(float(dense), rel=1e-8) and res.bound <= 1e-8 * res.value and not res.note
 
 
+@pytest.mark.parametrize("batch", [40, 6])
+def test_error_2_cuts_the_factors_ranges_only_where_they_cannot_span_a_side(
+    monkeypatch: pytest.MonkeyPatch, batch: int
+) -> None:
+    """40 samples: the factors of 40 products span both sides (12 and 31), the range SVD is skipped; 6 samples
+    of a block not restricted to its sample span first (as on a sharded batch): it cuts the sides to 6.
+    Error 2 is the dense one either way."""
+    from fisherlab.metrics import error2, spectral_error_bounded
+
+    ref, kron, _ = _rank2_case(batch=batch)
+    dense = dense_spectral_error(ref.block.as_dense(), kron.as_dense(), Spectrum.EIGENVALUES)
+    calls: list[int] = []
+    on_ranges = KronSum.on_ranges
+
+    def counting(self: KronSum) -> KronSum:
+        calls.append(self.d_out)
+        return on_ranges(self)
+
+    monkeypatch.setattr(KronSum, "on_ranges", counting)
+    monkeypatch.setattr(error2, "on_sample_span", lambda block, approx: approx)
+    res = spectral_error_bounded(ref, kron, limits=NO_DENSE)
+    assert calls == ([] if batch == 40 else [12])
+    assert res.value == pytest.approx(float(dense), rel=1e-8) and not res.note
+
+
 def test_iterative_error_2_of_an_indefinite_approximation_waits_for_the_positive_eigenvalues() -> None:
     """F̂ with large negative eigenvalues: the r largest-magnitude ones converge first, but error 2 (eigenvalue
     convention) needs the r algebraically largest; the iterative value still equals the dense one."""
@@ -210,6 +235,39 @@ def test_errors_on_the_sample_span_match_the_whole_block(spectrum: Spectrum, con
     again = evaluate_block(block, list(Method), config, spectrum=spectrum, warm=warm_starts(ev.approximations))
     for method in Method:
         assert again.values["frobenius_error"][method] == pytest.approx(ev.values["frobenius_error"][method], rel=1e-7)
+
+
+def test_approximations_of_a_wide_layer_are_lifted_only_when_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """evaluate_block's errors and warm starts need no lifting (a probe run without two-level keeps the warm
+    starts only: lifting a wide layer's factors is d_in² numbers each); the warm starts are those of the
+    lifted approximations, and the approximations are lifted on first use."""
+    from fisherlab.metrics import evaluate_block
+    from fisherlab.sample_span import SampleSpan
+
+    gen = torch.Generator().manual_seed(5)
+    block = ExactBlock(
+        LayerFactors(
+            torch.randn(3, 1, 13, generator=gen, dtype=torch.float64),
+            torch.randn(3, 2, 1, 20, generator=gen, dtype=torch.float64),
+        )
+    )
+    lift = SampleSpan.lift
+
+    def refuse(self: SampleSpan, kron: KronSum) -> KronSum:
+        raise AssertionError("lifted")
+
+    monkeypatch.setattr(SampleSpan, "lift", refuse)
+    ev = evaluate_block(block, ["kfac", "kpsvd", "ekfac"])
+    warm = ev.warm_starts
+    assert ev.span is not None and set(ev.on_span) == {"kfac", "kpsvd", "ekfac"}
+    monkeypatch.setattr(SampleSpan, "lift", lift)
+    lifted = warm_starts(ev.approximations)
+    assert set(warm) == set(lifted) == {"kfac", "kpsvd", "ekfac"}
+    for method, starts in lifted.items():
+        assert len(starts) == len(warm[method])
+        for got, want in zip(warm[method], starts, strict=True):
+            torch.testing.assert_close(got.on(None), want.on(None), rtol=0, atol=0)
+    assert ev.approximations["kpsvd"].kron.d_in == 13 and ev.approximations is ev.approximations  # once
 
 
 def test_the_eigensolver_limits_follow_the_device(device: torch.device) -> None:
@@ -440,14 +498,15 @@ def test_error_2_runs_its_eigensolver_with_threads_that_fit_the_machine(
     """On a machine whose load average leaves no free core, error 2's eigensolver runs with one thread
     (two threads on a loaded 2-core machine took 81 s for a 1.5 s call); idle, torch's number;
     SpectralLimits.threads fixes it; torch's setting is restored afterwards."""
+    from fisherlab import krylov
     from fisherlab.metrics import error2, spectral_error_bounded, spectral_threads
 
     ref, kron, _ = _rank2_case(batch=6)  # on one thread: on a loaded machine two spin for seconds of CPU
     outside = torch.get_num_threads()
     torch.set_num_threads(2)
     before = 2
-    monkeypatch.setattr(error2.os, "getloadavg", lambda: (load, load, load))
-    monkeypatch.setattr(error2.os, "sched_getaffinity", lambda pid: set(range(2)))
+    monkeypatch.setattr(krylov.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(krylov.os, "sched_getaffinity", lambda pid: set(range(2)))
     limits = replace(NO_DENSE, threads=fixed)
     want = before if expected == "torch" else expected
     assert spectral_threads(torch.device("cpu"), fixed) == want and spectral_threads(torch.device("meta")) is None

@@ -213,3 +213,48 @@ def test_approx_fisher_is_a_setting_recorded_in_the_attributes() -> None:
     )
     with pytest.raises(fl.FisherlabError, match="FisherKind"):
         ProbeConfig(approx_fisher="fisherish")
+
+
+def test_closed_form_inner_products_are_not_used_across_kinds() -> None:
+    """The methods whose ``<F, F̂>`` their builder remembers (diagonal of ``F`` in a basis, eigenpairs of ``F``,
+    Frobenius-optimal scales) built from the empirical block and scored against the MC block: error 1 of the
+    dense twin, not the remembered value (which is ``<F_emp, F̂>``)."""
+    model, x, y = _batch()
+    snap = Probe(model, "ce", fisher="mc", approx_fisher="empirical", mc_samples=2, seed=1)(x, y)
+    methods = ["diagonal", "ekfac", "eshampoo", "lowrank", "shampoo2", "shampoo"]
+    for name in snap.factors:
+        mc_block, emp_block = snap.blocks()[name], snap.approx_block(name)
+        assert emp_block is not None
+        cross = evaluate_block(mc_block, methods, approx_block=emp_block, layer=name)
+        own = evaluate_block(emp_block, methods).approximations
+        f_mc = mc_block.as_dense()
+        for method in methods:
+            f_hat = own[method].operator.as_dense()
+            want = float(torch.linalg.matrix_norm(f_mc - f_hat) / torch.linalg.matrix_norm(f_mc))
+            assert cross.values["frobenius_error"][method] == pytest.approx(want, rel=1e-10), (name, method)
+
+
+def test_a_nan_warning_is_given_once_per_run_per_metric_and_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    """KL divergence without closed-form eigenvalues (a small dense limit) on two Kronecker-rank-2 methods, every
+    layer and two snapshots of a FisherProbe run: one warning per reason (the reason's sizes differ by layer
+    and do not count), not one per layer, method and snapshot; evaluate_block alone warns once per call."""
+    from fisherlab.metrics import usage
+
+    monkeypatch.setattr(usage, "KL_DENSE_SIDE", 4)
+    model, x, y = _batch()
+    config = ProbeConfig(methods=("kfac", "deflation", "lanczos"), metrics=("frobenius_error", "kl_divergence"))
+    probe = fl.FisherProbe(model, "ce", every=1, config=config)
+    assert len(probe.names) == 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(2):
+            ds = probe.step(step, x, y)
+    said = [str(w.message) for w in caught if issubclass(w.category, UndefinedMetricWarning)]
+    assert len(said) == 1 and "kl_divergence of deflation" in said[0] and "said once" in said[0], said
+    assert ds is not None and bool(ds["kl_divergence"].sel({"method": "lanczos"}).isnull().all())
+    block, gradient, lam = _setup(FACTOR_CASES[1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            evaluate_block(block, ["deflation", "lanczos"], metrics=ERROR_METRICS, damping=lam, gradient=gradient)
+    assert len([w for w in caught if "kl_divergence" in str(w.message)]) == 2  # once per call

@@ -78,3 +78,22 @@ def test_coarse_solve_is_the_minimum_norm_solution() -> None:
     r = torch.randn(5, generator=gen, dtype=torch.float64)
     expected = torch.linalg.lstsq(f, r, rcond=1e-12, driver="gelsd").solution
     torch.testing.assert_close(coarse_solve(f, r), expected, **SOLVE64)
+
+
+def test_a_remembered_inner_product_is_read_back_for_that_very_block_only() -> None:
+    """``remember_inner`` keeps ``<F, B>`` for the block it was built from (held weakly): an equal block
+    built again, another block, an operator without a cache, or the block gone give nothing."""
+    from fisherlab.block_operators import DiagonalBlockOperator
+    from fisherlab.operators import remember_inner, remembered_inner
+
+    factors = plain_factors(rng(3), 5, 1, 4, 3)
+    block = ExactBlock(factors)
+    op = DiagonalBlockOperator(torch.ones(4, 3, dtype=torch.float64))
+    value = torch.tensor(2.0, dtype=torch.float64)
+    remember_inner(op, block, value)
+    assert remembered_inner(op, block) is value
+    assert remembered_inner(op, ExactBlock(factors)) is None  # equal, not the same: e.g. another kind's block
+    assert remembered_inner(DiagonalBlockOperator(op.values), block) is None  # a new operator starts empty
+    remember_inner(object(), block, value)  # no cache: nothing recorded, no error
+    del block
+    assert remembered_inner(op, ExactBlock(factors)) is None and op.cache["inner"][0]() is None

@@ -16,11 +16,14 @@ from fisherlab.data import announce_data, load_images
 from fisherlab.method_registry import METHODS
 from fisherlab.plots import (
     FAMILY_COLOR,
+    MAX_LAYER_PANELS,
     error_figure,
+    fisher_label,
     method_order,
     method_style,
     method_styles,
     plain,
+    run_figure,
     run_labels,
     save_figure,
     summary_figure,
@@ -239,6 +242,17 @@ def test_summary_heatmap_shows_the_median_of_each_method_and_layer() -> None:
     assert summary_medians(ds).sel({"method": "kfac", "layer": "5"}) == np.median(ds.frobenius_error.values[:, 0, 0])
 
 
+def test_a_run_of_many_layers_is_drawn_as_the_summary_heatmap() -> None:
+    """``fisherlab probe``'s figure: a panel per layer up to MAX_LAYER_PANELS layers, the heatmap beyond."""
+    few = probe_dataset(tuple(str(i) for i in range(MAX_LAYER_PANELS)))
+    many = probe_dataset(tuple(str(i) for i in range(MAX_LAYER_PANELS + 1)))
+    fig_few, fig_many = run_figure(few), run_figure(many)
+    assert len([ax for ax in fig_few.axes if ax.lines]) == MAX_LAYER_PANELS
+    assert len(fig_many.axes[0].images) == 1 and len(fig_many.axes[0].get_xticklabels()) == MAX_LAYER_PANELS + 1
+    plt.close(fig_few)
+    plt.close(fig_many)
+
+
 def test_summary_of_several_runs_and_missing_metric() -> None:
     runs = {"a": zoo_dataset(), "b": zoo_dataset(seed=1).isel(layer=[0])}
     medians = summary_medians(runs, "spectral_error")
@@ -258,3 +272,32 @@ def test_plot_summary_writes_the_heatmap(tmp_path, capsys) -> None:  # type: ign
     (tmp_path / "run.png").unlink()
     assert cli.main(["plot", str(tmp_path / "run.nc"), "--summary", "--metric", "nope"]) == 2
     assert "has no nope" in capsys.readouterr().err and not (tmp_path / "run.png").exists()  # checked before drawing
+
+
+def test_methods_whose_curves_coincide_across_families_are_told_apart() -> None:
+    """Shampoo² lies on KPSVD: each method has a marker of its own, and a family of the zoo starts dashed
+    where the papers' families start solid, so a zoo method's curve on a paper method's differs in marker
+    and dash pattern while both keep their families' colours."""
+    styles = method_styles()
+    assert len({marker for _, marker, _ in styles.values()}) == len(styles)
+    for paper, zoo in (("kpsvd", "shampoo2"), ("lanczos", "lowrank"), ("kfac", "diagonal")):
+        assert styles[paper][2] == () and styles[zoo][2] != (), (paper, zoo)
+        assert styles[paper][1] != styles[zoo][1], (paper, zoo)
+    assert styles["shampoo2"][0] == FAMILY_COLOR["shampoo"] and styles["kpsvd"][0] == FAMILY_COLOR["kronecker_svd"]
+
+
+def test_titles_name_the_approximations_fisher_kind_when_it_differs() -> None:
+    """Cross-kind scoring (``--approx-fisher``) is named in the error figure's and the summary's titles."""
+    ds = zoo_dataset()
+    assert fisher_label(ds) == "Fisher: mc"
+    cross = ds.assign_attrs(approx_fisher="empirical")
+    same = ds.assign_attrs(approx_fisher="mc")
+    want = "Fisher: mc, approximations from empirical"
+    assert fisher_label(cross) == want and fisher_label(same) == "Fisher: mc"
+    for fig in (error_figure(cross, metrics=("frobenius_error",)), summary_figure(cross)):
+        shown = fig.get_suptitle() + " ".join(ax.get_title() for ax in fig.axes)
+        assert want in shown
+        plt.close(fig)
+    fig = error_figure({"a": cross, "b": same}, metrics=("frobenius_error",))
+    assert want in fig.get_suptitle() and "Fisher: mc)" in fig.get_suptitle()
+    plt.close(fig)

@@ -95,14 +95,18 @@ class Approximation:
             operator: Any = span.lift(self.operator)
         else:
             operator = LiftedOperator(self.operator, span.out_basis, span.in_basis)
+        return replace(self, operator=operator, warm_start=self.lifted_warm_start(span))
+
+    def lifted_warm_start(self, span: SampleSpan) -> tuple[Tensor | SpanMatrix, ...]:
+        """The warm start of :meth:`lifted` without lifting the operator: input-side matrices of the
+        restricted block kept on the span (:class:`SpanMatrix`)."""
         if span.in_basis is None:
-            return replace(self, operator=operator)
+            return self.warm_start
         k_in = span.block.d_in
-        warm = tuple(
+        return tuple(
             SpanMatrix(span.in_basis, w) if isinstance(w, Tensor) and w.shape == (k_in, k_in) else w
             for w in self.warm_start
         )
-        return replace(self, operator=operator, warm_start=warm)
 
 
 def _symmetric(m: Tensor) -> Tensor:

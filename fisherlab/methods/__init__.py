@@ -14,7 +14,7 @@ sums over samples are summed over processes (:func:`fisherlab.distributed.all_re
 ``import fisherlab`` registers them all; the default ``--methods`` stays the papers' five.
 """
 
-# kfac_variants before eigenbasis, then shampoo: a method's reuses (ekfac <- kfac, eshampoo <- shampoo2) register first
+# a method's reuses register first: ekfac <- kfac, eshampoo and shampoo <- shampoo2 (registered before shampoo)
 from fisherlab.methods import diagonal, kfac_variants, lowrank, shampoo  # isort: skip
 from fisherlab.methods import eigenbasis  # isort: skip
 

@@ -15,6 +15,7 @@ from fisherlab.distributed import all_reduce_sum
 from fisherlab.fisher import PER_SAMPLE_GRADIENT_LIMIT, ExactBlock
 from fisherlab.layers import LayerFactors
 from fisherlab.method_registry import MethodContext, MethodSpec, register
+from fisherlab.operators import remember_inner
 from fisherlab.vocabulary import BlockStructure
 
 __all__ = ["diagonal", "diagonal_of", "trace_of"]
@@ -48,8 +49,12 @@ def trace_of(factors: LayerFactors) -> Tensor:
 
 
 def diagonal(block: ExactBlock) -> DiagonalBlockOperator:
-    """``diag(F)`` as a :class:`~fisherlab.block_operators.DiagonalBlockOperator` (its eigenvalues are its entries)."""
-    return DiagonalBlockOperator(diagonal_of(block.factors))
+    """``diag(F)`` as a :class:`~fisherlab.block_operators.DiagonalBlockOperator` (its eigenvalues are its
+    entries); ``<F, diag(d)> = Σ d ∘ diag(F) = ||d||²`` is remembered for ``block``
+    (:func:`~fisherlab.operators.remember_inner`: error 1 without a pass over the samples)."""
+    operator = DiagonalBlockOperator(diagonal_of(block.factors))
+    remember_inner(operator, block, operator.frobenius_norm_squared())
+    return operator
 
 
 def _build(block: ExactBlock, config: ApproxConfig, context: MethodContext) -> DiagonalBlockOperator:

@@ -8,6 +8,11 @@ Shampoo's ``L`` and ``R`` (SOAP's basis), so its error 1 never exceeds ``shampoo
 
 Span invariant: inside the sample span the eigenvectors are those of the restricted factors, and
 the directions outside it get ``s = 0`` on the whole block too.
+
+Cost: the basis is the reused method's :meth:`~fisherlab.kron.KronSum.factor_eigh`, computed once
+and shared (with KFAC's error 2, with Shampoo's roots), with the eigensolver on the free cores
+(:func:`~fisherlab.krylov.free_threads`); ``<F, F̂> = Σ s ∘ diag(Qᵀ F Q) = ||s||²`` is remembered
+(:func:`~fisherlab.operators.remember_inner`), so error 1 needs no pass over the samples.
 """
 
 from __future__ import annotations
@@ -15,26 +20,24 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import torch
 from torch import Tensor
 
 from fisherlab.approximations import ApproxConfig, Approximation
 from fisherlab.block_operators import EigenbasisDiagonal
 from fisherlab.fisher import ExactBlock
 from fisherlab.kron import KronSum
+from fisherlab.krylov import blas_threads, free_threads
 from fisherlab.layers import LayerFactors
 from fisherlab.method_registry import MethodContext, MethodSpec, register
 from fisherlab.methods.diagonal import diagonal_of
+from fisherlab.operators import remember_inner
 
 __all__ = ["eigenbasis_diagonal", "ekfac", "eshampoo"]
 
 
-def _eigenvectors(m: Tensor) -> Tensor:
-    return torch.linalg.eigh((m + m.T) / 2).eigenvectors
-
-
 def eigenbasis_diagonal(block: ExactBlock, q_out: Tensor, q_in: Tensor) -> EigenbasisDiagonal:
-    """``(Q_out ⊗ Q_in) diag(s) (Q_out ⊗ Q_in)ᵀ`` with ``s`` the diagonal of ``F`` in that basis.
+    """``(Q_out ⊗ Q_in) diag(s) (Q_out ⊗ Q_in)ᵀ`` with ``s`` the diagonal of ``F`` in that basis;
+    ``<F, F̂> = ||s||²`` is remembered for ``block`` (:func:`~fisherlab.operators.remember_inner`).
 
     Args:
         block: The exact block.
@@ -43,11 +46,17 @@ def eigenbasis_diagonal(block: ExactBlock, q_out: Tensor, q_in: Tensor) -> Eigen
     """
     f = block.factors
     rotated = LayerFactors(f.a @ q_in.to(f.a.dtype), f.g @ q_out.to(f.g.dtype), f.shard)
-    return EigenbasisDiagonal(q_out, q_in, diagonal_of(rotated))
+    operator = EigenbasisDiagonal(q_out, q_in, diagonal_of(rotated))
+    remember_inner(operator, block, operator.frobenius_norm_squared())
+    return operator
 
 
 def _in_eigenbasis_of(block: ExactBlock, kron: KronSum) -> EigenbasisDiagonal:
-    return eigenbasis_diagonal(block, _eigenvectors(kron.outs[0]), _eigenvectors(kron.ins[0]))
+    """In the eigenbasis of ``kron``'s factors (its :meth:`~fisherlab.kron.KronSum.factor_eigh`, kept for
+    the reused method's error 2; eigensolver on the free cores)."""
+    with blas_threads(free_threads(kron.outs[0].device)):
+        (_, q_out), (_, q_in) = kron.factor_eigh()
+    return eigenbasis_diagonal(block, q_out, q_in)
 
 
 def ekfac(block: ExactBlock, kfac: KronSum) -> EigenbasisDiagonal:

@@ -21,7 +21,8 @@ __all__ = ["kfac_reduce", "reduced_factors", "tkfac"]
 
 
 def tkfac(block: ExactBlock, kfac: KronSum) -> KronSum:
-    """TKFAC (Gao et al. 2021): ``G ⊗ A`` scaled by ``tr F / (tr G tr A)``, so that its trace is ``F``'s.
+    """TKFAC (Gao et al. 2021): ``G ⊗ A`` scaled by ``tr F / (tr G tr A)``, so that its trace is ``F``'s
+    (:meth:`~fisherlab.kron.KronSum.scaled`: its factor eigenvalues are KFAC's, computed once for both).
 
     Args:
         block: The exact block.
@@ -30,7 +31,7 @@ def tkfac(block: ExactBlock, kfac: KronSum) -> KronSum:
     out, in_ = kfac.outs[0], kfac.ins[0]
     denominator = out.trace() * in_.trace()
     scale = trace_of(block.factors) / denominator if float(denominator) > 0 else denominator * 0
-    return KronSum((out * scale,), (in_,))
+    return kfac.scaled(scale)
 
 
 def reduced_factors(factors: LayerFactors) -> LayerFactors:

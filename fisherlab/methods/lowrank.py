@@ -16,7 +16,9 @@ from fisherlab.approximations import ApproxConfig
 from fisherlab.block_operators import LowRankOperator
 from fisherlab.distributed import all_reduce_sum
 from fisherlab.fisher import ExactBlock
+from fisherlab.krylov import blas_threads, free_threads
 from fisherlab.method_registry import MethodContext, MethodSpec, register
+from fisherlab.operators import remember_inner
 from fisherlab.vocabulary import BlockStructure
 
 __all__ = ["lowrank"]
@@ -27,11 +29,14 @@ def lowrank(block: ExactBlock, rank: int = 10) -> LowRankOperator:
 
     Eigenvalues of ``K / N`` below ``N V · eps · λ_max`` count as zero (rounding of the Gram matrix).
     Sharded: the Gram matrix is the whole batch's on every process, ``Jᵀ v`` is summed over processes.
+    ``<F, U diag(λ) Uᵀ> = Σ λ_i u_iᵀ F u_i = ||λ||²`` is remembered for ``block``
+    (:func:`~fisherlab.operators.remember_inner`: error 1 without a pass over the samples).
     """
     f = block.factors
     n, v = f.n_samples, f.n_directions
     gram = block.gram() / n
-    values, vectors = torch.linalg.eigh((gram + gram.T) / 2)
+    with blas_threads(free_threads(gram.device)):  # LAPACK on the free cores
+        values, vectors = torch.linalg.eigh((gram + gram.T) / 2)
     values, order = torch.sort(values, descending=True)
     floor = gram.shape[0] * torch.finfo(values.dtype).eps * float(values[0].clamp(min=0))
     keep = int(torch.sum(values[: min(rank, values.numel())] > floor))
@@ -43,7 +48,9 @@ def lowrank(block: ExactBlock, rank: int = 10) -> LowRankOperator:
     local = cg.reshape(keep, f.n_local * f.n_positions, f.d_out).transpose(1, 2) @ f.a.reshape(
         -1, f.d_in
     )  # Σ_nt (Σ_v c g) aᵀ
-    return LowRankOperator(all_reduce_sum(local, f.shard), values)
+    operator = LowRankOperator(all_reduce_sum(local, f.shard), values)
+    remember_inner(operator, block, operator.frobenius_norm_squared())
+    return operator
 
 
 def _build(block: ExactBlock, config: ApproxConfig, context: MethodContext) -> LowRankOperator:

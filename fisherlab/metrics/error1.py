@@ -19,7 +19,7 @@ from fisherlab.fisher import ExactBlock
 from fisherlab.kron import KronSum
 from fisherlab.layers import LayerFactors
 from fisherlab.metrics.reference import BlockReference
-from fisherlab.operators import BlockOperator
+from fisherlab.operators import BlockOperator, remembered_inner
 
 __all__ = [
     "FROBENIUS_MEMORY_LIMIT",
@@ -33,8 +33,13 @@ __all__ = [
 
 
 def inner_with_block(block: ExactBlock, approx: BlockOperator) -> Tensor:
-    """``<F, F̂>_F``: the closed form for a Kronecker sum (K Prop. 3.1 products), else the generic
-    matrix-free route ``(1/N) Σ <DW, F̂ DW>`` (:meth:`~fisherlab.fisher.ExactBlock.inner_operator`)."""
+    """``<F, F̂>_F``: what the builder remembered for this very block (:func:`~fisherlab.operators.remember_inner`:
+    ``||s||²`` for the diagonal of ``F`` in a basis, ``Σ λ²`` for eigenpairs of ``F``, ``c²`` for a
+    Frobenius-optimal scale), else the closed form for a Kronecker sum (K Prop. 3.1 products), else the
+    generic matrix-free route ``(1/N) Σ <DW, F̂ DW>`` (:meth:`~fisherlab.fisher.ExactBlock.inner_operator`)."""
+    known = remembered_inner(approx, block)
+    if known is not None:
+        return known.to(block.factors.dtype)
     if isinstance(approx, KronSum):
         return block.inner(approx)
     return block.inner_operator(approx).to(block.factors.dtype)

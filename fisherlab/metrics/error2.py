@@ -12,7 +12,6 @@ eigenvalues do not fit, error 2 is stored with a bound (:class:`SpectralError`),
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -22,7 +21,7 @@ from torch import Tensor
 
 from fisherlab._errors import UndefinedMetricWarning
 from fisherlab.kron import KronSum, symmetric_eig_dense_limit
-from fisherlab.krylov import RitzValues, blas_threads, block_lanczos_eigenvalues
+from fisherlab.krylov import RitzValues, blas_threads, block_lanczos_eigenvalues, free_threads
 from fisherlab.metrics.reference import BlockReference
 from fisherlab.operators import BlockOperator
 from fisherlab.sample_span import on_sample_span
@@ -129,24 +128,10 @@ def spectral_limits(device: torch.device) -> tuple[int, float]:
 
 
 def spectral_threads(device: torch.device, fixed: int | None = None) -> int | None:
-    """CPU threads for error 2's heavy kernels: torch's number, less the cores other processes keep busy.
-
-    On a shared machine more BLAS threads than free cores spin against each other (the same call
-    took 81 s with two threads on a loaded 2-core machine, 1.5 s with one), so the eigensolver
-    runs with ``min(torch threads, cores - (1-minute load average - 1))``, at least 1, unless
-    ``fixed`` (:attr:`SpectralLimits.threads`) fixes it. ``None`` (unchanged) on a GPU.
-    """
-    if device.type != "cpu":
-        return None
-    if fixed is not None:
-        return max(1, int(fixed))
-    threads = torch.get_num_threads()
-    try:
-        cores = len(os.sched_getaffinity(0))
-        busy = os.getloadavg()[0] - 1.0  # the load this process adds is its own
-    except (AttributeError, OSError):  # no affinity or load average on this platform
-        return threads
-    return max(1, min(threads, math.floor(cores - max(busy, 0.0) + 0.5)))
+    """CPU threads for error 2's heavy kernels (dense ``eigvalsh`` or block Lanczos):
+    :func:`~fisherlab.krylov.free_threads`, torch's number less the cores other processes keep busy,
+    unless ``fixed`` (:attr:`SpectralLimits.threads`) fixes it. ``None`` (unchanged) on a GPU."""
+    return free_threads(device, fixed)
 
 
 def _dense_flops(dim: int) -> float:
@@ -319,8 +304,8 @@ def spectral_error_bounded(
     Needs the ``r = min(N V, D)`` largest eigenvalues of ``F̂`` (:func:`_error_interval`), and
     far fewer when the spectra decay (the unknown rest is bounded). One Kronecker term: all of
     them exactly, from the factors' eigenvalues. More terms: restricted to the sample span
-    (:func:`~fisherlab.sample_span.on_sample_span`) and the factors' ranges
-    (:meth:`~fisherlab.kron.KronSum.on_ranges`, exact), then dense up to
+    (:func:`~fisherlab.sample_span.on_sample_span`) and, where a side exceeds the per-sample products
+    its factors sum, the factors' ranges (:meth:`~fisherlab.kron.KronSum.on_ranges`, exact), then dense up to
     ``limits.dense_side`` or when that costs fewer flops than iterating for the ``r``
     eigenvalues (:func:`_dense_flops`, :func:`_lanczos_flops`; and ``F̂`` fits); otherwise the largest
     by block Lanczos on the batched Kronecker product
@@ -345,7 +330,7 @@ def spectral_error_bounded(
         limits: What the eigensolver may spend; default ``ref.limits``, else
             :meth:`SpectralLimits.for_device` of the block's device.
     """
-    device = ref.eigenvalues.device
+    device = ref.block.factors.a.device  # not ref.eigenvalues: those are computed below, with the threads chosen
     limits = limits or ref.limits or SpectralLimits.for_device(device)
     with blas_threads(spectral_threads(device, limits.threads)):
         return _spectral_error_bounded(ref, approx, spectrum, limits)
@@ -425,7 +410,12 @@ def _spectral_error_bounded(
         return result(torch.sort(ev, descending=True).values, complete=True, mu_error=gamma(dim + sides) * scale)
     if kron is not None:
         kron = on_sample_span(ref.block, kron)
-        full, kron = dim, kron.on_ranges()  # same eigenvalues but zeros; smaller when the batch is
+        full = dim
+        # the factors' ranges (same eigenvalues but zeros) where a side has more dimensions than the per-sample
+        # products its factors sum (a sharded wide layer): else they span it and the SVD (12 of 50 s of the
+        # papers' five on a 128 x 1152 conv layer at batch 8) would find nothing to cut
+        if f.n_samples * f.n_directions * f.n_positions < kron.d_out or f.n_samples * f.n_positions < kron.d_in:
+            kron = kron.on_ranges()
         dim, zeros = kron.dim, full - kron.dim + ref.zeros
         d_out, d_in = kron.d_out, kron.d_in
         per_vector: float = 2 * (kron.rank - 1) * (d_out**2 * d_in + d_out * d_in**2) + 2 * d_out * d_in  # see below

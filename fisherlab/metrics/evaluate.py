@@ -3,7 +3,8 @@
 :func:`evaluate_block` restricts a layer wider than its batch to its sample span
 (:mod:`fisherlab.sample_span`), builds the approximations (:func:`~fisherlab.approximations.approximate_all`),
 computes every entry of the registry (:mod:`fisherlab.metrics.registry`) against one
-:class:`~fisherlab.metrics.reference.BlockReference` per block, and lifts the approximations back.
+:class:`~fisherlab.metrics.reference.BlockReference` per block, and lifts the approximations back
+(on first use of :attr:`BlockEvaluation.approximations`: a probe run keeps only the warm starts).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -34,18 +36,48 @@ class BlockEvaluation:
     """Approximations of one exact block and every registered metric of them (K §4.1).
 
     Args:
-        approximations: Per method name.
+        built: Per method name, as built and measured: on the sample span ``span`` for the methods in
+            ``on_span``, at the normalised scale ``scales`` (:meth:`~fisherlab.fisher.ExactBlock.normalised`).
         values: ``values[metric][method]`` for every :data:`BLOCK_METRICS` entry (NaN for an
             error metric not asked for, or undefined).
         layer_values: ``layer_values[metric]`` for every :data:`LAYER_METRICS` entry.
         not_applicable: ``{method: why}`` for the methods asked for that do not apply to the block's
             structure (``MethodSpec.structures``): not built, their errors NaN.
+        span: The sample span the methods in ``on_span`` were built on (``None``: none).
+        on_span: Those methods.
+        scales: ``(s_out, s_in)`` of the normalised block (``(1, 1)``: as given).
     """
 
-    approximations: dict[str, Approximation]
+    built: dict[str, Approximation]
     values: dict[str, dict[str, float]]
     layer_values: dict[str, float]
     not_applicable: dict[str, str] = field(default_factory=dict)
+    span: SampleSpan | None = None
+    on_span: tuple[str, ...] = ()
+    scales: tuple[float, float] = (1.0, 1.0)
+
+    @cached_property
+    def approximations(self) -> dict[str, Approximation]:
+        """Per method name, the approximation of the whole block: lifted from the sample span and scaled
+        back, on first use (a wide layer's lifted factors are ``d_in²`` numbers each, 16 % of its
+        evaluation: a probe run without two-level keeps only the warm starts, :attr:`warm_starts`)."""
+        s_out, s_in = self.scales
+        span = self.span
+        return {
+            m: (a.lifted(span) if span is not None and m in self.on_span else a).scaled(s_out, s_in)
+            for m, a in self.built.items()
+        }
+
+    @property
+    def warm_starts(self) -> WarmStarts:
+        """The warm starts of the next snapshot per method (:func:`~fisherlab.approximations.warm_starts` of
+        :attr:`approximations`), without lifting the approximations: on the span as
+        :class:`~fisherlab.sample_span.SpanMatrix`."""
+        span = self.span
+        return {
+            m: a.lifted_warm_start(span) if span is not None and m in self.on_span else a.warm_start
+            for m, a in self.built.items()
+        }
 
 
 def _scaled_back(value: float, factor: float, power: int) -> float:
@@ -91,6 +123,7 @@ def evaluate_block(
     gradient: Tensor | None = None,
     approx_block: ExactBlock | None = None,
     warn_not_applicable: bool = True,
+    warned: set[tuple[str, str]] | None = None,
 ) -> BlockEvaluation:
     """Build every approximation of ``block`` and compute every registered metric of each.
 
@@ -98,10 +131,10 @@ def evaluate_block(
     the span of its per-sample factors (:meth:`~fisherlab.fisher.ExactBlock.sample_span`: the same
     approximations and errors on a smaller block) for every method registered ``span_invariant``
     (the papers' five); the others are built and measured on the whole block. Approximations are
-    returned lifted to the whole block. The Gram matrix (hence ``||F||_F`` and the spectrum) is
-    computed once per block and shared. Error metrics not in ``metrics`` are stored as NaN (error 2
-    of Kronecker-rank-2 methods is the one cost that grows like ``(d_out d_in)^3``). A zero block
-    warns once (:class:`UndefinedMetricWarning`) and gives NaN errors.
+    returned lifted to the whole block (on first use: :attr:`BlockEvaluation.approximations`). The Gram
+    matrix (hence ``||F||_F`` and the spectrum) is computed once per block and shared. Error metrics
+    not in ``metrics`` are stored as NaN (error 2 of Kronecker-rank-2 methods is the one cost that
+    grows like ``(d_out d_in)^3``). A zero block warns once (:class:`UndefinedMetricWarning`) and gives NaN errors.
 
     Args:
         block: The exact block.
@@ -123,6 +156,9 @@ def evaluate_block(
         warn_not_applicable: Warn (:class:`UndefinedMetricWarning`, one line) when methods do not apply to
             the block's structure (a Kronecker method on a LayerNorm): they are not built and their errors
             stored as NaN, with the reason in :attr:`BlockEvaluation.not_applicable`.
+        warned: The ``(metric, reason)`` pairs whose NaN warning (solve error, KL divergence) was given
+            already: not given again, and the ones given now are added. Pass one set for a whole run (the
+            probe does) to hear each reason once; ``None``: once per call.
     """
     asked = resolve_methods(PAPER_METHODS if methods is None else methods)
     refused = not_applicable(asked, block.structure)
@@ -141,6 +177,7 @@ def evaluate_block(
             f"approx_block of layer {layer!r} is [{approx_block.d_out}, {approx_block.d_in}], the exact block "
             f"[{block.d_out}, {block.d_in}]: they must be blocks of one layer"
         )
+    warned = set() if warned is None else warned
     block, s_out, s_in = block.normalised()  # extreme scales: F = s_out² s_in² F', errors are relative
     if approx_block is not None:
         approx_block = _scaled_like(approx_block, s_out, s_in)
@@ -164,6 +201,7 @@ def evaluate_block(
             damping=damping,
             gradient=restricted,
             gradient_outside=outside,
+            warned=warned,
         )
         warm_on_span = restricted_warm_starts(warm, span)
         built = approximate_all(span.block, on_span, config, warm=warm_on_span, layer=layer, restrict=False)
@@ -171,7 +209,7 @@ def evaluate_block(
             refs[name], approx[name] = ref, a
     if whole:
         ref = BlockReference.of(
-            block, spectrum=spectrum, layer=layer, limits=limits, damping=damping, gradient=gradient
+            block, spectrum=spectrum, layer=layer, limits=limits, damping=damping, gradient=gradient, warned=warned
         )
         source = block if approx_block is None else approx_block
         for name, a in approximate_all(source, whole, config, warm=warm, layer=layer, restrict=False).items():
@@ -207,7 +245,6 @@ def evaluate_block(
             UndefinedMetricWarning,
             stacklevel=2,
         )
-    if span is not None:
-        approx = {m: approx[m].lifted(span) if m in on_span else approx[m] for m in names}
-    approx = {m: a.scaled(s_out, s_in) for m, a in approx.items()}
-    return BlockEvaluation(approx, values, layer_values, refused)
+    return BlockEvaluation(
+        {m: approx[m] for m in names}, values, layer_values, refused, span, tuple(on_span), (s_out, s_in)
+    )

@@ -41,6 +41,9 @@ class BlockReference:
             sample span with it; ``None``: the solve error is NaN).
         gradient_outside: ``||∇ - P ∇||`` of the part of the whole block's gradient outside a restricted
             block's span (0 for an unrestricted block): both solves divide it by ``λ`` alike.
+        warned: The ``(metric, reason)`` pairs whose NaN warning was given already (shared by the references
+            of a run, :func:`~fisherlab.metrics.evaluate_block`'s ``warned``): not given again; ``None``: once
+            per reference.
     """
 
     block: ExactBlock
@@ -52,6 +55,7 @@ class BlockReference:
     damping: float | None = None
     gradient: Tensor | None = None
     gradient_outside: float = 0.0
+    warned: set[tuple[str, str]] | None = field(default=None, compare=False, repr=False)
     cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -66,10 +70,13 @@ class BlockReference:
         damping: float | None = None,
         gradient: Tensor | None = None,
         gradient_outside: float = 0.0,
+        warned: set[tuple[str, str]] | None = None,
     ) -> BlockReference:
         """Compute the Gram matrix once; derive ``||F||_F²`` from it (and the spectrum when asked)."""
         norm_squared = block.frobenius_norm_squared()
-        return cls(block, norm_squared, Spectrum(spectrum), layer, zeros, limits, damping, gradient, gradient_outside)
+        return cls(
+            block, norm_squared, Spectrum(spectrum), layer, zeros, limits, damping, gradient, gradient_outside, warned
+        )
 
     @property
     def eigenvalues(self) -> Tensor:

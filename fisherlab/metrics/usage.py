@@ -24,6 +24,7 @@ there is kept as :attr:`~fisherlab.metrics.reference.BlockReference.gradient_out
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import torch
@@ -71,14 +72,23 @@ KL_DENSE_SIDE = SPECTRAL_DENSE_SIDE
 KL_MEMORY_LIMIT = 2**28
 
 
+def _reason(why: str) -> str:
+    """A NaN's reason with its numbers masked (sides and sizes differ by layer, the reason does not)."""
+    return re.sub(r"\d[\d.,]*", "#", why)
+
+
 def _warn(ref: BlockReference, method: str, metric: str, why: str) -> None:
-    """One :class:`UndefinedMetricWarning` per (layer, method, metric, reason)."""
-    key = ("warned", metric, method, why)
-    if key in ref.cache:
+    """One :class:`UndefinedMetricWarning` per (metric, reason): per run where the references share
+    :attr:`BlockReference.warned <fisherlab.metrics.reference.BlockReference.warned>` (the probe's), else
+    per reference; the first layer and method it happens to are named."""
+    said = ref.warned if ref.warned is not None else ref.cache.setdefault("warned", set())
+    key = (metric, _reason(why))
+    if key in said:
         return
-    ref.cache[key] = True
+    said.add(key)
     warnings.warn(
-        f"{metric} of {method or 'an approximation'} on layer {ref.layer!r} is stored as NaN: {why}",
+        f"{metric} of {method or 'an approximation'} on layer {ref.layer!r} is stored as NaN: {why} (said once: "
+        "further NaNs for this reason, other methods and layers included, are not warned about again)",
         UndefinedMetricWarning,
         stacklevel=3,
     )
@@ -158,15 +168,16 @@ def damped_solve(approx: object, v: Tensor, damping: float) -> tuple[Tensor | No
 
     Closed forms where ``F̂`` has its eigenvalues in an eigenbasis: a single Kronecker product
     ``out ⊗ in`` (``(Q_out ⊗ Q_in)(Λ_out ⊗ Λ_in + λ)⁻¹(Q_out ⊗ Q_in)ᵀ`` from the factors'
-    eigendecompositions), :class:`~fisherlab.block_operators.EigenbasisDiagonal`,
-    :class:`~fisherlab.block_operators.DiagonalBlockOperator`, :class:`~fisherlab.block_operators.LowRankOperator`
-    and :class:`~fisherlab.block_operators.DenseBlockOperator` (their ``solve``), lifted and scaled ones
+    eigendecompositions, :meth:`~fisherlab.kron.KronSum.factor_eigh`),
+    :class:`~fisherlab.block_operators.EigenbasisDiagonal`,
+    :class:`~fisherlab.block_operators.DiagonalBlockOperator`,
+    :class:`~fisherlab.block_operators.LowRankOperator` and
+    :class:`~fisherlab.block_operators.DenseBlockOperator` (their ``solve``), lifted and scaled ones
     through the operator they wrap; any other operator by conjugate gradients (:func:`_conjugate_gradients`),
     densely when those break down on an indefinite ``F̂ + λI`` of side at most :data:`DENSE_SOLVE_SIDE`.
     """
     if isinstance(approx, KronSum) and approx.rank == 1:
-        lo, qo = torch.linalg.eigh((approx.outs[0] + approx.outs[0].T) / 2)
-        li, qi = torch.linalg.eigh((approx.ins[0] + approx.ins[0].T) / 2)
+        (lo, qo), (li, qi) = approx.factor_eigh()  # computed once per sum, shared with EKFAC's basis and error 2
         qo, qi = qo.to(v.dtype), qi.to(v.dtype)
         inner = (qo.T @ v @ qi) / (torch.outer(lo, li).to(v.dtype) + damping)
         return qo @ inner @ qi.T, "closed form (one Kronecker product)"
