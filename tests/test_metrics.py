@@ -124,6 +124,36 @@ def test_error_2_cuts_the_factors_ranges_only_where_they_cannot_span_a_side(
     assert res.value == pytest.approx(float(dense), rel=1e-8) and not res.note
 
 
+def test_error_2_cuts_rank_deficient_factors_where_the_approximation_is_diagonalised_densely(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """40 samples could span both sides, but 10 of the 31 inputs repeat others (the in-factors have rank 21):
+    where F̂ is small enough to diagonalise densely the range SVD is cheap next to it and cuts the side;
+    error 2 is the dense one."""
+    from fisherlab.metrics import error2, spectral_error_bounded
+
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(40, 1, 21, generator=gen, dtype=torch.float64)
+    a = torch.cat([a, a[..., :10]], dim=-1)  # 31 inputs of rank 21
+    block = ExactBlock(LayerFactors(a, torch.randn(40, 1, 1, 12, generator=gen, dtype=torch.float64)))
+    kron = approximate_all(block, [Method.DEFLATION], ApproxConfig(tol=1e-10, max_iter=5000))[Method.DEFLATION].kron
+    ref = BlockReference.of(block)
+    dense = dense_spectral_error(block.as_dense(), kron.as_dense(), Spectrum.EIGENVALUES)
+    sides: list[int] = []
+    on_ranges = KronSum.on_ranges
+
+    def counting(self: KronSum) -> KronSum:
+        cut = on_ranges(self)
+        sides.append(cut.d_in)
+        return cut
+
+    monkeypatch.setattr(KronSum, "on_ranges", counting)
+    monkeypatch.setattr(error2, "on_sample_span", lambda block, approx: approx)
+    res = spectral_error_bounded(ref, kron, limits=SpectralLimits())
+    assert sides == [21]
+    assert res.value == pytest.approx(float(dense), rel=1e-8) and not res.note
+
+
 def test_iterative_error_2_of_an_indefinite_approximation_waits_for_the_positive_eigenvalues() -> None:
     """F̂ with large negative eigenvalues: the r largest-magnitude ones converge first, but error 2 (eigenvalue
     convention) needs the r algebraically largest; the iterative value still equals the dense one."""
