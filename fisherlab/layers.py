@@ -435,11 +435,6 @@ register_layer_kind(
 )
 
 
-def _bias(module: nn.Module) -> Tensor | None:
-    """The module's bias parameter (``None``: it has none, or no ``bias`` attribute, as ``nn.Embedding``)."""
-    return layer_parameters(module)[1]
-
-
 def layer_columns(module: nn.Module, xs: Sequence[Tensor], shard: Shard | None = None) -> Tensor | None:
     """The input columns a one-hot layer's block keeps: the distinct indices of every call ``xs``,
     ascending (an embedding's token ids; a padding index excluded); ``None`` for other kinds. A batch
@@ -495,7 +490,7 @@ def layer_inputs(
         keep = _columns(kind, module, xs, None) if columns is None else columns
         parts = [torch.eq(p.unsqueeze(-1), keep) for p in parts]  # [N, T, k]: one-hot over the batch's indices
     n, d = parts[0].shape[0], parts[0].shape[-1]
-    bias = _bias(module) is not None
+    bias = layer_parameters(module)[1] is not None
     if position_mask is not None and (
         position_mask.dtype != torch.bool or position_mask.ndim != 2 or len(position_mask) != n
     ):
@@ -560,7 +555,7 @@ def _elementwise_outputs(
     with torch.no_grad(), torch.autocast(xs[0].device.type, enabled=False):
         hats = [kind.inputs(module, x).to(work) for x in xs]
     n, d = hats[0].shape[0], hats[0].shape[-1]
-    bias = _bias(module) is not None
+    bias = layer_parameters(module)[1] is not None
     u = hats[0].new_zeros((n, len(grads), 1, d * (1 + bias)))
     for k, calls in enumerate(grads):
         for hat, gr in zip(hats, calls, strict=True):
